@@ -1,0 +1,66 @@
+# lkvm: `make` builds build/lkvm and the guest images; `make test` runs every
+# test tier; `make demo` boots the demo guest. Both install what is missing.
+
+CXX      ?= g++
+BUILD    ?= build
+CXXFLAGS ?= -O2 -g
+CXXFLAGS += -std=c++20 -Wall -Wextra -Werror -pthread -I. -MMD -MP
+LDFLAGS  += -pthread
+ifeq ($(SAN),1)
+BUILD    := build-san
+CXXFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+LDFLAGS  += -fsanitize=address,undefined
+endif
+
+LIB_SRCS  := $(wildcard base/*.cc hw/*.cc disk/*.cc virtio/*.cc) $(filter-out kvm/main.cc,$(wildcard kvm/*.cc))
+LIB_OBJS  := $(LIB_SRCS:%.cc=$(BUILD)/obj/%.o)
+UNIT_SRCS := $(wildcard tests/unit/*.cc)
+UNIT_OBJS := $(UNIT_SRCS:%.cc=$(BUILD)/obj/%.o)
+
+LKVM      := $(BUILD)/lkvm
+UNIT      := $(BUILD)/unit-tests
+KERNEL    := build/kernel/vmlinuz
+INITRD    := build/guest/initramfs.cpio.gz
+
+.PHONY: all deps guest test unit system demo clean
+all: $(LKVM) $(UNIT) guest
+
+deps:
+	@bash scripts/install-deps.sh
+
+$(BUILD)/obj/%.o: %.cc
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+
+$(BUILD)/liblkvm.a: $(LIB_OBJS)
+	ar rcs $@ $^
+
+$(LKVM): $(BUILD)/obj/kvm/main.o $(BUILD)/liblkvm.a
+	$(CXX) $(LDFLAGS) -o $@ $^
+
+$(UNIT): $(UNIT_OBJS) $(BUILD)/liblkvm.a
+	$(CXX) $(LDFLAGS) -o $@ $^
+
+$(KERNEL):
+	@bash scripts/install-deps.sh
+
+guest: $(INITRD)
+$(INITRD): guest/init guest/mkinitramfs.sh $(KERNEL)
+	bash guest/mkinitramfs.sh $(BUILD_GUEST_FLAGS)
+
+# Everything, from a fresh Debian 12: dependencies, build, then every tier.
+test: deps
+	@$(MAKE) --no-print-directory all
+	@bash tests/run-all.sh $(BUILD)
+
+unit: $(UNIT)
+	$(UNIT)
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	@bash scripts/demo.sh
+
+clean:
+	rm -rf build/obj build/lkvm build/unit-tests build/liblkvm.a build-san build/guest build/rig
+
+-include $(LIB_OBJS:.o=.d) $(UNIT_OBJS:.o=.d) $(BUILD)/obj/kvm/main.d

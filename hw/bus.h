@@ -1,0 +1,49 @@
+// An address space (port I/O or MMIO) split into ranges, each owned by one
+// device. vCPU threads dispatch concurrently; registration (PCI BAR moves)
+// takes the lock exclusively.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <shared_mutex>
+#include <span>
+#include <string>
+
+namespace lkvm {
+
+class BusDevice {
+public:
+    virtual ~BusDevice() = default;
+    // offset is relative to the start of the range the device registered.
+    virtual void read(uint64_t offset, std::span<uint8_t> data) = 0;
+    virtual void write(uint64_t offset, std::span<const uint8_t> data) = 0;
+};
+
+class Bus {
+public:
+    explicit Bus(std::string name) : name_(std::move(name)) {}
+
+    // Refuses (throws lkvm::Error) a range that is empty, wraps or overlaps another.
+    void add(uint64_t base, uint64_t size, BusDevice& device);
+    // Removes the range starting at base; false if there is none.
+    bool remove(uint64_t base);
+
+    // An access no device claims whole reads as all ones and is otherwise
+    // ignored, as on a real bus; these return whether a device took it.
+    bool read(uint64_t addr, std::span<uint8_t> data) const;
+    bool write(uint64_t addr, std::span<const uint8_t> data) const;
+
+private:
+    struct Range {
+        uint64_t size;
+        BusDevice* device;
+    };
+    // The device whose range holds all of [addr, addr + len), with its offset.
+    std::pair<BusDevice*, uint64_t> find(uint64_t addr, uint64_t len) const;
+
+    std::string name_;
+    mutable std::shared_mutex mutex_;
+    std::map<uint64_t, Range> ranges_;  // keyed by base
+};
+
+}  // namespace lkvm

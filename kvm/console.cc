@@ -1,0 +1,110 @@
+#include "kvm/console.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <unistd.h>
+
+namespace lkvm {
+
+namespace {
+constexpr uint8_t kCtrlA = 0x01;
+constexpr std::string_view kPanicStart = "Kernel panic - not syncing";
+constexpr std::string_view kPanicEnd = "---[ end Kernel panic";
+}  // namespace
+
+PanicWatch::Event PanicWatch::feed(uint8_t byte)
+{
+    if (byte != '\n') {
+        if (byte != '\r' && line_.size() < kMaxLine)
+            line_.push_back(static_cast<char>(byte));
+        return Event::kNone;
+    }
+    Event event = Event::kNone;
+    if (auto at = line_.find(kPanicEnd); at != std::string::npos) {
+        event = Event::kPanicEnded;
+    } else if (auto at2 = line_.find(kPanicStart); at2 != std::string::npos && message_.empty()) {
+        message_ = line_.substr(at2);
+        event = Event::kPanicStarted;
+    }
+    line_.clear();
+    return event;
+}
+
+EscapeFilter::Result EscapeFilter::feed(std::span<const uint8_t> input)
+{
+    Result result;
+    for (uint8_t c : input) {
+        if (after_escape_) {
+            after_escape_ = false;
+            if (c == 'x' || c == 'X') {
+                result.quit = true;
+                return result;
+            }
+            result.to_guest.push_back(static_cast<char>(kCtrlA));
+            if (c == kCtrlA)
+                continue;
+        } else if (c == kCtrlA) {
+            after_escape_ = true;
+            continue;
+        }
+        result.to_guest.push_back(static_cast<char>(c));
+    }
+    return result;
+}
+
+Console::Console(int in_fd, int out_fd) : in_fd_(in_fd), out_fd_(out_fd)
+{
+    termios t{};
+    if (::isatty(in_fd_) && ::tcgetattr(in_fd_, &t) == 0) {
+        saved_termios_ = t;
+        // Keep output processing so lkvm's own lines still end properly; the
+        // guest gets every key, Ctrl-C included.
+        t.c_iflag &= ~(ICRNL | IXON | IXOFF);
+        t.c_lflag &= ~(ICANON | ECHO | ISIG | IEXTEN);
+        t.c_cc[VMIN] = 1;
+        t.c_cc[VTIME] = 0;
+        ::tcsetattr(in_fd_, TCSANOW, &t);
+    }
+    saved_flags_ = ::fcntl(in_fd_, F_GETFL);
+}
+
+Console::~Console()
+{
+    restore();
+}
+
+void Console::restore()
+{
+    if (saved_termios_)
+        ::tcsetattr(in_fd_, TCSANOW, &*saved_termios_);
+    // The main loop reads input non-blocking; the shell after us must not inherit that.
+    if (saved_flags_ >= 0)
+        ::fcntl(in_fd_, F_SETFL, saved_flags_);
+}
+
+PanicWatch::Event Console::output(uint8_t byte)
+{
+    std::lock_guard lock(mutex_);
+    for (;;) {
+        if (::write(out_fd_, &byte, 1) >= 0)
+            break;
+        if (errno == EAGAIN) {
+            // Someone else made our stdout non-blocking: wait for room rather than drop output.
+            pollfd p{out_fd_, POLLOUT, 0};
+            ::poll(&p, 1, 100);
+        } else if (errno != EINTR) {
+            break;  // stdout is gone; the guest keeps running
+        }
+    }
+    return panic_watch_.feed(byte);
+}
+
+std::optional<std::string> Console::panic_message()
+{
+    std::lock_guard lock(mutex_);
+    if (!panic_watch_.panicked())
+        return std::nullopt;
+    return panic_watch_.message();
+}
+
+}  // namespace lkvm

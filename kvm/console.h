@@ -1,0 +1,72 @@
+// The host end of the guest's serial console: the terminal in raw mode while
+// the guest runs (restored on every way out), the Ctrl-A x escape, and a
+// watch on what the guest prints for the kernel's panic banner.
+#pragma once
+
+#include <termios.h>
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+
+namespace lkvm {
+
+// Recognizes a kernel panic in console output, byte by byte. Pure: no I/O.
+class PanicWatch {
+public:
+    enum class Event { kNone, kPanicStarted, kPanicEnded };
+    Event feed(uint8_t byte);
+    // "Kernel panic - not syncing: <reason>", once seen.
+    const std::string& message() const { return message_; }
+    bool panicked() const { return !message_.empty(); }
+
+private:
+    static constexpr size_t kMaxLine = 512;
+    std::string line_;
+    std::string message_;
+};
+
+// Splits host input into what goes to the guest and the Ctrl-A escapes meant
+// for lkvm: Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A. Pure: no I/O.
+class EscapeFilter {
+public:
+    struct Result {
+        std::string to_guest;
+        bool quit = false;
+    };
+    Result feed(std::span<const uint8_t> input);
+
+private:
+    bool after_escape_ = false;
+};
+
+class Console {
+public:
+    // Puts in_fd in raw mode when it is a terminal.
+    Console(int in_fd, int out_fd);
+    ~Console();
+    Console(const Console&) = delete;
+    Console& operator=(const Console&) = delete;
+
+    bool is_terminal() const { return saved_termios_.has_value(); }
+    int in_fd() const { return in_fd_; }
+
+    // Guest output, from whichever vCPU thread drives the UART.
+    // Returns what the panic watch saw in it.
+    PanicWatch::Event output(uint8_t byte);
+    std::optional<std::string> panic_message();
+
+    // Puts the terminal back as it was; safe to call more than once.
+    void restore();
+
+private:
+    int in_fd_, out_fd_;
+    std::optional<termios> saved_termios_;
+    int saved_flags_ = -1;
+    std::mutex mutex_;
+    PanicWatch panic_watch_;
+};
+
+}  // namespace lkvm

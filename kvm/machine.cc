@@ -1,0 +1,371 @@
+#include "kvm/machine.h"
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysinfo.h>
+#include <unistd.h>
+
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <array>
+#include <cstdio>
+#include <filesystem>
+
+#include "base/error.h"
+#include "base/log.h"
+#include "kvm/cpuid.h"
+#include "kvm/firmware_tables.h"
+#include "kvm/layout.h"
+
+namespace lkvm {
+
+namespace {
+
+// APIC IDs are 8 bits in the MP tables and the MADT, and the IOAPIC takes the next one.
+constexpr unsigned kMaxTableCpus = 254;
+
+std::filesystem::path binary_dir()
+{
+    std::error_code ec;
+    auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+    return ec ? std::filesystem::path(".") : exe.parent_path();
+}
+
+std::vector<uint8_t> read_file(const std::string& what, const std::string& path)
+{
+    Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd.valid())
+        throw sys_error(what + " " + path);
+    struct stat st {};
+    if (::fstat(fd.get(), &st) < 0)
+        throw sys_error(what + " " + path);
+    if (S_ISDIR(st.st_mode))
+        throw Error(what + " " + path + ": is a directory");
+    if (!S_ISREG(st.st_mode))
+        throw Error(what + " " + path + ": not a regular file");
+    std::vector<uint8_t> data(static_cast<size_t>(st.st_size));
+    size_t done = 0;
+    while (done < data.size()) {
+        const ssize_t n = ::read(fd.get(), data.data() + done, data.size() - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            throw sys_error(what + " " + path);
+        if (n == 0)
+            throw Error(what + " " + path + ": file shrank while being read");
+        done += static_cast<size_t>(n);
+    }
+    return data;
+}
+
+std::string default_file(const char* what, const std::filesystem::path& relative, const char* option)
+{
+    const auto path = binary_dir() / relative;
+    if (!std::filesystem::exists(path))
+        throw Error(std::string("no ") + what + " given and the default " + path.string() + " is missing: pass " +
+                    option + " or run 'make'");
+    return path.string();
+}
+
+uint64_t host_memory_bytes()
+{
+    struct sysinfo info {};
+    if (::sysinfo(&info) < 0)
+        return UINT64_MAX;
+    return uint64_t{info.totalram} * info.mem_unit;
+}
+
+void empty_signal_handler(int) {}
+
+}  // namespace
+
+Machine::BootFiles Machine::load_boot_files(const RunOptions& options)
+{
+    BootFiles boot;
+    const std::string kernel = options.kernel.empty() ? default_file("kernel", "kernel/vmlinuz", "-k BZIMAGE")
+                                                      : options.kernel;
+    const std::string initrd = options.initrd.empty()
+                                   ? default_file("initrd", "guest/initramfs.cpio.gz", "-i INITRD")
+                                   : options.initrd;
+    boot.kernel_file = read_file("kernel", kernel);
+    boot.image = parse_bzimage(boot.kernel_file, kernel);
+    boot.initrd = read_file("initrd", initrd);
+
+    const uint64_t ram = options.mem_mib << 20;
+    const uint64_t host = host_memory_bytes();
+    if (ram > host)
+        throw Error("-m " + std::to_string(options.mem_mib) + ": the host has only " + std::to_string(host >> 20) +
+                    " MiB of memory");
+    if (layout::kKernel + boot.image.init_size > ram_layout(ram).low_size)
+        throw Error("-m " + std::to_string(options.mem_mib) + ": too little memory for this kernel to decompress");
+    boot.initrd_addr = place_initrd(boot.image, ram, boot.initrd.size());
+    boot.cmdline = kernel_cmdline(options);
+    if (boot.cmdline.size() > boot.image.max_cmdline)
+        throw Error("kernel command line is " + std::to_string(boot.cmdline.size()) +
+                    " bytes; this kernel takes at most " + std::to_string(boot.image.max_cmdline) +
+                    ": shorten -p or the guest command");
+    return boot;
+}
+
+Machine::Machine(const RunOptions& options)
+    : options_(options),
+      boot_(load_boot_files(options)),
+      kvm_(Kvm::open()),
+      vm_(kvm_),
+      console_(STDIN_FILENO, STDOUT_FILENO),
+      serial_([this](bool high) { vm_.set_irq_line(Serial8250::kCom1Irq, high); },
+              [this](uint8_t byte) {
+                  const auto event = console_.output(byte);
+                  if (event == PanicWatch::Event::kPanicEnded)
+                      finish({exit_status::kGuestPanic, "guest kernel panic: " + *console_.panic_message()});
+              }),
+      i8042_([this](GuestRequest r) { on_guest_request(r); }),
+      power_([this](GuestRequest r) { on_guest_request(r); },
+             [this](uint8_t status) { finish({status, ""}); }),
+      pci_(layout::kPciMmioBase, layout::kPciMmioSize)
+{
+    const unsigned max_cpus = std::min(kvm_.max_vcpus(), kMaxTableCpus);
+    if (options_.cpus > max_cpus)
+        throw Error("-c " + std::to_string(options_.cpus) + ": this host's KVM runs at most " +
+                    std::to_string(max_cpus) + " vCPUs in one guest");
+
+    const uint64_t ram_size = options_.mem_mib << 20;
+    void* ram = ::mmap(nullptr, ram_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (ram == MAP_FAILED)
+        throw sys_error("cannot map " + std::to_string(options_.mem_mib) + " MiB of guest memory");
+    ram_ = Mapping(ram, ram_size);
+    ::madvise(ram, ram_size, MADV_HUGEPAGE);
+    const RamLayout ram_split = ram_layout(ram_size);
+    std::vector<MemoryRegion> regions = {{0, ram_split.low_size, ram_.data()}};
+    vm_.add_memory(0, 0, ram_split.low_size, ram_.data());
+    if (ram_split.high_size) {
+        regions.push_back({layout::k4GiB, ram_split.high_size, ram_.data() + ram_split.low_size});
+        vm_.add_memory(1, layout::k4GiB, ram_split.high_size, ram_.data() + ram_split.low_size);
+    }
+    memory_ = std::make_unique<GuestMemory>(std::move(regions));
+
+    pio_.add(Serial8250::kCom1Base, 8, serial_);
+    pio_.add(I8042::kDataPort, I8042::kSpan, i8042_);
+    pio_.add(PowerControl::kBase, PowerControl::kSpan, power_);
+    pio_.add(PciHostBridge::kConfigAddressPort, PciHostBridge::kPortSpan, pci_);
+
+    // vCPUs, each with its own APIC ID in CPUID.
+    const auto supported = kvm_.supported_cpuid();
+    PlatformInfo platform{options_.cpus, 0, 0};
+    for (const auto& e : supported)
+        if (e.function == 1) {
+            platform.cpu_signature = e.eax;
+            platform.cpu_features = e.edx;
+        }
+    const bool tsc_deadline = kvm_.check_extension(KVM_CAP_TSC_DEADLINE_TIMER) > 0;
+    for (unsigned i = 0; i < options_.cpus; ++i) {
+        auto vcpu = std::make_unique<Vcpu>(kvm_, vm_, i);
+        vcpu->set_cpuid(cpuid_for_vcpu(supported, {i, options_.cpus, tsc_deadline}));
+        vcpu->init_local_apic();
+        vcpus_.push_back(std::move(vcpu));
+    }
+
+    // Firmware tables, then the kernel, its command line and initrd.
+    const auto mp = build_mp_tables(layout::kMpTables, platform);
+    const auto acpi = build_acpi_tables(layout::kAcpiTables, platform);
+    if (mp.size() > layout::kMpTablesEnd - layout::kMpTables || acpi.bytes.size() > layout::kAcpiTablesEnd - layout::kAcpiTables)
+        throw Error("firmware tables for " + std::to_string(options_.cpus) + " vCPUs do not fit below 1 MiB");
+    memory_->write(layout::kMpTables, mp.data(), mp.size());
+    memory_->write(layout::kAcpiTables, acpi.bytes.data(), acpi.bytes.size());
+    memory_->write(boot_.initrd_addr, boot_.initrd.data(), boot_.initrd.size());
+    load_linux(*memory_, boot_.image, boot_.cmdline, ram_size, {boot_.initrd_addr, boot_.initrd.size(), acpi.rsdp});
+    vcpus_[0]->enter_long_mode(entry_point_64(), layout::kBootParams, layout::kBootStack);
+}
+
+Machine::~Machine()
+{
+    stop_vcpus();
+    console_.restore();
+}
+
+void Machine::finish(Outcome outcome)
+{
+    {
+        std::lock_guard lock(outcome_mutex_);
+        if (outcome_)
+            return;  // the first reason to stop is the one reported
+        outcome_ = std::move(outcome);
+    }
+    io_.stop();
+}
+
+void Machine::on_guest_request(GuestRequest request)
+{
+    // panic=-1 reboots right after the banner: that reboot is the panic, not a clean exit.
+    if (auto panic = console_.panic_message())
+        return finish({exit_status::kGuestPanic, "guest kernel panic: " + *panic});
+    (void)request;  // reboot and power-off both end lkvm cleanly
+    finish({exit_status::kOk, ""});
+}
+
+void Machine::handle_io(kvm_run* run)
+{
+    auto* base = reinterpret_cast<uint8_t*>(run) + run->io.data_offset;
+    for (uint32_t i = 0; i < run->io.count; ++i) {
+        std::span<uint8_t> data(base + i * run->io.size, run->io.size);
+        if (run->io.direction == KVM_EXIT_IO_OUT)
+            pio_.write(run->io.port, data);
+        else
+            pio_.read(run->io.port, data);
+    }
+}
+
+void Machine::handle_mmio(kvm_run* run)
+{
+    const uint32_t len = std::min<uint32_t>(run->mmio.len, sizeof(run->mmio.data));
+    std::span<uint8_t> data(run->mmio.data, len);
+    if (run->mmio.is_write)
+        mmio_.write(run->mmio.phys_addr, data);
+    else
+        mmio_.read(run->mmio.phys_addr, data);
+}
+
+void Machine::vcpu_loop(Vcpu& vcpu)
+{
+    char name[16];
+    std::snprintf(name, sizeof(name), "kvm-vcpu-%u", vcpu.index());
+    ::pthread_setname_np(::pthread_self(), name);
+    kvm_run* run = vcpu.run();
+    const std::string who = "vCPU " + std::to_string(vcpu.index());
+    auto fault = [&](const std::string& what) {
+        char rip[32];
+        std::snprintf(rip, sizeof(rip), "%#llx", static_cast<unsigned long long>(vcpu.rip()));
+        finish({exit_status::kVcpuFault, who + ": " + what + " at RIP " + rip});
+    };
+    while (!stopping_.load(std::memory_order_acquire)) {
+        if (::ioctl(vcpu.fd(), KVM_RUN, 0) < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            fault(std::string("KVM_RUN failed: ") + std::strerror(errno));
+            return;
+        }
+        switch (run->exit_reason) {
+        case KVM_EXIT_IO:
+            handle_io(run);
+            break;
+        case KVM_EXIT_MMIO:
+            handle_mmio(run);
+            break;
+        case KVM_EXIT_INTR:
+        case KVM_EXIT_HLT:
+            break;
+        case KVM_EXIT_SHUTDOWN:
+            fault("triple fault (KVM_EXIT_SHUTDOWN)");
+            return;
+        case KVM_EXIT_SYSTEM_EVENT:
+            if (run->system_event.type == KVM_SYSTEM_EVENT_CRASH)
+                finish({exit_status::kGuestPanic, "guest reported a crash (KVM_SYSTEM_EVENT_CRASH)"});
+            else
+                on_guest_request(run->system_event.type == KVM_SYSTEM_EVENT_RESET ? GuestRequest::kReset
+                                                                                   : GuestRequest::kPowerOff);
+            return;
+        case KVM_EXIT_FAIL_ENTRY:
+            fault("VM entry failed (hardware reason " +
+                  std::to_string(run->fail_entry.hardware_entry_failure_reason) + ")");
+            return;
+        case KVM_EXIT_INTERNAL_ERROR:
+            fault("KVM internal error (suberror " + std::to_string(run->internal.suberror) + ")");
+            return;
+        default:
+            fault("unexpected exit reason " + std::to_string(run->exit_reason));
+            return;
+        }
+    }
+}
+
+void Machine::stop_vcpus()
+{
+    stopping_.store(true, std::memory_order_release);
+    for (size_t i = 0; i < vcpu_threads_.size(); ++i) {
+        // immediate_exit makes a KVM_RUN that is about to start return at once;
+        // the signal kicks one that is already in the guest.
+        vcpus_[i]->run()->immediate_exit = 1;
+        if (vcpu_threads_[i].joinable())
+            ::pthread_kill(vcpu_threads_[i].native_handle(), SIGUSR1);
+    }
+    for (auto& t : vcpu_threads_)
+        if (t.joinable())
+            t.join();
+    vcpu_threads_.clear();
+}
+
+void Machine::start_input()
+{
+    // A separate open file description, so that the non-blocking mode Asio
+    // sets on it does not leak into stdout, which may share the terminal's.
+    int fd = ::open("/proc/self/fd/0", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    boost::system::error_code ec;
+    input_.emplace(io_);
+    input_->assign(fd, ec);
+    if (ec) {  // a regular file or /dev/null cannot be waited on: the guest gets no input
+        ::close(fd);
+        input_.reset();
+        return;
+    }
+    read_input();
+}
+
+void Machine::read_input()
+{
+    input_->async_read_some(boost::asio::buffer(input_buffer_), [this](const boost::system::error_code& error, size_t n) {
+        if (error)
+            return;  // EOF or error: no more input, the guest keeps running
+        const auto result = escape_.feed(std::span(input_buffer_.data(), n));
+        if (!result.to_guest.empty())
+            serial_.receive(std::span(reinterpret_cast<const uint8_t*>(result.to_guest.data()), result.to_guest.size()));
+        if (result.quit)
+            return finish({exit_status::kOk, ""});
+        read_input();
+    });
+}
+
+int Machine::run()
+{
+    struct sigaction kick {};
+    kick.sa_handler = empty_signal_handler;  // no SA_RESTART: KVM_RUN must return EINTR
+    sigemptyset(&kick.sa_mask);
+    ::sigaction(SIGUSR1, &kick, nullptr);
+
+    boost::asio::signal_set signals(io_, SIGINT, SIGTERM, SIGHUP);
+    signals.async_wait([this](const boost::system::error_code& error, int signal) {
+        if (!error)
+            finish({128 + signal, std::string("stopped by signal ") + ::strsignal(signal)});
+    });
+    start_input();
+
+    for (auto& vcpu : vcpus_)
+        vcpu_threads_.emplace_back([this, v = vcpu.get()] { vcpu_loop(*v); });
+
+    io_.run();
+    stop_vcpus();
+    console_.restore();
+
+    std::lock_guard lock(outcome_mutex_);
+    if (!outcome_)
+        return exit_status::kOk;
+    if (!outcome_->message.empty())
+        log_line(outcome_->message);
+    if (outcome_->status > 128) {
+        // Stopped from outside: say where the guest was, for whoever is debugging a hang.
+        for (const auto& vcpu : vcpus_) {
+            char line[64];
+            std::snprintf(line, sizeof(line), "vCPU %u was at RIP %#llx", vcpu->index(),
+                          static_cast<unsigned long long>(vcpu->rip()));
+            log_line(line);
+        }
+    }
+    return outcome_->status;
+}
+
+}  // namespace lkvm

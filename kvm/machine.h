@@ -1,0 +1,90 @@
+// One guest: its KVM VM, memory, platform devices and vCPU threads, and the
+// main loop that owns the console and decides when and how lkvm exits.
+#pragma once
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+
+#include <array>
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/mapping.h"
+#include "hw/bus.h"
+#include "hw/guest_memory.h"
+#include "hw/pci.h"
+#include "hw/platform.h"
+#include "hw/serial8250.h"
+#include "kvm/boot.h"
+#include "kvm/cli.h"
+#include "kvm/console.h"
+#include "kvm/kvm.h"
+
+namespace lkvm {
+
+class Machine {
+public:
+    // Validates everything (files, sizes, limits) and builds the VM, ready to run.
+    // Throws lkvm::Error with the line to print; nothing is left behind.
+    explicit Machine(const RunOptions& options);
+    ~Machine();
+
+    // Runs the guest until it ends; returns lkvm's exit status.
+    int run();
+
+private:
+    struct Outcome {
+        int status;
+        std::string message;  // printed as "lkvm: <message>" when not empty
+    };
+    void finish(Outcome outcome);
+    void on_guest_request(GuestRequest request);
+    void vcpu_loop(Vcpu& vcpu);
+    void handle_io(kvm_run* run);
+    void handle_mmio(kvm_run* run);
+    void stop_vcpus();
+    void start_input();
+    void read_input();
+
+    // What the guest boots, read and checked before KVM is touched.
+    struct BootFiles {
+        std::vector<uint8_t> kernel_file;
+        BzImage image;  // views into kernel_file
+        std::vector<uint8_t> initrd;
+        uint64_t initrd_addr = 0;
+        std::string cmdline;
+    };
+    static BootFiles load_boot_files(const RunOptions& options);
+
+    RunOptions options_;
+    BootFiles boot_;
+    Kvm kvm_;
+    Vm vm_;
+    Mapping ram_;
+    std::unique_ptr<GuestMemory> memory_;
+    Bus pio_{"port I/O"};
+    Bus mmio_{"MMIO"};
+    boost::asio::io_context io_{1};
+    Console console_;
+    Serial8250 serial_;
+    I8042 i8042_;
+    PowerControl power_;
+    PciHostBridge pci_;
+    std::vector<std::unique_ptr<Vcpu>> vcpus_;
+
+    std::optional<boost::asio::posix::stream_descriptor> input_;
+    std::array<uint8_t, 4096> input_buffer_{};
+    EscapeFilter escape_;
+
+    std::mutex outcome_mutex_;
+    std::optional<Outcome> outcome_;
+    std::atomic<bool> stopping_{false};
+    std::vector<std::thread> vcpu_threads_;
+};
+
+}  // namespace lkvm

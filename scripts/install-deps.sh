@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what building, testing and running lkvm need on Debian 12. Idempotent:
+# it only calls apt-get for packages that are missing, and only fetches the guest
+# kernel when build/kernel is not already unpacked.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+
+packages=(g++ make pkg-config libboost-dev libaio-dev liburing-dev doctest-dev
+          qemu-system-x86 busybox-static cpio fio kmod xz-utils zstd procps)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    [ "$(id -u)" = 0 ] || { echo "install-deps: missing ${missing[*]}; run this script as root" >&2; exit 1; }
+    echo "install-deps: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The guest (and nested-rig L1) kernel: the image package linux-image-amd64 points at.
+kdir=$top/build/kernel
+if [ ! -f "$kdir/.unpacked" ]; then
+    [ -n "$(apt-cache policy linux-image-amd64 | awk '/Candidate/ {print $2}' | grep -v none)" ] || apt-get update -qq
+    pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    [ -n "$pkg" ] || { echo "install-deps: cannot find the kernel package behind linux-image-amd64" >&2; exit 1; }
+    echo "install-deps: fetching $pkg"
+    rm -rf "$kdir" && mkdir -p "$kdir/dl"
+    (cd "$kdir/dl" && apt-get download -qq "$pkg")
+    dpkg -x "$kdir"/dl/*.deb "$kdir/root"
+    rm -rf "$kdir/dl"
+    kver=$(ls "$kdir/root/lib/modules")
+    depmod -b "$kdir/root" "$kver"
+    ln -sf "root/boot/vmlinuz-$kver" "$kdir/vmlinuz"
+    echo "$kver" > "$kdir/version"
+    touch "$kdir/.unpacked"
+fi

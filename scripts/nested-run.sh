@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# nested-run.sh LKVM-ARGS...: runs build/lkvm LKVM-ARGS... as it would run on a
+# host with hardware KVM: same console output, same exit status, and files
+# named on the command line are this host's own files.
+#
+# Where /dev/kvm is hardware KVM it simply runs lkvm. Elsewhere it boots an
+# L1 guest under QEMU's TCG (which emulates AMD SVM with nested paging), loads
+# kvm-amd there, mounts this host's root over 9p and runs lkvm inside it, in
+# the same directory. Every stage has a deadline; a missed one is named, with
+# lkvm's thread states. A run is retried once, and only when the rig itself
+# failed (L1 never came up), never for anything lkvm or its guest did.
+#
+# Environment: LKVM_RIG=auto|direct|nested (default auto),
+#              LKVM_RIG_TIMEOUT=seconds for lkvm inside L1 (default 600),
+#              LKVM_RIG_VERBOSE=1 to show L1's own log on stderr.
+# Exit status: lkvm's, or 125 when the rig failed.
+set -uo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+lkvm=$top/build/lkvm
+rig_failed=125
+
+say() { echo "nested-run: $*" >&2; }
+
+hardware_kvm() {
+    # PVM (kvm_pvm) offers /dev/kvm without hardware virtualization; it cannot
+    # boot an unmodified kernel in reasonable time, so it does not count.
+    [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo
+}
+
+mode=${LKVM_RIG:-auto}
+if [ "$mode" = direct ] || { [ "$mode" = auto ] && hardware_kvm; }; then
+    exec "$lkvm" "$@"
+fi
+
+[ -x "$lkvm" ] || { say "build/lkvm is missing: run 'make' first"; exit $rig_failed; }
+l1_initrd=$top/build/rig/l1.cpio.gz
+if [ ! -f "$l1_initrd" ] || [ "$top/scripts/rig/l1-init" -nt "$l1_initrd" ]; then
+    bash "$top/scripts/rig/build-l1.sh" || { say "cannot build the L1 initramfs"; exit $rig_failed; }
+fi
+
+# L1 needs the guest's memory plus room for itself.
+guest_mib=512
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        --) break ;;
+        -m|--mem) v=${args[i+1]:-}; ;;
+        --mem=*) v=${args[i]#--mem=} ;;
+        *) continue ;;
+    esac
+    case "$v" in *[Gg]) guest_mib=$(( ${v%[Gg]} * 1024 ));; *[Mm]) guest_mib=${v%[Mm]};; [0-9]*) guest_mib=$v;; esac
+done
+l1_mib=$(( guest_mib + 1024 ))
+(( l1_mib < 2048 )) && l1_mib=2048
+
+deadline=${LKVM_RIG_TIMEOUT:-600}
+work=$(mktemp -d /tmp/lkvm-rig.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+{
+    printf 'cd %q || exit 125\n' "$PWD"
+    printf 'exec %q' "$lkvm"
+    printf ' %q' "$@"
+    printf '\n'
+} > "$work/job.sh"
+
+run_once() {
+    : > "$work/l1.log"
+    local stdin_chardev="stdio,id=con,signal=off"
+    # TCG L1 boots in ~5 s; give it a generous margin on a loaded machine.
+    timeout --kill-after=10 $(( deadline + 120 )) \
+    qemu-system-x86_64 -M q35 -cpu max -accel tcg,thread=multi -smp 2 -m "$l1_mib" \
+        -nodefaults -display none -no-reboot \
+        -kernel "$top/build/kernel/vmlinuz" -initrd "$l1_initrd" \
+        -append "console=ttyS1 quiet panic=-1 rig.job=$work/job.sh rig.deadline=$deadline" \
+        -chardev "$stdin_chardev" -serial chardev:con \
+        -serial "file:$work/l1.log" \
+        -fsdev local,id=hostroot,path=/,security_model=passthrough,multidevs=remap \
+        -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot
+    local qemu_status=$?
+    [ "${LKVM_RIG_VERBOSE:-0}" = 1 ] && sed 's/^/L1: /' "$work/l1.log" >&2
+    if ! grep -q '^rig: l1-ready' "$work/l1.log"; then
+        say "stage 'L1 boot' failed (QEMU status $qemu_status); L1's last lines:"
+        tail -n 15 "$work/l1.log" | sed 's/^/  L1: /' >&2
+        return 2
+    fi
+    if grep -q '^rig: deadline' "$work/l1.log"; then
+        say "stage 'lkvm run' missed its ${deadline}s deadline; lkvm's threads:"
+        grep '^rig: \(deadline\|thread\)' "$work/l1.log" | sed 's/^rig: /  /' >&2
+        return 1
+    fi
+    local status
+    status=$(sed -n 's/^rig: exit \([0-9]*\).*/\1/p' "$work/l1.log" | tail -n 1)
+    if [ -z "$status" ]; then
+        say "stage 'lkvm run' ended without a status (QEMU status $qemu_status); L1's last lines:"
+        tail -n 15 "$work/l1.log" | sed 's/^/  L1: /' >&2
+        return 1
+    fi
+    return 0
+}
+
+for attempt in 1 2; do
+    run_once
+    case $? in
+        0) exit "$(sed -n 's/^rig: exit \([0-9]*\).*/\1/p' "$work/l1.log" | tail -n 1)" ;;
+        2) [ $attempt = 1 ] && say "retrying once: the failure was the rig's own, before lkvm started" ;;
+        *) exit $rig_failed ;;
+    esac
+done
+exit $rig_failed
