@@ -299,6 +299,18 @@ std::vector<uint8_t> dsdt_body()
 
 }  // namespace
 
+std::vector<uint8_t> reset_vector_stub()
+{
+    const uint16_t port = PowerControl::kReset;
+    return {
+        0xb0, PowerControl::kResetValue,                                            // mov al, 1
+        0xba, static_cast<uint8_t>(port), static_cast<uint8_t>(port >> 8),        // mov dx, 0x602
+        0xee,                                                                     // out dx, al
+        0xf4,                                                                     // hlt
+        0xeb, 0xfd,                                                               // jmp back to hlt
+    };
+}
+
 AcpiTables build_acpi_tables(uint64_t base, const PlatformInfo& platform)
 {
     Bytes t;

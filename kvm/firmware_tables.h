@@ -29,6 +29,12 @@ struct AcpiTables {
 };
 AcpiTables build_acpi_tables(uint64_t base, const PlatformInfo& platform);
 
+// Real-mode code for the BIOS reset vector (F000:FFF0). Linux jumps there
+// when other reboot methods are not used (hardware-reduced ACPI makes it pick
+// EFI, then "BIOS"): the stub writes the ACPI reset register, so every reboot
+// path ends in a reset lkvm sees.
+std::vector<uint8_t> reset_vector_stub();
+
 // Sum of bytes, as every MP and ACPI checksum wants it to come out: zero.
 uint8_t byte_sum(const uint8_t* data, size_t len);
 

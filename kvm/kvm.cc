@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 
@@ -233,6 +234,19 @@ uint64_t Vcpu::rip() const
     if (::ioctl(fd_.get(), KVM_GET_REGS, &regs) < 0)
         return 0;
     return regs.rip;
+}
+
+std::string Vcpu::describe() const
+{
+    kvm_regs regs{};
+    kvm_sregs sregs{};
+    if (::ioctl(fd_.get(), KVM_GET_REGS, &regs) < 0 || ::ioctl(fd_.get(), KVM_GET_SREGS, &sregs) < 0)
+        return "state unavailable";
+    const char* mode = !(sregs.cr0 & 1) ? "real mode" : (sregs.efer & (1 << 10)) ? "long mode" : "protected mode";
+    char line[128];
+    std::snprintf(line, sizeof(line), "RIP %#llx CS %#x (%s)", static_cast<unsigned long long>(regs.rip),
+                  sregs.cs.selector, mode);
+    return line;
 }
 
 }  // namespace lkvm

@@ -21,6 +21,7 @@ constexpr uint64_t kAcpiTables = 0xe0000;       // RSDP and the tables it points
 constexpr uint64_t kAcpiTablesEnd = 0xf0000;
 constexpr uint64_t kMpTables = 0xf0000;         // MP floating pointer and config table
 constexpr uint64_t kMpTablesEnd = 0x100000;
+constexpr uint64_t kResetVector = 0xffff0;     // F000:FFF0
 constexpr uint64_t kKernel = 0x100000;
 
 constexpr uint64_t kPciHoleStart = 0xc0000000;  // 3 GiB

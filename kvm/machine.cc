@@ -176,6 +176,8 @@ Machine::Machine(const RunOptions& options)
         throw Error("firmware tables for " + std::to_string(options_.cpus) + " vCPUs do not fit below 1 MiB");
     memory_->write(layout::kMpTables, mp.data(), mp.size());
     memory_->write(layout::kAcpiTables, acpi.bytes.data(), acpi.bytes.size());
+    const auto reset_stub = reset_vector_stub();
+    memory_->write(layout::kResetVector, reset_stub.data(), reset_stub.size());
     memory_->write(boot_.initrd_addr, boot_.initrd.data(), boot_.initrd.size());
     load_linux(*memory_, boot_.image, boot_.cmdline, ram_size, {boot_.initrd_addr, boot_.initrd.size(), acpi.rsdp});
     vcpus_[0]->enter_long_mode(entry_point_64(), layout::kBootParams, layout::kBootStack);
@@ -237,9 +239,7 @@ void Machine::vcpu_loop(Vcpu& vcpu)
     kvm_run* run = vcpu.run();
     const std::string who = "vCPU " + std::to_string(vcpu.index());
     auto fault = [&](const std::string& what) {
-        char rip[32];
-        std::snprintf(rip, sizeof(rip), "%#llx", static_cast<unsigned long long>(vcpu.rip()));
-        finish({exit_status::kVcpuFault, who + ": " + what + " at RIP " + rip});
+        finish({exit_status::kVcpuFault, who + ": " + what + " at " + vcpu.describe()});
     };
     while (!stopping_.load(std::memory_order_acquire)) {
         if (::ioctl(vcpu.fd(), KVM_RUN, 0) < 0) {
@@ -358,12 +358,8 @@ int Machine::run()
         log_line(outcome_->message);
     if (outcome_->status > 128) {
         // Stopped from outside: say where the guest was, for whoever is debugging a hang.
-        for (const auto& vcpu : vcpus_) {
-            char line[64];
-            std::snprintf(line, sizeof(line), "vCPU %u was at RIP %#llx", vcpu->index(),
-                          static_cast<unsigned long long>(vcpu->rip()));
-            log_line(line);
-        }
+        for (const auto& vcpu : vcpus_)
+            log_line("vCPU " + std::to_string(vcpu->index()) + " was at " + vcpu->describe());
     }
     return outcome_->status;
 }

@@ -10,6 +10,11 @@
 # lkvm's thread states. A run is retried once, and only when the rig itself
 # failed (L1 never came up), never for anything lkvm or its guest did.
 #
+# nested-run.sh --batch DIR: runs every DIR/*.sh (each a job that runs
+# build/lkvm) in one L1 boot, in name order, leaving each job's output in
+# JOB.sh.out and its status in JOB.sh.status. System tests use this to share
+# one L1 boot.
+#
 # Environment: LKVM_RIG=auto|direct|nested (default auto),
 #              LKVM_RIG_TIMEOUT=seconds for lkvm inside L1 (default 600),
 #              LKVM_RIG_VERBOSE=1 to show L1's own log on stderr.
@@ -27,8 +32,21 @@ hardware_kvm() {
     [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo
 }
 
+batch=
+if [ "${1:-}" = --batch ]; then
+    batch=$(cd "${2:?--batch needs a directory}" && pwd)
+    shift 2
+fi
+
 mode=${LKVM_RIG:-auto}
 if [ "$mode" = direct ] || { [ "$mode" = auto ] && hardware_kvm; }; then
+    if [ -n "$batch" ]; then
+        for job in "$batch"/*.sh; do
+            bash "$job" > "$job.out" 2>&1 < /dev/null
+            echo $? > "$job.status"
+        done
+        exit 0
+    fi
     exec "$lkvm" "$@"
 fi
 
@@ -56,6 +74,12 @@ l1_mib=$(( guest_mib + 1024 ))
 deadline=${LKVM_RIG_TIMEOUT:-600}
 work=$(mktemp -d /tmp/lkvm-rig.XXXXXX)
 trap 'rm -rf "$work"' EXIT
+if [ -n "$batch" ]; then
+    job_param="rig.batch=$batch"
+    l1_mib=4096
+else
+    job_param="rig.job=$work/job.sh"
+fi
 {
     printf 'cd %q || exit 125\n' "$PWD"
     printf 'exec %q' "$lkvm"
@@ -65,14 +89,18 @@ trap 'rm -rf "$work"' EXIT
 
 run_once() {
     : > "$work/l1.log"
-    local stdin_chardev="stdio,id=con,signal=off"
+    local console="stdio,id=con,signal=off" jobs=1
+    if [ -n "$batch" ]; then
+        console="null,id=con"
+        jobs=$(ls "$batch"/*.sh | wc -l)
+    fi
     # TCG L1 boots in ~5 s; give it a generous margin on a loaded machine.
-    timeout --kill-after=10 $(( deadline + 120 )) \
+    timeout --kill-after=10 $(( deadline * jobs + 120 )) \
     qemu-system-x86_64 -M q35 -cpu max -accel tcg,thread=multi -smp 2 -m "$l1_mib" \
         -nodefaults -display none -no-reboot \
         -kernel "$top/build/kernel/vmlinuz" -initrd "$l1_initrd" \
-        -append "console=ttyS1 quiet panic=-1 rig.job=$work/job.sh rig.deadline=$deadline" \
-        -chardev "$stdin_chardev" -serial chardev:con \
+        -append "console=ttyS1 quiet panic=-1 $job_param rig.deadline=$deadline" \
+        -chardev "$console" -serial chardev:con \
         -serial "file:$work/l1.log" \
         -fsdev local,id=hostroot,path=/,security_model=passthrough,multidevs=remap \
         -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot
@@ -85,8 +113,8 @@ run_once() {
     fi
     if grep -q '^rig: deadline' "$work/l1.log"; then
         say "stage 'lkvm run' missed its ${deadline}s deadline; lkvm's threads:"
-        grep '^rig: \(deadline\|thread\)' "$work/l1.log" | sed 's/^rig: /  /' >&2
-        return 1
+        grep '^rig: \(deadline\|thread\|done\)' "$work/l1.log" | sed 's/^rig: /  /' >&2
+        [ -n "$batch" ] || return 1
     fi
     local status
     status=$(sed -n 's/^rig: exit \([0-9]*\).*/\1/p' "$work/l1.log" | tail -n 1)

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# System tests: real guests booted by build/lkvm through scripts/nested-run.sh
+# (one shared L1 boot for all of them), plus the bad-input cases that lkvm
+# must refuse before it touches KVM, run right here. One line per test, then
+# "N passed, N failed".
+set -uo pipefail
+top=$(cd "$(dirname "$0")/../.." && pwd)
+lkvm=$top/${LKVM_BUILD:-build}/lkvm
+kernel=$top/build/kernel/vmlinuz
+work=$(mktemp -d /tmp/lkvm-system.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+passed=0 failed=0
+
+pass() { echo "ok   system: $1"; passed=$((passed + 1)); }
+fail() {
+    echo "FAIL system: $1: $2"
+    [ -f "$3" ] && tail -n 20 "$3" | sed 's/^/      | /'
+    failed=$((failed + 1))
+}
+
+# ---------------------------------------------------------------- guests
+# job NAME LKVM-ARGS...: one lkvm run, queued for the shared L1 boot.
+jobs=()
+job() {
+    local name=$1; shift
+    jobs+=("$name")
+    { printf 'cd %q\n' "$work"; printf 'exec %q' "$lkvm"; printf ' %q' "$@"; printf '\n'; } \
+        > "$work/$(printf '%02d' ${#jobs[@]})-$name.sh"
+}
+result() { ls "$work"/*-"$1".sh."$2" 2>/dev/null | head -n 1; }
+
+# expect NAME STATUS [REGEX...]: status must match and every REGEX must be found in the output.
+expect() {
+    local name=$1 want=$2; shift 2
+    local out status
+    out=$(result "$name" out); status=$(cat "$(result "$name" status)" 2>/dev/null)
+    if [ "$status" != "$want" ]; then
+        fail "$name" "exit status ${status:-none}, expected $want" "$out"; return
+    fi
+    for re in "$@"; do
+        grep -qE -- "$re" "$out" || { fail "$name" "output lacks /$re/" "$out"; return; }
+    done
+    pass "$name"
+}
+
+job cpus-1            run -c 1 -- nproc
+job cpus-2-acpi       run -c 2 -- sh -c 'echo cpus=$(nproc); dmesg | grep -c "Using ACPI (MADT) for SMP"'
+job cpus-2-mptable    run -c 2 -p acpi=off -- sh -c 'echo cpus=$(nproc); dmesg | grep -c "found SMP MP-table"'
+job mem-512           run -m 512 -- sh -c 'grep MemTotal /proc/meminfo'
+job cmdline           run -p foo=bar -- cat /proc/cmdline
+job exit-7            run -- sh -c 'exit 7'
+job reboot            run -- reboot -f
+job reboot-i8042      run -p acpi=off -- reboot -f
+job poweroff          run -- poweroff -f
+job panic             run -- sh -c 'echo c > /proc/sysrq-trigger'
+job triple-fault      run -p reboot=t -- reboot -f
+job too-many-cpus     run -c 254000
+job kvm-max-cpus      run -c 250
+
+mkdir -p "$work/rig"
+LKVM_RIG_TIMEOUT=${LKVM_RIG_TIMEOUT:-240} "$top/scripts/nested-run.sh" --batch "$work" 2> "$work/rig.err"
+rig_status=$?
+if [ $rig_status != 0 ]; then
+    echo "nested rig failed (status $rig_status):"; sed 's/^/      | /' "$work/rig.err"
+fi
+
+expect cpus-1 0 '^1\r?$'
+expect cpus-2-acpi 0 '^cpus=2' '^1\r?$'
+expect cpus-2-mptable 0 '^cpus=2' '^1\r?$'
+# MemTotal is what is left after the kernel's own reservations: 440-512 MiB.
+mem_out=$(result mem-512 out)
+mem_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB.*/\1/p' "$mem_out" 2>/dev/null)
+if [ -n "$mem_kb" ] && (( mem_kb > 440 * 1024 && mem_kb <= 512 * 1024 )); then pass mem-512
+else fail mem-512 "MemTotal ${mem_kb:-missing} kB, expected 440-512 MiB" "$mem_out"; fi
+expect cmdline 0 'foo=bar'
+expect exit-7 7
+expect reboot 0
+expect reboot-i8042 0
+expect poweroff 0
+expect panic 121 '^lkvm: guest kernel panic: Kernel panic - not syncing: sysrq triggered crash'
+expect triple-fault 122 '^lkvm: vCPU 0: triple fault \(KVM_EXIT_SHUTDOWN\) at RIP 0x[0-9a-f]+'
+expect too-many-cpus 1 '^lkvm: -c 254000: more vCPUs than KVM allows'
+expect kvm-max-cpus 1 '^lkvm: -c 250: this host.s KVM runs at most [0-9]+ vCPUs in one guest'
+
+# ---------------------------------------------------------------- bad input, no KVM needed
+# refuse NAME REGEX LKVM-ARGS...: lkvm must exit 1 with one line matching REGEX and leave nothing behind.
+refuse() {
+    local name=$1 re=$2; shift 2
+    local dir="$work/refuse-$name"
+    mkdir -p "$dir"
+    (cd "$dir" && "$lkvm" "$@" > "$dir.out" 2>&1 < /dev/null)
+    local status=$? lines
+    lines=$(wc -l < "$dir.out")
+    if [ $status != 1 ]; then fail "bad-input $name" "exit status $status, expected 1" "$dir.out"
+    elif [ "$lines" != 1 ]; then fail "bad-input $name" "$lines lines of output, expected 1" "$dir.out"
+    elif ! grep -qE -- "$re" "$dir.out"; then fail "bad-input $name" "message lacks /$re/" "$dir.out"
+    elif [ -n "$(ls -A "$dir")" ]; then fail "bad-input $name" "left files behind: $(ls -A "$dir")" "$dir.out"
+    else pass "bad-input $name"; fi
+}
+printf 'not a kernel\n%.0s' {1..200} > "$work/not-a-kernel"
+mkdir -p "$work/a-directory"
+refuse missing-kernel   'kernel /nonexistent: No such file' run -k /nonexistent
+refuse kernel-is-dir    'is a directory' run -k "$work/a-directory"
+refuse not-bzimage      'not a bzImage' run -k "$work/not-a-kernel"
+refuse missing-initrd   'initrd /nonexistent: No such file' run -k "$kernel" -i /nonexistent
+refuse cpus-0           '^lkvm: -c 0: a guest needs at least one vCPU' run -c 0
+refuse cpus-word        "^lkvm: -c 'two': not a number" run -c two
+refuse mem-too-small    '^lkvm: -m 16: too little memory' run -m 16
+refuse mem-too-large    '^lkvm: -m [0-9]+: the host has only [0-9]+ MiB' run -m 100000000
+refuse unknown-option   "^lkvm: unknown option '--frobnicate'" run --frobnicate
+refuse missing-value    '^lkvm: option -k needs a value' run -k
+refuse unknown-command  "^lkvm: unknown command 'fly'" fly
+refuse nothing-after-dashes "^lkvm: nothing after '--'" run --
+
+# No /dev/kvm: hide it in a private mount namespace.
+if command -v unshare > /dev/null && unshare --mount true 2> /dev/null; then
+    out="$work/no-kvm.out"
+    unshare --mount sh -c "mount -t tmpfs none /dev && exec '$lkvm' run -- true" > "$out" 2>&1 < /dev/null
+    status=$?
+    if [ $status = 1 ] && grep -q '^lkvm: /dev/kvm does not exist: load KVM (modprobe kvm-intel or kvm-amd).*scripts/nested-run.sh' "$out"; then
+        pass "bad-input no-dev-kvm"
+    else
+        fail "bad-input no-dev-kvm" "exit status $status" "$out"
+    fi
+fi
+
+echo "system: $passed passed, $failed failed"
+[ $failed = 0 ]

@@ -1,0 +1,275 @@
+// Buses, guest memory, PCI configuration space, the UART and the platform devices.
+#include <doctest/doctest.h>
+
+#include <array>
+#include <vector>
+
+#include "base/error.h"
+#include "hw/bus.h"
+#include "hw/guest_memory.h"
+#include "hw/pci.h"
+#include "hw/platform.h"
+#include "hw/serial8250.h"
+
+using namespace lkvm;
+
+namespace {
+struct RecordingDevice : BusDevice {
+    uint64_t last_offset = ~0ull;
+    std::vector<uint8_t> written;
+    void read(uint64_t offset, std::span<uint8_t> data) override
+    {
+        last_offset = offset;
+        for (auto& b : data)
+            b = 0x5a;
+    }
+    void write(uint64_t offset, std::span<const uint8_t> data) override
+    {
+        last_offset = offset;
+        written.assign(data.begin(), data.end());
+    }
+};
+}  // namespace
+
+TEST_CASE("bus: dispatches by range with offsets relative to the device")
+{
+    Bus bus("test");
+    RecordingDevice a, b;
+    bus.add(0x100, 0x10, a);
+    bus.add(0x110, 0x10, b);
+    std::array<uint8_t, 2> buf{};
+    CHECK(bus.read(0x112, buf));
+    CHECK(b.last_offset == 2);
+    CHECK(buf[0] == 0x5a);
+    const uint8_t v[] = {1, 2, 3, 4};
+    CHECK(bus.write(0x10c, v));
+    CHECK(a.last_offset == 0xc);
+    CHECK(a.written == std::vector<uint8_t>{1, 2, 3, 4});
+}
+
+TEST_CASE("bus: unclaimed and straddling accesses read all ones and reach no device")
+{
+    Bus bus("test");
+    RecordingDevice a;
+    bus.add(0x100, 0x10, a);
+    std::array<uint8_t, 4> buf{};
+    CHECK_FALSE(bus.read(0x200, buf));
+    CHECK(buf == std::array<uint8_t, 4>{0xff, 0xff, 0xff, 0xff});
+    CHECK_FALSE(bus.read(0x10e, buf));  // runs past the end of the range
+    CHECK(a.last_offset == ~0ull);
+    CHECK_FALSE(bus.read(0xff, buf));   // starts before it
+}
+
+TEST_CASE("bus: overlapping, empty and wrapping ranges are refused")
+{
+    Bus bus("test");
+    RecordingDevice a;
+    bus.add(0x100, 0x10, a);
+    CHECK_THROWS_AS(bus.add(0x108, 0x10, a), Error);
+    CHECK_THROWS_AS(bus.add(0xf8, 0x10, a), Error);
+    CHECK_THROWS_AS(bus.add(0x100, 0x10, a), Error);
+    CHECK_THROWS_AS(bus.add(0x300, 0, a), Error);
+    CHECK_THROWS_AS(bus.add(~0ull - 4, 0x10, a), Error);
+    bus.add(0x110, 0x10, a);  // adjacent is fine
+    CHECK(bus.remove(0x100));
+    bus.add(0x108, 0x8, a);   // and the freed space is usable again
+}
+
+TEST_CASE("guest memory: every range is checked whole")
+{
+    std::vector<uint8_t> low(0x1000), high(0x1000);
+    GuestMemory mem({{0, low.size(), low.data()}, {0x10000, high.size(), high.data()}});
+    CHECK(mem.span(0, 0x1000).has_value());
+    CHECK(mem.span(0xfff, 1).has_value());
+    CHECK_FALSE(mem.span(0xfff, 2).has_value());          // crosses the end
+    CHECK_FALSE(mem.span(0x1000, 1).has_value());         // in the gap
+    CHECK_FALSE(mem.span(0x800, 0x10000).has_value());    // spans into the next region
+    CHECK_FALSE(mem.span(0x10ff0, ~0ull).has_value());    // length overflows
+    CHECK_FALSE(mem.span(~0ull, 2).has_value());          // address wraps
+    CHECK(mem.write_obj<uint32_t>(0x10010, 0xdeadbeef));
+    CHECK(mem.read_obj<uint32_t>(0x10010) == 0xdeadbeef);
+    CHECK_FALSE(mem.read_obj<uint64_t>(0x10ffc).has_value());
+    CHECK_THROWS_AS(GuestMemory({{0, 0x2000, low.data()}, {0x1000, 0x1000, high.data()}}), Error);
+}
+
+namespace {
+struct TestPciDevice : PciDevice {
+    int changes = 0;
+    TestPciDevice() : PciDevice(0x1af4, 0x1042, 0x010000, 1, 0x1af4, 2)
+    {
+        add_bar(0, 0x4000, BarKind::kMem64);
+        const uint8_t body[] = {0xaa, 0xbb};
+        add_capability(0x09, body);
+    }
+    void bars_changed() override { ++changes; }
+};
+constexpr uint32_t config_address(unsigned slot, unsigned reg) { return 0x80000000u | (slot << 11) | reg; }
+}  // namespace
+
+TEST_CASE("pci: configuration mechanism #1 reaches the host bridge and the devices")
+{
+    PciHostBridge bridge(0xc0000000, 0x10000000);
+    TestPciDevice device;
+    const unsigned slot = bridge.add_device(device);
+    CHECK(slot == 1);
+
+    auto out32 = [&](uint64_t off, uint32_t v) {
+        bridge.write(off, std::span(reinterpret_cast<const uint8_t*>(&v), 4));
+    };
+    auto in = [&](uint64_t off, size_t size) {
+        uint32_t v = 0;
+        bridge.read(off, std::span(reinterpret_cast<uint8_t*>(&v), size));
+        return v;
+    };
+    out32(0, config_address(0, 0));
+    CHECK(in(0, 4) == config_address(0, 0));
+    CHECK(in(4, 4) == 0x29c08086u);                 // the host bridge
+    out32(0, config_address(0, 8));
+    CHECK(in(4 + 3, 1) == 0x06);                    // class: bridge
+    out32(0, config_address(slot, 0));
+    CHECK(in(4, 2) == 0x1af4);
+    CHECK(in(6, 2) == 0x1042);                      // byte offsets within the data port
+    out32(0, config_address(7, 0));
+    CHECK(in(4, 4) == 0xffffffffu);                 // an empty slot
+    out32(0, 0x00000000u | (slot << 11));           // enable bit clear
+    CHECK(in(4, 4) == 0xffffffffu);
+}
+
+TEST_CASE("pci: BARs size, move and report changes; read-only fields stay")
+{
+    PciHostBridge bridge(0xc0000000, 0x10000000);
+    TestPciDevice device;
+    bridge.add_device(device);
+    CHECK(device.bar_address(0) == 0xc0000000);
+    CHECK((device.config_read(0x10, 4) & 0x6) == 0x4);  // 64-bit memory BAR
+
+    device.config_write(0x10, 4, 0xffffffff);
+    device.config_write(0x14, 4, 0xffffffff);
+    CHECK(device.config_read(0x10, 4) == (0xffffc000u | 0x4));
+    CHECK(device.config_read(0x14, 4) == 0xffffffffu);
+    CHECK(device.changes > 0);
+
+    device.config_write(0x10, 4, 0xd0000000);
+    device.config_write(0x14, 4, 0x1);
+    CHECK(device.bar_address(0) == 0x1d0000000ull);
+
+    device.config_write(0x00, 4, 0x12345678);  // vendor/device are read-only
+    CHECK(device.config_read(0x00, 4) == 0x10421af4u);
+    device.config_write(0x04, 2, 0x0002);
+    CHECK(device.memory_enabled());
+
+    // Capability list: status bit set, pointer to 0x40, entry intact.
+    CHECK((device.config_read(0x06, 2) & 0x10) != 0);
+    CHECK(device.config_read(0x34, 1) == 0x40);
+    CHECK(device.config_read(0x40, 4) == 0xbbaa0009u);
+}
+
+namespace {
+struct UartHarness {
+    std::vector<bool> irq_levels;
+    std::string output;
+    Serial8250 uart{[this](bool high) { irq_levels.push_back(high); },
+                    [this](uint8_t b) { output.push_back(static_cast<char>(b)); }};
+    uint8_t in(unsigned reg)
+    {
+        uint8_t v = 0;
+        uart.read(reg, std::span(&v, 1));
+        return v;
+    }
+    void out(unsigned reg, uint8_t v) { uart.write(reg, std::span(&v, 1)); }
+    bool irq() const { return !irq_levels.empty() && irq_levels.back(); }
+};
+}  // namespace
+
+TEST_CASE("8250: transmit, line status and the divisor latch")
+{
+    UartHarness h;
+    CHECK(h.in(5) == 0x60);  // THR empty and transmitter empty, no data
+    h.out(0, 'h');
+    h.out(0, 'i');
+    CHECK(h.output == "hi");
+    h.out(3, 0x80);          // DLAB
+    h.out(0, 0x01);
+    h.out(1, 0x00);
+    CHECK(h.in(0) == 0x01);
+    CHECK(h.output == "hi"); // divisor writes are not output
+    h.out(3, 0x03);
+    h.out(7, 0x42);
+    CHECK(h.in(7) == 0x42);  // scratch register
+}
+
+TEST_CASE("8250: receive interrupt follows data, THRE interrupt is acknowledged by IIR")
+{
+    UartHarness h;
+    h.out(1, 0x01);          // receive interrupt enabled
+    CHECK_FALSE(h.irq());
+    const uint8_t keys[] = {'a', 'b'};
+    h.uart.receive(keys);
+    CHECK(h.irq());
+    CHECK((h.in(2) & 0x0f) == 0x04);
+    CHECK((h.in(5) & 0x01) == 0x01);
+    CHECK(h.in(0) == 'a');
+    CHECK(h.in(0) == 'b');
+    CHECK_FALSE(h.irq());
+    CHECK((h.in(2) & 0x0f) == 0x01);
+
+    h.out(1, 0x03);          // THRE enabled while the transmitter is empty: raised at once
+    CHECK(h.irq());
+    CHECK((h.in(2) & 0x0f) == 0x02);
+    CHECK_FALSE(h.irq());    // that read acknowledged it
+    h.out(0, 'x');           // and the next byte sent raises it again
+    CHECK(h.irq());
+}
+
+TEST_CASE("8250: loopback returns transmitted bytes and wires modem lines")
+{
+    UartHarness h;
+    h.out(4, 0x10 | 0x02);   // loopback, RTS
+    h.out(0, 'z');
+    CHECK(h.output.empty());
+    CHECK(h.in(0) == 'z');
+    CHECK((h.in(6) & 0xf0) == 0x10);  // CTS from RTS
+    h.out(2, 0x07);          // FIFO enable and clear
+    CHECK((h.in(2) & 0xc0) == 0xc0);
+}
+
+TEST_CASE("i8042: command 0xfe resets; a controller with nothing attached answers its probe")
+{
+    std::vector<GuestRequest> requests;
+    I8042 kbc([&](GuestRequest r) { requests.push_back(r); });
+    auto out = [&](uint16_t port, uint8_t v) { kbc.write(port - I8042::kDataPort, std::span(&v, 1)); };
+    auto in = [&](uint16_t port) {
+        uint8_t v = 0;
+        kbc.read(port - I8042::kDataPort, std::span(&v, 1));
+        return v;
+    };
+    CHECK((in(0x64) & 0x01) == 0);
+    out(0x64, 0xaa);
+    CHECK((in(0x64) & 0x01) == 1);
+    CHECK(in(0x60) == 0x55);
+    out(0x64, 0x60);
+    out(0x60, 0x47);
+    out(0x64, 0x20);
+    CHECK(in(0x60) == 0x47);
+    CHECK(requests.empty());
+    out(0x64, 0xfe);
+    REQUIRE(requests.size() == 1);
+    CHECK(requests[0] == GuestRequest::kReset);
+}
+
+TEST_CASE("ACPI power registers: S5 powers off, the reset value resets, the exit port reports")
+{
+    std::vector<GuestRequest> requests;
+    std::vector<int> exits;
+    PowerControl power([&](GuestRequest r) { requests.push_back(r); }, [&](uint8_t s) { exits.push_back(s); });
+    auto out = [&](uint16_t port, uint8_t v) { power.write(port - PowerControl::kBase, std::span(&v, 1)); };
+    out(PowerControl::kSleepControl, 5 << 2);          // SLP_TYP without SLP_EN: nothing
+    out(PowerControl::kSleepControl, (3 << 2) | 0x20); // S3: not supported, nothing
+    CHECK(requests.empty());
+    out(PowerControl::kSleepControl, (5 << 2) | 0x20);
+    out(PowerControl::kReset, 0x02);                   // not the reset value
+    out(PowerControl::kReset, PowerControl::kResetValue);
+    out(PowerControl::kExitStatus, 7);
+    CHECK(requests == std::vector<GuestRequest>{GuestRequest::kPowerOff, GuestRequest::kReset});
+    CHECK(exits == std::vector<int>{7});
+}

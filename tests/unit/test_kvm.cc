@@ -1,0 +1,353 @@
+// The boot protocol, firmware tables, CPUID, the command line and the console filters.
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "hw/guest_memory.h"
+#include "kvm/boot.h"
+#include "kvm/cli.h"
+#include "kvm/console.h"
+#include "kvm/cpuid.h"
+#include "kvm/firmware_tables.h"
+#include "kvm/layout.h"
+
+using namespace lkvm;
+
+namespace {
+std::vector<uint8_t> real_bzimage()
+{
+    const char* path = std::getenv("LKVM_TEST_KERNEL");
+    std::ifstream f(path ? path : "build/kernel/vmlinuz", std::ios::binary);
+    REQUIRE_MESSAGE(f.good(), "the Debian kernel is missing: run scripts/install-deps.sh");
+    return {std::istreambuf_iterator<char>(f), {}};
+}
+
+std::string error_of(auto&& fn)
+{
+    try {
+        fn();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "(no error)";
+}
+}  // namespace
+
+TEST_CASE("bzImage: a real kernel's setup header is parsed and validated")
+{
+    const auto file = real_bzimage();
+    const BzImage image = parse_bzimage(file, "vmlinuz");
+    CHECK(image.header.header == 0x53726448u);
+    CHECK(image.header.version >= 0x020c);
+    CHECK((image.header.xloadflags & XLF_KERNEL_64) != 0);
+    CHECK(image.setup.size() % 512 == 0);
+    CHECK(image.setup.size() + image.kernel.size() == file.size());
+    CHECK(image.max_cmdline >= 255);
+    CHECK(image.init_size >= image.kernel.size());
+}
+
+TEST_CASE("bzImage: broken and old images are refused with what is wrong")
+{
+    auto file = real_bzimage();
+    CHECK(error_of([&] { parse_bzimage(std::span(file).first(100), "k"); }).find("not a bzImage (too small)") != std::string::npos);
+    auto bad_magic = file;
+    bad_magic[0x202] = 'X';
+    CHECK(error_of([&] { parse_bzimage(bad_magic, "k"); }).find("not a bzImage (no setup header)") != std::string::npos);
+    auto old = file;
+    old[0x206] = 0x04;  // version 2.04
+    CHECK(error_of([&] { parse_bzimage(old, "k"); }).find("boot protocol 2.4 is too old") != std::string::npos);
+    auto no64 = file;
+    no64[0x236] &= ~XLF_KERNEL_64;
+    CHECK(error_of([&] { parse_bzimage(no64, "k"); }).find("no 64-bit entry point") != std::string::npos);
+    auto truncated = std::vector<uint8_t>(file.begin(), file.begin() + 2048);
+    truncated[0x1f1] = 60;  // setup larger than the file
+    CHECK(error_of([&] { parse_bzimage(truncated, "k"); }).find("truncated") != std::string::npos);
+}
+
+TEST_CASE("e820: RAM below the PCI hole, the rest above 4 GiB, BIOS areas reserved")
+{
+    const auto small = e820_map(512ull << 20);
+    REQUIRE(small.size() == 4);
+    CHECK(small[0].addr == 0);
+    CHECK(small[0].size == layout::kEbdaStart);
+    CHECK(small[0].type == 1);
+    CHECK(small[1].type == 2);
+    CHECK(small[2].addr == layout::kBiosStart);
+    CHECK(small[2].type == 2);
+    CHECK(small[3].addr == layout::kKernel);
+    CHECK(small[3].addr + small[3].size == 512ull << 20);
+
+    const auto big = e820_map(4096ull << 20);
+    REQUIRE(big.size() == 5);
+    CHECK(big[3].addr + big[3].size == layout::kPciHoleStart);
+    CHECK(big[4].addr == layout::k4GiB);
+    CHECK(big[4].size == (4096ull << 20) - layout::kPciHoleStart);
+    for (const auto& e : big)
+        CHECK_FALSE((e.addr < layout::k4GiB && e.addr + e.size > layout::kPciHoleStart));
+}
+
+TEST_CASE("boot: the zero page, command line, page tables and GDT land where the kernel looks")
+{
+    const auto file = real_bzimage();
+    const BzImage image = parse_bzimage(file, "vmlinuz");
+    const uint64_t ram_size = 256ull << 20;
+    std::vector<uint8_t> ram(ram_size);
+    GuestMemory mem({{0, ram_size, ram.data()}});
+    const uint64_t initrd_size = 3 << 20;
+    const uint64_t initrd = place_initrd(image, ram_size, initrd_size);
+    CHECK(initrd % 4096 == 0);
+    CHECK(initrd + initrd_size <= ram_size);
+    CHECK(initrd >= layout::kKernel + image.init_size);
+    load_linux(mem, image, "console=ttyS0 foo=bar", ram_size, {initrd, initrd_size, 0xe0000});
+
+    boot_params params{};
+    REQUIRE(mem.read(layout::kBootParams, &params, sizeof(params)));
+    CHECK(params.hdr.type_of_loader == 0xff);
+    CHECK(uint32_t{params.hdr.cmd_line_ptr} == layout::kCmdline);
+    CHECK(uint32_t{params.hdr.ramdisk_image} == initrd);
+    CHECK(uint32_t{params.hdr.ramdisk_size} == initrd_size);
+    CHECK(uint64_t{params.acpi_rsdp_addr} == 0xe0000);
+    CHECK(params.e820_entries == 4);
+    CHECK(uint64_t{params.e820_table[3].addr} == layout::kKernel);
+    CHECK(std::string(reinterpret_cast<char*>(&ram[layout::kCmdline])) == "console=ttyS0 foo=bar");
+    CHECK(std::memcmp(&ram[layout::kKernel], image.kernel.data(), 4096) == 0);
+    CHECK(entry_point_64() == layout::kKernel + 0x200);
+    // The identity map covers 4 GiB with 2 MiB pages: check one entry in the last directory.
+    const uint64_t pde = *mem.read_obj<uint64_t>(layout::kPageDirectories + 3 * 4096 + 511 * 8);
+    CHECK(pde == (((3ull << 30) + 511 * (2ull << 20)) | 0x83));
+    CHECK(*mem.read_obj<uint64_t>(layout::kGdt + 0x10) == 0x00af9b000000ffffull);
+}
+
+TEST_CASE("boot: an initrd or command line that does not fit is refused")
+{
+    const auto file = real_bzimage();
+    const BzImage image = parse_bzimage(file, "vmlinuz");
+    CHECK(error_of([&] { place_initrd(image, 128ull << 20, 200ull << 20); }).find("does not fit") != std::string::npos);
+    std::vector<uint8_t> ram(128ull << 20);
+    GuestMemory mem({{0, ram.size(), ram.data()}});
+    const std::string huge(image.max_cmdline + 1, 'x');
+    CHECK(error_of([&] { load_linux(mem, image, huge, ram.size(), {}); }).find("kernel command line is") != std::string::npos);
+}
+
+namespace {
+// Reads a little-endian integer out of a table.
+template <typename T>
+T at(const std::vector<uint8_t>& t, size_t off)
+{
+    T v;
+    std::memcpy(&v, &t[off], sizeof(T));
+    return v;
+}
+}  // namespace
+
+TEST_CASE("MP tables: floating pointer, checksums and one entry per CPU")
+{
+    const uint64_t base = layout::kMpTables;
+    const auto t = build_mp_tables(base, {4, 0x800f12, 0x178bfbff});
+    CHECK(std::string(t.begin(), t.begin() + 4) == "_MP_");
+    CHECK(byte_sum(t.data(), 16) == 0);
+    const uint32_t table = at<uint32_t>(t, 4);
+    REQUIRE(table == base + 16);
+    const size_t off = table - base;
+    CHECK(std::string(t.begin() + off, t.begin() + off + 4) == "PCMP");
+    const uint16_t length = at<uint16_t>(t, off + 4);
+    CHECK(off + length == t.size());
+    CHECK(byte_sum(&t[off], length) == 0);
+    CHECK(at<uint32_t>(t, off + 36) == layout::kLocalApic);
+    // Walk the entries: processors first, BSP flagged once.
+    size_t p = off + 44, processors = 0, bsps = 0, ioapics = 0, irqs = 0;
+    for (unsigned i = 0; i < at<uint16_t>(t, off + 34); ++i) {
+        switch (t[p]) {
+        case 0:
+            ++processors;
+            bsps += (t[p + 3] & 2) ? 1 : 0;
+            CHECK(t[p + 1] == processors - 1);
+            p += 20;
+            break;
+        case 2:
+            ++ioapics;
+            CHECK(t[p + 1] == kIoApicId(4));
+            CHECK(at<uint32_t>(t, p + 4) == layout::kIoApic);
+            p += 8;
+            break;
+        case 3: ++irqs; p += 8; break;
+        default: p += 8; break;
+        }
+    }
+    CHECK(p == t.size());
+    CHECK(processors == 4);
+    CHECK(bsps == 1);
+    CHECK(ioapics == 1);
+    CHECK(irqs == 16);
+}
+
+TEST_CASE("ACPI: RSDP -> XSDT -> FADT (hardware-reduced) and MADT, DSDT with the host bridge and _S5")
+{
+    const uint64_t base = layout::kAcpiTables;
+    const auto tables = build_acpi_tables(base, {3, 0, 0});
+    const auto& t = tables.bytes;
+    REQUIRE(tables.rsdp == base);
+    CHECK(std::string(t.begin(), t.begin() + 8) == "RSD PTR ");
+    CHECK(byte_sum(t.data(), 20) == 0);
+    CHECK(byte_sum(t.data(), 36) == 0);
+    const size_t xsdt = at<uint64_t>(t, 24) - base;
+    auto table_ok = [&](size_t off, const char* sig) {
+        CHECK(std::string(t.begin() + off, t.begin() + off + 4) == sig);
+        CHECK(byte_sum(&t[off], at<uint32_t>(t, off + 4)) == 0);
+    };
+    table_ok(xsdt, "XSDT");
+    REQUIRE(at<uint32_t>(t, xsdt + 4) == 36 + 16);
+    const size_t fadt = at<uint64_t>(t, xsdt + 36) - base;
+    const size_t madt = at<uint64_t>(t, xsdt + 44) - base;
+    table_ok(fadt, "FACP");
+    CHECK(at<uint32_t>(t, fadt + 4) == 276);
+    CHECK((at<uint32_t>(t, fadt + 112) & (1u << 20)) != 0);  // HW_REDUCED_ACPI
+    CHECK((at<uint32_t>(t, fadt + 112) & (1u << 10)) != 0);  // RESET_REG_SUP
+    CHECK(at<uint64_t>(t, fadt + 116 + 4) == 0x602);        // reset register address
+    CHECK(t[fadt + 128] == 1);
+    CHECK(at<uint64_t>(t, fadt + 244 + 4) == 0x600);        // sleep control
+    const size_t dsdt = at<uint64_t>(t, fadt + 140) - base;
+    CHECK(at<uint32_t>(t, fadt + 40) == base + dsdt);
+    table_ok(dsdt, "DSDT");
+    const std::string aml(t.begin() + dsdt, t.begin() + dsdt + at<uint32_t>(t, dsdt + 4));
+    CHECK(aml.find("PCI0") != std::string::npos);
+    CHECK(aml.find("_S5_") != std::string::npos);
+    CHECK(aml.find("COM1") != std::string::npos);
+    CHECK(aml.find(std::string("\x0c\x41\xd0\x0a\x03", 5)) != std::string::npos);  // EisaId("PNP0A03")
+
+    table_ok(madt, "APIC");
+    size_t p = madt + 44, lapics = 0, ioapics = 0;
+    while (p < madt + at<uint32_t>(t, madt + 4)) {
+        if (t[p] == 0) {
+            CHECK(t[p + 3] == lapics);  // APIC ID
+            CHECK(at<uint32_t>(t, p + 4) == 1);
+            ++lapics;
+        }
+        ioapics += t[p] == 1;
+        p += t[p + 1];
+    }
+    CHECK(lapics == 3);
+    CHECK(ioapics == 1);
+}
+
+TEST_CASE("reset vector: the stub writes the ACPI reset value to the reset register")
+{
+    const auto stub = reset_vector_stub();
+    REQUIRE(stub.size() <= 16);  // it must fit between F000:FFF0 and 1 MiB
+    CHECK(stub[0] == 0xb0);
+    CHECK(stub[1] == 0x01);
+    CHECK(stub[2] == 0xba);
+    CHECK((stub[3] | stub[4] << 8) == 0x602);
+    CHECK(stub[5] == 0xee);
+}
+
+TEST_CASE("cpuid: each vCPU reports its own APIC ID and the hypervisor bit")
+{
+    std::vector<kvm_cpuid_entry2> supported(3);
+    supported[0].function = 1;
+    supported[0].ebx = 0xff00ffff;
+    supported[1].function = 0xb;
+    supported[2].function = 0x40000000;
+    supported[2].ebx = 0x4b4d564b;
+    const auto v = cpuid_for_vcpu(supported, {3, 4, true});
+    CHECK((v[0].ebx >> 24) == 3);
+    CHECK(((v[0].ebx >> 16) & 0xff) == 4);
+    CHECK((v[0].ebx & 0xffff) == 0xffff);
+    CHECK((v[0].ecx & (1u << 31)) != 0);
+    CHECK((v[0].ecx & (1u << 24)) != 0);
+    CHECK(v[1].edx == 3);
+    CHECK(v[2].ebx == 0x4b4d564b);
+}
+
+TEST_CASE("cli: run options in kvmtool's spellings")
+{
+    const auto cmd = parse_command_line({"run", "-k", "bz", "--initrd=rd", "-p", "a=1", "--params", "b=2", "-c", "2",
+                                         "--mem", "1G", "--name", "g", "--", "sh", "-c", "exit 7"});
+    REQUIRE(cmd.kind == Command::Kind::kRun);
+    CHECK(cmd.run.kernel == "bz");
+    CHECK(cmd.run.initrd == "rd");
+    CHECK(cmd.run.params == "a=1 b=2");
+    CHECK(cmd.run.cpus == 2);
+    CHECK(cmd.run.mem_mib == 1024);
+    CHECK(cmd.run.name == "g");
+    CHECK(cmd.run.command == std::vector<std::string>{"sh", "-c", "exit 7"});
+    CHECK(parse_command_line({"run", "-m", "256"}).run.mem_mib == 256);
+    CHECK(parse_command_line({"run", "-m", "300M"}).run.mem_mib == 300);
+    CHECK(parse_command_line({}).kind == Command::Kind::kHelp);
+    CHECK(parse_command_line({"--help"}).kind == Command::Kind::kHelp);
+    CHECK(parse_command_line({"version"}).kind == Command::Kind::kVersion);
+    CHECK(parse_command_line({"run", "--help"}).kind == Command::Kind::kRunHelp);
+}
+
+TEST_CASE("cli: every bad input has its own one-line message")
+{
+    auto msg = [](std::vector<std::string> args) { return error_of([&] { parse_command_line(args); }); };
+    CHECK(msg({"run", "-c", "0"}) == "-c 0: a guest needs at least one vCPU (see 'lkvm run --help')");
+    CHECK(msg({"run", "-c", "x"}) == "-c 'x': not a number (see 'lkvm run --help')");
+    CHECK(msg({"run", "-c", "-1"}) == "-c '-1': not a number (see 'lkvm run --help')");
+    CHECK(msg({"run", "-c", "5000"}) == "-c 5000: more vCPUs than KVM allows (see 'lkvm run --help')");
+    CHECK(msg({"run", "-m", "63"}) == "-m 63: too little memory, a guest needs at least 64 MiB (see 'lkvm run --help')");
+    CHECK(msg({"run", "-m", "lots"}) == "-m 'lots': not a number (see 'lkvm run --help')");
+    CHECK(msg({"run", "-m", "99999999999G"}).find("far more memory") != std::string::npos);
+    CHECK(msg({"run", "--bogus"}) == "unknown option '--bogus' (see 'lkvm run --help')");
+    CHECK(msg({"run", "-k"}) == "option -k needs a value (see 'lkvm run --help')");
+    CHECK(msg({"run", "stray"}) == "unexpected argument 'stray': put the guest command after '--' (see 'lkvm run --help')");
+    CHECK(msg({"run", "--"}) == "nothing after '--': give the command the guest should run (see 'lkvm run --help')");
+    CHECK(msg({"fly"}) == "unknown command 'fly' (see 'lkvm --help')");
+}
+
+TEST_CASE("cli: the guest command travels quoted and base64-encoded after the defaults, before -p")
+{
+    CHECK(shell_quote({"sh", "-c", "echo 'hi' there"}) == "'sh' '-c' 'echo '\\''hi'\\'' there'");
+    CHECK(base64("") == "");
+    CHECK(base64("f") == "Zg==");
+    CHECK(base64("fo") == "Zm8=");
+    CHECK(base64("foo") == "Zm9v");
+    CHECK(base64("foobar") == "Zm9vYmFy");
+    RunOptions options;
+    CHECK(kernel_cmdline(options) == kDefaultKernelParams);
+    options.params = "acpi=off";
+    options.command = {"true"};
+    CHECK(kernel_cmdline(options) == std::string(kDefaultKernelParams) + " lkvm.cmd=" + base64("'true'") + " acpi=off");
+}
+
+TEST_CASE("panic watch: the banner starts a panic and the end marker completes it")
+{
+    PanicWatch watch;
+    auto feed = [&](std::string_view s) {
+        PanicWatch::Event last = PanicWatch::Event::kNone;
+        for (char c : s)
+            if (auto e = watch.feed(static_cast<uint8_t>(c)); e != PanicWatch::Event::kNone)
+                last = e;
+        return last;
+    };
+    CHECK(feed("booting\r\n") == PanicWatch::Event::kNone);
+    CHECK_FALSE(watch.panicked());
+    CHECK(feed("[    1.0] Kernel panic - not syncing: Attempted to kill init!\r\n") == PanicWatch::Event::kPanicStarted);
+    CHECK(watch.message() == "Kernel panic - not syncing: Attempted to kill init!");
+    CHECK(feed("Call Trace:\r\n") == PanicWatch::Event::kNone);
+    CHECK(feed("---[ end Kernel panic - not syncing: Attempted to kill init! ]---\r\n") == PanicWatch::Event::kPanicEnded);
+}
+
+TEST_CASE("escape filter: Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A, other keys pass")
+{
+    EscapeFilter f;
+    auto feed = [&](std::string_view s) { return f.feed(std::span(reinterpret_cast<const uint8_t*>(s.data()), s.size())); };
+    auto r = feed("ls\r");
+    CHECK(r.to_guest == "ls\r");
+    CHECK_FALSE(r.quit);
+    r = feed("\x01\x01" "a");
+    CHECK(r.to_guest == "\x01" "a");
+    r = feed("\x01");  // escape split across reads
+    CHECK(r.to_guest.empty());
+    r = feed("c");
+    CHECK(r.to_guest == "\x01" "c");
+    r = feed("q\x01x");
+    CHECK(r.to_guest == "q");
+    CHECK(r.quit);
+}
