@@ -6,6 +6,7 @@ BUILD    ?= build
 CXXFLAGS ?= -O2 -g
 CXXFLAGS += -std=c++20 -Wall -Wextra -Werror -pthread -I. -MMD -MP
 LDFLAGS  += -pthread
+LDLIBS   += -laio
 ifeq ($(SAN),1)
 BUILD    := build-san
 CXXFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
@@ -23,7 +24,13 @@ KERNEL    := build/kernel/vmlinuz
 INITRD    := build/guest/initramfs.cpio.gz
 
 .PHONY: all deps guest test unit system demo clean
-all: $(LKVM) $(UNIT) guest
+all: $(LKVM) $(UNIT) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
+
+# lkvm finds its default kernel and initramfs next to itself; other build
+# directories (SAN=1) share the ones in build/.
+$(BUILD)/kernel $(BUILD)/guest:
+	@mkdir -p $(BUILD)
+	ln -sfn ../build/$(notdir $@) $@
 
 deps:
 	@bash scripts/install-deps.sh
@@ -36,10 +43,10 @@ $(BUILD)/liblkvm.a: $(LIB_OBJS)
 	ar rcs $@ $^
 
 $(LKVM): $(BUILD)/obj/kvm/main.o $(BUILD)/liblkvm.a
-	$(CXX) $(LDFLAGS) -o $@ $^
+	$(CXX) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(UNIT): $(UNIT_OBJS) $(BUILD)/liblkvm.a
-	$(CXX) $(LDFLAGS) -o $@ $^
+	$(CXX) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(KERNEL):
 	@bash scripts/install-deps.sh
@@ -52,6 +59,9 @@ $(INITRD): guest/init guest/mkinitramfs.sh $(KERNEL)
 test: deps
 	@$(MAKE) --no-print-directory all
 	@bash tests/run-all.sh $(BUILD)
+
+system: all
+	bash tests/system/run.sh
 
 unit: $(UNIT)
 	$(UNIT)

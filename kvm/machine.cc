@@ -128,10 +128,12 @@ Machine::Machine(const RunOptions& options)
              [this](uint8_t status) { finish({status, ""}); }),
       pci_(layout::kPciMmioBase, layout::kPciMmioSize)
 {
-    const unsigned max_cpus = std::min(kvm_.max_vcpus(), kMaxTableCpus);
-    if (options_.cpus > max_cpus)
+    if (options_.cpus > kvm_.max_vcpus())
         throw Error("-c " + std::to_string(options_.cpus) + ": this host's KVM runs at most " +
-                    std::to_string(max_cpus) + " vCPUs in one guest");
+                    std::to_string(kvm_.max_vcpus()) + " vCPUs in one guest");
+    if (options_.cpus > kMaxTableCpus)
+        throw Error("-c " + std::to_string(options_.cpus) + ": lkvm runs at most " + std::to_string(kMaxTableCpus) +
+                    " vCPUs in one guest (8-bit APIC IDs in its MP and ACPI tables)");
 
     const uint64_t ram_size = options_.mem_mib << 20;
     void* ram = ::mmap(nullptr, ram_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);

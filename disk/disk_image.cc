@@ -1,0 +1,75 @@
+#include "disk/disk_image.h"
+
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "base/error.h"
+
+namespace lkvm {
+
+DiskImage DiskImage::open(const DiskImageOptions& options)
+{
+    const std::string& path = options.path;
+    const std::string what = "disk " + path;
+    int flags = (options.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+    if (options.direct)
+        flags |= O_DIRECT;
+    Fd fd(::open(path.c_str(), flags));
+    if (!fd.valid()) {
+        const int err = errno;
+        if (err == EINVAL && options.direct)
+            throw Error(what + ": this filesystem does not support O_DIRECT; drop 'direct'");
+        if ((err == EACCES || err == EROFS) && !options.read_only)
+            throw sys_error(what + " (add ',ro' to use it read-only)", err);
+        throw sys_error(what, err);
+    }
+
+    struct stat st {};
+    if (::fstat(fd.get(), &st) < 0)
+        throw sys_error(what);
+    uint64_t size = 0;
+    if (S_ISREG(st.st_mode)) {
+        size = static_cast<uint64_t>(st.st_size);
+    } else if (S_ISBLK(st.st_mode)) {
+        if (::ioctl(fd.get(), BLKGETSIZE64, &size) < 0)
+            throw sys_error(what + ": BLKGETSIZE64");
+    } else if (S_ISDIR(st.st_mode)) {
+        throw Error(what + ": is a directory; give a raw image file or a block device");
+    } else {
+        throw Error(what + ": not a regular file or block device");
+    }
+    if (size == 0)
+        throw Error(what + ": is empty; create it with e.g. 'truncate -s 1G " + path + "'");
+    if (size % kSectorSize != 0)
+        throw Error(what + ": size " + std::to_string(size) + " is not a multiple of 512 bytes");
+
+    // An OFD lock belongs to this open file and goes when it is closed:
+    // shared for read-only users, exclusive for a writer.
+    struct flock lock {};
+    lock.l_type = options.read_only ? F_RDLCK : F_WRLCK;
+    lock.l_whence = SEEK_SET;
+    if (::fcntl(fd.get(), F_OFD_SETLK, &lock) < 0) {
+        if (errno == EAGAIN || errno == EACCES)
+            throw Error(what + ": in use by another lkvm (or another program holding a lock on it); stop that one" +
+                        std::string(options.read_only ? "" : " or add ',ro' to share it read-only"));
+        throw sys_error(what + ": cannot lock it");
+    }
+
+    DiskImage image;
+    image.fd_ = std::move(fd);
+    image.path_ = path;
+    image.size_ = size;
+    image.read_only_ = options.read_only;
+    image.direct_ = options.direct;
+    if (S_ISBLK(st.st_mode)) {
+        int logical = 0;
+        if (::ioctl(image.fd_.get(), BLKSSZGET, &logical) == 0 && logical > 0)
+            image.alignment_ = static_cast<uint32_t>(logical);
+    }
+    return image;
+}
+
+}  // namespace lkvm

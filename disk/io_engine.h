@@ -1,0 +1,68 @@
+// The asynchronous I/O engine interface every backend implements the same
+// way: submit a batch of requests, each with a cookie; one eventfd becomes
+// readable when completions are ready; reap them. Even the synchronous engine
+// completes through the eventfd, so its caller has one code path. One engine
+// instance belongs to one I/O thread and is not shared.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/fd.h"
+
+namespace lkvm {
+
+enum class IoOp : uint8_t { kRead, kWrite, kFlush };
+
+struct IoRequest {
+    IoOp op = IoOp::kRead;
+    int fd = -1;
+    uint64_t offset = 0;
+    const iovec* iov = nullptr;  // must stay valid until the request completes
+    int iovcnt = 0;
+    uint64_t cookie = 0;
+};
+
+struct IoCompletion {
+    uint64_t cookie;
+    int64_t result;  // bytes transferred, or -errno
+};
+
+enum class EngineKind { kSync, kNative, kNull };
+
+class IoEngine {
+public:
+    virtual ~IoEngine() = default;
+    virtual const char* name() const = 0;
+    // Readable whenever completions are waiting to be reaped.
+    int event_fd() const { return event_.get(); }
+    // Requests in flight at most; submit() takes no more than capacity() - in_flight().
+    size_t capacity() const { return capacity_; }
+    size_t in_flight() const { return in_flight_; }
+    // Queues the batch with the kernel (or performs it, for sync and null). Requests
+    // the backend refuses at once complete with their error like any other.
+    virtual void submit(std::span<const IoRequest> batch) = 0;
+    // Appends every completion that is ready to `out` without blocking; returns how many.
+    virtual size_t reap(std::vector<IoCompletion>& out) = 0;
+
+protected:
+    explicit IoEngine(size_t capacity);
+    void signal();           // makes event_fd() readable
+    void clear_signal();     // drains it
+    Fd event_;
+    size_t capacity_;
+    size_t in_flight_ = 0;
+};
+
+// Throws lkvm::Error when the backend cannot be set up (e.g. no io_setup slots).
+std::unique_ptr<IoEngine> make_io_engine(EngineKind kind, size_t capacity);
+
+EngineKind parse_engine_kind(const std::string& name);  // throws lkvm::Error
+const char* engine_kind_name(EngineKind kind);
+
+}  // namespace lkvm
