@@ -95,7 +95,7 @@ run_once() {
         jobs=$(ls "$batch"/*.sh | wc -l)
     fi
     # TCG L1 boots in ~5 s; give it a generous margin on a loaded machine.
-    timeout --kill-after=10 $(( deadline * jobs + 120 )) \
+    timeout --foreground --kill-after=10 $(( deadline * jobs + 120 )) \
     qemu-system-x86_64 -M q35 -cpu max -accel tcg,thread=multi -smp 2 -m "$l1_mib" \
         -nodefaults -display none -no-reboot \
         -kernel "$top/build/kernel/vmlinuz" -initrd "$l1_initrd" \
