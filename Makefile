@@ -22,6 +22,7 @@ LKVM      := $(BUILD)/lkvm
 UNIT      := $(BUILD)/unit-tests
 KERNEL    := build/kernel/vmlinuz
 INITRD    := build/guest/initramfs.cpio.gz
+INITRD_FIO := build/guest/initramfs-fio.cpio.gz
 
 .PHONY: all deps guest test unit system demo clean
 all: $(LKVM) $(UNIT) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
@@ -51,9 +52,12 @@ $(UNIT): $(UNIT_OBJS) $(BUILD)/liblkvm.a
 $(KERNEL):
 	@bash scripts/install-deps.sh
 
-guest: $(INITRD)
+guest: $(INITRD) $(INITRD_FIO)
 $(INITRD): guest/init guest/mkinitramfs.sh $(KERNEL)
-	bash guest/mkinitramfs.sh $(BUILD_GUEST_FLAGS)
+	bash guest/mkinitramfs.sh
+# The same plus fio, for I/O tests and benchmarks (-i build/guest/initramfs-fio.cpio.gz).
+$(INITRD_FIO): guest/init guest/mkinitramfs.sh $(KERNEL)
+	bash guest/mkinitramfs.sh --fio
 
 # Everything, from a fresh Debian 12: dependencies, build, then every tier.
 test: deps

@@ -56,6 +56,7 @@ job panic             run -- sh -c 'echo c > /proc/sysrq-trigger'
 job triple-fault      run -p reboot=t -- reboot -f
 job too-many-cpus     run -c 254000
 job kvm-max-cpus      run -c 255
+job fio-image         run -i "$top/build/guest/initramfs-fio.cpio.gz" -- fio --version
 
 mkdir -p "$work/rig"
 LKVM_RIG_TIMEOUT=${LKVM_RIG_TIMEOUT:-240} "$top/scripts/nested-run.sh" --batch "$work" 2> "$work/rig.err"
@@ -80,6 +81,7 @@ expect poweroff 0
 expect panic 121 '^lkvm: guest kernel panic: Kernel panic - not syncing: sysrq triggered crash'
 expect triple-fault 122 '^lkvm: vCPU 0: triple fault \(KVM_EXIT_SHUTDOWN\) at RIP 0x[0-9a-f]+'
 expect too-many-cpus 1 '^lkvm: -c 254000: more vCPUs than KVM allows'
+expect fio-image 0 '^fio-[0-9]'
 expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+ vCPUs in one guest'
 
 # ---------------------------------------------------------------- bad input, no KVM needed
