@@ -20,6 +20,8 @@ DiskImage DiskImage::open(const DiskImageOptions& options)
     Fd fd(::open(path.c_str(), flags));
     if (!fd.valid()) {
         const int err = errno;
+        if (err == EISDIR)
+            throw Error(what + ": is a directory; give a raw image file or a block device");
         if (err == EINVAL && options.direct)
             throw Error(what + ": this filesystem does not support O_DIRECT; drop 'direct'");
         if ((err == EACCES || err == EROFS) && !options.read_only)

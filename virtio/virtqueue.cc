@@ -1,0 +1,189 @@
+#include "virtio/virtqueue.h"
+
+#include <atomic>
+#include <cstring>
+
+namespace lkvm {
+
+const char* describe(ChainError error)
+{
+    switch (error) {
+    case ChainError::kHeadOutOfRange: return "descriptor head index out of range";
+    case ChainError::kNextOutOfRange: return "descriptor next index out of range";
+    case ChainError::kLoop: return "looped descriptor chain";
+    case ChainError::kNestedIndirect: return "nested indirect descriptor";
+    case ChainError::kIndirectWithNext: return "indirect descriptor with NEXT set";
+    case ChainError::kBadIndirectTable: return "bad indirect table";
+    case ChainError::kBufferOutsideMemory: return "buffer outside guest memory";
+    case ChainError::kReadableAfterWritable: return "device-readable buffer after a writable one";
+    case ChainError::kTooLarge: return "chain larger than the device accepts";
+    case ChainError::kRingOutsideMemory: return "ring outside guest memory or misaligned";
+    case ChainError::kAvailIndexJump: return "available index moved past the ring size";
+    }
+    return "?";
+}
+
+namespace {
+uint64_t desc_bytes(uint16_t size) { return 16ull * size; }
+uint64_t avail_bytes(uint16_t size) { return 6 + 2ull * size; }
+uint64_t used_bytes(uint16_t size) { return 6 + 8ull * size; }
+
+uint16_t load16(const uint8_t* p) { return std::atomic_ref<uint16_t>(*reinterpret_cast<uint16_t*>(const_cast<uint8_t*>(p))).load(std::memory_order_relaxed); }
+void store16(uint8_t* p, uint16_t v, std::memory_order order = std::memory_order_relaxed)
+{
+    std::atomic_ref<uint16_t>(*reinterpret_cast<uint16_t*>(p)).store(v, order);
+}
+}  // namespace
+
+bool rings_in_memory(const GuestMemory& memory, const RingLayout& l)
+{
+    // Alignment from the spec (2.7): also what makes the atomic index accesses valid.
+    if (l.size == 0 || l.size > kMaxQueueSize || (l.size & (l.size - 1)) != 0)
+        return false;
+    if (l.desc % 16 || l.avail % 2 || l.used % 4)
+        return false;
+    return memory.span(l.desc, desc_bytes(l.size)) && memory.span(l.avail, avail_bytes(l.size)) &&
+           memory.span(l.used, used_bytes(l.size));
+}
+
+Result<Chain, ChainError> walk_chain(const GuestMemory& memory, const RingLayout& layout, uint16_t head,
+                                     const ChainLimits& limits)
+{
+    if (head >= layout.size)
+        return fail(ChainError::kHeadOutOfRange);
+    Chain chain;
+    chain.head = head;
+    uint64_t table = layout.desc;
+    uint32_t table_size = layout.size;
+    bool in_indirect = false;
+    uint32_t index = head;
+    uint32_t walked = 0;  // descriptors visited in the current table
+    for (;;) {
+        if (++walked > table_size)
+            return fail(ChainError::kLoop);
+        VringDesc desc;
+        if (!memory.read(table + 16ull * index, &desc, sizeof(desc)))
+            return fail(in_indirect ? ChainError::kBadIndirectTable : ChainError::kRingOutsideMemory);
+
+        if (desc.flags & kVringDescIndirect) {
+            if (in_indirect)
+                return fail(ChainError::kNestedIndirect);
+            if (desc.flags & kVringDescNext)
+                return fail(ChainError::kIndirectWithNext);
+            if (desc.len == 0 || desc.len % 16 != 0 || desc.len / 16 > kMaxQueueSize || !memory.span(desc.addr, desc.len))
+                return fail(ChainError::kBadIndirectTable);
+            table = desc.addr;
+            table_size = desc.len / 16;
+            in_indirect = true;
+            index = 0;
+            walked = 0;
+            continue;
+        }
+
+        if (desc.len > 0) {
+            auto span = memory.span(desc.addr, desc.len);
+            if (!span)
+                return fail(ChainError::kBufferOutsideMemory);
+            const iovec iov{span->data(), desc.len};
+            if (desc.flags & kVringDescWrite) {
+                chain.writable.push_back(iov);
+                chain.writable_bytes += desc.len;
+            } else {
+                if (!chain.writable.empty())
+                    return fail(ChainError::kReadableAfterWritable);
+                chain.readable.push_back(iov);
+                chain.readable_bytes += desc.len;
+            }
+            if (chain.readable.size() + chain.writable.size() > limits.max_segments ||
+                chain.readable_bytes + chain.writable_bytes > limits.max_bytes)
+                return fail(ChainError::kTooLarge);
+        }
+
+        if (!(desc.flags & kVringDescNext))
+            return chain;
+        index = desc.next;
+        if (index >= table_size)
+            return fail(ChainError::kNextOutOfRange);
+    }
+}
+
+SplitQueue::SplitQueue(const GuestMemory& memory, const RingLayout& layout, bool event_idx, ChainLimits limits)
+    : memory_(memory),
+      layout_(layout),
+      event_idx_(event_idx),
+      limits_(limits),
+      avail_(memory.span(layout.avail, avail_bytes(layout.size))->data()),
+      used_(memory.span(layout.used, used_bytes(layout.size))->data())
+{
+}
+
+uint16_t SplitQueue::avail_idx() const
+{
+    return std::atomic_ref<uint16_t>(*reinterpret_cast<uint16_t*>(avail_ + 2)).load(std::memory_order_acquire);
+}
+
+uint16_t* SplitQueue::avail_ring_entry(uint16_t i) const
+{
+    return reinterpret_cast<uint16_t*>(avail_ + 4 + 2 * (i % layout_.size));
+}
+
+bool SplitQueue::has_available() const
+{
+    return avail_idx() != last_avail_;
+}
+
+std::optional<Result<Chain, ChainError>> SplitQueue::pop()
+{
+    const uint16_t avail = avail_idx();
+    if (static_cast<uint16_t>(avail - last_avail_) > layout_.size)
+        return Result<Chain, ChainError>(fail(ChainError::kAvailIndexJump));
+    if (avail == last_avail_)
+        return std::nullopt;
+    const uint16_t head = load16(reinterpret_cast<uint8_t*>(avail_ring_entry(last_avail_)));
+    ++last_avail_;
+    if (event_idx_)
+        store16(used_ + 4 + 8ull * layout_.size, last_avail_);  // avail_event: kick us for anything newer
+    return walk_chain(memory_, layout_, head, limits_);
+}
+
+void SplitQueue::push_used(uint16_t head, uint32_t written)
+{
+    uint8_t* elem = used_ + 4 + 8ull * (used_idx_ % layout_.size);
+    const uint32_t id = head;
+    std::memcpy(elem, &id, 4);
+    std::memcpy(elem + 4, &written, 4);
+    ++used_idx_;
+    store16(used_ + 2, used_idx_, std::memory_order_release);
+}
+
+bool SplitQueue::needs_interrupt()
+{
+    // Our used idx store must be visible before we read what the driver asked for.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    const uint16_t old = signalled_used_;
+    const uint16_t now = used_idx_;
+    const bool valid = signalled_valid_;
+    signalled_used_ = now;
+    signalled_valid_ = true;
+    if (valid && old == now)
+        return false;  // nothing new since we last decided
+    if (!event_idx_)
+        return !(load16(avail_) & kVringAvailNoInterrupt);
+    const uint16_t used_event = load16(avail_ + 4 + 2ull * layout_.size);
+    // vring_need_event(): did used idx pass used_event with this batch?
+    return !valid || static_cast<uint16_t>(now - used_event - 1) < static_cast<uint16_t>(now - old);
+}
+
+void SplitQueue::set_notifications(bool enabled)
+{
+    if (event_idx_) {
+        if (enabled)
+            store16(used_ + 4 + 8ull * layout_.size, avail_idx());
+    } else {
+        store16(used_, enabled ? 0 : kVringUsedNoNotify);
+    }
+    // The driver must see this before we look at the ring again.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+
+}  // namespace lkvm
