@@ -51,22 +51,12 @@ void PciDevice::config_write(unsigned offset, unsigned size, uint32_t value)
 {
     if (offset + size > kConfigSize)
         return;
-    const uint16_t old_command = config_read(kCommand, 2);
-    std::array<uint32_t, kNumBars> old_bars{};
-    for (unsigned i = 0; i < kNumBars; ++i)
-        old_bars[i] = config_read(kBar0 + 4 * i, 4);
-
     for (unsigned i = 0; i < size; ++i) {
         const uint8_t byte = (value >> (8 * i)) & 0xff;
         const uint8_t mask = write_mask_[offset + i];
         config_[offset + i] = (config_[offset + i] & ~mask) | (byte & mask);
     }
-
-    bool changed = (config_read(kCommand, 2) ^ old_command) & kCommandMemory;
-    for (unsigned i = 0; i < kNumBars; ++i)
-        changed |= old_bars[i] != config_read(kBar0 + 4 * i, 4);
-    if (changed)
-        bars_changed();
+    config_changed();
 }
 
 uint64_t PciDevice::bar_address(unsigned index) const

@@ -41,9 +41,10 @@ protected:
     void add_bar(unsigned index, uint64_t size, BarKind kind);
     // Appends a capability (id, next pointer, then body) and returns its offset.
     uint8_t add_capability(uint8_t id, std::span<const uint8_t> body);
-    // The guest moved a BAR or toggled memory decoding: a device with MMIO
-    // regions maps them again. Called with the new state already in config space.
-    virtual void bars_changed() {}
+    // After every configuration write, with the new state in place: a device
+    // maps its BARs again if they moved or decoding changed, or picks up
+    // capability changes (MSI-X enable).
+    virtual void config_changed() {}
 
     std::array<uint8_t, kConfigSize> config_{};
     std::array<uint8_t, kConfigSize> write_mask_{};

@@ -40,7 +40,7 @@ struct OptionSpec {
     const char* long_name;
 };
 constexpr OptionSpec kKernel{"-k", "--kernel"}, kInitrd{"-i", "--initrd"}, kParams{"-p", "--params"},
-    kCpus{"-c", "--cpus"}, kMem{"-m", "--mem"}, kName{nullptr, "--name"};
+    kCpus{"-c", "--cpus"}, kMem{"-m", "--mem"}, kName{nullptr, "--name"}, kDisk{"-d", "--disk"};
 
 // Matches "-k X", "--kernel X" and "--kernel=X"; advances i past the value.
 std::optional<std::string> take_value(const std::vector<std::string>& args, size_t& i, const OptionSpec& spec)
@@ -77,6 +77,8 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
             run.initrd = *v;
         } else if (auto v = take_value(args, i, kParams)) {
             run.params += run.params.empty() ? *v : " " + *v;
+        } else if (auto v = take_value(args, i, kDisk)) {
+            run.disks.push_back(parse_disk_spec(*v));
         } else if (auto v = take_value(args, i, kName)) {
             run.name = *v;
         } else if (auto v = take_value(args, i, kCpus)) {
@@ -101,6 +103,41 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
 }
 
 }  // namespace
+
+DiskSpec parse_disk_spec(const std::string& text)
+{
+    DiskSpec disk;
+    const std::string hint = " (see 'lkvm run --help')";
+    size_t start = 0;
+    bool first = true;
+    while (start <= text.size()) {
+        const size_t comma = text.find(',', start);
+        const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+        start = comma == std::string::npos ? text.size() + 1 : comma + 1;
+        if (first) {
+            if (item.empty())
+                throw Error("-d " + text + ": no image path before the options" + hint);
+            disk.path = item;
+            first = false;
+        } else if (item == "ro") {
+            disk.read_only = true;
+        } else if (item == "direct") {
+            disk.direct = true;
+        } else if (item.rfind("aio=", 0) == 0) {
+            disk.engine = item.substr(4);
+            if (disk.engine != "sync" && disk.engine != "native" && disk.engine != "null")
+                throw Error("-d " + text + ": aio=" + disk.engine + " is not an engine; use sync, native or null" + hint);
+        } else if (item.rfind("serial=", 0) == 0) {
+            disk.serial = item.substr(7);
+            if (disk.serial.size() > 20)
+                throw Error("-d " + text + ": serial is longer than virtio-blk's 20 bytes" + hint);
+        } else {
+            throw Error("-d " + text + ": unknown disk option '" + item +
+                        "' (ro, direct, aio=sync|native|null, serial=S)" + hint);
+        }
+    }
+    return disk;
+}
 
 Command parse_command_line(const std::vector<std::string>& args)
 {
@@ -147,6 +184,9 @@ std::string run_usage()
            "                         (default: console=ttyS0 panic=-1 quiet)\n"
            "  -c, --cpus N           vCPUs (default 1)\n"
            "  -m, --mem MiB          guest memory, e.g. 512 or 2G (default 512)\n"
+           "  -d, --disk PATH[,ro][,direct][,aio=sync|native|null][,serial=S]\n"
+           "                         a raw image or block device as a virtio-blk disk, served by\n"
+           "                         its own I/O thread (repeatable; default aio=native)\n"
            "      --name NAME        a name for this guest\n"
            "  -h, --help             this text\n"
            "\n"

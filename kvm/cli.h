@@ -20,6 +20,17 @@ constexpr int kGuestPanic = 121;  // the guest kernel panicked
 constexpr int kVcpuFault = 122;   // triple fault or KVM internal error on a vCPU
 }  // namespace exit_status
 
+struct DiskSpec {
+    std::string path;
+    bool read_only = false;
+    bool direct = false;
+    std::string engine = "native";
+    std::string serial;
+};
+
+// "PATH[,ro][,direct][,aio=sync|native|null][,serial=S]"
+DiskSpec parse_disk_spec(const std::string& text);
+
 struct RunOptions {
     std::string kernel;  // empty: the default kernel next to the binary
     std::string initrd;  // empty: the default initramfs next to the binary
@@ -27,6 +38,7 @@ struct RunOptions {
     std::string name;
     unsigned cpus = 1;
     uint64_t mem_mib = 512;
+    std::vector<DiskSpec> disks;
     std::vector<std::string> command;  // after "--": what the guest init runs
 };
 

@@ -111,9 +111,32 @@ Machine::BootFiles Machine::load_boot_files(const RunOptions& options)
     return boot;
 }
 
+std::vector<DiskImage> Machine::open_disks(const RunOptions& options)
+{
+    std::vector<DiskImage> images;
+    for (const auto& disk : options.disks)
+        images.push_back(DiskImage::open({disk.path, disk.read_only, disk.direct}));
+    return images;
+}
+
+void Machine::add_disks()
+{
+    virtio_host_ = std::make_unique<KvmVirtioHost>(vm_, mmio_);
+    for (size_t i = 0; i < disk_images_.size(); ++i) {
+        const DiskSpec& spec = options_.disks[i];
+        io_threads_.push_back(std::make_unique<IoThread>("disk" + std::to_string(i) + "-io"));
+        BlkOptions blk{spec.serial, parse_engine_kind(spec.engine), 1, 256};
+        blks_.push_back(std::make_unique<VirtioBlk>(std::move(disk_images_[i]), blk, *memory_, *io_threads_.back()));
+        transports_.push_back(std::make_unique<VirtioPciDevice>(*blks_.back(), *virtio_host_));
+        pci_.add_device(*transports_.back());
+    }
+    disk_images_.clear();
+}
+
 Machine::Machine(const RunOptions& options)
     : options_(options),
       boot_(load_boot_files(options)),
+      disk_images_(open_disks(options)),
       kvm_(Kvm::open()),
       vm_(kvm_),
       console_(STDIN_FILENO, STDOUT_FILENO),
@@ -154,6 +177,7 @@ Machine::Machine(const RunOptions& options)
     pio_.add(I8042::kDataPort, I8042::kSpan, i8042_);
     pio_.add(PowerControl::kBase, PowerControl::kSpan, power_);
     pio_.add(PciHostBridge::kConfigAddressPort, PciHostBridge::kPortSpan, pci_);
+    add_disks();
 
     // vCPUs, each with its own APIC ID in CPUID.
     const auto supported = kvm_.supported_cpuid();

@@ -24,6 +24,10 @@
 #include "kvm/cli.h"
 #include "kvm/console.h"
 #include "kvm/kvm.h"
+#include "kvm/virtio_host.h"
+#include "virtio/blk.h"
+#include "virtio/io_thread.h"
+#include "virtio/virtio_pci.h"
 
 namespace lkvm {
 
@@ -60,9 +64,12 @@ private:
         std::string cmdline;
     };
     static BootFiles load_boot_files(const RunOptions& options);
+    static std::vector<DiskImage> open_disks(const RunOptions& options);
+    void add_disks();
 
     RunOptions options_;
     BootFiles boot_;
+    std::vector<DiskImage> disk_images_;  // opened and locked before KVM is touched
     Kvm kvm_;
     Vm vm_;
     Mapping ram_;
@@ -76,6 +83,13 @@ private:
     PowerControl power_;
     PciHostBridge pci_;
     std::vector<std::unique_ptr<Vcpu>> vcpus_;
+
+    // Destroyed in reverse: transports reset their devices, devices drain into
+    // their I/O threads, and only then do the threads go.
+    std::unique_ptr<KvmVirtioHost> virtio_host_;
+    std::vector<std::unique_ptr<IoThread>> io_threads_;
+    std::vector<std::unique_ptr<VirtioBlk>> blks_;
+    std::vector<std::unique_ptr<VirtioPciDevice>> transports_;
 
     std::optional<boost::asio::posix::stream_descriptor> input_;
     std::array<uint8_t, 4096> input_buffer_{};

@@ -101,7 +101,7 @@ struct TestPciDevice : PciDevice {
         const uint8_t body[] = {0xaa, 0xbb};
         add_capability(0x09, body);
     }
-    void bars_changed() override { ++changes; }
+    void config_changed() override { ++changes; }
 };
 constexpr uint32_t config_address(unsigned slot, unsigned reg) { return 0x80000000u | (slot << 11) | reg; }
 }  // namespace
