@@ -17,15 +17,18 @@ LIB_SRCS  := $(wildcard base/*.cc hw/*.cc disk/*.cc virtio/*.cc) $(filter-out kv
 LIB_OBJS  := $(LIB_SRCS:%.cc=$(BUILD)/obj/%.o)
 UNIT_SRCS := $(wildcard tests/unit/*.cc)
 UNIT_OBJS := $(UNIT_SRCS:%.cc=$(BUILD)/obj/%.o)
+DEVICE_SRCS := $(wildcard tests/device/*.cc)
+DEVICE_OBJS := $(DEVICE_SRCS:%.cc=$(BUILD)/obj/%.o)
 
 LKVM      := $(BUILD)/lkvm
 UNIT      := $(BUILD)/unit-tests
+DEVICE    := $(BUILD)/device-tests
 KERNEL    := build/kernel/vmlinuz
 INITRD    := build/guest/initramfs.cpio.gz
 INITRD_FIO := build/guest/initramfs-fio.cpio.gz
 
 .PHONY: all deps guest test unit system demo clean
-all: $(LKVM) $(UNIT) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
+all: $(LKVM) $(UNIT) $(DEVICE) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
 
 # lkvm finds its default kernel and initramfs next to itself; other build
 # directories (SAN=1) share the ones in build/.
@@ -47,6 +50,9 @@ $(LKVM): $(BUILD)/obj/kvm/main.o $(BUILD)/liblkvm.a
 	$(CXX) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(UNIT): $(UNIT_OBJS) $(BUILD)/liblkvm.a
+	$(CXX) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(DEVICE): $(DEVICE_OBJS) $(BUILD)/liblkvm.a
 	$(CXX) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(KERNEL):
@@ -77,4 +83,4 @@ demo: deps
 clean:
 	rm -rf build/obj build/lkvm build/unit-tests build/liblkvm.a build-san build/guest build/rig
 
--include $(LIB_OBJS:.o=.d) $(UNIT_OBJS:.o=.d) $(BUILD)/obj/kvm/main.d
+-include $(LIB_OBJS:.o=.d) $(UNIT_OBJS:.o=.d) $(DEVICE_OBJS:.o=.d) $(BUILD)/obj/kvm/main.d

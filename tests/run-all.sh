@@ -17,6 +17,14 @@ if [ -z "${up:-}" ]; then echo "unit tests did not report (crashed?)"; up=0 uf=1
 add "$up" "$uf"
 rm -f "$unit_log"
 
+echo "== device tests (virtio devices through the test guest driver, no KVM)"
+dev_log=$(mktemp)
+"$build/device-tests" --no-intro 2>&1 | tee "$dev_log" | grep -E 'FAILED|ERROR|test cases' || true
+read -r dp df < <(sed -n 's/.*test cases: *[0-9]* | *\([0-9]*\) passed | *\([0-9]*\) failed.*/\1 \2/p' "$dev_log")
+if [ -z "${dp:-}" ]; then echo "device tests did not report (crashed?)"; dp=0 df=1; fi
+add "$dp" "$df"
+rm -f "$dev_log"
+
 echo "== system tests (real guests through scripts/nested-run.sh)"
 sys_log=$(mktemp)
 LKVM_BUILD=$build bash tests/system/run.sh 2>&1 | tee "$sys_log"

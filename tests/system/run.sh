@@ -27,6 +27,12 @@ job() {
     { printf 'cd %q\n' "$work"; printf 'exec %q' "$lkvm"; printf ' %q' "$@"; printf '\n'; } \
         > "$work/$(printf '%02d' ${#jobs[@]})-$name.sh"
 }
+# script NAME BASH-CODE: a job that is a script of its own (several lkvm runs, say); $LKVM is lkvm.
+script() {
+    local name=$1; shift
+    jobs+=("$name")
+    { printf 'cd %q\nLKVM=%q\n' "$work" "$lkvm"; printf '%s\n' "$1"; } > "$work/$(printf '%02d' ${#jobs[@]})-$name.sh"
+}
 result() { ls "$work"/*-"$1".sh."$2" 2>/dev/null | head -n 1; }
 
 # expect NAME STATUS [REGEX...]: status must match and every REGEX must be found in the output.
@@ -58,6 +64,22 @@ job too-many-cpus     run -c 254000
 job kvm-max-cpus      run -c 255
 job fio-image         run -i "$top/build/guest/initramfs-fio.cpio.gz" -- fio --version
 
+# Disks: the host's own files, seen and written by the guest.
+truncate -s 64M "$work/marker.raw" "$work/direct.raw" "$work/second.raw" "$work/inuse.raw"
+printf 'HOST-MARKER-4f2a' | dd of="$work/marker.raw" conv=notrunc status=none
+truncate -s 16M "$work/ro.raw"
+printf 'READ-ONLY-CONTENT' | dd of="$work/ro.raw" conv=notrunc status=none
+ro_sum=$(md5sum < "$work/ro.raw")
+job disk-marker       run -d "$work/marker.raw,serial=marker-disk" -- sh -c 'head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size'
+job disk-direct-write run -d "$work/direct.raw" -- sh -c 'yes LKVM-PATTERN-0123456789 | head -c 4194304 | dd of=/dev/vda bs=65536 oflag=direct 2>&1 | tail -n 1; sync'
+job disk-read-only    run -d "$work/ro.raw,ro" -- sh -c 'cat /sys/block/vda/ro; echo overwrite | dd of=/dev/vda conv=fsync 2>&1; head -c 17 /dev/vda; echo'
+job disk-two          run -d "$work/marker.raw,ro" -d "$work/second.raw,aio=sync" -- sh -c 'ls /sys/block | grep vd | tr "\n" " "; echo; echo second-disk-data | dd of=/dev/vdb conv=fsync status=none; head -c 16 /dev/vdb; echo'
+script disk-in-use    '"$LKVM" run -d inuse.raw -- sh -c "echo first-up; sleep 60" > first.out 2>&1 < /dev/null &
+first=$!
+for i in $(seq 1 60); do grep -q "^first-up" first.out 2>/dev/null && break; sleep 1; done
+"$LKVM" run -d inuse.raw -- true; echo "second=$?"
+kill $first; wait $first 2>/dev/null; echo "first stopped"'
+
 mkdir -p "$work/rig"
 LKVM_RIG_TIMEOUT=${LKVM_RIG_TIMEOUT:-240} "$top/scripts/nested-run.sh" --batch "$work" 2> "$work/rig.err"
 rig_status=$?
@@ -82,6 +104,15 @@ expect panic 121 '^lkvm: guest kernel panic: Kernel panic - not syncing: sysrq t
 expect triple-fault 122 '^lkvm: vCPU 0: triple fault \(KVM_EXIT_SHUTDOWN\) at RIP 0x[0-9a-f]+'
 expect too-many-cpus 1 '^lkvm: -c 254000: more vCPUs than KVM allows'
 expect fio-image 0 '^fio-[0-9]'
+expect disk-marker 0 '^HOST-MARKER-4f2a$' '^marker-disk$' '^131072$'
+expect disk-direct-write 0 '4194304 bytes'
+if cmp -s -n 4194304 "$work/direct.raw" <(yes LKVM-PATTERN-0123456789 | head -c 4194304); then pass disk-direct-verified
+else fail disk-direct-verified "the host file does not hold the pattern the guest wrote with O_DIRECT" "$(result disk-direct-write out)"; fi
+expect disk-read-only 0 '^1$' 'READ-ONLY-CONTENT'
+if [ "$(md5sum < "$work/ro.raw")" = "$ro_sum" ]; then pass disk-read-only-unchanged
+else fail disk-read-only-unchanged "the read-only image changed" "$(result disk-read-only out)"; fi
+expect disk-two 0 '^vda vdb $' '^second-disk-data$'
+expect disk-in-use 0 'inuse.raw: in use by another lkvm' '^second=1$'
 expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+ vCPUs in one guest'
 
 # ---------------------------------------------------------------- bad input, no KVM needed
@@ -113,6 +144,17 @@ refuse unknown-option   "^lkvm: unknown option '--frobnicate'" run --frobnicate
 refuse missing-value    '^lkvm: option -k needs a value' run -k
 refuse unknown-command  "^lkvm: unknown command 'fly'" fly
 refuse nothing-after-dashes "^lkvm: nothing after '--'" run --
+# Bad disks are refused before KVM is touched, and the image stays as it was.
+truncate -s 1000 "$work/odd.raw"
+odd_sum=$(md5sum < "$work/odd.raw")
+refuse disk-missing     'disk /nonexistent.raw: No such file' run -d /nonexistent.raw
+refuse disk-directory   'is a directory; give a raw image file or a block device' run -d "$work/a-directory"
+refuse disk-odd-size    'size 1000 is not a multiple of 512 bytes' run -d "$work/odd.raw"
+refuse disk-bad-option  "unknown disk option 'fast'" run -d "$work/odd.raw,fast"
+refuse disk-bad-engine  'aio=turbo is not an engine' run -d "$work/odd.raw,aio=turbo"
+refuse disk-no-path     'no image path before the options' run -d ,ro
+if [ "$(md5sum < "$work/odd.raw")" = "$odd_sum" ]; then pass "bad-input disk-untouched"
+else fail "bad-input disk-untouched" "a refused image was modified" ""; fi
 
 # No /dev/kvm: hide it in a private mount namespace.
 if command -v unshare > /dev/null && unshare --mount true 2> /dev/null; then

@@ -351,3 +351,19 @@ TEST_CASE("escape filter: Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A, other 
     CHECK(r.to_guest == "q");
     CHECK(r.quit);
 }
+
+TEST_CASE("cli: -d options, and what is refused")
+{
+    const auto d = parse_disk_spec("img.raw,ro,direct,aio=sync,serial=abc");
+    CHECK(d.path == "img.raw");
+    CHECK(d.read_only);
+    CHECK(d.direct);
+    CHECK(d.engine == "sync");
+    CHECK(d.serial == "abc");
+    CHECK(parse_disk_spec("plain.raw").engine == "native");
+    CHECK(parse_command_line({"run", "-d", "a.raw", "--disk", "b.raw,ro"}).run.disks.size() == 2);
+    CHECK(error_of([] { parse_disk_spec(",ro"); }).find("no image path") != std::string::npos);
+    CHECK(error_of([] { parse_disk_spec("a,fast"); }).find("unknown disk option 'fast'") != std::string::npos);
+    CHECK(error_of([] { parse_disk_spec("a,aio=x"); }).find("aio=x is not an engine") != std::string::npos);
+    CHECK(error_of([] { parse_disk_spec("a,serial=123456789012345678901"); }).find("20 bytes") != std::string::npos);
+}

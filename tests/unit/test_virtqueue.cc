@@ -238,3 +238,37 @@ TEST_CASE("split queue: interrupts follow NO_INTERRUPT, or used_event with EVENT
         CHECK(avail_event == 1);
     }
 }
+
+#include "virtio/blk.h"
+
+TEST_CASE("blk framing: header, data and status come from the descriptors, not assumptions")
+{
+    uint8_t header[16] = {};
+    const uint32_t type = kBlkTOut;
+    const uint64_t sector = 7;
+    std::memcpy(header, &type, 4);
+    std::memcpy(header + 8, &sector, 8);
+    uint8_t data[1024] = {}, tail[3] = {};
+    Chain chain;
+    // Header split 10 + 6, with the first data bytes in the same buffer as the header's end.
+    std::vector<uint8_t> second(6 + 512);
+    std::memcpy(second.data(), header + 10, 6);
+    chain.readable = {{header, 10}, {second.data(), second.size()}, {data, 512}};
+    chain.readable_bytes = 10 + second.size() + 512;
+    chain.writable = {{tail, 3}};  // the status is the last writable byte
+    chain.writable_bytes = 3;
+    auto framed = frame_blk_request(chain);
+    REQUIRE(framed.ok());
+    CHECK(framed->header_complete);
+    CHECK(framed->type == kBlkTOut);
+    CHECK(framed->sector == 7);
+    CHECK(framed->data_bytes == 1024);
+    CHECK(framed->data[0].iov_base == second.data() + 6);
+    CHECK(framed->status == &tail[2]);
+    CHECK(check_blk_request(*framed, 1000, false) == kBlkSOk);
+    CHECK(check_blk_request(*framed, 1000, true) == kBlkSIoErr);   // read-only
+    CHECK(check_blk_request(*framed, 8, false) == kBlkSIoErr);     // sectors 7-8 of 8
+    chain.writable.clear();
+    chain.writable_bytes = 0;
+    CHECK(frame_blk_request(chain).error() == BlkFrameError::kNoStatusByte);
+}

@@ -1,0 +1,207 @@
+#include "tests/device/driver.h"
+
+namespace lkvm::test {
+
+namespace {
+constexpr uint8_t kAck = 1, kDriver = 2, kDriverOk = 4, kFeaturesOk = 8;
+}
+
+uint32_t GuestDriver::bar_read(uint64_t offset, unsigned size)
+{
+    uint32_t v = 0;
+    device_->read(offset, std::span(reinterpret_cast<uint8_t*>(&v), size));
+    return v;
+}
+
+void GuestDriver::bar_write(uint64_t offset, unsigned size, uint64_t value)
+{
+    device_->write(offset, std::span(reinterpret_cast<const uint8_t*>(&value), size));
+}
+
+void GuestDriver::find_capabilities()
+{
+    // Walk the capability list exactly as a driver would, from config space.
+    unsigned at = bridge_.config_read(slot_, 0, 0x34, 1);
+    while (at) {
+        const unsigned id = bridge_.config_read(slot_, 0, at, 1);
+        if (id == 0x09) {
+            const unsigned type = bridge_.config_read(slot_, 0, at + 3, 1);
+            const uint64_t offset = bridge_.config_read(slot_, 0, at + 8, 4);
+            if (type == 1) common_ = offset;
+            if (type == 2) {
+                notify_ = offset;
+                notify_multiplier_ = bridge_.config_read(slot_, 0, at + 16, 4);
+            }
+            if (type == 4) device_cfg_ = offset;
+        } else if (id == 0x11) {
+            msix_cap_ = static_cast<uint8_t>(at);
+        }
+        at = bridge_.config_read(slot_, 0, at + 1, 1);
+    }
+    if (!notify_multiplier_ || !msix_cap_)
+        throw std::runtime_error("virtio capabilities missing");
+}
+
+uint64_t GuestDriver::probe(VirtioPciDevice& device, uint64_t wanted, unsigned queues, uint16_t queue_size)
+{
+    device_ = &device;
+    slot_ = bridge_.add_device(device);
+    if (bridge_.config_read(slot_, 0, 0, 2) != 0x1af4)
+        throw std::runtime_error("not a virtio device");
+    find_capabilities();
+    bridge_.config_write(slot_, 0, 0x04, 2, 0x6);  // memory decoding and bus mastering: the BAR gets mapped
+    if (!host_.bar)
+        throw std::runtime_error("BAR not mapped");
+    // MSI-X: one vector per queue plus config (vector 0), data = vector number.
+    const unsigned table = bridge_.config_read(slot_, 0, msix_cap_ + 4, 4) & ~7u;
+    const unsigned vectors = (bridge_.config_read(slot_, 0, msix_cap_ + 2, 2) & 0x7ff) + 1;
+    for (unsigned v = 0; v < vectors; ++v) {
+        bar_write(table + 16 * v, 4, 0xfee00000);
+        bar_write(table + 16 * v + 4, 4, 0);
+        bar_write(table + 16 * v + 8, 4, v);
+        bar_write(table + 16 * v + 12, 4, 0);  // unmask
+    }
+    bridge_.config_write(slot_, 0, msix_cap_ + 2, 2, 0x8000);  // MSI-X enable
+    return reprobe(wanted, queues, queue_size);
+}
+
+uint64_t GuestDriver::reprobe(uint64_t wanted, unsigned queues, uint16_t queue_size)
+{
+    wanted_ = wanted;
+    num_queues_ = queues;
+    queue_size_ = queue_size;
+    write_status(0);
+    write_status(kAck);
+    write_status(kAck | kDriver);
+    const uint64_t offered = [&] {
+        common_write(0x00, 4, 0);
+        uint64_t f = common_read(0x04, 4);
+        common_write(0x00, 4, 1);
+        return f | (uint64_t{common_read(0x04, 4)} << 32);
+    }();
+    const uint64_t features = offered & wanted;
+    common_write(0x08, 4, 0);
+    common_write(0x0c, 4, static_cast<uint32_t>(features));
+    common_write(0x08, 4, 1);
+    common_write(0x0c, 4, static_cast<uint32_t>(features >> 32));
+    write_status(kAck | kDriver | kFeaturesOk);
+    if (!(status() & kFeaturesOk))
+        return 0;
+    common_write(0x10, 2, 0);  // config vector 0
+    config_irq_fd_ = host_.irq_fd_for(0);
+
+    queues_.assign(queues, {});
+    for (unsigned q = 0; q < queues; ++q) {
+        DriverQueue& dq = queues_[q];
+        const uint64_t base = kRingArea + q * 0x10000;
+        dq.rings = {queue_size, base, base + 16ull * queue_size, (base + 16ull * queue_size + 6 + 2ull * queue_size + 4095) & ~4095ull};
+        std::memset(host(base), 0, 0x10000);
+        common_write(0x16, 2, q);
+        common_write(0x18, 2, queue_size);
+        common_write(0x1a, 2, q + 1);
+        common_write(0x20, 4, dq.rings.desc);
+        common_write(0x24, 4, dq.rings.desc >> 32);
+        common_write(0x28, 4, dq.rings.avail);
+        common_write(0x2c, 4, dq.rings.avail >> 32);
+        common_write(0x30, 4, dq.rings.used);
+        common_write(0x34, 4, dq.rings.used >> 32);
+        const unsigned notify_off = common_read(0x1e, 2);
+        dq.notify_fd = host_.notify.at(host_.bar + notify_ + notify_off * notify_multiplier_);
+        dq.irq_fd = host_.irq_fd_for(q + 1);
+        common_write(0x1c, 2, 1);
+    }
+    write_status(kAck | kDriver | kFeaturesOk | kDriverOk);
+    return features;
+}
+
+void GuestDriver::write_desc(unsigned q, uint16_t index, const VringDesc& desc)
+{
+    std::memcpy(host(queues_[q].rings.desc + 16ull * index), &desc, 16);
+}
+
+uint16_t GuestDriver::add_chain(unsigned q, const std::vector<Buffer>& buffers)
+{
+    DriverQueue& dq = queues_[q];
+    const uint16_t head = dq.next_desc;
+    for (size_t i = 0; i < buffers.size(); ++i) {
+        const uint16_t index = static_cast<uint16_t>((head + i) % dq.rings.size);
+        const bool last = i + 1 == buffers.size();
+        write_desc(q, index, {buffers[i].gpa, buffers[i].len,
+                              static_cast<uint16_t>((buffers[i].writable ? kVringDescWrite : 0) | (last ? 0 : kVringDescNext)),
+                              static_cast<uint16_t>((index + 1) % dq.rings.size)});
+    }
+    dq.next_desc = static_cast<uint16_t>((head + buffers.size()) % dq.rings.size);
+    offer(q, head);
+    return head;
+}
+
+void GuestDriver::offer(unsigned q, uint16_t head)
+{
+    DriverQueue& dq = queues_[q];
+    std::memcpy(host(dq.rings.avail + 4 + 2ull * (dq.avail_idx % dq.rings.size)), &head, 2);
+    set_avail_idx(q, static_cast<uint16_t>(dq.avail_idx + 1));
+}
+
+void GuestDriver::set_avail_idx(unsigned q, uint16_t idx)
+{
+    DriverQueue& dq = queues_[q];
+    dq.avail_idx = idx;
+    std::atomic_ref<uint16_t>(*reinterpret_cast<uint16_t*>(host(dq.rings.avail + 2))).store(idx, std::memory_order_release);
+}
+
+void GuestDriver::kick(unsigned q)
+{
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(queues_[q].notify_fd, &one, sizeof(one));
+}
+
+uint16_t GuestDriver::used_idx(unsigned q)
+{
+    return std::atomic_ref<uint16_t>(*reinterpret_cast<uint16_t*>(host(queues_[q].rings.used + 2))).load(std::memory_order_acquire);
+}
+
+bool GuestDriver::wait_interrupt(int fd, int timeout_ms)
+{
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, timeout_ms) != 1)
+        return false;
+    uint64_t count;
+    [[maybe_unused]] ssize_t n = ::read(fd, &count, sizeof(count));
+    return true;
+}
+
+std::vector<std::pair<uint32_t, uint32_t>> GuestDriver::wait_used(unsigned q, size_t at_least, int timeout_ms)
+{
+    DriverQueue& dq = queues_[q];
+    std::vector<std::pair<uint32_t, uint32_t>> out;
+    for (;;) {
+        const uint16_t idx = used_idx(q);
+        while (dq.used_seen != idx) {
+            uint32_t id, len;
+            const uint64_t elem = dq.rings.used + 4 + 8ull * (dq.used_seen % dq.rings.size);
+            std::memcpy(&id, host(elem), 4);
+            std::memcpy(&len, host(elem + 4), 4);
+            out.emplace_back(id, len);
+            ++dq.used_seen;
+        }
+        if (out.size() >= at_least)
+            return out;
+        // As Linux's virtqueue_enable_cb does with EVENT_IDX: interrupt me after what I have seen,
+        // then look once more before sleeping.
+        const uint16_t used_event = dq.used_seen;
+        std::memcpy(host(dq.rings.avail + 4 + 2ull * dq.rings.size), &used_event, 2);
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+        if (used_idx(q) != dq.used_seen)
+            continue;
+        if (!wait_interrupt(dq.irq_fd, timeout_ms))
+            return out;  // timed out: the caller checks the count
+    }
+}
+
+uint32_t GuestDriver::device_config32(unsigned offset) { return bar_read(device_cfg_ + offset, 4); }
+uint64_t GuestDriver::device_config64(unsigned offset)
+{
+    return bar_read(device_cfg_ + offset, 4) | (uint64_t{bar_read(device_cfg_ + offset + 4, 4)} << 32);
+}
+
+}  // namespace lkvm::test

@@ -1,0 +1,128 @@
+// The test guest driver: brings a virtio-pci device up through the PCI bus
+// the way Linux's virtio_pci does (capabilities, features, queues, MSI-X),
+// kicks the notify eventfd as KVM's ioeventfd would and waits on the MSI-X
+// eventfd as KVM's irqfd would. The device and its I/O thread run for real;
+// only KVM is missing.
+#pragma once
+
+#include <poll.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <map>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "hw/guest_memory.h"
+#include "hw/pci.h"
+#include "virtio/virtio_pci.h"
+#include "virtio/virtqueue.h"
+
+namespace lkvm::test {
+
+class FakeHost : public VirtioPciHost {
+public:
+    std::map<uint64_t, int> notify;      // gpa -> ioeventfd
+    std::map<int, uint32_t> msi;         // irqfd -> MSI data (the driver uses the vector number)
+    uint64_t bar = 0;
+    int irq_fd_for(uint32_t data) const
+    {
+        for (const auto& [fd, d] : msi)
+            if (d == data)
+                return fd;
+        throw std::runtime_error("no irqfd routed for MSI data " + std::to_string(data));
+    }
+    void bind_notify(uint64_t gpa, int fd, bool bind) override
+    {
+        if (bind)
+            notify[gpa] = fd;
+        else
+            notify.erase(gpa);
+    }
+    void route_msi(int fd, bool enabled, uint64_t, uint32_t data) override
+    {
+        if (enabled)
+            msi[fd] = data;
+    }
+    void map_bar(BusDevice&, uint64_t, uint64_t new_gpa, uint64_t) override { bar = new_gpa; }
+};
+
+// One guest-side virtqueue with its own memory area.
+struct DriverQueue {
+    RingLayout rings;
+    uint16_t next_desc = 0;
+    uint16_t avail_idx = 0;
+    uint16_t used_seen = 0;
+    int notify_fd = -1;
+    int irq_fd = -1;
+};
+
+struct Buffer {
+    uint64_t gpa;
+    uint32_t len;
+    bool writable;
+};
+
+class GuestDriver {
+public:
+    static constexpr uint64_t kRamSize = 64ull << 20;
+    static constexpr uint64_t kRingArea = 0x100000;     // rings from 1 MiB
+    static constexpr uint64_t kDataArea = 0x1000000;    // buffers from 16 MiB
+
+    explicit GuestDriver(uint64_t mmio_base = 0xc0000000)
+        : ram_(kRamSize), memory_({{0, kRamSize, ram_.data()}}), bridge_(mmio_base, 0x10000000) {}
+
+    GuestMemory& memory() { return memory_; }
+    uint8_t* host(uint64_t gpa) { return ram_.data() + gpa; }
+    FakeHost& host_interface() { return host_; }
+
+    // Plug the device in and probe it: returns the features negotiated.
+    uint64_t probe(VirtioPciDevice& device, uint64_t wanted_features, unsigned queues, uint16_t queue_size = 256);
+    // Rewrite status 0 and probe again with the same parameters.
+    uint64_t reprobe(uint64_t wanted_features, unsigned queues, uint16_t queue_size = 256);
+
+    uint8_t status() { return static_cast<uint8_t>(common_read(0x14, 1)); }
+    void write_status(uint8_t s) { common_write(0x14, 1, s); }
+
+    // Puts a chain of buffers on queue q; returns its head. Does not kick.
+    uint16_t add_chain(unsigned q, const std::vector<Buffer>& buffers);
+    // Writes a raw descriptor (for hostile tests) and offers `head` as is.
+    void write_desc(unsigned q, uint16_t index, const VringDesc& desc);
+    void offer(unsigned q, uint16_t head);
+    void set_avail_idx(unsigned q, uint16_t idx);
+    void kick(unsigned q);
+    // Waits for queue q's interrupt (or any used entry) and returns the used entries seen since last time.
+    std::vector<std::pair<uint32_t, uint32_t>> wait_used(unsigned q, size_t at_least, int timeout_ms = 10000);
+    bool wait_interrupt(int fd, int timeout_ms);
+    uint16_t used_idx(unsigned q);
+    DriverQueue& queue(unsigned q) { return queues_[q]; }
+    int config_irq_fd() const { return config_irq_fd_; }
+    uint32_t device_config32(unsigned offset);
+    uint64_t device_config64(unsigned offset);
+
+private:
+    uint32_t bar_read(uint64_t offset, unsigned size);
+    void bar_write(uint64_t offset, unsigned size, uint64_t value);
+    uint32_t common_read(unsigned offset, unsigned size) { return bar_read(common_ + offset, size); }
+    void common_write(unsigned offset, unsigned size, uint64_t v) { bar_write(common_ + offset, size, v); }
+    void find_capabilities();
+
+    std::vector<uint8_t> ram_;
+    GuestMemory memory_;
+    PciHostBridge bridge_;
+    FakeHost host_;
+    VirtioPciDevice* device_ = nullptr;
+    unsigned slot_ = 0;
+    uint64_t common_ = 0, notify_ = 0, device_cfg_ = 0;
+    uint32_t notify_multiplier_ = 0;
+    uint8_t msix_cap_ = 0;
+    std::vector<DriverQueue> queues_;
+    int config_irq_fd_ = -1;
+    uint64_t wanted_ = 0;
+    uint16_t queue_size_ = 0;
+    unsigned num_queues_ = 0;
+};
+
+}  // namespace lkvm::test
