@@ -23,12 +23,13 @@ DEVICE_OBJS := $(DEVICE_SRCS:%.cc=$(BUILD)/obj/%.o)
 LKVM      := $(BUILD)/lkvm
 UNIT      := $(BUILD)/unit-tests
 DEVICE    := $(BUILD)/device-tests
+BLKBENCH  := $(BUILD)/blkbench
 KERNEL    := build/kernel/vmlinuz
 INITRD    := build/guest/initramfs.cpio.gz
 INITRD_FIO := build/guest/initramfs-fio.cpio.gz
 
-.PHONY: all deps guest test unit system demo clean
-all: $(LKVM) $(UNIT) $(DEVICE) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
+.PHONY: all deps guest test unit system demo bench clean
+all: $(LKVM) $(UNIT) $(DEVICE) $(BLKBENCH) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
 
 # lkvm finds its default kernel and initramfs next to itself; other build
 # directories (SAN=1) share the ones in build/.
@@ -53,6 +54,9 @@ $(UNIT): $(UNIT_OBJS) $(BUILD)/liblkvm.a
 	$(CXX) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(DEVICE): $(DEVICE_OBJS) $(BUILD)/liblkvm.a
+	$(CXX) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BLKBENCH): $(BUILD)/obj/tests/bench/blkbench.o $(BUILD)/obj/tests/device/driver.o $(BUILD)/liblkvm.a
 	$(CXX) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(KERNEL):
@@ -80,7 +84,12 @@ demo: deps
 	@$(MAKE) --no-print-directory all
 	@bash scripts/demo.sh
 
+# Benchmarks print tables; nothing in them is asserted.
+bench: deps
+	@$(MAKE) --no-print-directory all
+	@bash scripts/bench.sh $(BUILD)
+
 clean:
 	rm -rf build/obj build/lkvm build/unit-tests build/liblkvm.a build-san build/guest build/rig
 
--include $(LIB_OBJS:.o=.d) $(UNIT_OBJS:.o=.d) $(DEVICE_OBJS:.o=.d) $(BUILD)/obj/kvm/main.d
+-include $(LIB_OBJS:.o=.d) $(UNIT_OBJS:.o=.d) $(DEVICE_OBJS:.o=.d) $(BUILD)/obj/tests/bench/blkbench.d $(BUILD)/obj/kvm/main.d

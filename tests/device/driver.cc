@@ -122,7 +122,15 @@ void GuestDriver::write_desc(unsigned q, uint16_t index, const VringDesc& desc)
 uint16_t GuestDriver::add_chain(unsigned q, const std::vector<Buffer>& buffers)
 {
     DriverQueue& dq = queues_[q];
-    const uint16_t head = dq.next_desc;
+    const uint16_t head = add_chain_at(q, dq.next_desc, buffers);
+    dq.next_desc = static_cast<uint16_t>((head + buffers.size()) % dq.rings.size);
+    return head;
+}
+
+uint16_t GuestDriver::add_chain_at(unsigned q, uint16_t first, const std::vector<Buffer>& buffers)
+{
+    DriverQueue& dq = queues_[q];
+    const uint16_t head = first;
     for (size_t i = 0; i < buffers.size(); ++i) {
         const uint16_t index = static_cast<uint16_t>((head + i) % dq.rings.size);
         const bool last = i + 1 == buffers.size();
@@ -130,7 +138,6 @@ uint16_t GuestDriver::add_chain(unsigned q, const std::vector<Buffer>& buffers)
                               static_cast<uint16_t>((buffers[i].writable ? kVringDescWrite : 0) | (last ? 0 : kVringDescNext)),
                               static_cast<uint16_t>((index + 1) % dq.rings.size)});
     }
-    dq.next_desc = static_cast<uint16_t>((head + buffers.size()) % dq.rings.size);
     offer(q, head);
     return head;
 }

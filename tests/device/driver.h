@@ -88,6 +88,8 @@ public:
 
     // Puts a chain of buffers on queue q; returns its head. Does not kick.
     uint16_t add_chain(unsigned q, const std::vector<Buffer>& buffers);
+    // The same, in descriptors first..first+n-1 (callers that recycle fixed slots).
+    uint16_t add_chain_at(unsigned q, uint16_t first, const std::vector<Buffer>& buffers);
     // Writes a raw descriptor (for hostile tests) and offers `head` as is.
     void write_desc(unsigned q, uint16_t index, const VringDesc& desc);
     void offer(unsigned q, uint16_t head);

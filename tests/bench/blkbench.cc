@@ -1,0 +1,202 @@
+// blkbench: 4k random I/O against virtio-blk, either through the whole device
+// stack (--mode device: the test guest driver, the transport, the device and
+// its I/O thread) or against the same engine on the same file directly
+// (--mode engine: the limit). Last line: IOPS=... p50_us=... p99_us=...
+#include <fcntl.h>
+#include <poll.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "disk/disk_image.h"
+#include "disk/io_engine.h"
+#include "tests/device/driver.h"
+#include "virtio/blk.h"
+#include "virtio/io_thread.h"
+
+using namespace lkvm;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+struct Options {
+    std::string engine = "native", rw = "randread", mode = "device", file = "/tmp/blkbench.raw";
+    unsigned queues = 1, qd = 64;
+    uint32_t bs = 4096;
+    double seconds = 5;
+    bool direct = false;
+};
+
+Options parse(int argc, char** argv)
+{
+    Options o;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        auto next = [&]() -> std::string {
+            if (i + 1 >= argc)
+                throw Error(a + " needs a value");
+            return argv[++i];
+        };
+        if (a == "--engine") o.engine = next();
+        else if (a == "--queues") o.queues = static_cast<unsigned>(std::stoul(next()));
+        else if (a == "--qd") o.qd = static_cast<unsigned>(std::stoul(next()));
+        else if (a == "--bs") { auto v = next(); o.bs = static_cast<uint32_t>(std::stoul(v)) * (v.back() == 'k' ? 1024 : 1); }
+        else if (a == "--rw") o.rw = next();
+        else if (a == "--seconds") o.seconds = std::stod(next());
+        else if (a == "--file") o.file = next();
+        else if (a == "--direct") o.direct = true;
+        else if (a == "--mode") o.mode = next();
+        else throw Error("unknown option " + a + " (--engine --queues --qd --bs --rw --seconds --file --direct --mode)");
+    }
+    if (o.rw != "randread" && o.rw != "randwrite")
+        throw Error("--rw randread|randwrite");
+    if (o.mode != "device" && o.mode != "engine")
+        throw Error("--mode device|engine");
+    if (o.qd == 0 || o.qd > 80 || o.queues == 0 || o.queues > 8 || o.bs % 512 || o.bs > 65536)
+        throw Error("--qd 1-80, --queues 1-8, --bs a multiple of 512 up to 64k");
+    return o;
+}
+
+struct Stats {
+    uint64_t done = 0;
+    std::vector<double> latencies_us;
+    void add(Clock::time_point start, Clock::time_point end)
+    {
+        ++done;
+        if (latencies_us.size() < 4'000'000)
+            latencies_us.push_back(std::chrono::duration<double, std::micro>(end - start).count());
+    }
+    void print(double seconds)
+    {
+        std::sort(latencies_us.begin(), latencies_us.end());
+        auto pct = [&](double p) { return latencies_us.empty() ? 0.0 : latencies_us[static_cast<size_t>(p * (latencies_us.size() - 1))]; };
+        std::printf("IOPS=%.0f p50_us=%.1f p99_us=%.1f\n", done / seconds, pct(0.50), pct(0.99));
+    }
+};
+
+double run_engine(const Options& o, DiskImage& image, Stats& stats)
+{
+    auto engine = make_io_engine(parse_engine_kind(o.engine), o.qd);
+    std::mt19937_64 rng(42);
+    const uint64_t blocks = image.size() / o.bs;
+    void* raw = nullptr;
+    if (::posix_memalign(&raw, 4096, size_t{o.qd} * o.bs) != 0)
+        throw Error("out of memory");
+    std::unique_ptr<uint8_t, void (*)(void*)> buffers(static_cast<uint8_t*>(raw), ::free);
+    std::vector<iovec> iov(o.qd);
+    std::vector<Clock::time_point> started(o.qd);
+    const IoOp op = o.rw == "randread" ? IoOp::kRead : IoOp::kWrite;
+    auto request = [&](unsigned slot) {
+        iov[slot] = {buffers.get() + size_t{slot} * o.bs, o.bs};
+        started[slot] = Clock::now();
+        return IoRequest{op, image.fd(), (rng() % blocks) * o.bs, &iov[slot], 1, slot};
+    };
+    std::vector<IoRequest> batch;
+    for (unsigned s = 0; s < o.qd; ++s)
+        batch.push_back(request(s));
+    const auto begin = Clock::now();
+    const auto end = begin + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
+    engine->submit(batch);
+    std::vector<IoCompletion> done;
+    while (Clock::now() < end) {
+        pollfd p{engine->event_fd(), POLLIN, 0};
+        ::poll(&p, 1, 100);
+        done.clear();
+        engine->reap(done);
+        batch.clear();
+        const auto now = Clock::now();
+        for (const auto& c : done) {
+            stats.add(started[c.cookie], now);
+            batch.push_back(request(static_cast<unsigned>(c.cookie)));
+        }
+        engine->submit(batch);
+    }
+    const double elapsed = std::chrono::duration<double>(Clock::now() - begin).count();
+    while (engine->in_flight()) {
+        pollfd p{engine->event_fd(), POLLIN, 0};
+        ::poll(&p, 1, 100);
+        done.clear();
+        engine->reap(done);
+    }
+    return elapsed;
+}
+
+double run_device(const Options& o, DiskImage image, Stats& stats)
+{
+    test::GuestDriver driver;
+    IoThread thread("disk0-io");
+    VirtioBlk blk(std::move(image), {"bench", parse_engine_kind(o.engine), o.queues, 256}, driver.memory(), thread);
+    VirtioPciDevice transport(blk, driver.host_interface());
+    driver.probe(transport, ~0ull, o.queues);
+    const uint64_t blocks = blk.image().size() / o.bs;
+    std::mt19937_64 rng(42);
+    const uint32_t type = o.rw == "randread" ? kBlkTIn : kBlkTOut;
+    // Slot (q, i): header, status and data at fixed places, descriptors 3i..3i+2.
+    auto base = [&](unsigned q, unsigned i) { return test::GuestDriver::kDataArea + (uint64_t{q} * 80 + i) * 0x11000ull; };
+    std::vector<std::vector<Clock::time_point>> started(o.queues, std::vector<Clock::time_point>(o.qd));
+    auto submit = [&](unsigned q, unsigned i) {
+        const uint64_t at = base(q, i);
+        uint8_t header[16] = {};
+        const uint64_t sector = (rng() % blocks) * (o.bs / 512);
+        std::memcpy(header, &type, 4);
+        std::memcpy(header + 8, &sector, 8);
+        std::memcpy(driver.host(at), header, 16);
+        started[q][i] = Clock::now();
+        driver.add_chain_at(q, static_cast<uint16_t>(3 * i),
+                            {{at, 16, false}, {at + 0x1000, o.bs, type == kBlkTIn}, {at + 0x200, 1, true}});
+    };
+    for (unsigned q = 0; q < o.queues; ++q) {
+        for (unsigned i = 0; i < o.qd; ++i)
+            submit(q, i);
+        driver.kick(q);
+    }
+    const auto begin = Clock::now();
+    const auto end = begin + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
+    while (Clock::now() < end) {
+        for (unsigned q = 0; q < o.queues; ++q) {
+            const auto used = driver.wait_used(q, 1, 100);
+            const auto now = Clock::now();
+            for (const auto& [head, len] : used) {
+                stats.add(started[q][head / 3], now);
+                submit(q, head / 3);
+            }
+            if (!used.empty())
+                driver.kick(q);
+        }
+    }
+    const double elapsed = std::chrono::duration<double>(Clock::now() - begin).count();
+    return elapsed;
+}
+}  // namespace
+
+int main(int argc, char** argv)
+{
+    try {
+        const Options o = parse(argc, argv);
+        if (::access(o.file.c_str(), F_OK) != 0) {
+            // 256 MiB of real (not sparse) data, so reads reach the disk.
+            const int fd = ::open(o.file.c_str(), O_CREAT | O_WRONLY, 0644);
+            std::vector<uint8_t> chunk(1 << 20, 0x5a);
+            for (int i = 0; i < 256; ++i)
+                if (::write(fd, chunk.data(), chunk.size()) < 0)
+                    throw sys_error("writing " + o.file);
+            ::close(fd);
+        }
+        DiskImage image = DiskImage::open({o.file, false, o.direct});
+        Stats stats;
+        const double elapsed = o.mode == "engine" ? run_engine(o, image, stats) : run_device(o, std::move(image), stats);
+        stats.print(elapsed);
+        return 0;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "blkbench: %s\n", e.what());
+        return 1;
+    }
+}
