@@ -9,21 +9,20 @@ total_passed=0 total_failed=0
 
 add() { total_passed=$((total_passed + $1)); total_failed=$((total_failed + $2)); }
 
-echo "== unit tests (doctest)"
-unit_log=$(mktemp)
-"$build/unit-tests" --no-intro 2>&1 | tee "$unit_log" | grep -E 'FAILED|ERROR|test cases' || true
-read -r up uf < <(sed -n 's/.*test cases: *[0-9]* | *\([0-9]*\) passed | *\([0-9]*\) failed.*/\1 \2/p' "$unit_log")
-if [ -z "${up:-}" ]; then echo "unit tests did not report (crashed?)"; up=0 uf=1; fi
-add "$up" "$uf"
-rm -f "$unit_log"
+# doctest_tier TITLE BINARY: runs a doctest binary and adds its test-case counts.
+doctest_tier() {
+    echo "== $1"
+    local log passed failed
+    log=$(mktemp)
+    "$2" --no-intro 2>&1 | tee "$log" | grep -E 'FAILED|ERROR|test cases' || true
+    read -r passed failed < <(sed -n 's/.*test cases: *[0-9]* | *\([0-9]*\) passed | *\([0-9]*\) failed.*/\1 \2/p' "$log")
+    if [ -z "${passed:-}" ]; then echo "$2 did not report (crashed?)"; passed=0 failed=1; fi
+    add "$passed" "$failed"
+    rm -f "$log"
+}
 
-echo "== device tests (virtio devices through the test guest driver, no KVM)"
-dev_log=$(mktemp)
-"$build/device-tests" --no-intro 2>&1 | tee "$dev_log" | grep -E 'FAILED|ERROR|test cases' || true
-read -r dp df < <(sed -n 's/.*test cases: *[0-9]* | *\([0-9]*\) passed | *\([0-9]*\) failed.*/\1 \2/p' "$dev_log")
-if [ -z "${dp:-}" ]; then echo "device tests did not report (crashed?)"; dp=0 df=1; fi
-add "$dp" "$df"
-rm -f "$dev_log"
+doctest_tier "unit tests (doctest)" "$build/unit-tests"
+doctest_tier "device tests (virtio devices through the test guest driver, no KVM)" "$build/device-tests"
 
 echo "== system tests (real guests through scripts/nested-run.sh)"
 sys_log=$(mktemp)
