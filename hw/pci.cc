@@ -69,6 +69,12 @@ uint64_t PciDevice::bar_address(unsigned index) const
     return address;
 }
 
+void PciDevice::set_intx(uint8_t gsi)
+{
+    config_[kInterruptLine] = gsi;
+    config_[kInterruptLine + 1] = 1;  // interrupt pin: INTA#
+}
+
 bool PciDevice::memory_enabled() const
 {
     return config_read(kCommand, 2) & kCommandMemory;

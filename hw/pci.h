@@ -32,6 +32,8 @@ public:
     uint64_t bar_address(unsigned index) const;
     uint64_t bar_size(unsigned index) const { return bars_[index].size; }
     bool memory_enabled() const;
+    // INTA#, wired to `gsi` (also what the interrupt line register reports).
+    void set_intx(uint8_t gsi);
 
 protected:
     PciDevice(uint16_t vendor, uint16_t device, uint32_t class_code, uint8_t revision,
@@ -58,6 +60,11 @@ private:
     std::array<Bar, kNumBars> bars_{};
     uint8_t next_capability_ = 0x40;
 };
+
+// How slots' INTA# reach the IOAPIC: level-triggered, active-high GSIs 16-23,
+// as the MP table and the DSDT's _PRT both describe.
+constexpr uint8_t kPciIntxFirstGsi = 16;
+constexpr uint8_t pci_intx_gsi(unsigned slot) { return static_cast<uint8_t>(kPciIntxFirstGsi + slot % 8); }
 
 class PciHostBridge : public BusDevice {
 public:

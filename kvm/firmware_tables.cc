@@ -63,7 +63,8 @@ constexpr unsigned kIsaIrqs = 16;
 // ---------------------------------------------------------------- MP tables
 enum MpEntry : uint8_t { kMpProcessor = 0, kMpBus = 1, kMpIoApic = 2, kMpIoInterrupt = 3, kMpLocalInterrupt = 4 };
 enum MpIrqType : uint8_t { kMpInt = 0, kMpNmi = 1, kMpExtInt = 3 };
-constexpr uint8_t kMpIsaBus = 0;
+constexpr uint8_t kMpPciBus = 0, kMpIsaBus = 1;
+constexpr uint16_t kMpLevelActiveHigh = 0x0d;  // polarity 01 (high), trigger 11 (level)
 
 }  // namespace
 
@@ -102,6 +103,7 @@ std::vector<uint8_t> build_mp_tables(uint64_t base, const PlatformInfo& platform
         t.u32(platform.cpu_features);
         t.zeros(8);
     }
+    t.u8(kMpBus), t.u8(kMpPciBus), t.text("PCI", 6), ++entries;
     t.u8(kMpBus), t.u8(kMpIsaBus), t.text("ISA", 6), ++entries;
 
     const uint8_t ioapic = kIoApicId(platform.cpus);
@@ -112,6 +114,11 @@ std::vector<uint8_t> build_mp_tables(uint64_t base, const PlatformInfo& platform
     for (uint8_t irq = 0; irq < kIsaIrqs; ++irq, ++entries) {
         t.u8(kMpIoInterrupt), t.u8(irq == 0 ? kMpExtInt : kMpInt), t.u16(0);
         t.u8(kMpIsaBus), t.u8(irq), t.u8(ioapic), t.u8(irq);
+    }
+    // Each slot's INTA# (source IRQ: slot << 2 | pin) on its level-triggered GSI.
+    for (unsigned slot = 1; slot < PciHostBridge::kMaxSlots; ++slot, ++entries) {
+        t.u8(kMpIoInterrupt), t.u8(kMpInt), t.u16(kMpLevelActiveHigh);
+        t.u8(kMpPciBus), t.u8(static_cast<uint8_t>(slot << 2)), t.u8(ioapic), t.u8(pci_intx_gsi(slot));
     }
     // LINT0 is the 8259's virtual wire, LINT1 NMI, on every local APIC.
     t.u8(kMpLocalInterrupt), t.u8(kMpExtInt), t.u16(0), t.u8(kMpIsaBus), t.u8(0), t.u8(0xff), t.u8(0), ++entries;
@@ -209,12 +216,19 @@ Code buffer(const Code& bytes)
     Code inner = cat({integer(static_cast<uint32_t>(bytes.size())), bytes});
     return cat({{0x11}, pkg_length(inner.size()), inner});
 }
+Code package(const std::vector<Code>& elements)
+{
+    Code inner = {static_cast<uint8_t>(elements.size())};
+    for (const auto& e : elements)
+        inner.insert(inner.end(), e.begin(), e.end());
+    return cat({{0x12}, pkg_length(inner.size()), inner});
+}
 Code package(std::initializer_list<uint32_t> values)
 {
-    Code inner = {static_cast<uint8_t>(values.size())};
+    std::vector<Code> elements;
     for (uint32_t v : values)
-        inner = cat({inner, integer(v)});
-    return cat({{0x12}, pkg_length(inner.size()), inner});
+        elements.push_back(integer(v));
+    return package(elements);
 }
 // EISA ID "PNP0A03" compressed as _HID wants it.
 Code eisa_id(std::string_view id)
@@ -274,10 +288,15 @@ std::vector<uint8_t> dsdt_body()
                           static_cast<uint32_t>(layout::kPciMmioBase + layout::kPciMmioSize - 1)),
         aml::end_tag(),
     });
+    // _PRT: slot N's INTA# is GSI pci_intx_gsi(N), as in the MP table.
+    std::vector<aml::Code> routes;
+    for (unsigned slot = 1; slot < PciHostBridge::kMaxSlots; ++slot)
+        routes.push_back(aml::package({(slot << 16) | 0xffff, 0, 0, pci_intx_gsi(slot)}));
     const auto pci0 = aml::device("PCI0", aml::cat({
         aml::name("_HID", aml::eisa_id("PNP0A03")),
         aml::name("_UID", aml::integer(0)),
         aml::name("_CRS", aml::buffer(crs)),
+        aml::name("_PRT", aml::package(routes)),
     }));
     // COM1 must be described: in hardware-reduced mode ISA IRQs are not
     // set up by default, and the 8250 driver gets IRQ 4 only through PNP.

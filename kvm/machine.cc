@@ -128,7 +128,8 @@ void Machine::add_disks()
         BlkOptions blk{spec.serial, parse_engine_kind(spec.engine), 1, 256};
         blks_.push_back(std::make_unique<VirtioBlk>(std::move(disk_images_[i]), blk, *memory_, *io_threads_.back()));
         transports_.push_back(std::make_unique<VirtioPciDevice>(*blks_.back(), *virtio_host_));
-        pci_.add_device(*transports_.back());
+        const unsigned slot = pci_.add_device(*transports_.back());
+        transports_.back()->use_intx(pci_intx_gsi(slot));
     }
     disk_images_.clear();
 }

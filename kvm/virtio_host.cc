@@ -94,6 +94,14 @@ void KvmVirtioHost::commit_routes()
         log_line(std::string("KVM_SET_GSI_ROUTING: ") + std::strerror(errno));
 }
 
+void KvmVirtioHost::set_intx(unsigned gsi, bool asserted)
+{
+    std::lock_guard lock(mutex_);
+    unsigned& count = intx_asserted_[gsi];
+    count = asserted ? count + 1 : (count ? count - 1 : 0);
+    vm_.set_irq_line(gsi, count > 0);
+}
+
 void KvmVirtioHost::map_bar(BusDevice& device, uint64_t old_gpa, uint64_t new_gpa, uint64_t size)
 {
     if (old_gpa)

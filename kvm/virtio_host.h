@@ -20,6 +20,7 @@ public:
     void bind_notify(uint64_t gpa, int fd, bool bind) override;
     void route_msi(int fd, bool enabled, uint64_t address, uint32_t data) override;
     void map_bar(BusDevice& device, uint64_t old_gpa, uint64_t new_gpa, uint64_t size) override;
+    void set_intx(unsigned gsi, bool asserted) override;
 
 private:
     struct MsiRoute {
@@ -35,6 +36,7 @@ private:
     std::mutex mutex_;
     std::map<int, MsiRoute> msi_;  // by irqfd
     uint32_t next_gsi_ = 24;       // 0-23 are the IOAPIC pins
+    std::map<unsigned, unsigned> intx_asserted_;  // GSI -> devices asserting it (lines are shared)
 };
 
 }  // namespace lkvm

@@ -49,7 +49,13 @@ Fd make_eventfd()
 class VirtioPciDevice::VectorInterrupt : public Interrupt {
 public:
     VectorInterrupt(VirtioPciDevice& transport, unsigned queue) : transport_(transport), queue_(queue) {}
-    void raise() override { transport_.raise_vector(transport_.queue_vector_[queue_].load(std::memory_order_relaxed)); }
+    void raise() override
+    {
+        if (transport_.msix_on_.load(std::memory_order_relaxed))
+            transport_.raise_vector(transport_.queue_vector_[queue_].load(std::memory_order_relaxed));
+        else
+            transport_.raise_intx(1);
+    }
 
 private:
     VirtioPciDevice& transport_;
@@ -125,6 +131,7 @@ void VirtioPciDevice::config_changed()
         bind_notifies(bar_, true);
     }
     // MSI-X enable and function mask live in config space too.
+    msix_on_.store(msix_enabled());
     std::lock_guard lock(mutex_);
     for (unsigned v = 0; v < msix_.size(); ++v)
         update_vector(v);
@@ -160,11 +167,31 @@ void VirtioPciDevice::raise_vector(uint16_t vector)
     write_fd(msix_[vector].irq.get());
 }
 
+void VirtioPciDevice::use_intx(uint8_t gsi)
+{
+    intx_gsi_ = gsi;
+    set_intx(gsi);
+}
+
+void VirtioPciDevice::raise_intx(uint8_t isr_bits)
+{
+    std::lock_guard lock(intx_mutex_);
+    isr_.fetch_or(isr_bits);
+    if (intx_gsi_ >= 0 && !intx_asserted_) {
+        intx_asserted_ = true;
+        host_.set_intx(static_cast<unsigned>(intx_gsi_), true);
+    }
+}
+
 void VirtioPciDevice::device_broken()
 {
     needs_reset_.store(true);
-    isr_.fetch_or(2);  // configuration change
-    raise_vector(config_vector_);
+    if (msix_on_.load()) {
+        isr_.fetch_or(2);  // configuration change
+        raise_vector(config_vector_);
+    } else {
+        raise_intx(2);
+    }
 }
 
 void VirtioPciDevice::read(uint64_t offset, std::span<uint8_t> data)
@@ -175,7 +202,13 @@ void VirtioPciDevice::read(uint64_t offset, std::span<uint8_t> data)
         const uint32_t v = read_common(static_cast<unsigned>(offset), static_cast<unsigned>(data.size()));
         std::memcpy(data.data(), &v, data.size());
     } else if (offset == kIsrOffset && data.size() == 1) {
+        // Reading the ISR acknowledges it and drops INTx.
+        std::lock_guard intx(intx_mutex_);
         data[0] = isr_.exchange(0);
+        if (intx_asserted_) {
+            intx_asserted_ = false;
+            host_.set_intx(static_cast<unsigned>(intx_gsi_), false);
+        }
     } else if (offset >= kDeviceOffset && offset < kNotifyOffset) {
         device_.read_config(offset - kDeviceOffset, data);
     } else if (offset >= kMsixTableOffset && offset < kMsixPbaOffset + 8) {
@@ -308,7 +341,14 @@ void VirtioPciDevice::reset()
     queue_select_ = 0;
     config_vector_ = kNoVector;
     needs_reset_.store(false);
-    isr_.store(0);
+    {
+        std::lock_guard intx(intx_mutex_);
+        isr_.store(0);
+        if (intx_asserted_) {
+            intx_asserted_ = false;
+            host_.set_intx(static_cast<unsigned>(intx_gsi_), false);
+        }
+    }
     for (unsigned i = 0; i < queues_.size(); ++i) {
         Queue& q = queues_[i];
         q.size = device_.max_queue_size();

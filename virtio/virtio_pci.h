@@ -26,6 +26,8 @@ public:
     virtual void bind_notify(uint64_t gpa, int fd, bool bind) = 0;
     // Route writes to `fd` to the guest as this MSI message (or stop routing).
     virtual void route_msi(int fd, bool enabled, uint64_t address, uint32_t data) = 0;
+    // Assert or deassert the INTx line at this GSI (for drivers without MSI-X).
+    virtual void set_intx(unsigned gsi, bool asserted) = 0;
     // Where the BAR moved: the bus registration follows it.
     virtual void map_bar(BusDevice& device, uint64_t old_gpa, uint64_t new_gpa, uint64_t size) = 0;
 };
@@ -46,6 +48,8 @@ public:
     void write(uint64_t offset, std::span<const uint8_t> data) override;
 
     uint8_t status() const { return status_; }
+    // INTx fallback: the GSI this slot's INTA# is wired to.
+    void use_intx(uint8_t gsi);
     // The driver broke a ring: NEEDS_RESET, and a configuration interrupt.
     void device_broken();
 
@@ -78,6 +82,7 @@ private:
     bool function_masked() const;
     void bind_notifies(uint64_t bar, bool bind);
     void raise_vector(uint16_t vector);
+    void raise_intx(uint8_t isr_bits);
 
     VirtioDevice& device_;
     VirtioPciHost& host_;
@@ -97,6 +102,12 @@ private:
     std::unique_ptr<std::atomic<uint16_t>[]> queue_vector_;  // read by the serving thread
     std::vector<std::unique_ptr<VectorInterrupt>> interrupts_;  // one per queue
     std::atomic<uint8_t> isr_{0};
+    std::atomic<bool> msix_on_{false};
+    // INTx: the ISR and the line change together, or a read could clear the
+    // ISR between a raise's set and assert and leave the line stuck.
+    std::mutex intx_mutex_;
+    int intx_gsi_ = -1;
+    bool intx_asserted_ = false;
     std::atomic<bool> needs_reset_{false};
 };
 

@@ -32,6 +32,7 @@ void GuestDriver::find_capabilities()
                 notify_ = offset;
                 notify_multiplier_ = bridge_.config_read(slot_, 0, at + 16, 4);
             }
+            if (type == 3) isr_ = offset;
             if (type == 4) device_cfg_ = offset;
         } else if (id == 0x11) {
             msix_cap_ = static_cast<uint8_t>(at);
@@ -42,9 +43,10 @@ void GuestDriver::find_capabilities()
         throw std::runtime_error("virtio capabilities missing");
 }
 
-uint64_t GuestDriver::probe(VirtioPciDevice& device, uint64_t wanted, unsigned queues, uint16_t queue_size)
+uint64_t GuestDriver::probe(VirtioPciDevice& device, uint64_t wanted, unsigned queues, uint16_t queue_size, bool msix)
 {
     device_ = &device;
+    msix_ = msix;
     slot_ = bridge_.add_device(device);
     if (bridge_.config_read(slot_, 0, 0, 2) != 0x1af4)
         throw std::runtime_error("not a virtio device");
@@ -61,7 +63,8 @@ uint64_t GuestDriver::probe(VirtioPciDevice& device, uint64_t wanted, unsigned q
         bar_write(table + 16 * v + 8, 4, v);
         bar_write(table + 16 * v + 12, 4, 0);  // unmask
     }
-    bridge_.config_write(slot_, 0, msix_cap_ + 2, 2, 0x8000);  // MSI-X enable
+    if (msix)
+        bridge_.config_write(slot_, 0, msix_cap_ + 2, 2, 0x8000);  // MSI-X enable
     return reprobe(wanted, queues, queue_size);
 }
 
@@ -87,8 +90,10 @@ uint64_t GuestDriver::reprobe(uint64_t wanted, unsigned queues, uint16_t queue_s
     write_status(kAck | kDriver | kFeaturesOk);
     if (!(status() & kFeaturesOk))
         return 0;
-    common_write(0x10, 2, 0);  // config vector 0
-    config_irq_fd_ = host_.irq_fd_for(0);
+    if (msix_) {
+        common_write(0x10, 2, 0);  // config vector 0
+        config_irq_fd_ = host_.irq_fd_for(0);
+    }
 
     queues_.assign(queues, {});
     for (unsigned q = 0; q < queues; ++q) {
@@ -98,7 +103,8 @@ uint64_t GuestDriver::reprobe(uint64_t wanted, unsigned queues, uint16_t queue_s
         std::memset(host(base), 0, 0x10000);
         common_write(0x16, 2, q);
         common_write(0x18, 2, queue_size);
-        common_write(0x1a, 2, q + 1);
+        if (msix_)
+            common_write(0x1a, 2, q + 1);
         common_write(0x20, 4, dq.rings.desc);
         common_write(0x24, 4, dq.rings.desc >> 32);
         common_write(0x28, 4, dq.rings.avail);
@@ -107,7 +113,7 @@ uint64_t GuestDriver::reprobe(uint64_t wanted, unsigned queues, uint16_t queue_s
         common_write(0x34, 4, dq.rings.used >> 32);
         const unsigned notify_off = common_read(0x1e, 2);
         dq.notify_fd = host_.notify.at(host_.bar + notify_ + notify_off * notify_multiplier_);
-        dq.irq_fd = host_.irq_fd_for(q + 1);
+        dq.irq_fd = msix_ ? host_.irq_fd_for(q + 1) : -1;
         common_write(0x1c, 2, 1);
     }
     write_status(kAck | kDriver | kFeaturesOk | kDriverOk);
@@ -169,6 +175,15 @@ uint16_t GuestDriver::used_idx(unsigned q)
 
 bool GuestDriver::wait_interrupt(int fd, int timeout_ms)
 {
+    if (fd < 0) {
+        // INTx: wait for the line, then acknowledge through the ISR as vp_interrupt() does.
+        for (int waited = 0; !host_.intx.load(); ++waited) {
+            if (waited >= timeout_ms)
+                return false;
+            ::usleep(1000);
+        }
+        return read_isr() != 0;
+    }
     pollfd p{fd, POLLIN, 0};
     if (::poll(&p, 1, timeout_ms) != 1)
         return false;

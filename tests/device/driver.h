@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <atomic>
 #include <map>
 #include <span>
 #include <stdexcept>
@@ -47,6 +48,8 @@ public:
             msi[fd] = data;
     }
     void map_bar(BusDevice&, uint64_t, uint64_t new_gpa, uint64_t) override { bar = new_gpa; }
+    std::atomic<bool> intx{false};
+    void set_intx(unsigned, bool asserted) override { intx = asserted; }
 };
 
 // One guest-side virtqueue with its own memory area.
@@ -79,7 +82,10 @@ public:
     FakeHost& host_interface() { return host_; }
 
     // Plug the device in and probe it: returns the features negotiated.
-    uint64_t probe(VirtioPciDevice& device, uint64_t wanted_features, unsigned queues, uint16_t queue_size = 256);
+    // Without MSI-X the driver falls back to INTx and the ISR, as Linux does with pci=nomsi.
+    uint64_t probe(VirtioPciDevice& device, uint64_t wanted_features, unsigned queues, uint16_t queue_size = 256,
+                   bool msix = true);
+    uint8_t read_isr() { return static_cast<uint8_t>(bar_read(isr_, 1)); }
     // Rewrite status 0 and probe again with the same parameters.
     uint64_t reprobe(uint64_t wanted_features, unsigned queues, uint16_t queue_size = 256);
 
@@ -117,7 +123,8 @@ private:
     FakeHost host_;
     VirtioPciDevice* device_ = nullptr;
     unsigned slot_ = 0;
-    uint64_t common_ = 0, notify_ = 0, device_cfg_ = 0;
+    uint64_t common_ = 0, notify_ = 0, device_cfg_ = 0, isr_ = 0;
+    bool msix_ = true;
     uint32_t notify_multiplier_ = 0;
     uint8_t msix_cap_ = 0;
     std::vector<DriverQueue> queues_;

@@ -34,7 +34,7 @@ struct BlkRig {
     uint64_t features = 0;
 
     explicit BlkRig(EngineKind engine = EngineKind::kSync, bool read_only = false, uint64_t size = 8 << 20,
-                    std::string serial = "lkvm-serial-0001", unsigned queues = 1)
+                    std::string serial = "lkvm-serial-0001", unsigned queues = 1, bool msix = true)
     {
         char tmpl[] = "/tmp/lkvm-device.XXXXXX";
         dir = ::mkdtemp(tmpl);
@@ -48,7 +48,8 @@ struct BlkRig {
         blk = std::make_unique<VirtioBlk>(DiskImage::open({path, read_only, false}),
                                           BlkOptions{serial, engine, queues, 256}, driver.memory(), thread);
         transport = std::make_unique<VirtioPciDevice>(*blk, driver.host_interface());
-        features = driver.probe(*transport, kAllFeatures, queues);
+        transport->use_intx(17);
+        features = driver.probe(*transport, kAllFeatures, queues, 256, msix);
     }
     ~BlkRig()
     {
@@ -309,4 +310,27 @@ TEST_CASE("blk: several queues are each served")
         CHECK(rig.driver.wait_used(q, 1).size() == 1);
         CHECK(*rig.driver.host(BlkRig::status_gpa(q)) == kBlkSOk);
     }
+}
+
+TEST_CASE("blk: a driver without MSI-X gets INTx, acknowledged through the ISR")
+{
+    BlkRig rig(EngineKind::kSync, false, 8 << 20, "", 1, false);
+    // Without EVENT_IDX every completion interrupts, so each one can be checked.
+    REQUIRE(rig.driver.reprobe(kAllFeatures & ~kVirtioFRingEventIdx, 1) != 0);
+    auto& host = rig.driver.host_interface();
+    for (int i = 0; i < 20; ++i) {
+        CHECK(rig.request(kBlkTIn, static_cast<uint64_t>(i), 512) == kBlkSOk);
+        for (int waited = 0; !host.intx.load() && waited < 5000; ++waited)
+            ::usleep(1000);
+        if (host.intx.load())
+            CHECK(rig.driver.read_isr() == 1);
+        CHECK_FALSE(host.intx.load());  // the ISR read dropped the line
+    }
+    // A broken ring: NEEDS_RESET announced by the configuration bit in the ISR.
+    rig.driver.add_chain(0, {{BlkRig::header_gpa(0), 16, false}});
+    rig.driver.kick(0);
+    for (int waited = 0; !rig.driver.host_interface().intx.load() && waited < 5000; ++waited)
+        ::usleep(1000);
+    CHECK(rig.driver.read_isr() == 2);
+    CHECK((rig.driver.status() & kNeedsReset) != 0);
 }

@@ -71,9 +71,10 @@ truncate -s 16M "$work/ro.raw"
 printf 'READ-ONLY-CONTENT' | dd of="$work/ro.raw" conv=notrunc status=none
 ro_sum=$(md5sum < "$work/ro.raw")
 job disk-marker       run -d "$work/marker.raw,serial=marker-disk" -- sh -c 'head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size'
-job disk-direct-write run -d "$work/direct.raw" -- sh -c 'yes LKVM-PATTERN-0123456789 | head -c 4194304 | dd of=/dev/vda bs=65536 oflag=direct 2>&1 | tail -n 1; sync'
+job disk-direct-write run -d "$work/direct.raw" -- sh -c 'yes LKVM-PATTERN-0123456789 | head -c 4194304 | dd of=/dev/vda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync'
 job disk-read-only    run -d "$work/ro.raw,ro" -- sh -c 'cat /sys/block/vda/ro; echo overwrite | dd of=/dev/vda conv=fsync 2>&1; head -c 17 /dev/vda; echo'
 job disk-two          run -d "$work/marker.raw,ro" -d "$work/second.raw,aio=sync" -- sh -c 'ls /sys/block | grep vd | tr "\n" " "; echo; echo second-disk-data | dd of=/dev/vdb conv=fsync status=none; head -c 16 /dev/vdb; echo'
+job disk-intx         run -p pci=nomsi -d "$work/marker.raw,ro" -- sh -c 'head -c 16 /dev/vda; echo; grep -c "IO-APIC.*virtio" /proc/interrupts'
 script disk-in-use    '"$LKVM" run -d inuse.raw -- sh -c "echo first-up; sleep 60" > first.out 2>&1 < /dev/null &
 first=$!
 for i in $(seq 1 60); do grep -q "^first-up" first.out 2>/dev/null && break; sleep 1; done
@@ -105,12 +106,13 @@ expect triple-fault 122 '^lkvm: vCPU 0: triple fault \(KVM_EXIT_SHUTDOWN\) at RI
 expect too-many-cpus 1 '^lkvm: -c 254000: more vCPUs than KVM allows'
 expect fio-image 0 '^fio-[0-9]'
 expect disk-marker 0 '^HOST-MARKER-4f2a$' '^marker-disk$' '^131072$'
-expect disk-direct-write 0 '4194304 bytes'
+expect disk-direct-write 0 '^64\+0 records out'
 if cmp -s -n 4194304 "$work/direct.raw" <(yes LKVM-PATTERN-0123456789 | head -c 4194304); then pass disk-direct-verified
 else fail disk-direct-verified "the host file does not hold the pattern the guest wrote with O_DIRECT" "$(result disk-direct-write out)"; fi
 expect disk-read-only 0 '^1$' 'READ-ONLY-CONTENT'
 if [ "$(md5sum < "$work/ro.raw")" = "$ro_sum" ]; then pass disk-read-only-unchanged
 else fail disk-read-only-unchanged "the read-only image changed" "$(result disk-read-only out)"; fi
+expect disk-intx 0 '^HOST-MARKER-4f2a$' '^[1-9]$'
 expect disk-two 0 '^vda vdb $' '^second-disk-data$'
 expect disk-in-use 0 'inuse.raw: in use by another lkvm' '^second=1$'
 expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+ vCPUs in one guest'

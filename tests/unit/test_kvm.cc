@@ -183,7 +183,7 @@ TEST_CASE("MP tables: floating pointer, checksums and one entry per CPU")
     CHECK(processors == 4);
     CHECK(bsps == 1);
     CHECK(ioapics == 1);
-    CHECK(irqs == 16);
+    CHECK(irqs == 16 + 31);  // ISA IRQs and each PCI slot's INTA#
 }
 
 TEST_CASE("ACPI: RSDP -> XSDT -> FADT (hardware-reduced) and MADT, DSDT with the host bridge and _S5")
@@ -218,6 +218,7 @@ TEST_CASE("ACPI: RSDP -> XSDT -> FADT (hardware-reduced) and MADT, DSDT with the
     CHECK(aml.find("PCI0") != std::string::npos);
     CHECK(aml.find("_S5_") != std::string::npos);
     CHECK(aml.find("COM1") != std::string::npos);
+    CHECK(aml.find("_PRT") != std::string::npos);
     CHECK(aml.find(std::string("\x0c\x41\xd0\x0a\x03", 5)) != std::string::npos);  // EisaId("PNP0A03")
 
     table_ok(madt, "APIC");
