@@ -20,5 +20,5 @@ for spec in "null:" "sync:" "native:" "native:--direct"; do
     di=$(field IOPS "$dev") ei=$(field IOPS "$eng")
     printf '%-8s %-7s | %10s %8s %8s | %10s %8s %8s | %6s\n' "$engine" "${extra:+yes}" \
         "$di" "$(field p50_us "$dev")" "$(field p99_us "$dev")" "$ei" "$(field p50_us "$eng")" "$(field p99_us "$eng")" \
-        "$(awk -v a="$di" -v b="$ei" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')"
+        "$(awk -v a="$di" -v b="$ei" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
 done
