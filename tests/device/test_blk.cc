@@ -260,6 +260,20 @@ TEST_CASE("blk: hostile chains put the device in NEEDS_RESET, never crash it")
     {
         rig.driver.set_avail_idx(0, 5000);
     }
+    SUBCASE("more segments than seg_max allows")
+    {
+        const uint64_t table = GuestDriver::kDataArea + 0x800000;
+        constexpr uint16_t kEntries = 300;
+        for (uint16_t i = 0; i < kEntries; ++i) {
+            const bool last = i + 1 == kEntries;
+            VringDesc d{i == 0 ? BlkRig::header_gpa(0) : BlkRig::data_gpa(0) + 512ull * i, i == 0 ? 16u : 512u,
+                        static_cast<uint16_t>((i ? kVringDescWrite : 0) | (last ? 0 : kVringDescNext)),
+                        static_cast<uint16_t>(i + 1)};
+            std::memcpy(rig.driver.host(table + 16ull * i), &d, 16);
+        }
+        rig.driver.write_desc(0, 0, {table, 16u * kEntries, kVringDescIndirect, 0});
+        rig.driver.offer(0, 0);
+    }
     SUBCASE("nested indirect")
     {
         const uint64_t table = GuestDriver::kDataArea + 0x800000;
