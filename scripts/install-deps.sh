@@ -27,10 +27,14 @@ if [ ! -f "$kdir/.unpacked" ]; then
     pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
     [ -n "$pkg" ] || { echo "install-deps: cannot find the kernel package behind linux-image-amd64" >&2; exit 1; }
     echo "install-deps: fetching $pkg"
-    rm -rf "$kdir" && mkdir -p "$kdir/dl"
-    (cd "$kdir/dl" && apt-get download -qq "$pkg")
-    dpkg -x "$kdir"/dl/*.deb "$kdir/root"
-    rm -rf "$kdir/dl"
+    rm -rf "$kdir" && mkdir -p "$kdir"
+    # apt fetches as user _apt: give it a directory it may write to.
+    dl=$(mktemp -d)
+    chmod 755 "$dl"
+    chown _apt "$dl" 2>/dev/null || true
+    (cd "$dl" && apt-get download -qq "$pkg")
+    dpkg -x "$dl"/*.deb "$kdir/root"
+    rm -rf "$dl"
     kver=$(ls "$kdir/root/lib/modules")
     depmod -b "$kdir/root" "$kver"
     ln -sf "root/boot/vmlinuz-$kver" "$kdir/vmlinuz"

@@ -107,6 +107,8 @@ VirtioBlk::~VirtioBlk()
 {
     reset();
     thread_.run_and_wait([this] { engine_event_.close(); });
+    // Handlers that closing queued still read epoch_: let them run while we exist.
+    thread_.run_and_wait([] {});
     // What the guest wrote reaches the image before lkvm exits.
     if (!image_.read_only())
         ::fdatasync(image_.fd());

@@ -319,7 +319,8 @@ void VirtioPciDevice::set_status(uint8_t status)
         if ((driver_features_ & ~device_.features()) || !(driver_features_ & kVirtioFVersion1))
             status &= ~kStatusFeaturesOk;
     }
-    const bool start = (status & kStatusDriverOk) && !(status_ & kStatusDriverOk);
+    // A device runs only once features were accepted (FEATURES_OK stuck).
+    const bool start = (status & kStatusDriverOk) && !(status_ & kStatusDriverOk) && (status & kStatusFeaturesOk);
     status_ = status;
     if (start) {
         std::vector<QueueSetup> setups;

@@ -291,9 +291,12 @@ TEST_CASE("blk: a driver that skips feature negotiation never gets FEATURES_OK, 
     BlkRig rig;
     rig.driver.write_status(0);
     rig.driver.write_status(1 | 2);
-    // A driver that skips feature negotiation never gets FEATURES_OK: nothing runs.
+    // A driver that skips feature negotiation never gets FEATURES_OK, and DRIVER_OK starts nothing.
     rig.driver.write_status(1 | 2 | 4);
     CHECK((rig.driver.status() & 8) == 0);
+    rig.queue_request(0, kBlkTIn, 0, 512);
+    rig.driver.kick(0);
+    CHECK(rig.driver.wait_used(0, 1, 300).empty());
     CHECK(rig.driver.reprobe(kAllFeatures, 1) != 0);
     CHECK(rig.request(kBlkTIn, 0, 512) == kBlkSOk);
 }
