@@ -8,7 +8,8 @@
 # kvm-amd there, mounts this host's root over 9p and runs lkvm inside it, in
 # the same directory. Every stage has a deadline; a missed one is named, with
 # lkvm's thread states. A run is retried once, and only when the rig itself
-# failed (L1 never came up), never for anything lkvm or its guest did.
+# failed (L1 never came up, or L1's own kernel locked up or stalled, which
+# the host sees from outside), never for anything lkvm or its guest did.
 #
 # nested-run.sh --batch DIR: runs every DIR/*.sh (each a job that runs
 # build/lkvm) in one L1 boot, in name order, leaving each job's output in
@@ -73,7 +74,9 @@ l1_mib=$(( guest_mib + 1024 ))
 
 deadline=${LKVM_RIG_TIMEOUT:-600}
 work=$(mktemp -d /tmp/lkvm-rig.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+qemu=
+trap '[ -n "$qemu" ] && kill $qemu 2> /dev/null; rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM HUP
 if [ -n "$batch" ]; then
     job_param="rig.batch=$batch"
     l1_mib=4096
@@ -87,15 +90,15 @@ fi
     printf '\n'
 } > "$work/job.sh"
 
+# What an L1 kernel prints when one of its CPUs is stuck: the rig itself broke.
+l1_broken='soft lockup|rcu_sched self-detected stall|rcu: INFO: rcu_.* detected stalls|Kernel panic'
+
 run_once() {
     : > "$work/l1.log"
-    local console="stdio,id=con,signal=off" jobs=1
-    if [ -n "$batch" ]; then
-        console="null,id=con"
-        jobs=$(ls "$batch"/*.sh | wc -l)
-    fi
-    # TCG L1 boots in ~5 s; give it a generous margin on a loaded machine.
-    timeout --foreground --kill-after=10 $(( deadline * jobs + 120 )) \
+    local console="stdio,id=con,signal=off"
+    [ -n "$batch" ] && console="null,id=con"
+    # A background job's stdin would be /dev/null: QEMU gets ours through fd 3.
+    exec 3<&0
     qemu-system-x86_64 -M q35 -cpu max -accel tcg,thread=multi -smp 2 -m "$l1_mib" \
         -nodefaults -display none -no-reboot \
         -kernel "$top/build/kernel/vmlinuz" -initrd "$l1_initrd" \
@@ -103,11 +106,35 @@ run_once() {
         -chardev "$console" -serial chardev:con \
         -serial "file:$work/l1.log" \
         -fsdev local,id=hostroot,path=/,security_model=passthrough,multidevs=remap \
-        -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot
+        -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot <&3 3<&- &
+    qemu=$!
+    local progress=-1 last=$SECONDS why=
+    exec 3<&-
+    # Watch L1 from outside: its own watchdog cannot help when its kernel is stuck.
+    while kill -0 $qemu 2> /dev/null; do
+        sleep 1
+        if grep -qE "$l1_broken" "$work/l1.log"; then
+            why="L1's kernel locked up: $(grep -m1 -oE "$l1_broken" "$work/l1.log")"
+        else
+            local now_progress
+            now_progress=$(grep -c '^rig: ' "$work/l1.log")
+            if [ "$now_progress" != "$progress" ]; then
+                progress=$now_progress last=$SECONDS
+            elif (( SECONDS - last > deadline + 90 )); then
+                why="L1 made no progress for $((SECONDS - last))s"
+            fi
+        fi
+        if [ -n "$why" ]; then
+            kill $qemu 2> /dev/null; sleep 2; kill -9 $qemu 2> /dev/null
+            break
+        fi
+    done
+    wait $qemu 2> /dev/null
     local qemu_status=$?
+    qemu=
     [ "${LKVM_RIG_VERBOSE:-0}" = 1 ] && sed 's/^/L1: /' "$work/l1.log" >&2
     if ! grep -q '^rig: l1-ready' "$work/l1.log"; then
-        say "stage 'L1 boot' failed (QEMU status $qemu_status); L1's last lines:"
+        say "stage 'L1 boot' failed (QEMU status $qemu_status${why:+; $why}); L1's last lines:"
         tail -n 15 "$work/l1.log" | sed 's/^/  L1: /' >&2
         return 2
     fi
@@ -115,6 +142,13 @@ run_once() {
         say "stage 'lkvm run' missed its ${deadline}s deadline; lkvm's threads:"
         grep '^rig: \(deadline\|thread\|done\)' "$work/l1.log" | sed 's/^rig: /  /' >&2
         [ -n "$batch" ] || return 1
+    fi
+    if [ -n "$why" ]; then
+        local at
+        at=$(sed -n 's/^rig: done //p' "$work/l1.log" | tail -n 1)
+        say "stage 'lkvm run' stopped by the rig: $why${at:+ (after job $at)}; L1's last lines:"
+        grep -v '^rig: done' "$work/l1.log" | tail -n 8 | sed 's/^/  L1: /' >&2
+        return 2
     fi
     local status
     status=$(sed -n 's/^rig: exit \([0-9]*\).*/\1/p' "$work/l1.log" | tail -n 1)
@@ -126,11 +160,38 @@ run_once() {
     return 0
 }
 
+if [ -n "$batch" ]; then
+    # Each job gets one retry when the rig fails under it; after a second
+    # failure it is marked failed (status 125) and the rest go on in a new L1.
+    declare -A retried
+    while :; do
+        run_once
+        case $? in
+            0) exit 0 ;;
+            2) ;;
+            *) exit $rig_failed ;;
+        esac
+        stuck=
+        for job in "$batch"/*.sh; do
+            [ -f "$job.status" ] || { stuck=$job; break; }
+        done
+        [ -n "$stuck" ] || exit 0
+        if [ -n "${retried[$stuck]:-}" ]; then
+            say "the rig failed twice under $(basename "$stuck"): marking it failed, going on with the rest"
+            echo "nested-run: the rig failed twice under this job (see nested-run's messages)" >> "$stuck.out"
+            echo $rig_failed > "$stuck.status"
+        else
+            retried[$stuck]=1
+            say "retrying $(basename "$stuck") once: the failure was the rig's own (finished jobs are kept)"
+        fi
+    done
+fi
+
 for attempt in 1 2; do
     run_once
     case $? in
         0) exit "$(sed -n 's/^rig: exit \([0-9]*\).*/\1/p' "$work/l1.log" | tail -n 1)" ;;
-        2) [ $attempt = 1 ] && say "retrying once: the failure was the rig's own, before lkvm started" ;;
+        2) [ $attempt = 1 ] && say "retrying once: the failure was the rig's own" ;;
         *) exit $rig_failed ;;
     esac
 done
