@@ -377,12 +377,7 @@ void VirtioPciDevice::msix_read(uint64_t offset, std::span<uint8_t> data)
     const uint64_t index = (offset - kMsixTableOffset) / 16, field = (offset - kMsixTableOffset) % 16;
     if (index >= msix_.size() || field + data.size() > 16)
         return;
-    const MsixEntry& e = msix_[index];
-    uint8_t entry[16];
-    const uint32_t control = e.masked ? 1 : 0;
-    std::memcpy(&entry[0], &e.address, 8);
-    std::memcpy(&entry[8], &e.data, 4);
-    std::memcpy(&entry[12], &control, 4);
+    const auto entry = msix_[index].bytes();
     std::memcpy(data.data(), &entry[field], data.size());
 }
 
@@ -392,14 +387,11 @@ void VirtioPciDevice::msix_write(uint64_t offset, std::span<const uint8_t> data)
     if (index >= msix_.size() || field + data.size() > 16)
         return;
     MsixEntry& e = msix_[index];
-    uint8_t entry[16];
-    uint32_t control = e.masked ? 1 : 0;
-    std::memcpy(&entry[0], &e.address, 8);
-    std::memcpy(&entry[8], &e.data, 4);
-    std::memcpy(&entry[12], &control, 4);
+    auto entry = e.bytes();
     std::memcpy(&entry[field], data.data(), data.size());
     const uint64_t old_address = e.address;
     const uint32_t old_data = e.data;
+    uint32_t control;
     std::memcpy(&e.address, &entry[0], 8);
     std::memcpy(&e.data, &entry[8], 4);
     std::memcpy(&control, &entry[12], 4);

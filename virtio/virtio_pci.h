@@ -7,6 +7,7 @@
 
 #include <array>
 #include <atomic>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -69,6 +70,16 @@ private:
         uint32_t data = 0;
         bool masked = true;
         Fd irq;     // the irqfd
+        // The entry as the table lays it out: address, data, vector control.
+        std::array<uint8_t, 16> bytes() const
+        {
+            std::array<uint8_t, 16> b{};
+            const uint32_t control = masked ? 1 : 0;
+            std::memcpy(&b[0], &address, 8);
+            std::memcpy(&b[8], &data, 4);
+            std::memcpy(&b[12], &control, 4);
+            return b;
+        }
     };
 
     uint32_t read_common(unsigned offset, unsigned size);
