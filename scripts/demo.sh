@@ -15,7 +15,7 @@ status=0
     for d in /sys/block/vd*; do
         echo "disk:    /dev/${d##*/} $(( $(cat $d/size) / 2048 )) MiB, serial $(cat $d/serial), $(ls $d/mq | wc -l) queue(s)"
     done
-    echo "cmdline: $(cat /proc/cmdline)"' || status=$?
+    echo "cmdline: $(sed "s/ lkvm.cmd=[^ ]*//" /proc/cmdline)"' || status=$?
 echo "demo: guest exited with status $status after $(( ($(date +%s%N) - start) / 1000000 )) ms"
 echo "demo: for an interactive shell run: scripts/nested-run.sh run -c 2   (Ctrl-A x or 'poweroff -f' to leave)"
 exit $status
