@@ -30,7 +30,6 @@ public:
 
     // Current guest address of a memory BAR (0 when unassigned).
     uint64_t bar_address(unsigned index) const;
-    uint64_t bar_size(unsigned index) const { return bars_[index].size; }
     bool memory_enabled() const;
     // INTA#, wired to `gsi` (also what the interrupt line register reports).
     void set_intx(uint8_t gsi);

@@ -119,16 +119,21 @@ void write_gdt(const GuestMemory& memory)
 }
 }  // namespace
 
-void load_linux(const GuestMemory& memory, const BzImage& image, const std::string& cmdline,
-                uint64_t ram_size, const BootSetup& setup)
+void check_boot_fits(const BzImage& image, const std::string& cmdline, uint64_t ram_size)
 {
     if (layout::kKernel + image.init_size > ram_layout(ram_size).low_size)
         throw Error("the kernel needs " + std::to_string((layout::kKernel + image.init_size) >> 20) +
                     " MiB to decompress; give the guest more memory with -m");
     if (cmdline.size() > image.max_cmdline || cmdline.size() >= layout::kCmdlineMax)
         throw Error("kernel command line is " + std::to_string(cmdline.size()) + " bytes; this kernel takes at most " +
-                    std::to_string(std::min<uint64_t>(image.max_cmdline, layout::kCmdlineMax - 1)));
+                    std::to_string(std::min<uint64_t>(image.max_cmdline, layout::kCmdlineMax - 1)) +
+                    ": shorten -p or the guest command");
+}
 
+void load_linux(const GuestMemory& memory, const BzImage& image, const std::string& cmdline,
+                uint64_t ram_size, const BootSetup& setup)
+{
+    check_boot_fits(image, cmdline, ram_size);
     write_or_throw(memory, layout::kKernel, image.kernel.data(), image.kernel.size(), "the kernel");
     write_or_throw(memory, layout::kCmdline, cmdline.c_str(), cmdline.size() + 1, "the command line");
 

@@ -53,6 +53,9 @@ struct BootSetup {
 // above the kernel. Throws when it does not fit.
 uint64_t place_initrd(const BzImage& image, uint64_t ram_size, uint64_t size);
 
+// Throws when the kernel cannot decompress in ram_size or the command line is too long for it.
+void check_boot_fits(const BzImage& image, const std::string& cmdline, uint64_t ram_size);
+
 // Writes the kernel, command line, zero page, page tables and GDT into guest memory.
 void load_linux(const GuestMemory& memory, const BzImage& image, const std::string& cmdline,
                 uint64_t ram_size, const BootSetup& setup);

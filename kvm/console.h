@@ -50,8 +50,6 @@ public:
     Console(const Console&) = delete;
     Console& operator=(const Console&) = delete;
 
-    bool is_terminal() const { return saved_termios_.has_value(); }
-    int in_fd() const { return in_fd_; }
 
     // Guest output, from whichever vCPU thread drives the UART.
     // Returns what the panic watch saw in it.

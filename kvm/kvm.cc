@@ -228,14 +228,6 @@ void Vcpu::enter_long_mode(uint64_t entry, uint64_t boot_params, uint64_t stack)
     checked_ioctl(fd_.get(), KVM_SET_FPU, &fpu, "KVM_SET_FPU");
 }
 
-uint64_t Vcpu::rip() const
-{
-    kvm_regs regs{};
-    if (::ioctl(fd_.get(), KVM_GET_REGS, &regs) < 0)
-        return 0;
-    return regs.rip;
-}
-
 std::string Vcpu::describe() const
 {
     kvm_regs regs{};

@@ -55,7 +55,6 @@ public:
     void init_local_apic();
     // Long mode with the identity map in place: where a 64-bit boot loader leaves the BSP.
     void enter_long_mode(uint64_t entry, uint64_t boot_params, uint64_t stack);
-    uint64_t rip() const;
     // "RIP 0x... CS 0x.. (long mode)": where the vCPU is, for messages about faults and hangs.
     std::string describe() const;
 

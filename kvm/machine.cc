@@ -100,14 +100,9 @@ Machine::BootFiles Machine::load_boot_files(const RunOptions& options)
     if (ram > host)
         throw Error("-m " + std::to_string(options.mem_mib) + ": the host has only " + std::to_string(host >> 20) +
                     " MiB of memory");
-    if (layout::kKernel + boot.image.init_size > ram_layout(ram).low_size)
-        throw Error("-m " + std::to_string(options.mem_mib) + ": too little memory for this kernel to decompress");
-    boot.initrd_addr = place_initrd(boot.image, ram, boot.initrd.size());
     boot.cmdline = kernel_cmdline(options);
-    if (boot.cmdline.size() > boot.image.max_cmdline)
-        throw Error("kernel command line is " + std::to_string(boot.cmdline.size()) +
-                    " bytes; this kernel takes at most " + std::to_string(boot.image.max_cmdline) +
-                    ": shorten -p or the guest command");
+    check_boot_fits(boot.image, boot.cmdline, ram);
+    boot.initrd_addr = place_initrd(boot.image, ram, boot.initrd.size());
     return boot;
 }
 

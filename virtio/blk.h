@@ -62,7 +62,6 @@ public:
     void reset() override;
 
     const DiskImage& image() const { return image_; }
-    IoThread& thread() { return thread_; }
 
 private:
     struct Queue;

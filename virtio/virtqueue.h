@@ -86,8 +86,6 @@ public:
     // caller must check has_available() again before it sleeps.
     void set_notifications(bool enabled);
 
-    const RingLayout& layout() const { return layout_; }
-    uint16_t last_avail() const { return last_avail_; }
 
 private:
     uint16_t avail_idx() const;      // acquire
