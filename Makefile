@@ -6,7 +6,7 @@ BUILD    ?= build
 CXXFLAGS ?= -O2 -g
 CXXFLAGS += -std=c++20 -Wall -Wextra -Werror -pthread -I. -MMD -MP
 LDFLAGS  += -pthread
-LDLIBS   += -laio
+LDLIBS   += -laio -luring
 ifeq ($(SAN),1)
 BUILD    := build-san
 # GCC 12's -Wmaybe-uninitialized misfires on std::variant moves under ASan instrumentation.

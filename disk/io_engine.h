@@ -26,6 +26,7 @@ struct IoRequest {
     const iovec* iov = nullptr;  // must stay valid until the request completes
     int iovcnt = 0;
     uint64_t cookie = 0;
+    uint16_t ioprio = 0;  // IOPRIO_PRIO_VALUE(class, level); 0: the thread's own
 };
 
 struct IoCompletion {
@@ -33,7 +34,7 @@ struct IoCompletion {
     int64_t result;  // bytes transferred, or -errno
 };
 
-enum class EngineKind { kSync, kNative, kNull };
+enum class EngineKind { kSync, kNative, kIoUring, kNull };
 
 class IoEngine {
 public:
@@ -49,6 +50,13 @@ public:
     virtual void submit(std::span<const IoRequest> batch) = 0;
     // Appends every completion that is ready to `out` without blocking; returns how many.
     virtual size_t reap(std::vector<IoCompletion>& out) = 0;
+    // Whether reap() would find something: cheap enough to busy-poll (no
+    // system call where the backend shares its completion ring with us).
+    virtual bool has_completions() const = 0;
+    // Files the thread will use often: backends that can (io_uring) register
+    // them so that each request skips the file table lookup. Optional.
+    virtual void register_file(int) {}
+    virtual void unregister_file(int) {}
 
 protected:
     explicit IoEngine(size_t capacity);
@@ -64,5 +72,7 @@ std::unique_ptr<IoEngine> make_io_engine(EngineKind kind, size_t capacity);
 
 EngineKind parse_engine_kind(const std::string& name);  // throws lkvm::Error
 const char* engine_kind_name(EngineKind kind);
+// io_uring where this kernel offers it (and allows it), else native.
+EngineKind default_engine_kind();
 
 }  // namespace lkvm

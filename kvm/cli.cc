@@ -1,5 +1,7 @@
 #include "kvm/cli.h"
 
+#include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <optional>
 
@@ -40,7 +42,8 @@ struct OptionSpec {
     const char* long_name;
 };
 constexpr OptionSpec kKernel{"-k", "--kernel"}, kInitrd{"-i", "--initrd"}, kParams{"-p", "--params"},
-    kCpus{"-c", "--cpus"}, kMem{"-m", "--mem"}, kName{nullptr, "--name"}, kDisk{"-d", "--disk"};
+    kCpus{"-c", "--cpus"}, kMem{"-m", "--mem"}, kName{nullptr, "--name"}, kDisk{"-d", "--disk"},
+    kIoThreads{nullptr, "--iothreads"};
 
 // Matches "-k X", "--kernel X" and "--kernel=X"; advances i past the value.
 std::optional<std::string> take_value(const std::vector<std::string>& args, size_t& i, const OptionSpec& spec)
@@ -79,6 +82,10 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
             run.params += run.params.empty() ? *v : " " + *v;
         } else if (auto v = take_value(args, i, kDisk)) {
             run.disks.push_back(parse_disk_spec(*v));
+        } else if (auto v = take_value(args, i, kIoThreads)) {
+            run.iothreads = parse_iothreads_spec(*v);
+        } else if (arg == "--stats") {
+            run.stats = true;
         } else if (auto v = take_value(args, i, kName)) {
             run.name = *v;
         } else if (auto v = take_value(args, i, kCpus)) {
@@ -99,7 +106,62 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
             throw Error("unexpected argument '" + arg + "': put the guest command after '--'" + kRunHint);
         }
     }
+    for (size_t d = 0; d < run.disks.size(); ++d) {
+        for (const unsigned k : run.disks[d].iothreads) {
+            if (run.iothreads.count == 0)
+                throw Error("-d " + run.disks[d].path + ",iothread=" + std::to_string(k) +
+                            ": iothread= picks threads of the group; add --iothreads N" + kRunHint);
+            if (k >= run.iothreads.count)
+                throw Error("-d " + run.disks[d].path + ",iothread=" + std::to_string(k) + ": --iothreads " +
+                            std::to_string(run.iothreads.count) + " has threads 0-" +
+                            std::to_string(run.iothreads.count - 1) + kRunHint);
+        }
+    }
     return run;
+}
+
+}  // namespace
+
+namespace {
+
+// Splits "A,B,C" into its items (empty ones included, to be refused by the caller).
+std::vector<std::string> split(const std::string& text, char separator)
+{
+    std::vector<std::string> items;
+    size_t start = 0;
+    for (;;) {
+        const size_t at = text.find(separator, start);
+        items.push_back(text.substr(start, at == std::string::npos ? std::string::npos : at - start));
+        if (at == std::string::npos)
+            return items;
+        start = at + 1;
+    }
+}
+
+// "key=value" items: the value when item starts with key=.
+std::optional<std::string> value_of(const std::string& item, const char* key)
+{
+    const std::string prefix = std::string(key) + "=";
+    if (item.rfind(prefix, 0) != 0)
+        return std::nullopt;
+    return item.substr(prefix.size());
+}
+
+uint16_t parse_ioprio(const std::string& where, const std::string& text)
+{
+    // IOPRIO_PRIO_VALUE(class, level) from linux/ioprio.h
+    const auto slash = text.find('/');
+    const std::string cls = text.substr(0, slash);
+    const int klass = cls == "rt" ? 1 : cls == "be" ? 2 : cls == "idle" ? 3 : 0;
+    if (klass == 0)
+        throw Error(where + ": ioprio class '" + cls + "' is not rt, be or idle" + kRunHint);
+    uint64_t level = klass == 3 ? 0 : 4;
+    if (slash != std::string::npos) {
+        level = parse_number(where + " ioprio level", text.substr(slash + 1));
+        if (level > 7)
+            throw Error(where + ": ioprio level " + std::to_string(level) + " is not 0-7" + kRunHint);
+    }
+    return static_cast<uint16_t>(klass << 13 | level);
 }
 
 }  // namespace
@@ -107,36 +169,107 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
 DiskSpec parse_disk_spec(const std::string& text)
 {
     DiskSpec disk;
-    const std::string hint = " (see 'lkvm run --help')";
-    size_t start = 0;
-    bool first = true;
-    while (start <= text.size()) {
-        const size_t comma = text.find(',', start);
-        const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-        start = comma == std::string::npos ? text.size() + 1 : comma + 1;
-        if (first) {
-            if (item.empty())
-                throw Error("-d " + text + ": no image path before the options" + hint);
-            disk.path = item;
-            first = false;
-        } else if (item == "ro") {
+    const std::string where = "-d " + text;
+    const auto items = split(text, ',');
+    if (items[0].empty())
+        throw Error(where + ": no image path before the options" + kRunHint);
+    disk.path = items[0];
+    for (size_t i = 1; i < items.size(); ++i) {
+        const std::string& item = items[i];
+        if (item == "ro") {
             disk.read_only = true;
         } else if (item == "direct") {
             disk.direct = true;
-        } else if (item.rfind("aio=", 0) == 0) {
-            disk.engine = item.substr(4);
-            if (disk.engine != "sync" && disk.engine != "native" && disk.engine != "null")
-                throw Error("-d " + text + ": aio=" + disk.engine + " is not an engine; use sync, native or null" + hint);
-        } else if (item.rfind("serial=", 0) == 0) {
-            disk.serial = item.substr(7);
+        } else if (auto v = value_of(item, "aio")) {
+            disk.engine = *v;
+            if (disk.engine != "sync" && disk.engine != "native" && disk.engine != "io_uring" && disk.engine != "null")
+                throw Error(where + ": aio=" + disk.engine + " is not an engine; use io_uring, native, sync or null" +
+                            kRunHint);
+        } else if (auto v = value_of(item, "serial")) {
+            disk.serial = *v;
             if (disk.serial.size() > 20)
-                throw Error("-d " + text + ": serial is longer than virtio-blk's 20 bytes" + hint);
+                throw Error(where + ": serial is longer than virtio-blk's 20 bytes" + kRunHint);
+        } else if (auto v = value_of(item, "num-queues")) {
+            const uint64_t n = parse_number(where + ": num-queues", *v);
+            if (n < 1 || n > kMaxDiskQueues)
+                throw Error(where + ": num-queues=" + *v + " is not 1-" + std::to_string(kMaxDiskQueues) + kRunHint);
+            disk.num_queues = static_cast<unsigned>(n);
+        } else if (auto v = value_of(item, "iothread")) {
+            for (const auto& k : split(*v, '+'))
+                disk.iothreads.push_back(static_cast<unsigned>(
+                    std::min<uint64_t>(parse_number(where + ": iothread", k), kMaxIoThreads)));
+        } else if (auto v = value_of(item, "ioprio")) {
+            disk.ioprio = parse_ioprio(where, *v);
         } else {
-            throw Error("-d " + text + ": unknown disk option '" + item +
-                        "' (ro, direct, aio=sync|native|null, serial=S)" + hint);
+            throw Error(where + ": unknown disk option '" + item +
+                        "' (ro, direct, aio=, serial=, num-queues=, iothread=, ioprio=)" + kRunHint);
         }
     }
     return disk;
+}
+
+std::vector<int> parse_cpu_list(const std::string& option, const std::string& text)
+{
+    std::vector<int> cpus;
+    for (const auto& range : split(text, ',')) {
+        const auto dash = range.find('-');
+        const uint64_t first = parse_number(option, range.substr(0, dash));
+        const uint64_t last = dash == std::string::npos ? first : parse_number(option, range.substr(dash + 1));
+        if (last < first || last >= 4096)
+            throw Error(option + " '" + text + "': '" + range + "' is not a CPU range" + kRunHint);
+        for (uint64_t c = first; c <= last; ++c)
+            if (std::find(cpus.begin(), cpus.end(), static_cast<int>(c)) == cpus.end())
+                cpus.push_back(static_cast<int>(c));
+    }
+    return cpus;
+}
+
+IoThreadsSpec parse_iothreads_spec(const std::string& text)
+{
+    IoThreadsSpec spec;
+    const std::string where = "--iothreads " + text;
+    const auto items = split(text, ',');
+    const uint64_t n = parse_number("--iothreads", items[0]);
+    if (n < 1 || n > kMaxIoThreads)
+        throw Error(where + ": give 1 to " + std::to_string(kMaxIoThreads) + " I/O threads" + kRunHint);
+    spec.count = static_cast<unsigned>(n);
+    for (size_t i = 1; i < items.size(); ++i) {
+        const std::string& item = items[i];
+        if (auto v = value_of(item, "affinity")) {
+            // The CPU list has commas of its own: "affinity=0-1,3" takes the "3" too.
+            std::string cpus = *v;
+            while (i + 1 < items.size() && !items[i + 1].empty() && std::isdigit(static_cast<unsigned char>(items[i + 1][0])))
+                cpus += "," + items[++i];
+            spec.affinity = parse_cpu_list(where + ": affinity", cpus);
+        } else if (auto v = value_of(item, "poll-max-ns")) {
+            spec.poll_max_ns = parse_number(where + ": poll-max-ns", *v);
+        } else if (auto v = value_of(item, "poll-grow")) {
+            spec.poll_grow = parse_number(where + ": poll-grow", *v);
+        } else if (auto v = value_of(item, "poll-shrink")) {
+            spec.poll_shrink = parse_number(where + ": poll-shrink", *v);
+        } else if (auto v = value_of(item, "aio-max-batch")) {
+            const uint64_t b = parse_number(where + ": aio-max-batch", *v);
+            if (b > 1024)
+                throw Error(where + ": aio-max-batch=" + *v + " is more than an engine holds (1024)" + kRunHint);
+            spec.aio_max_batch = static_cast<unsigned>(b);
+        } else {
+            throw Error(where + ": unknown option '" + item +
+                        "' (affinity=, poll-max-ns=, poll-grow=, poll-shrink=, aio-max-batch=)" + kRunHint);
+        }
+    }
+    return spec;
+}
+
+std::string check_iothreads_on_host(const IoThreadsSpec& spec, const std::vector<int>& online)
+{
+    for (const int cpu : spec.affinity)
+        if (std::find(online.begin(), online.end(), cpu) == online.end())
+            throw Error("--iothreads affinity: CPU " + std::to_string(cpu) + " is not online on this host (online: " +
+                        std::to_string(online.size()) + " CPUs); pick CPUs from /sys/devices/system/cpu/online");
+    if (spec.count > online.size())
+        return "--iothreads " + std::to_string(spec.count) + ": more I/O threads than the host's " +
+               std::to_string(online.size()) + " online CPUs; they will share CPUs";
+    return "";
 }
 
 Command parse_command_line(const std::vector<std::string>& args)
@@ -184,9 +317,18 @@ std::string run_usage()
            "                         (default: console=ttyS0 panic=-1 quiet)\n"
            "  -c, --cpus N           vCPUs (default 1)\n"
            "  -m, --mem MiB          guest memory, e.g. 512 or 2G (default 512)\n"
-           "  -d, --disk PATH[,ro][,direct][,aio=sync|native|null][,serial=S]\n"
-           "                         a raw image or block device as a virtio-blk disk, served by\n"
-           "                         its own I/O thread (repeatable; default aio=native)\n"
+           "  -d, --disk PATH[,OPTION...]\n"
+           "                         a raw image or block device as a virtio-blk disk (repeatable).\n"
+           "                         Options: ro, direct, aio=io_uring|native|sync|null (default\n"
+           "                         io_uring where the kernel has it, else native), serial=S,\n"
+           "                         num-queues=Q (default: one per vCPU), iothread=K[+K...] (the\n"
+           "                         group threads its queues go to), ioprio=rt|be|idle[/0-7]\n"
+           "      --iothreads N[,affinity=CPUS][,poll-max-ns=NS][,poll-grow=G][,poll-shrink=S][,aio-max-batch=B]\n"
+           "                         serve every disk's queues from a group of N I/O threads\n"
+           "                         (iothread0..N-1), round robin; without it each disk has its\n"
+           "                         own thread. affinity pins thread k to the k-th CPU listed;\n"
+           "                         polling defaults as QEMU's (poll-max-ns=32768, 0: off)\n"
+           "      --stats            print per-thread and per-queue I/O statistics at exit\n"
            "      --name NAME        a name for this guest\n"
            "  -h, --help             this text\n"
            "\n"

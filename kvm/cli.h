@@ -24,12 +24,34 @@ struct DiskSpec {
     std::string path;
     bool read_only = false;
     bool direct = false;
-    std::string engine = "native";
+    std::string engine;  // empty: io_uring where the kernel has it, else native
     std::string serial;
+    unsigned num_queues = 0;        // 0: one per vCPU
+    std::vector<unsigned> iothreads;  // iothread=K[+K...]: the group threads its queues go to
+    uint16_t ioprio = 0;            // IOPRIO_PRIO_VALUE(class, level); 0: none
 };
 
-// "PATH[,ro][,direct][,aio=sync|native|null][,serial=S]"
+constexpr unsigned kMaxDiskQueues = 64;
+
+// "PATH[,ro][,direct][,aio=ENGINE][,serial=S][,num-queues=Q][,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]]"
 DiskSpec parse_disk_spec(const std::string& text);
+
+// "--iothreads N[,affinity=CPUSET][,poll-max-ns=NS][,poll-grow=G][,poll-shrink=S][,aio-max-batch=B]"
+struct IoThreadsSpec {
+    unsigned count = 0;
+    std::vector<int> affinity;  // thread k runs on affinity[k % size]; empty: not pinned
+    uint64_t poll_max_ns = 32768, poll_grow = 0, poll_shrink = 0;  // QEMU's defaults
+    unsigned aio_max_batch = 0;
+};
+constexpr unsigned kMaxIoThreads = 64;
+IoThreadsSpec parse_iothreads_spec(const std::string& text);
+
+// "0-3,6" -> {0,1,2,3,6}
+std::vector<int> parse_cpu_list(const std::string& option, const std::string& text);
+
+// Checks the group against the CPUs this host has online: throws for a CPU
+// that is not; returns a warning line when there are more threads than CPUs.
+std::string check_iothreads_on_host(const IoThreadsSpec& spec, const std::vector<int>& online);
 
 struct RunOptions {
     std::string kernel;  // empty: the default kernel next to the binary
@@ -39,6 +61,8 @@ struct RunOptions {
     unsigned cpus = 1;
     uint64_t mem_mib = 512;
     std::vector<DiskSpec> disks;
+    IoThreadsSpec iothreads;  // count 0: every disk has its own thread
+    bool stats = false;       // print per-thread and per-queue I/O statistics at exit
     std::vector<std::string> command;  // after "--": what the guest init runs
 };
 

@@ -14,12 +14,15 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 
 #include "base/error.h"
 #include "base/log.h"
 #include "kvm/cpuid.h"
 #include "kvm/firmware_tables.h"
+#include "kvm/io_stats_table.h"
 #include "kvm/layout.h"
+#include "virtio/queue_mapping.h"
 
 namespace lkvm {
 
@@ -108,6 +111,18 @@ Machine::BootFiles Machine::load_boot_files(const RunOptions& options)
 
 std::vector<DiskImage> Machine::open_disks(const RunOptions& options)
 {
+    if (options.iothreads.count) {
+        std::vector<int> online;
+        std::ifstream file("/sys/devices/system/cpu/online");
+        std::string text;
+        if (std::getline(file, text) && !text.empty())
+            online = parse_cpu_list("online CPUs", text);
+        else
+            for (long c = 0; c < ::sysconf(_SC_NPROCESSORS_ONLN); ++c)
+                online.push_back(static_cast<int>(c));
+        if (const auto warning = check_iothreads_on_host(options.iothreads, online); !warning.empty())
+            log_line(warning);
+    }
     std::vector<DiskImage> images;
     for (const auto& disk : options.disks)
         images.push_back(DiskImage::open({disk.path, disk.read_only, disk.direct}));
@@ -117,11 +132,34 @@ std::vector<DiskImage> Machine::open_disks(const RunOptions& options)
 void Machine::add_disks()
 {
     virtio_host_ = std::make_unique<KvmVirtioHost>(vm_, mmio_);
+    const IoThreadsSpec& group = options_.iothreads;
+    const PollParams poll{group.poll_max_ns, group.poll_grow, group.poll_shrink};
+    std::vector<DiskQueues> queues;
+    for (const auto& disk : options_.disks)
+        queues.push_back({disk.num_queues ? disk.num_queues : std::min(options_.cpus, kMaxDiskQueues), disk.iothreads});
+    std::vector<std::vector<unsigned>> map;
+    if (group.count) {
+        map = map_queues(group.count, queues);
+        for (unsigned k = 0; k < group.count; ++k) {
+            const int cpu = group.affinity.empty() ? -1 : group.affinity[k % group.affinity.size()];
+            io_threads_.push_back(std::make_unique<IoThread>(
+                IoThreadOptions{"iothread" + std::to_string(k), poll, group.aio_max_batch, cpu}));
+        }
+    }
     for (size_t i = 0; i < disk_images_.size(); ++i) {
         const DiskSpec& spec = options_.disks[i];
-        io_threads_.push_back(std::make_unique<IoThread>("disk" + std::to_string(i) + "-io"));
-        BlkOptions blk{spec.serial, parse_engine_kind(spec.engine), 1, 256};
-        blks_.push_back(std::make_unique<VirtioBlk>(std::move(disk_images_[i]), blk, *memory_, *io_threads_.back()));
+        std::vector<IoThread*> threads;
+        if (group.count) {
+            for (const unsigned k : map[i])
+                threads.push_back(io_threads_[k].get());
+        } else {
+            io_threads_.push_back(
+                std::make_unique<IoThread>(IoThreadOptions{"disk" + std::to_string(i) + "-io", poll, 0, -1}));
+            threads.assign(queues[i].num_queues, io_threads_.back().get());
+        }
+        const EngineKind engine = spec.engine.empty() ? default_engine_kind() : parse_engine_kind(spec.engine);
+        BlkOptions blk{spec.serial, engine, spec.ioprio, 256};
+        blks_.push_back(std::make_unique<VirtioBlk>(std::move(disk_images_[i]), blk, *memory_, std::move(threads)));
         transports_.push_back(std::make_unique<VirtioPciDevice>(*blks_.back(), *virtio_host_));
         const unsigned slot = pci_.add_device(*transports_.back());
         transports_.back()->use_intx(pci_intx_gsi(slot));
@@ -372,6 +410,8 @@ int Machine::run()
     io_.run();
     stop_vcpus();
     console_.restore();
+    if (options_.stats)
+        std::fputs(("lkvm: I/O statistics\n" + format_io_stats(io_threads_, blks_)).c_str(), stderr);
 
     std::lock_guard lock(outcome_mutex_);
     if (!outcome_)

@@ -1,7 +1,9 @@
 #include "virtio/blk.h"
 
-#include <poll.h>
+#include <time.h>
 #include <unistd.h>
+
+#include <boost/asio/posix/stream_descriptor.hpp>
 
 #include <algorithm>
 #include <cstring>
@@ -76,39 +78,288 @@ uint8_t check_blk_request(const BlkRequest& request, uint64_t capacity_sectors, 
     return kBlkSOk;
 }
 
-struct VirtioBlk::Queue {
-    Queue(const GuestMemory& memory, const QueueSetup& setup, bool event_idx, ChainLimits limits,
-          boost::asio::io_context& io)
-        : ring(memory, setup.rings, event_idx, limits), notify(io, ::dup(setup.notify_fd)), interrupt(setup.interrupt)
+// One virtqueue, served by one I/O thread: everything here runs on that thread.
+class BlkQueue final : public PollSource, public CompletionSink, public std::enable_shared_from_this<BlkQueue> {
+public:
+    BlkQueue(VirtioBlk& device, IoThread& thread, const QueueSetup& setup, bool event_idx, QueueStats& stats)
+        : device_(device),
+          thread_(thread),
+          ring_(device.memory_, setup.rings, event_idx, {device.options_.queue_size + 2u, kMaxRequestBytes}),
+          notify_(thread.context(), ::dup(setup.notify_fd)),
+          interrupt_(setup.interrupt),
+          stats_(stats),
+          slots_(setup.rings.size)
     {
+        for (uint32_t i = 0; i < slots_.size(); ++i)
+            free_slots_.push_back(static_cast<uint32_t>(slots_.size() - 1 - i));
     }
-    SplitQueue ring;
-    boost::asio::posix::stream_descriptor notify;
-    Interrupt* interrupt;
-    bool used_dirty = false;   // pushed used entries not yet considered for an interrupt
-    bool throttled = false;    // stopped popping for lack of slots
-    bool broken = false;
+
+    void start(std::function<void()> broken)
+    {
+        broken_ = std::move(broken);
+        sink_ = thread_.add_sink(*this);
+        thread_.add_source(*this);
+        thread_.use_file(device_.options_.engine, device_.image_.fd(), true);
+        wait_notify();
+        process();  // the driver may have kicked before DRIVER_OK
+    }
+
+    // Stops serving and waits for the requests in flight, whose buffers the
+    // guest still owns; answers none of them.
+    void stop()
+    {
+        stopping_ = true;
+        notify_.close();
+        thread_.remove_source(*this);
+        thread_.drain_until([this] { return free_slots_.size() == slots_.size(); });
+        thread_.remove_sink(sink_);
+        thread_.use_file(device_.options_.engine, device_.image_.fd(), false);
+    }
+
+    IoThread& thread() { return thread_; }
+    bool ready() const override { return !broken_ring_ && !free_slots_.empty() && ring_.has_available(); }
+    void run() override { process(); }
+    void set_polling(bool active) override
+    {
+        polling_ = active;
+        if (!broken_ring_)
+            ring_.set_notifications(!active);
+    }
+    void complete(uint32_t tag, int64_t result) override;
+    void completions_done() override;
+
+private:
+    struct InFlight {
+        uint16_t head = 0;
+        uint8_t* status = nullptr;
+        uint32_t written_on_success = 0;
+        uint64_t expected = 0;  // bytes the engine must move
+        uint64_t started_ns = 0;
+        std::vector<iovec> iov;
+        std::unique_ptr<uint8_t, void (*)(void*)> bounce{nullptr, ::free};
+        std::vector<iovec> guest;  // where a bounced read is copied back to
+    };
+
+    void wait_notify();
+    void process();
+    void start_request(Chain& chain);
+    void finish(uint16_t head, uint8_t* status, uint8_t value, uint32_t written);
+    void signal();
+    void mark_broken(const char* why);
+
+    VirtioBlk& device_;
+    IoThread& thread_;
+    SplitQueue ring_;
+    boost::asio::posix::stream_descriptor notify_;
+    Interrupt* interrupt_;
+    QueueStats& stats_;
+    std::function<void()> broken_;
+    std::vector<InFlight> slots_;
+    std::vector<uint32_t> free_slots_;
+    uint32_t sink_ = 0;
+    bool used_dirty_ = false;   // pushed used entries not yet considered for an interrupt
+    bool throttled_ = false;    // stopped popping for lack of slots
+    bool broken_ring_ = false;
+    bool polling_ = false;      // the thread polls us: leave notifications off
+    bool stopping_ = false;
 };
 
-VirtioBlk::VirtioBlk(DiskImage image, BlkOptions options, const GuestMemory& memory, IoThread& thread)
-    : image_(std::move(image)),
-      options_(std::move(options)),
-      memory_(memory),
-      thread_(thread),
-      engine_(make_io_engine(options_.engine, size_t{options_.num_queues} * options_.queue_size)),
-      engine_event_(thread.context(), ::dup(engine_->event_fd())),
-      slots_(engine_->capacity())
+namespace {
+uint64_t now_ns()
 {
-    for (uint32_t i = 0; i < slots_.size(); ++i)
-        free_slots_.push_back(static_cast<uint32_t>(slots_.size() - 1 - i));
+    timespec ts{};
+    ::clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+}  // namespace
+
+void BlkQueue::wait_notify()
+{
+    notify_.async_wait(boost::asio::posix::stream_descriptor::wait_read,
+                       [self = weak_from_this()](const boost::system::error_code& error) {
+                           auto queue = self.lock();
+                           if (error || !queue || queue->stopping_)
+                               return;  // stopped since: the kick is for nobody
+                           uint64_t kicks;
+                           [[maybe_unused]] ssize_t n = ::read(queue->notify_.native_handle(), &kicks, sizeof(kicks));
+                           queue->process();
+                           if (!queue->broken_ring_)
+                               queue->wait_notify();
+                       });
+}
+
+void BlkQueue::process()
+{
+    while (!broken_ring_ && !stopping_) {
+        ring_.set_notifications(false);
+        while (!free_slots_.empty()) {
+            auto popped = ring_.pop();
+            if (!popped)
+                break;
+            if (!popped->ok())
+                return mark_broken(describe(popped->error()));
+            start_request(popped->value());
+            if (broken_ring_)
+                return;
+        }
+        if (free_slots_.empty()) {
+            throttled_ = true;  // completions will bring us back
+            break;
+        }
+        if (polling_)
+            break;  // the thread looks at the ring again soon, no kick needed
+        // Style of QEMU's aio-posix: re-enable, then look once more before sleeping.
+        ring_.set_notifications(true);
+        if (!ring_.has_available())
+            break;
+    }
+    signal();
+}
+
+void BlkQueue::start_request(Chain& chain)
+{
+    auto framed = frame_blk_request(chain);
+    if (!framed)
+        return mark_broken("request without a status byte");
+    BlkRequest& request = *framed;
+    if (!request.header_complete)
+        return finish(chain.head, request.status, kBlkSIoErr, 1);
+    const DiskImage& image = device_.image_;
+    switch (request.type) {
+    case kBlkTIn:
+    case kBlkTOut:
+    case kBlkTFlush: {
+        if (request.type != kBlkTFlush) {
+            const uint8_t status = check_blk_request(request, image.size() / DiskImage::kSectorSize, image.read_only());
+            if (status != kBlkSOk)
+                return finish(chain.head, request.status, status, 1);
+        }
+        const uint32_t id = free_slots_.back();
+        free_slots_.pop_back();
+        InFlight& slot = slots_[id];
+        slot.head = chain.head;
+        slot.status = request.status;
+        slot.expected = request.data_bytes;
+        slot.written_on_success = request.type == kBlkTIn ? static_cast<uint32_t>(request.data_bytes + 1) : 1;
+        slot.iov = std::move(request.data);
+        slot.started_ns = now_ns();
+        const IoOp op = request.type == kBlkTIn ? IoOp::kRead : request.type == kBlkTOut ? IoOp::kWrite : IoOp::kFlush;
+        const uint32_t align = image.alignment();
+        const bool misaligned = std::any_of(slot.iov.begin(), slot.iov.end(), [&](const iovec& v) {
+            return reinterpret_cast<uintptr_t>(v.iov_base) % align || v.iov_len % align;
+        });
+        if (op != IoOp::kFlush && align > 1 && misaligned) {
+            // O_DIRECT wants aligned buffers; the guest's are not: go through one that is.
+            void* buffer = nullptr;
+            if (::posix_memalign(&buffer, align, std::max<size_t>(slot.expected, align)) != 0) {
+                slot = InFlight{};
+                free_slots_.push_back(id);
+                return finish(chain.head, request.status, kBlkSIoErr, 1);
+            }
+            slot.bounce.reset(static_cast<uint8_t*>(buffer));
+            if (op == IoOp::kWrite) {
+                std::vector<iovec> unused;
+                take_front(slot.iov, slot.expected, slot.bounce.get(), unused);
+            }
+            slot.guest = std::move(slot.iov);
+            slot.iov = {{slot.bounce.get(), static_cast<size_t>(slot.expected)}};
+        }
+        thread_.submit(device_.options_.engine,
+                       {op, image.fd(), request.sector * DiskImage::kSectorSize, slot.iov.data(),
+                        static_cast<int>(slot.iov.size()), IoThread::cookie(sink_, id), device_.options_.ioprio});
+        return;
+    }
+    case kBlkTGetId: {
+        uint8_t id[kBlkIdBytes] = {};
+        const std::string& serial = device_.options_.serial;
+        std::memcpy(id, serial.data(), std::min(serial.size(), kBlkIdBytes));
+        size_t copied = 0;
+        for (const auto& v : request.data) {
+            const size_t n = std::min(v.iov_len, kBlkIdBytes - copied);
+            std::memcpy(v.iov_base, id + copied, n);
+            copied += n;
+        }
+        return finish(chain.head, request.status, kBlkSOk, static_cast<uint32_t>(copied + 1));
+    }
+    default:
+        return finish(chain.head, request.status, kBlkSUnsupp, 1);
+    }
+}
+
+void BlkQueue::finish(uint16_t head, uint8_t* status, uint8_t value, uint32_t written)
+{
+    if (status)
+        *status = value;
+    ring_.push_used(head, written);
+    used_dirty_ = true;
+}
+
+void BlkQueue::complete(uint32_t tag, int64_t result)
+{
+    InFlight& slot = slots_.at(tag);
+    if (!stopping_) {
+        const bool ok = result >= 0 && static_cast<uint64_t>(result) == slot.expected;
+        if (!ok)
+            device_.report_io_error(result);
+        if (ok && slot.bounce && !slot.guest.empty()) {
+            size_t at = 0;
+            for (const auto& g : slot.guest) {
+                std::memcpy(g.iov_base, slot.bounce.get() + at, g.iov_len);
+                at += g.iov_len;
+            }
+        }
+        finish(slot.head, slot.status, ok ? kBlkSOk : kBlkSIoErr, ok ? slot.written_on_success : 1);
+        const uint64_t latency = now_ns() - slot.started_ns;
+        stats_.completed(slot.expected, latency);
+        thread_.mutable_stats().io.completed(slot.expected, latency);
+    }
+    slot = InFlight{};
+    free_slots_.push_back(tag);
+}
+
+void BlkQueue::completions_done()
+{
+    if (stopping_)
+        return;
+    if (throttled_ && !free_slots_.empty()) {
+        throttled_ = false;
+        process();  // signals too
+        return;
+    }
+    signal();
+}
+
+void BlkQueue::signal()
+{
+    if (used_dirty_) {
+        used_dirty_ = false;
+        if (ring_.needs_interrupt())
+            interrupt_->raise();
+    }
+}
+
+void BlkQueue::mark_broken(const char* why)
+{
+    broken_ring_ = true;
+    notify_.cancel();
+    signal();  // what completed before still reaches the driver
+    log_line("disk " + device_.image_.path() + ": the guest driver broke a queue (" + why + "); device needs a reset");
+    if (broken_)
+        broken_();
+}
+
+VirtioBlk::VirtioBlk(DiskImage image, BlkOptions options, const GuestMemory& memory, std::vector<IoThread*> queue_threads)
+    : image_(std::move(image)), options_(std::move(options)), memory_(memory), queue_threads_(std::move(queue_threads))
+{
+    if (queue_threads_.empty())
+        throw Error("a virtio-blk device needs at least one queue");
+    for (size_t q = 0; q < queue_threads_.size(); ++q)
+        stats_.push_back(std::make_unique<QueueStats>());
 }
 
 VirtioBlk::~VirtioBlk()
 {
     reset();
-    thread_.run_and_wait([this] { engine_event_.close(); });
-    // Handlers that closing queued still read epoch_: let them run while we exist.
-    thread_.run_and_wait([] {});
     // What the guest wrote reaches the image before lkvm exits.
     if (!image_.read_only())
         ::fdatasync(image_.fd());
@@ -120,7 +371,7 @@ uint64_t VirtioBlk::features() const
                  kBlkFFlush;
     if (image_.read_only())
         f |= kBlkFRo;
-    if (options_.num_queues > 1)
+    if (num_queues() > 1)
         f |= kBlkFMq;
     return f;
 }
@@ -131,7 +382,7 @@ void VirtioBlk::read_config(uint64_t offset, std::span<uint8_t> data)
     const uint64_t capacity = image_.size() / DiskImage::kSectorSize;
     const uint32_t seg_max = options_.queue_size - 2u;
     const uint32_t blk_size = std::max<uint32_t>(DiskImage::kSectorSize, image_.alignment());
-    const uint16_t queues = static_cast<uint16_t>(options_.num_queues);
+    const uint16_t queues = static_cast<uint16_t>(num_queues());
     std::memcpy(&config[0], &capacity, 8);
     std::memcpy(&config[12], &seg_max, 4);
     std::memcpy(&config[20], &blk_size, 4);
@@ -142,241 +393,41 @@ void VirtioBlk::read_config(uint64_t offset, std::span<uint8_t> data)
 
 void VirtioBlk::activate(uint64_t features, std::vector<QueueSetup> setups, std::function<void()> broken)
 {
-    thread_.run_and_wait([&] {
-        broken_ = std::move(broken);
-        const ChainLimits limits{options_.queue_size + 2u, kMaxRequestBytes};
-        const bool event_idx = features & kVirtioFRingEventIdx;
-        for (const auto& setup : setups) {
-            if (setup.rings.size > options_.queue_size || !rings_in_memory(memory_, setup.rings)) {
-                broken_();
-                continue;
-            }
-            queues_.push_back(std::make_unique<Queue>(memory_, setup, event_idx, limits, thread_.context()));
+    const bool event_idx = features & kVirtioFRingEventIdx;
+    for (const auto& setup : setups) {
+        if (setup.index >= queue_threads_.size() || setup.rings.size > options_.queue_size ||
+            !rings_in_memory(memory_, setup.rings)) {
+            broken();
+            continue;
         }
-        for (auto& queue : queues_) {
-            wait_notify(*queue);
-            process(*queue);  // the driver may have kicked before DRIVER_OK
-        }
-        wait_engine();
-    });
+        IoThread& thread = *queue_threads_[setup.index];
+        std::shared_ptr<BlkQueue> queue;
+        thread.run_and_wait([&] {
+            queue = std::make_shared<BlkQueue>(*this, thread, setup, event_idx, *stats_[setup.index]);
+            queue->start(broken);
+        });
+        queues_.push_back(std::move(queue));
+    }
 }
 
 void VirtioBlk::reset()
 {
-    thread_.run_and_wait([this] { drain(); });
-}
-
-void VirtioBlk::drain()
-{
-    ++epoch_;
-    for (auto& queue : queues_)
-        queue->notify.close();
-    engine_event_.cancel();
-    engine_waiting_ = false;
-    // The requests in flight still own guest buffers: wait for each, answer none.
-    while (engine_->in_flight() > 0) {
-        pollfd p{engine_->event_fd(), POLLIN, 0};
-        ::poll(&p, 1, 1000);
-        completions_.clear();
-        engine_->reap(completions_);
-        for (const auto& c : completions_) {
-            slots_[c.cookie] = InFlight{};
-            free_slots_.push_back(static_cast<uint32_t>(c.cookie));
-        }
+    for (auto& queue : queues_) {
+        IoThread& thread = queue->thread();
+        thread.run_and_wait([&] {
+            queue->stop();
+            queue.reset();  // on its thread, where its handlers run
+        });
     }
-    pending_.clear();
     queues_.clear();
 }
 
-void VirtioBlk::wait_notify(Queue& queue)
+void VirtioBlk::report_io_error(int64_t result)
 {
-    queue.notify.async_wait(boost::asio::posix::stream_descriptor::wait_read,
-                            [this, &queue, epoch = epoch_](const boost::system::error_code& error) {
-                                if (error || epoch != epoch_)
-                                    return;  // reset since: the queue is gone
-                                uint64_t kicks;
-                                [[maybe_unused]] ssize_t n = ::read(queue.notify.native_handle(), &kicks, sizeof(kicks));
-                                process(queue);
-                                if (epoch == epoch_)
-                                    wait_notify(queue);
-                            });
-}
-
-void VirtioBlk::wait_engine()
-{
-    if (engine_waiting_)
-        return;
-    engine_waiting_ = true;
-    engine_event_.async_wait(boost::asio::posix::stream_descriptor::wait_read,
-                             [this, epoch = epoch_](const boost::system::error_code& error) {
-                                 if (error || epoch != epoch_)
-                                     return;
-                                 engine_waiting_ = false;
-                                 on_completions();
-                                 wait_engine();
-                             });
-}
-
-void VirtioBlk::process(Queue& queue)
-{
-    while (!queue.broken) {
-        queue.ring.set_notifications(false);
-        while (!free_slots_.empty()) {
-            auto popped = queue.ring.pop();
-            if (!popped)
-                break;
-            if (!popped->ok())
-                return mark_broken(queue, describe(popped->error()));
-            start_request(queue, popped->value());
-            if (queue.broken)
-                return;
-        }
-        submit_pending();
-        if (free_slots_.empty()) {
-            queue.throttled = true;  // completions will bring us back
-            break;
-        }
-        // Style of QEMU's aio-posix: re-enable, then look once more before sleeping.
-        queue.ring.set_notifications(true);
-        if (!queue.ring.has_available())
-            break;
-    }
-    signal_queues();
-}
-
-void VirtioBlk::start_request(Queue& queue, Chain& chain)
-{
-    auto framed = frame_blk_request(chain);
-    if (!framed)
-        return mark_broken(queue, "request without a status byte");
-    BlkRequest& request = *framed;
-    if (!request.header_complete)
-        return finish(queue, chain.head, request.status, kBlkSIoErr, 1);
-    switch (request.type) {
-    case kBlkTIn:
-    case kBlkTOut:
-    case kBlkTFlush: {
-        if (request.type != kBlkTFlush) {
-            const uint8_t status = check_blk_request(request, image_.size() / DiskImage::kSectorSize, image_.read_only());
-            if (status != kBlkSOk)
-                return finish(queue, chain.head, request.status, status, 1);
-        }
-        const uint32_t id = free_slots_.back();
-        free_slots_.pop_back();
-        InFlight& slot = slots_[id];
-        slot.queue = &queue;
-        slot.head = chain.head;
-        slot.status = request.status;
-        slot.expected = request.data_bytes;
-        slot.written_on_success = request.type == kBlkTIn ? static_cast<uint32_t>(request.data_bytes + 1) : 1;
-        slot.iov = std::move(request.data);
-        const IoOp op = request.type == kBlkTIn ? IoOp::kRead : request.type == kBlkTOut ? IoOp::kWrite : IoOp::kFlush;
-        const uint32_t align = image_.alignment();
-        const bool misaligned = std::any_of(slot.iov.begin(), slot.iov.end(), [&](const iovec& v) {
-            return reinterpret_cast<uintptr_t>(v.iov_base) % align || v.iov_len % align;
-        });
-        if (op != IoOp::kFlush && align > 1 && misaligned) {
-            // O_DIRECT wants aligned buffers; the guest's are not: go through one that is.
-            void* buffer = nullptr;
-            if (::posix_memalign(&buffer, align, std::max<size_t>(slot.expected, align)) != 0) {
-                slot = InFlight{};
-                free_slots_.push_back(id);
-                return finish(queue, chain.head, request.status, kBlkSIoErr, 1);
-            }
-            slot.bounce.reset(static_cast<uint8_t*>(buffer));
-            if (op == IoOp::kWrite) {
-                std::vector<iovec> unused;
-                take_front(slot.iov, slot.expected, slot.bounce.get(), unused);
-            }
-            slot.guest = std::move(slot.iov);
-            slot.iov = {{slot.bounce.get(), static_cast<size_t>(slot.expected)}};
-        }
-        pending_.push_back({op, image_.fd(), request.sector * DiskImage::kSectorSize, slot.iov.data(),
-                            static_cast<int>(slot.iov.size()), id});
-        return;
-    }
-    case kBlkTGetId: {
-        uint8_t id[kBlkIdBytes] = {};
-        std::memcpy(id, options_.serial.data(), std::min(options_.serial.size(), kBlkIdBytes));
-        size_t copied = 0;
-        for (const auto& v : request.data) {
-            const size_t n = std::min(v.iov_len, kBlkIdBytes - copied);
-            std::memcpy(v.iov_base, id + copied, n);
-            copied += n;
-        }
-        return finish(queue, chain.head, request.status, kBlkSOk, static_cast<uint32_t>(copied + 1));
-    }
-    default:
-        return finish(queue, chain.head, request.status, kBlkSUnsupp, 1);
-    }
-}
-
-void VirtioBlk::finish(Queue& queue, uint16_t head, uint8_t* status, uint8_t value, uint32_t written)
-{
-    if (status)
-        *status = value;
-    queue.ring.push_used(head, written);
-    queue.used_dirty = true;
-}
-
-void VirtioBlk::submit_pending()
-{
-    if (pending_.empty())
-        return;
-    engine_->submit(pending_);
-    pending_.clear();
-    wait_engine();
-}
-
-void VirtioBlk::on_completions()
-{
-    completions_.clear();
-    engine_->reap(completions_);
-    for (const auto& c : completions_) {
-        InFlight& slot = slots_[c.cookie];
-        const bool ok = c.result >= 0 && static_cast<uint64_t>(c.result) == slot.expected;
-        if (!ok && !reported_error_.exchange(true))
-            log_line("disk " + image_.path() + ": I/O error (" +
-                     (c.result < 0 ? std::string(std::strerror(static_cast<int>(-c.result))) : "short transfer") +
-                     "); the guest gets IOERR, further errors are not reported");
-        if (ok && slot.bounce && !slot.guest.empty()) {
-            size_t at = 0;
-            for (const auto& g : slot.guest) {
-                std::memcpy(g.iov_base, slot.bounce.get() + at, g.iov_len);
-                at += g.iov_len;
-            }
-        }
-        finish(*slot.queue, slot.head, slot.status, ok ? kBlkSOk : kBlkSIoErr, ok ? slot.written_on_success : 1);
-        slot = InFlight{};
-        free_slots_.push_back(static_cast<uint32_t>(c.cookie));
-    }
-    for (auto& queue : queues_) {
-        if (queue->throttled && !free_slots_.empty()) {
-            queue->throttled = false;
-            process(*queue);
-        }
-    }
-    signal_queues();
-}
-
-void VirtioBlk::signal_queues()
-{
-    for (auto& queue : queues_) {
-        if (queue->used_dirty) {
-            queue->used_dirty = false;
-            if (queue->ring.needs_interrupt())
-                queue->interrupt->raise();
-        }
-    }
-}
-
-void VirtioBlk::mark_broken(Queue& queue, const char* why)
-{
-    queue.broken = true;
-    queue.notify.cancel();
-    log_line("disk " + image_.path() + ": the guest driver broke a queue (" + why + "); device needs a reset");
-    if (broken_)
-        broken_();
+    if (!reported_error_.exchange(true))
+        log_line("disk " + image_.path() + ": I/O error (" +
+                 (result < 0 ? std::string(std::strerror(static_cast<int>(-result))) : "short transfer") +
+                 "); the guest gets IOERR, further errors are not reported");
 }
 
 }  // namespace lkvm

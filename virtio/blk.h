@@ -3,8 +3,6 @@
 // engine on the I/O thread that owns its queues. Never on a vCPU thread.
 #pragma once
 
-#include <boost/asio/posix/stream_descriptor.hpp>
-
 #include <atomic>
 #include <functional>
 #include <memory>
@@ -14,6 +12,7 @@
 #include "disk/disk_image.h"
 #include "disk/io_engine.h"
 #include "virtio/device.h"
+#include "virtio/io_stats.h"
 #include "virtio/io_thread.h"
 
 namespace lkvm {
@@ -41,67 +40,47 @@ Result<BlkRequest, BlkFrameError> frame_blk_request(const Chain& chain);
 // The status an IN or OUT request gets before any I/O: OK when it may go ahead.
 uint8_t check_blk_request(const BlkRequest& request, uint64_t capacity_sectors, bool read_only);
 
+class BlkQueue;
+
 struct BlkOptions {
     std::string serial;
     EngineKind engine = EngineKind::kNative;
-    unsigned num_queues = 1;
+    uint16_t ioprio = 0;  // IOPRIO_PRIO_VALUE on every request; 0: the thread's own
     uint16_t queue_size = 256;
 };
 
+// The device model: configuration, features, and one BlkQueue per virtqueue
+// on the I/O thread the queue is mapped to. Queues on different threads
+// share nothing but the (read-only) disk description.
 class VirtioBlk : public VirtioDevice {
 public:
-    VirtioBlk(DiskImage image, BlkOptions options, const GuestMemory& memory, IoThread& thread);
+    // queue_threads[q] serves virtqueue q; their number is the device's queue count.
+    VirtioBlk(DiskImage image, BlkOptions options, const GuestMemory& memory, std::vector<IoThread*> queue_threads);
     ~VirtioBlk() override;
 
     uint16_t device_id() const override { return 2; }
     uint64_t features() const override;
-    unsigned num_queues() const override { return options_.num_queues; }
+    unsigned num_queues() const override { return static_cast<unsigned>(queue_threads_.size()); }
     uint16_t max_queue_size() const override { return options_.queue_size; }
     void read_config(uint64_t offset, std::span<uint8_t> data) override;
     void activate(uint64_t features, std::vector<QueueSetup> queues, std::function<void()> broken) override;
     void reset() override;
 
     const DiskImage& image() const { return image_; }
+    const BlkOptions& options() const { return options_; }
+    const IoThread& queue_thread(unsigned q) const { return *queue_threads_.at(q); }
+    const QueueStats& queue_stats(unsigned q) const { return *stats_.at(q); }
 
 private:
-    struct Queue;
-    struct InFlight {
-        Queue* queue = nullptr;
-        uint16_t head = 0;
-        uint8_t* status = nullptr;
-        uint32_t written_on_success = 0;
-        uint64_t expected = 0;  // bytes the engine must move
-        std::vector<iovec> iov;
-        std::unique_ptr<uint8_t, void (*)(void*)> bounce{nullptr, ::free};
-        std::vector<iovec> guest;  // where a bounced read is copied back to
-    };
-
-    // All of these run on the I/O thread.
-    void wait_notify(Queue& queue);
-    void wait_engine();
-    void process(Queue& queue);
-    void start_request(Queue& queue, Chain& chain);
-    void finish(Queue& queue, uint16_t head, uint8_t* status, uint8_t value, uint32_t written);
-    void on_completions();
-    void submit_pending();
-    void signal_queues();
-    void mark_broken(Queue& queue, const char* why);
-    void drain();
+    friend class BlkQueue;
+    void report_io_error(int64_t result);
 
     DiskImage image_;
     BlkOptions options_;
     const GuestMemory& memory_;
-    IoThread& thread_;
-    std::unique_ptr<IoEngine> engine_;
-    boost::asio::posix::stream_descriptor engine_event_;
-    std::vector<std::unique_ptr<Queue>> queues_;
-    std::function<void()> broken_;
-    std::vector<InFlight> slots_;
-    std::vector<uint32_t> free_slots_;
-    std::vector<IoRequest> pending_;
-    std::vector<IoCompletion> completions_;
-    bool engine_waiting_ = false;
-    uint64_t epoch_ = 0;  // bumped on reset: handlers of an older epoch do nothing
+    std::vector<IoThread*> queue_threads_;
+    std::vector<std::unique_ptr<QueueStats>> stats_;  // per queue, kept across resets
+    std::vector<std::shared_ptr<BlkQueue>> queues_;   // while DRIVER_OK; each touched only on its thread
     std::atomic<bool> reported_error_{false};
 };
 

@@ -1,8 +1,14 @@
 #include "virtio/io_thread.h"
 
+#include <poll.h>
 #include <pthread.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include <boost/asio/post.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstring>
 #include <exception>
 #include <future>
 
@@ -10,16 +16,34 @@
 
 namespace lkvm {
 
-IoThread::IoThread(std::string name)
-    : name_(std::move(name)), work_(boost::asio::make_work_guard(io_)), thread_([this] {
-          ::pthread_setname_np(::pthread_self(), name_.substr(0, 15).c_str());
-          try {
-              io_.run();
-          } catch (const std::exception& e) {
-              // A handler threw: nothing a guest does should get here; say so and stop this thread's work.
-              log_line(name_ + ": " + e.what());
-          }
-      })
+namespace {
+// Requests each engine may hold at once; more wait in the thread's backlog.
+constexpr size_t kEngineCapacity = 1024;
+
+uint64_t now_ns()
+{
+    return static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+}  // namespace
+
+uint64_t next_poll_ns(uint64_t poll_ns, uint64_t block_ns, const PollParams& params)
+{
+    if (params.max_ns == 0)
+        return 0;
+    if (block_ns <= poll_ns)
+        return poll_ns;  // polling caught it: the sweet spot
+    if (block_ns > params.max_ns)
+        return params.shrink ? poll_ns / params.shrink : 0;  // no poll time we allow would have
+    if (poll_ns < params.max_ns) {
+        const uint64_t grown = poll_ns ? poll_ns * (params.grow ? params.grow : 2) : kPollStartNs;
+        return std::min(grown, params.max_ns);
+    }
+    return poll_ns;
+}
+
+IoThread::IoThread(IoThreadOptions options)
+    : options_(std::move(options)), work_(boost::asio::make_work_guard(io_)), thread_([this] { loop(); })
 {
 }
 
@@ -47,6 +71,210 @@ void IoThread::run_and_wait(const std::function<void()>& fn)
         }
     });
     done.get_future().get();
+}
+
+void IoThread::loop()
+{
+    tid_ = ::gettid();
+    ::pthread_setname_np(::pthread_self(), options_.name.substr(0, 15).c_str());
+    if (options_.cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(options_.cpu, &set);
+        if (const int err = ::pthread_setaffinity_np(::pthread_self(), sizeof(set), &set))
+            log_line(options_.name + ": cannot pin to CPU " + std::to_string(options_.cpu) + ": " + std::strerror(err));
+    }
+    try {
+        while (!io_.stopped()) {
+            io_.poll();
+            flush();
+            const uint64_t start = now_ns();
+            bool found = false;
+            if (poll_ns_ > 0) {
+                set_polling(true);
+                const uint64_t deadline = start + poll_ns_;
+                do
+                    found = poll_once();
+                while (!found && now_ns() < deadline);
+            }
+            if (found) {
+                stats_.add(stats_.poll_hits);
+            } else {
+                // Notifications back on, then one more look: a kick that came
+                // while they were off would otherwise wait for the next one.
+                set_polling(false);
+                if (!poll_once()) {
+                    io_.run_one();
+                    stats_.add(stats_.wakeups);
+                }
+            }
+            if (options_.poll.max_ns) {
+                poll_ns_ = next_poll_ns(poll_ns_, now_ns() - start, options_.poll);
+                stats_.poll_ns.store(poll_ns_, std::memory_order_relaxed);
+            }
+        }
+    } catch (const std::exception& e) {
+        // Nothing a guest does should get here; say so and stop this thread's work.
+        log_line(options_.name + ": " + e.what());
+    }
+}
+
+bool IoThread::poll_once()
+{
+    bool found = false;
+    for (size_t i = 0; i < sources_.size(); ++i) {
+        if (sources_[i]->ready()) {
+            sources_[i]->run();
+            found = true;
+        }
+    }
+    for (auto& e : engines_) {
+        if (e && e->engine->has_completions()) {
+            reap(*e);
+            found = true;
+        }
+    }
+    if (found)
+        flush();
+    return found;
+}
+
+void IoThread::set_polling(bool active)
+{
+    if (polling_ == active)
+        return;
+    polling_ = active;
+    for (auto* source : sources_)
+        source->set_polling(active);
+}
+
+void IoThread::add_source(PollSource& source)
+{
+    sources_.push_back(&source);
+    if (polling_)
+        source.set_polling(true);
+}
+
+void IoThread::remove_source(PollSource& source)
+{
+    std::erase(sources_, &source);
+}
+
+uint32_t IoThread::add_sink(CompletionSink& sink)
+{
+    for (uint32_t id = 0; id < sinks_.size(); ++id) {
+        if (!sinks_[id]) {
+            sinks_[id] = &sink;
+            return id;
+        }
+    }
+    sinks_.push_back(&sink);
+    return static_cast<uint32_t>(sinks_.size() - 1);
+}
+
+void IoThread::remove_sink(uint32_t id)
+{
+    sinks_.at(id) = nullptr;
+}
+
+IoThread::Engine& IoThread::engine(EngineKind kind)
+{
+    auto& slot = engines_.at(static_cast<size_t>(kind));
+    if (!slot) {
+        Engine e;
+        e.engine = make_io_engine(kind, kEngineCapacity);
+        e.event = std::make_unique<boost::asio::posix::stream_descriptor>(io_, ::dup(e.engine->event_fd()));
+        slot.emplace(std::move(e));
+        wait_completions(*slot);
+    }
+    return *slot;
+}
+
+void IoThread::use_file(EngineKind kind, int fd, bool in_use)
+{
+    IoEngine& e = *engine(kind).engine;
+    if (in_use)
+        e.register_file(fd);
+    else
+        e.unregister_file(fd);
+}
+
+void IoThread::submit(EngineKind kind, const IoRequest& request)
+{
+    engine(kind).pending.push_back(request);
+}
+
+void IoThread::flush()
+{
+    for (auto& e : engines_) {
+        if (!e || e->pending.empty())
+            continue;
+        size_t done = 0;
+        while (done < e->pending.size()) {
+            const size_t room = e->engine->capacity() - e->engine->in_flight();
+            size_t n = std::min(room, e->pending.size() - done);
+            if (options_.max_batch)
+                n = std::min<size_t>(n, options_.max_batch);
+            if (n == 0)
+                break;  // the engine is full: completions make room
+            e->engine->submit(std::span(e->pending).subspan(done, n));
+            done += n;
+            stats_.add(stats_.batches);
+        }
+        e->pending.erase(e->pending.begin(), e->pending.begin() + static_cast<long>(done));
+    }
+}
+
+void IoThread::wait_completions(Engine& e)
+{
+    if (e.waiting)
+        return;
+    e.waiting = true;
+    e.event->async_wait(boost::asio::posix::stream_descriptor::wait_read, [this, &e](const boost::system::error_code& error) {
+        if (error)
+            return;
+        e.waiting = false;
+        reap(e);
+        wait_completions(e);
+    });
+}
+
+void IoThread::reap(Engine& e)
+{
+    completions_.clear();
+    e.engine->reap(completions_);
+    for (const auto& c : completions_) {
+        const auto id = static_cast<uint32_t>(c.cookie >> 32);
+        if (id >= sinks_.size() || !sinks_[id])
+            continue;  // its queue went while this was in flight (it waited for it: cannot happen)
+        sinks_[id]->complete(static_cast<uint32_t>(c.cookie), c.result);
+        if (std::find(touched_sinks_.begin(), touched_sinks_.end(), id) == touched_sinks_.end())
+            touched_sinks_.push_back(id);
+    }
+    // A sink may submit more from completions_done(): take the list first.
+    auto touched = std::move(touched_sinks_);
+    touched_sinks_.clear();
+    for (const uint32_t id : touched)
+        if (sinks_[id])
+            sinks_[id]->completions_done();
+}
+
+void IoThread::drain_until(const std::function<bool()>& done)
+{
+    while (!done()) {
+        flush();
+        bool busy = false;
+        for (auto& e : engines_) {
+            if (!e || (e->engine->in_flight() == 0 && e->pending.empty()))
+                continue;
+            busy = true;
+            pollfd p{e->engine->event_fd(), POLLIN, 0};
+            ::poll(&p, 1, 100);
+            reap(*e);
+        }
+        if (!busy)
+            return;  // nothing left anywhere to wait for
+    }
 }
 
 }  // namespace lkvm

@@ -1,35 +1,130 @@
-// A named thread running one Boost.Asio io_context (concurrency hint 1: its
-// handlers never run concurrently, so what it owns needs no locks). Started
-// by its owner and joined when the owner lets it go.
+// An I/O thread: a named thread running one Boost.Asio io_context
+// (concurrency hint 1: its handlers never run concurrently, so what it owns
+// needs no locks), one I/O engine per engine kind that its queues use, and
+// QEMU-style adaptive polling. Everything on the request path of the queues
+// it serves runs here; other threads only post to it.
 #pragma once
+
+#include <sys/types.h>
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 
+#include <array>
+#include <cstdint>
 #include <functional>
+#include <memory>
+#include <optional>
 #include <string>
 #include <thread>
+#include <vector>
+
+#include "disk/io_engine.h"
+#include "virtio/io_stats.h"
 
 namespace lkvm {
 
+// QEMU's iothread polling parameters, with its defaults.
+struct PollParams {
+    uint64_t max_ns = 32768;  // 0: never poll
+    uint64_t grow = 0;        // 0: double
+    uint64_t shrink = 0;      // 0: drop to 0 at once
+};
+constexpr uint64_t kPollStartNs = 4000;
+
+// The poll time after a wait of block_ns (time from the start of polling
+// until work was found or the thread woke up) with poll time poll_ns: kept
+// when polling would have caught it, shrunk when the wait was longer than
+// polling may ever be, grown when polling a little longer would have.
+uint64_t next_poll_ns(uint64_t poll_ns, uint64_t block_ns, const PollParams& params);
+
+struct IoThreadOptions {
+    std::string name;
+    PollParams poll;
+    unsigned max_batch = 0;  // requests per engine submission at most; 0: all that are ready
+    int cpu = -1;            // the host CPU to pin to; -1: wherever the scheduler likes
+};
+
+// Something this thread serves that can be checked without blocking: a
+// virtqueue's avail ring.
+class PollSource {
+public:
+    virtual ~PollSource() = default;
+    virtual bool ready() const = 0;            // work waiting; cheap, no system call
+    virtual void run() = 0;                    // does it
+    virtual void set_polling(bool active) = 0; // while polling, guest notifications are off
+};
+
+// Where an engine's completions go: each request's cookie names its sink
+// (the high 32 bits, given by add_sink) and a tag of the sink's own.
+class CompletionSink {
+public:
+    virtual ~CompletionSink() = default;
+    virtual void complete(uint32_t tag, int64_t result) = 0;
+    virtual void completions_done() = 0;  // after a batch of complete() calls: signal the guest once
+};
+
 class IoThread {
 public:
-    explicit IoThread(std::string name);
+    explicit IoThread(IoThreadOptions options);
     ~IoThread();
     IoThread(const IoThread&) = delete;
     IoThread& operator=(const IoThread&) = delete;
 
     boost::asio::io_context& context() { return io_; }
-    const std::string& name() const { return name_; }
+    const std::string& name() const { return options_.name; }
+    const IoThreadOptions& options() const { return options_; }
     bool is_current() const { return std::this_thread::get_id() == thread_.get_id(); }
+    pid_t tid() const { return tid_.load(); }  // the kernel's thread id, once running
+    const ThreadStats& stats() const { return stats_; }
     // Runs fn on this thread and returns when it has run (at once when already on it).
     void run_and_wait(const std::function<void()>& fn);
 
+    // The rest is for code running on this thread.
+    ThreadStats& mutable_stats() { return stats_; }
+    void add_source(PollSource& source);
+    void remove_source(PollSource& source);
+    uint32_t add_sink(CompletionSink& sink);
+    void remove_sink(uint32_t id);
+    static uint64_t cookie(uint32_t sink, uint32_t tag) { return uint64_t{sink} << 32 | tag; }
+    // Queues a request for the engine of that kind; it goes to the kernel
+    // with the others of this round, in batches of at most max_batch.
+    void submit(EngineKind kind, const IoRequest& request);
+    // Runs this thread's I/O (and nothing else) until done() holds: for a
+    // queue that must wait for its requests in flight before it goes.
+    void drain_until(const std::function<bool()>& done);
+    // Registers a file with the engine of that kind (io_uring fixed files).
+    void use_file(EngineKind kind, int fd, bool in_use);
+
 private:
-    std::string name_;
+    struct Engine {
+        std::unique_ptr<IoEngine> engine;
+        std::unique_ptr<boost::asio::posix::stream_descriptor> event;
+        std::vector<IoRequest> pending;  // waiting for room in the engine
+        bool waiting = false;
+    };
+    Engine& engine(EngineKind kind);
+    void loop();
+    void wait_completions(Engine& e);
+    void reap(Engine& e);
+    void flush();
+    bool poll_once();
+    void set_polling(bool active);
+
+    IoThreadOptions options_;
     boost::asio::io_context io_{1};
     boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
-    std::thread thread_;
+    std::array<std::optional<Engine>, 4> engines_;  // by EngineKind
+    std::vector<PollSource*> sources_;
+    std::vector<CompletionSink*> sinks_;             // by id; nullptr when free
+    std::vector<uint32_t> touched_sinks_;
+    std::vector<IoCompletion> completions_;
+    uint64_t poll_ns_ = 0;
+    bool polling_ = false;
+    ThreadStats stats_;
+    std::atomic<pid_t> tid_{0};
+    std::thread thread_;  // last: starts once everything above exists
 };
 
 }  // namespace lkvm

@@ -141,7 +141,7 @@ std::optional<Result<Chain, ChainError>> SplitQueue::pop()
         return std::nullopt;
     const uint16_t head = load16(reinterpret_cast<uint8_t*>(avail_ring_entry(last_avail_)));
     ++last_avail_;
-    if (event_idx_)
+    if (event_idx_ && notifications_)
         store16(used_ + 4 + 8ull * layout_.size, last_avail_);  // avail_event: kick us for anything newer
     return walk_chain(memory_, layout_, head, limits_);
 }
@@ -176,9 +176,11 @@ bool SplitQueue::needs_interrupt()
 
 void SplitQueue::set_notifications(bool enabled)
 {
+    notifications_ = enabled;
     if (event_idx_) {
-        if (enabled)
-            store16(used_ + 4 + 8ull * layout_.size, avail_idx());
+        // Off: an avail_event the driver has already passed, so that no new
+        // buffer crosses it (for the next 64K buffers, when one kick is harmless).
+        store16(used_ + 4 + 8ull * layout_.size, enabled ? avail_idx() : static_cast<uint16_t>(last_avail_ - 1));
     } else {
         store16(used_, enabled ? 0 : kVringUsedNoNotify);
     }

@@ -101,6 +101,7 @@ private:
     uint16_t used_idx_ = 0;
     uint16_t signalled_used_ = 0;    // used idx when we last decided about an interrupt
     bool signalled_valid_ = false;
+    bool notifications_ = true;
 };
 
 }  // namespace lkvm

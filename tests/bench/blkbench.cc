@@ -14,6 +14,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "base/error.h"
@@ -22,6 +23,7 @@
 #include "tests/device/driver.h"
 #include "virtio/blk.h"
 #include "virtio/io_thread.h"
+#include "virtio/queue_mapping.h"
 
 using namespace lkvm;
 using Clock = std::chrono::steady_clock;
@@ -30,6 +32,9 @@ namespace {
 struct Options {
     std::string engine = "native", rw = "randread", mode = "device", file = "/tmp/blkbench.raw";
     unsigned queues = 1, qd = 64;
+    unsigned iothreads = 0;  // device mode: 0 is a dedicated thread; engine mode: threads each with an engine
+    uint64_t poll_max_ns = 32768;
+    unsigned max_batch = 0;
     uint32_t bs = 4096;
     double seconds = 5;
     bool direct = false;
@@ -54,14 +59,18 @@ Options parse(int argc, char** argv)
         else if (a == "--file") o.file = next();
         else if (a == "--direct") o.direct = true;
         else if (a == "--mode") o.mode = next();
-        else throw Error("unknown option " + a + " (--engine --queues --qd --bs --rw --seconds --file --direct --mode)");
+        else if (a == "--iothreads") o.iothreads = static_cast<unsigned>(std::stoul(next()));
+        else if (a == "--poll-max-ns") o.poll_max_ns = std::stoull(next());
+        else if (a == "--aio-max-batch") o.max_batch = static_cast<unsigned>(std::stoul(next()));
+        else throw Error("unknown option " + a + " (--engine --queues --qd --bs --rw --seconds --file --direct --mode"
+                         " --iothreads --poll-max-ns --aio-max-batch)");
     }
     if (o.rw != "randread" && o.rw != "randwrite")
         throw Error("--rw randread|randwrite");
     if (o.mode != "device" && o.mode != "engine")
         throw Error("--mode device|engine");
-    if (o.qd == 0 || o.qd > 80 || o.queues == 0 || o.queues > 8 || o.bs % 512 || o.bs > 65536)
-        throw Error("--qd 1-80, --queues 1-8, --bs a multiple of 512 up to 64k");
+    if (o.qd == 0 || o.qd > 80 || o.queues == 0 || o.queues > 8 || o.iothreads > 8 || o.bs % 512 || o.bs > 65536)
+        throw Error("--qd 1-80, --queues 1-8, --iothreads 0-8, --bs a multiple of 512 up to 64k");
     return o;
 }
 
@@ -74,6 +83,11 @@ struct Stats {
         if (latencies_us.size() < 4'000'000)
             latencies_us.push_back(std::chrono::duration<double, std::micro>(end - start).count());
     }
+    void merge(const Stats& other)
+    {
+        done += other.done;
+        latencies_us.insert(latencies_us.end(), other.latencies_us.begin(), other.latencies_us.end());
+    }
     void print(double seconds)
     {
         std::sort(latencies_us.begin(), latencies_us.end());
@@ -82,10 +96,30 @@ struct Stats {
     }
 };
 
-double run_engine(const Options& o, DiskImage& image, Stats& stats)
+// CPU time (user + system) a thread of this process has used so far.
+double cpu_seconds(pid_t tid)
+{
+    std::FILE* f = std::fopen(("/proc/self/task/" + std::to_string(tid) + "/stat").c_str(), "r");
+    if (!f)
+        return 0;
+    char text[1024] = {};
+    const size_t n = std::fread(text, 1, sizeof(text) - 1, f);
+    std::fclose(f);
+    // Fields after the ")" that ends the name: state is 3, utime 14, stime 15.
+    const char* p = std::strrchr(text, ')');
+    if (!p || n == 0)
+        return 0;
+    unsigned long utime = 0, stime = 0;
+    std::sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime);
+    return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+// One engine driven at --qd on the file from the calling thread.
+double run_engine_thread(const Options& o, DiskImage& image, Stats& stats, unsigned seed)
 {
     auto engine = make_io_engine(parse_engine_kind(o.engine), o.qd);
-    std::mt19937_64 rng(42);
+    engine->register_file(image.fd());
+    std::mt19937_64 rng(seed);
     const uint64_t blocks = image.size() / o.bs;
     void* raw = nullptr;
     if (::posix_memalign(&raw, 4096, size_t{o.qd} * o.bs) != 0)
@@ -107,8 +141,10 @@ double run_engine(const Options& o, DiskImage& image, Stats& stats)
     engine->submit(batch);
     std::vector<IoCompletion> done;
     while (Clock::now() < end) {
-        pollfd p{engine->event_fd(), POLLIN, 0};
-        ::poll(&p, 1, 100);
+        if (!engine->has_completions()) {
+            pollfd p{engine->event_fd(), POLLIN, 0};
+            ::poll(&p, 1, 100);
+        }
         done.clear();
         engine->reap(done);
         batch.clear();
@@ -129,51 +165,110 @@ double run_engine(const Options& o, DiskImage& image, Stats& stats)
     return elapsed;
 }
 
+// The limit: max(1, --iothreads) threads, each its own engine at --qd.
+double run_engine(const Options& o, DiskImage& image, Stats& stats)
+{
+    const unsigned threads = std::max(1u, o.iothreads);
+    std::vector<Stats> per(threads);
+    std::vector<double> elapsed(threads);
+    std::vector<std::thread> workers;
+    std::vector<std::exception_ptr> errors(threads);
+    for (unsigned t = 0; t < threads; ++t)
+        workers.emplace_back([&, t] {
+            try {
+                elapsed[t] = run_engine_thread(o, image, per[t], 42 + t);
+            } catch (...) {
+                errors[t] = std::current_exception();
+            }
+        });
+    for (auto& w : workers)
+        w.join();
+    for (unsigned t = 0; t < threads; ++t) {
+        if (errors[t])
+            std::rethrow_exception(errors[t]);
+        stats.merge(per[t]);
+    }
+    return *std::max_element(elapsed.begin(), elapsed.end());
+}
+
+// The whole stack: one driver thread per queue (the guest's vCPUs), the
+// queues served by a dedicated I/O thread or a group of --iothreads.
 double run_device(const Options& o, DiskImage image, Stats& stats)
 {
     test::GuestDriver driver;
-    IoThread thread("disk0-io");
-    VirtioBlk blk(std::move(image), {"bench", parse_engine_kind(o.engine), o.queues, 256}, driver.memory(), thread);
+    const PollParams poll{o.poll_max_ns, 0, 0};
+    std::vector<std::unique_ptr<IoThread>> threads;
+    std::vector<IoThread*> queue_threads;
+    if (o.iothreads == 0) {
+        threads.push_back(std::make_unique<IoThread>(IoThreadOptions{"disk0-io", poll, o.max_batch, -1}));
+        queue_threads.assign(o.queues, threads.back().get());
+    } else {
+        for (unsigned k = 0; k < o.iothreads; ++k)
+            threads.push_back(
+                std::make_unique<IoThread>(IoThreadOptions{"iothread" + std::to_string(k), poll, o.max_batch, -1}));
+        for (const unsigned k : map_queues(o.iothreads, {{o.queues, {}}})[0])
+            queue_threads.push_back(threads[k].get());
+    }
+    VirtioBlk blk(std::move(image), {"bench", parse_engine_kind(o.engine), 0, 256}, driver.memory(), queue_threads);
     VirtioPciDevice transport(blk, driver.host_interface());
     driver.probe(transport, ~0ull, o.queues);
     const uint64_t blocks = blk.image().size() / o.bs;
-    std::mt19937_64 rng(42);
     const uint32_t type = o.rw == "randread" ? kBlkTIn : kBlkTOut;
     // Slot (q, i): header, status and data at fixed places, descriptors 3i..3i+2.
     auto base = [&](unsigned q, unsigned i) { return test::GuestDriver::kDataArea + (uint64_t{q} * 80 + i) * 0x11000ull; };
-    std::vector<std::vector<Clock::time_point>> started(o.queues, std::vector<Clock::time_point>(o.qd));
-    auto submit = [&](unsigned q, unsigned i) {
-        const uint64_t at = base(q, i);
-        uint8_t header[16] = {};
-        const uint64_t sector = (rng() % blocks) * (o.bs / 512);
-        std::memcpy(header, &type, 4);
-        std::memcpy(header + 8, &sector, 8);
-        std::memcpy(driver.host(at), header, 16);
-        started[q][i] = Clock::now();
-        driver.add_chain_at(q, static_cast<uint16_t>(3 * i),
-                            {{at, 16, false}, {at + 0x1000, o.bs, type == kBlkTIn}, {at + 0x200, 1, true}});
-    };
-    for (unsigned q = 0; q < o.queues; ++q) {
+    std::vector<Stats> per(o.queues);
+    std::vector<double> elapsed(o.queues);
+    std::vector<pid_t> driver_tids(o.queues);
+    auto drive = [&](unsigned q) {
+        driver_tids[q] = ::gettid();
+        std::mt19937_64 rng(42 + q);
+        std::vector<Clock::time_point> started(o.qd);
+        auto submit = [&](unsigned i) {
+            const uint64_t at = base(q, i);
+            uint8_t header[16] = {};
+            const uint64_t sector = (rng() % blocks) * (o.bs / 512);
+            std::memcpy(header, &type, 4);
+            std::memcpy(header + 8, &sector, 8);
+            std::memcpy(driver.host(at), header, 16);
+            started[i] = Clock::now();
+            driver.add_chain_at(q, static_cast<uint16_t>(3 * i),
+                                {{at, 16, false}, {at + 0x1000, o.bs, type == kBlkTIn}, {at + 0x200, 1, true}});
+        };
         for (unsigned i = 0; i < o.qd; ++i)
-            submit(q, i);
+            submit(i);
         driver.kick(q);
-    }
-    const auto begin = Clock::now();
-    const auto end = begin + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
-    while (Clock::now() < end) {
-        for (unsigned q = 0; q < o.queues; ++q) {
+        const auto begin = Clock::now();
+        const auto end = begin + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
+        while (Clock::now() < end) {
             const auto used = driver.wait_used(q, 1, 100);
             const auto now = Clock::now();
             for (const auto& [head, len] : used) {
-                stats.add(started[q][head / 3], now);
-                submit(q, head / 3);
+                per[q].add(started[head / 3], now);
+                submit(head / 3);
             }
             if (!used.empty())
                 driver.kick(q);
         }
-    }
-    const double elapsed = std::chrono::duration<double>(Clock::now() - begin).count();
-    return elapsed;
+        elapsed[q] = std::chrono::duration<double>(Clock::now() - begin).count();
+    };
+    std::vector<std::thread> drivers;
+    for (unsigned q = 0; q < o.queues; ++q)
+        drivers.emplace_back(drive, q);
+    for (auto& d : drivers)
+        d.join();
+    for (auto& p : per)
+        stats.merge(p);
+    // Where the CPU time went, as a share of the run.
+    const double seconds = *std::max_element(elapsed.begin(), elapsed.end());
+    std::string cpu = "cpu:";
+    for (const auto& t : threads)
+        cpu += " " + t->name() + "=" + std::to_string(static_cast<int>(100 * cpu_seconds(t->tid()) / seconds)) + "%";
+    double driver_cpu = 0;
+    for (const pid_t tid : driver_tids)
+        driver_cpu += cpu_seconds(tid);
+    cpu += " driver=" + std::to_string(static_cast<int>(100 * driver_cpu / seconds)) + "%";
+    std::printf("%s\n", cpu.c_str());
+    return seconds;
 }
 }  // namespace
 

@@ -28,7 +28,7 @@ struct BlkRig {
     std::filesystem::path dir;
     std::string path;
     GuestDriver driver;
-    IoThread thread{"disk0-io"};
+    IoThread thread{IoThreadOptions{"disk0-io", {}, 0, -1}};
     std::unique_ptr<VirtioBlk> blk;
     std::unique_ptr<VirtioPciDevice> transport;
     uint64_t features = 0;
@@ -46,7 +46,8 @@ struct BlkRig {
             data[i] = static_cast<uint8_t>(i / 512 + i % 512);
         std::ofstream(path, std::ios::binary).write(reinterpret_cast<char*>(data.data()), static_cast<long>(size));
         blk = std::make_unique<VirtioBlk>(DiskImage::open({path, read_only, false}),
-                                          BlkOptions{serial, engine, queues, 256}, driver.memory(), thread);
+                                          BlkOptions{serial, engine, 0, 256}, driver.memory(),
+                                          std::vector<IoThread*>(queues, &thread));
         transport = std::make_unique<VirtioPciDevice>(*blk, driver.host_interface());
         transport->use_intx(17);
         features = driver.probe(*transport, kAllFeatures, queues, 256, msix);

@@ -361,10 +361,66 @@ TEST_CASE("cli: -d options, and what is refused")
     CHECK(d.direct);
     CHECK(d.engine == "sync");
     CHECK(d.serial == "abc");
-    CHECK(parse_disk_spec("plain.raw").engine == "native");
+    CHECK(parse_disk_spec("plain.raw").engine.empty());  // the host's best: io_uring or native
     CHECK(parse_command_line({"run", "-d", "a.raw", "--disk", "b.raw,ro"}).run.disks.size() == 2);
     CHECK(error_of([] { parse_disk_spec(",ro"); }).find("no image path") != std::string::npos);
     CHECK(error_of([] { parse_disk_spec("a,fast"); }).find("unknown disk option 'fast'") != std::string::npos);
     CHECK(error_of([] { parse_disk_spec("a,aio=x"); }).find("aio=x is not an engine") != std::string::npos);
     CHECK(error_of([] { parse_disk_spec("a,serial=123456789012345678901"); }).find("20 bytes") != std::string::npos);
+}
+
+TEST_CASE("cli: --iothreads and the disk options that map queues to threads")
+{
+    const auto run = parse_command_line({"run", "-c", "2", "--iothreads",
+                                         "4,affinity=0-1,3,poll-max-ns=0,poll-grow=4,poll-shrink=2,aio-max-batch=32", "-d",
+                                         "a.raw,num-queues=4,iothread=1+3,ioprio=be/7,aio=io_uring", "--stats"})
+                         .run;
+    CHECK(run.iothreads.count == 4);
+    CHECK(run.iothreads.affinity == std::vector<int>{0, 1, 3});
+    CHECK(run.iothreads.poll_max_ns == 0);
+    CHECK(run.iothreads.poll_grow == 4);
+    CHECK(run.iothreads.poll_shrink == 2);
+    CHECK(run.iothreads.aio_max_batch == 32);
+    CHECK(run.stats);
+    REQUIRE(run.disks.size() == 1);
+    CHECK(run.disks[0].num_queues == 4);
+    CHECK(run.disks[0].iothreads == std::vector<unsigned>{1, 3});
+    CHECK(run.disks[0].ioprio == (2 << 13 | 7));
+    CHECK(run.disks[0].engine == "io_uring");
+    CHECK(parse_disk_spec("a,ioprio=idle").ioprio == (3 << 13));
+    CHECK(parse_disk_spec("a,ioprio=rt").ioprio == (1 << 13 | 4));
+    const auto defaults = parse_command_line({"run", "--iothreads", "2"}).run.iothreads;
+    CHECK(defaults.poll_max_ns == 32768);  // QEMU's
+    CHECK(defaults.poll_grow == 0);
+    CHECK(defaults.poll_shrink == 0);
+    CHECK(defaults.affinity.empty());
+
+    auto refused = [](std::vector<std::string> args) {
+        return error_of([&] { parse_command_line(args); });
+    };
+    CHECK(refused({"run", "--iothreads", "0"}).find("give 1 to 64 I/O threads") != std::string::npos);
+    CHECK(refused({"run", "--iothreads", "65"}).find("give 1 to 64 I/O threads") != std::string::npos);
+    CHECK(refused({"run", "--iothreads", "x"}).find("not a number") != std::string::npos);
+    CHECK(refused({"run", "--iothreads", "2,affinity=3-1"}).find("not a CPU range") != std::string::npos);
+    CHECK(refused({"run", "--iothreads", "2,spin=1"}).find("unknown option 'spin=1'") != std::string::npos);
+    CHECK(refused({"run", "--iothreads", "2,aio-max-batch=5000"}).find("more than an engine holds") != std::string::npos);
+    CHECK(refused({"run", "--iothreads", "2", "-d", "a.raw,iothread=5"}).find("has threads 0-1") != std::string::npos);
+    CHECK(refused({"run", "-d", "a.raw,iothread=0"}).find("add --iothreads N") != std::string::npos);
+    CHECK(refused({"run", "-d", "a.raw,num-queues=0"}).find("is not 1-64") != std::string::npos);
+    CHECK(refused({"run", "-d", "a.raw,num-queues=65"}).find("is not 1-64") != std::string::npos);
+    CHECK(refused({"run", "-d", "a.raw,ioprio=high"}).find("not rt, be or idle") != std::string::npos);
+    CHECK(refused({"run", "-d", "a.raw,ioprio=be/8"}).find("not 0-7") != std::string::npos);
+}
+
+TEST_CASE("cli: the group against the host's online CPUs")
+{
+    IoThreadsSpec spec;
+    spec.count = 2;
+    CHECK(check_iothreads_on_host(spec, {0, 1}).empty());
+    spec.count = 3;
+    CHECK(check_iothreads_on_host(spec, {0, 1}).find("more I/O threads than the host's 2 online CPUs") !=
+          std::string::npos);
+    spec.affinity = {1, 5};
+    CHECK(error_of([&] { check_iothreads_on_host(spec, {0, 1}); }).find("CPU 5 is not online") != std::string::npos);
+    CHECK(parse_cpu_list("x", "0-2,7,1") == std::vector<int>{0, 1, 2, 7});
 }

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# bench-nested.sh [BUILD]: fio in a 2-vCPU L2 guest, lkvm beside Debian's QEMU,
+# all in ONE L1 boot of the nested rig (scripts/nested-run.sh --batch), so both
+# VMMs see the same L1 kernel, memory and noise.
+#
+# Workload: fio 4k randread on /dev/vda, libaio, direct=1 (a virtio-blk block
+# device takes O_DIRECT), QD64 as numjobs=2 x iodepth=32, one job pinned to each
+# vCPU (cpus_allowed_policy=split), ${BENCH_SECONDS:-10}s time-based after a 2s
+# ramp, terse output (IOPS, p99 completion latency).
+# Disk: a 512 MiB image of non-zero data on a tmpfs mounted by the jobs in L1's
+# RAM: the 9p-backed host tree would dominate the data path. tmpfs has no
+# O_DIRECT, so both VMMs read through L1's page cache: QEMU cache=writeback
+# (aio=io_uring), lkvm without ",direct" (its default aio=native).
+# Rows: lkvm --iothreads 1, 2, 4 with num-queues=2, and QEMU with one iothread
+# and num-queues=2. LKVM_BENCH_DEDICATED_ONLY=1 runs lkvm once with plain
+# "-d IMAGE" (its per-disk dedicated I/O thread) instead.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+build=$top/${1:-build}
+seconds=${BENCH_SECONDS:-10}
+kernel=$top/build/kernel/vmlinuz
+initrd=$top/build/guest/initramfs-fio.cpio.gz
+work=$(mktemp -d /tmp/lkvm-bench-nested.XXXXXX)
+# Where the jobs ran on this host (hardware KVM) the tmpfs is mounted here too.
+trap 'umount "$work/ram" 2> /dev/null || true; rm -rf "$work"' EXIT
+
+# The guest command, the same for every VMM. fio's status is the job's status
+# (lkvm hands it back; QEMU loses it, hence the error field in the terse line).
+guest="echo queues=\$(ls /sys/block/vda/mq | wc -l)
+fio --name=r --filename=/dev/vda --rw=randread --bs=4k --ioengine=libaio --direct=1 \
+--iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split --group_reporting \
+--time_based --runtime=$seconds --ramp_time=2 --norandommap --randrepeat=0 \
+--eta=never --output-format=terse --output=/tmp/fio.out
+s=\$?; sed 's/^/FIO;/' /tmp/fio.out; exit \$s"
+
+# Every job starts with this: it (re)creates the image when it is missing,
+# which is also the case in a new L1 after the rig had to restart one.
+{
+    printf 'set -u\ncd %q\nimg=%q/ram/disk.raw\n' "$work" "$work"
+    printf 'guest=%q\nkernel=%q\ninitrd=%q\nlkvm=%q\n' "$guest" "$kernel" "$initrd" "$build/lkvm"
+    # The boot and shutdown take ~20 s here; a hung guest must not stall the batch.
+    printf 'limit=%d\n' $((seconds + 2 + 150))
+    cat << 'EOF'
+if [ ! -f "$img" ]; then
+    mkdir -p ram
+    mountpoint -q ram || mount -t tmpfs -o size=600m tmpfs ram || exit 125
+    head -c 1M /dev/urandom > ram/chunk
+    for i in $(seq 512); do cat ram/chunk; done > "$img.tmp" && mv "$img.tmp" "$img"
+    rm -f ram/chunk
+fi
+EOF
+} > "$work/common"
+
+configs=()
+lkvm_job() {  # lkvm_job NAME DISK-OPTIONS [LKVM-OPTIONS...]
+    local name=$1 opts=$2; shift 2
+    configs+=("$name")
+    { printf '. %q/common\n' "$work"
+      printf 'timeout "$limit" "$lkvm" run -c 2 -m 1024 -k "$kernel" -i "$initrd" -d "$img"%q' "$opts"
+      (($#)) && printf ' %q' "$@"; printf ' -- sh -c "$guest"\n'; } > "$work/$(printf '%02d' ${#configs[@]})-$name.sh"
+}
+if [ "${LKVM_BENCH_DEDICATED_ONLY:-0}" = 1 ]; then
+    lkvm_job dedicated ""
+else
+    for n in 1 2 4; do lkvm_job "iothreads-$n" ",num-queues=2" --iothreads "$n"; done
+fi
+configs+=(qemu)
+{ printf '. %q/common\n' "$work"
+  cat << 'EOF'
+# -accel kvm fails rather than falling back to TCG; init's exit-status port
+# write is ignored by QEMU, and its "poweroff -f" ends QEMU.
+timeout "$limit" qemu-system-x86_64 -accel kvm -cpu host -smp 2 -m 1024 -nographic -nic none -no-reboot \
+    -kernel "$kernel" -initrd "$initrd" \
+    -append "console=ttyS0 panic=-1 quiet lkvm.cmd=$(printf '%s' "$guest" | base64 -w 0)" \
+    -object iothread,id=io0 \
+    -drive "file=$img,if=none,id=d0,format=raw,aio=io_uring,cache=writeback" \
+    -device virtio-blk-pci,drive=d0,iothread=io0,num-queues=2 < /dev/null
+EOF
+} > "$work/$(printf '%02d' ${#configs[@]})-qemu.sh"
+
+rig_status=0
+bash "$top/scripts/nested-run.sh" --batch "$work" || rig_status=$?
+
+# output NAME: the run's console output, without the serial line's \r.
+output() { local f; for f in "$work"/*-"$1".sh.out; do [ -f "$f" ] && tr -d '\r' < "$f"; done; }
+# result NAME: "IOPS P99US" from the run's terse line when fio saw no error, or nothing.
+result() {
+    local line
+    line=$(output "$1" | grep -m1 -o 'FIO;3;.*' | cut -d';' -f2-) || return 0
+    awk -F';' '$5 == 0 { p99 = ""; for (i = 18; i <= 37; i++) if ($i ~ /^99\.000000%=/) { p99 = substr($i, 12); break }
+                          printf "%d %s\n", $8, p99 }' <<< "$line"
+}
+qemu_iops=$(result qemu | cut -d' ' -f1)
+failed=0
+echo "fio 4k randread QD64 (2 jobs x iodepth 32, one per vCPU), 2 vCPUs, ${seconds}s; 512 MiB image in L1 tmpfs," \
+     "page-cached (QEMU cache=writeback aio=io_uring, lkvm buffered aio=native); goal: lkvm/QEMU IOPS >= 1.2"
+printf '%-14s %10s %9s %8s %7s\n' config IOPS p99us vs-QEMU queues
+for name in "${configs[@]}"; do
+    read -r iops p99 <<< "$(result "$name")" || true
+    queues=$(output "$name" | sed -n 's/^queues=//p' | head -n 1)
+    label=$name; [ "$name" = qemu ] || label="lkvm $name"
+    if [ -z "${iops:-}" ]; then
+        failed=1
+        printf '%-14s %10s   (status %s)\n' "$label" failed "$(cat "$work"/*-"$name".sh.status 2> /dev/null || echo none)"
+        # Show why: fio's (or the VMM's) error lines, else the end of the run's output.
+        { output "$name" | grep -iE 'fio|err' || output "$name" | tail -n 8; } | tail -n 8 | sed 's/^/    | /'
+        continue
+    fi
+    ratio=$(awk -v a="$iops" -v b="${qemu_iops:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }')
+    printf '%-14s %10s %9s %8s %7s\n' "$label" "$iops" "$p99" "$ratio" "${queues:--}"
+done
+[ "$rig_status" = 0 ] || echo "bench-nested: the nested rig failed (status $rig_status)" >&2
+exit $(( failed || rig_status ))

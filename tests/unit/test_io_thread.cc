@@ -1,0 +1,99 @@
+// The I/O thread model's pure parts: queue -> thread mapping, the poll-time
+// adaptation, and the latency histogram behind the statistics.
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "virtio/io_stats.h"
+#include "virtio/io_thread.h"
+#include "virtio/queue_mapping.h"
+
+using namespace lkvm;
+
+TEST_CASE("mapping: queues round robin over the group, the start rotating from disk to disk")
+{
+    using Map = std::vector<std::vector<unsigned>>;
+    CHECK(map_queues(2, {{4, {}}, {4, {}}}) == Map{{0, 1, 0, 1}, {0, 1, 0, 1}});
+    CHECK(map_queues(4, {{2, {}}, {2, {}}, {1, {}}}) == Map{{0, 1}, {2, 3}, {0}});
+    // Single-queue disks spread too.
+    CHECK(map_queues(3, {{1, {}}, {1, {}}, {1, {}}, {1, {}}}) == Map{{0}, {1}, {2}, {0}});
+    // Odd queue counts keep the load even: 3 + 3 over 2 threads.
+    CHECK(map_queues(2, {{3, {}}, {3, {}}}) == Map{{0, 1, 0}, {1, 0, 1}});
+    // More threads than queues: the group is still used in turn.
+    CHECK(map_queues(4, {{1, {}}, {2, {}}}) == Map{{0}, {1, 2}});
+}
+
+TEST_CASE("mapping: iothread= lists, as QEMU's iothread-vq-mapping")
+{
+    using Map = std::vector<std::vector<unsigned>>;
+    CHECK(map_queues(4, {{4, {2}}}) == Map{{2, 2, 2, 2}});
+    CHECK(map_queues(4, {{4, {1, 3}}}) == Map{{1, 3, 1, 3}});
+    CHECK(map_queues(4, {{2, {3, 2, 1}}}) == Map{{3, 2}});
+    // A disk with its own list does not move the rotation of the others.
+    CHECK(map_queues(2, {{1, {}}, {2, {1}}, {1, {}}}) == Map{{0}, {1, 1}, {1}});
+    CHECK_THROWS_AS(map_queues(2, {{1, {5}}}), Error);
+    CHECK_THROWS_AS(map_queues(0, {{1, {}}}), Error);
+    try {
+        map_queues(2, {{1, {}}, {1, {2}}});
+    } catch (const Error& e) {
+        CHECK(std::string(e.what()).find("disk 1: iothread=2") != std::string::npos);
+    }
+}
+
+TEST_CASE("polling: the poll time adapts as QEMU's does")
+{
+    struct Case {
+        uint64_t poll_ns, block_ns;
+        PollParams params;
+        uint64_t expected;
+        const char* why;
+    };
+    const PollParams qemu{};  // max 32768, grow x2, shrink to 0
+    const Case cases[] = {
+        {0, 1000, qemu, kPollStartNs, "a short wait starts polling at 4 us"},
+        {4000, 3000, qemu, 4000, "caught by polling: the sweet spot, no change"},
+        {4000, 4000, qemu, 4000, "exactly caught"},
+        {4000, 10000, qemu, 8000, "polling a little longer would have caught it: grow"},
+        {16000, 20000, qemu, 32000, "grow"},
+        {32000, 32500, qemu, 32768, "grow, capped at poll-max-ns"},
+        {32768, 32768, qemu, 32768, "at the cap and caught"},
+        {8000, 50000, qemu, 0, "longer than any poll we allow: shrink (to 0 by default)"},
+        {0, 50000, qemu, 0, "long waits keep polling off"},
+        {8000, 50000, {32768, 0, 2}, 4000, "poll-shrink=2 halves"},
+        {4000, 10000, {32768, 4, 0}, 16000, "poll-grow=4"},
+        {4000, 10000, {0, 0, 0}, 0, "poll-max-ns=0: never poll"},
+        {0, 1000, {1000, 0, 0}, 1000, "the start is capped too"},
+    };
+    for (const auto& c : cases) {
+        CAPTURE(c.why);
+        CHECK(next_poll_ns(c.poll_ns, c.block_ns, c.params) == c.expected);
+    }
+}
+
+TEST_CASE("latency histogram: buckets within 12.5 %, percentiles from them")
+{
+    for (uint64_t ns : {0ull, 1ull, 7ull, 8ull, 9ull, 15ull, 16ull, 1000ull, 123456ull, 999999999ull}) {
+        const unsigned b = LatencyHistogram::bucket_of(ns);
+        CAPTURE(ns);
+        CHECK(LatencyHistogram::bucket_upper(b) >= ns);
+        CHECK(static_cast<double>(LatencyHistogram::bucket_upper(b)) <= static_cast<double>(ns) * 1.125 + 1);
+        if (b > 0)
+            CHECK(LatencyHistogram::bucket_upper(b - 1) < ns);
+    }
+    CHECK(LatencyHistogram::bucket_of(~0ull) == LatencyHistogram::kBuckets - 1);
+
+    LatencyHistogram h;
+    CHECK(h.percentile(0.5) == 0);
+    for (int i = 0; i < 98; ++i)
+        h.record(10'000);
+    h.record(1'000'000);
+    h.record(2'000'000);
+    CHECK(h.count() == 100);
+    CHECK(h.percentile(0.5) >= 10'000);
+    CHECK(h.percentile(0.5) < 11'300);
+    CHECK(h.percentile(0.99) >= 1'000'000);
+    CHECK(h.percentile(0.99) < 1'130'000);
+    CHECK(h.percentile(1.0) >= 2'000'000);
+}

@@ -1,0 +1,69 @@
+// I/O statistics, written by the one I/O thread that owns them and read by
+// anyone (the --stats table at exit, a control socket while running):
+// relaxed atomics, so a reader sees each number whole, never a torn one.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+namespace lkvm {
+
+// Latencies in log-linear buckets: 8 per power of two (at most 12.5 % error),
+// from 1 ns to about 2^40 ns (18 minutes), with no allocation.
+class LatencyHistogram {
+public:
+    static constexpr unsigned kSubBuckets = 8;
+    static constexpr unsigned kBuckets = 41 * kSubBuckets;
+
+    void record(uint64_t ns);
+    uint64_t count() const;
+    // The latency below which fraction p (0..1) of the recorded ones fall:
+    // the upper edge of the bucket it lands in; 0 when nothing was recorded.
+    uint64_t percentile(double p) const;
+
+    static unsigned bucket_of(uint64_t ns);
+    static uint64_t bucket_upper(unsigned bucket);
+
+private:
+    std::array<std::atomic<uint64_t>, kBuckets> buckets_{};
+};
+
+// Counters a queue (or a whole thread) keeps; plain values in a snapshot.
+struct IoCounters {
+    uint64_t requests = 0;
+    uint64_t bytes = 0;
+};
+
+class QueueStats {
+public:
+    void completed(uint64_t bytes, uint64_t latency_ns)
+    {
+        requests_.fetch_add(1, std::memory_order_relaxed);
+        bytes_.fetch_add(bytes, std::memory_order_relaxed);
+        latency_.record(latency_ns);
+    }
+    IoCounters counters() const
+    {
+        return {requests_.load(std::memory_order_relaxed), bytes_.load(std::memory_order_relaxed)};
+    }
+    const LatencyHistogram& latency() const { return latency_; }
+
+private:
+    std::atomic<uint64_t> requests_{0}, bytes_{0};
+    LatencyHistogram latency_;
+};
+
+// What an I/O thread did: its queues' requests plus how it spent its time.
+struct ThreadStats {
+    QueueStats io;                        // every request of every queue it serves
+    std::atomic<uint64_t> batches{0};     // engine submissions
+    std::atomic<uint64_t> wakeups{0};     // woken from sleep (a notify, a completion, a post)
+    std::atomic<uint64_t> poll_hits{0};   // work found by busy-polling, no sleep
+    std::atomic<uint64_t> poll_ns{0};     // the current poll time
+
+    void add(std::atomic<uint64_t>& counter, uint64_t n = 1) { counter.fetch_add(n, std::memory_order_relaxed); }
+};
+
+}  // namespace lkvm
