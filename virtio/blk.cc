@@ -165,6 +165,12 @@ private:
 };
 
 namespace {
+int current_tid()
+{
+    thread_local const int tid = ::gettid();
+    return tid;
+}
+
 uint64_t now_ns()
 {
     timespec ts{};
@@ -190,6 +196,7 @@ void BlkQueue::wait_notify()
 
 void BlkQueue::process()
 {
+    stats_.served_by(current_tid());
     while (!broken_ring_ && !stopping_) {
         ring_.set_notifications(false);
         while (!free_slots_.empty()) {

@@ -50,8 +50,21 @@ public:
     }
     const LatencyHistogram& latency() const { return latency_; }
 
+    // The kernel thread id that serves this queue, and whether another one
+    // ever did: each queue belongs to exactly one I/O thread.
+    void served_by(int tid)
+    {
+        const int before = served_by_.exchange(tid, std::memory_order_relaxed);
+        if (before != 0 && before != tid)
+            moved_.store(true, std::memory_order_relaxed);
+    }
+    int server() const { return served_by_.load(std::memory_order_relaxed); }
+    bool moved() const { return moved_.load(std::memory_order_relaxed); }
+
 private:
     std::atomic<uint64_t> requests_{0}, bytes_{0};
+    std::atomic<int> served_by_{0};
+    std::atomic<bool> moved_{false};
     LatencyHistogram latency_;
 };
 

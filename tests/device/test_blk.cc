@@ -16,6 +16,7 @@
 #include "tests/device/driver.h"
 #include "virtio/blk.h"
 #include "virtio/io_thread.h"
+#include "virtio/queue_mapping.h"
 
 using namespace lkvm;
 using namespace lkvm::test;
@@ -34,7 +35,8 @@ struct BlkRig {
     uint64_t features = 0;
 
     explicit BlkRig(EngineKind engine = EngineKind::kSync, bool read_only = false, uint64_t size = 8 << 20,
-                    std::string serial = "lkvm-serial-0001", unsigned queues = 1, bool msix = true)
+                    std::string serial = "lkvm-serial-0001", unsigned queues = 1, bool msix = true,
+                    std::vector<IoThread*> queue_threads = {})
     {
         char tmpl[] = "/tmp/lkvm-device.XXXXXX";
         dir = ::mkdtemp(tmpl);
@@ -47,7 +49,8 @@ struct BlkRig {
         std::ofstream(path, std::ios::binary).write(reinterpret_cast<char*>(data.data()), static_cast<long>(size));
         blk = std::make_unique<VirtioBlk>(DiskImage::open({path, read_only, false}),
                                           BlkOptions{serial, engine, 0, 256}, driver.memory(),
-                                          std::vector<IoThread*>(queues, &thread));
+                                          queue_threads.empty() ? std::vector<IoThread*>(queues, &thread)
+                                                                : queue_threads);
         transport = std::make_unique<VirtioPciDevice>(*blk, driver.host_interface());
         transport->use_intx(17);
         features = driver.probe(*transport, kAllFeatures, queues, 256, msix);
@@ -110,7 +113,7 @@ TEST_CASE("blk: features and configuration space")
 
 TEST_CASE("blk: write then read back at QD64 through each engine")
 {
-    for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative}) {
+    for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring}) {
         CAPTURE(engine_kind_name(engine));
         BlkRig rig(engine);
         constexpr unsigned kDepth = 64;
@@ -351,4 +354,75 @@ TEST_CASE("blk: a driver without MSI-X gets INTx, acknowledged through the ISR")
         ::usleep(1000);
     CHECK(rig.driver.read_isr() == 2);
     CHECK((rig.driver.status() & kNeedsReset) != 0);
+}
+
+namespace {
+// Writes a distinct pattern through every queue at once (QD16 each), reads it
+// back through every queue, and checks both against the image file.
+void write_and_verify_all_queues(BlkRig& rig, unsigned queues, uint8_t seed)
+{
+    constexpr unsigned kDepth = 16;
+    auto slot = [&](unsigned q, unsigned i) { return q * kDepth + i; };
+    auto sector = [&](unsigned q, unsigned i) { return 8ull * (q * kDepth + i); };
+    auto fill = [&](unsigned q, unsigned i) { return static_cast<uint8_t>(seed + q * kDepth + i); };
+    for (uint32_t type : {kBlkTOut, kBlkTIn}) {
+        for (unsigned q = 0; q < queues; ++q)
+            for (unsigned i = 0; i < kDepth; ++i) {
+                std::memset(rig.driver.host(BlkRig::data_gpa(slot(q, i))), type == kBlkTOut ? fill(q, i) : 0, 4096);
+                rig.queue_request(slot(q, i), type, sector(q, i), 4096, q);
+            }
+        for (unsigned q = 0; q < queues; ++q)
+            rig.driver.kick(q);
+        for (unsigned q = 0; q < queues; ++q)
+            CHECK(rig.driver.wait_used(q, kDepth).size() == kDepth);
+        for (unsigned q = 0; q < queues; ++q)
+            for (unsigned i = 0; i < kDepth; ++i) {
+                CHECK(*rig.driver.host(BlkRig::status_gpa(slot(q, i))) == kBlkSOk);
+                const uint8_t* data = rig.driver.host(BlkRig::data_gpa(slot(q, i)));
+                CHECK(std::vector<uint8_t>(data, data + 4096) == std::vector<uint8_t>(4096, fill(q, i)));
+                CHECK(rig.file_bytes(512 * sector(q, i), 4096) == std::vector<uint8_t>(4096, fill(q, i)));
+            }
+    }
+}
+}  // namespace
+
+TEST_CASE("blk: two disks x 4 queues over a group of 2 I/O threads, each queue on its own thread only")
+{
+    for (const uint64_t poll_max_ns : {uint64_t{0}, uint64_t{32768}, uint64_t{1'000'000}}) {
+        CAPTURE(poll_max_ns);
+        std::vector<std::unique_ptr<IoThread>> group;
+        for (unsigned k = 0; k < 2; ++k)
+            group.push_back(std::make_unique<IoThread>(
+                IoThreadOptions{"iothread" + std::to_string(k), {poll_max_ns, 0, 0}, 0, -1}));
+        const auto map = map_queues(2, {{4, {}}, {4, {}}});
+        std::vector<std::unique_ptr<BlkRig>> disks;
+        for (unsigned d = 0; d < 2; ++d) {
+            std::vector<IoThread*> threads;
+            for (const unsigned k : map[d])
+                threads.push_back(group[k].get());
+            const EngineKind engine = d == 0 ? EngineKind::kNative : EngineKind::kIoUring;
+            disks.push_back(std::make_unique<BlkRig>(engine, false, 8 << 20, "disk", 4, true, threads));
+        }
+        for (unsigned round = 0; round < 2; ++round)
+            for (unsigned d = 0; d < 2; ++d)
+                write_and_verify_all_queues(*disks[d], 4, static_cast<uint8_t>(0x10 * d + round));
+        for (unsigned d = 0; d < 2; ++d) {
+            for (unsigned q = 0; q < 4; ++q) {
+                CAPTURE(d);
+                CAPTURE(q);
+                const QueueStats& stats = disks[d]->blk->queue_stats(q);
+                CHECK(stats.server() == group[map[d][q]]->tid());
+                CHECK_FALSE(stats.moved());
+                CHECK(stats.counters().requests == 2 * 2 * 16);
+                CHECK(&disks[d]->blk->queue_thread(q) == group[map[d][q]].get());
+            }
+        }
+        // Each thread served its four queues' requests, none of the others'.
+        for (unsigned k = 0; k < 2; ++k) {
+            CHECK(group[k]->stats().io.counters().requests == 4 * 2 * 2 * 16);
+            if (poll_max_ns == 0)
+                CHECK(group[k]->stats().poll_hits.load() == 0);
+        }
+        disks.clear();  // the devices go before their threads
+    }
 }
