@@ -38,7 +38,8 @@ s=\$?; sed 's/^/FIO;/' /tmp/fio.out; exit \$s"
 {
     printf 'set -u\ncd %q\nimg=%q/ram/disk.raw\n' "$work" "$work"
     printf 'guest=%q\nkernel=%q\ninitrd=%q\nlkvm=%q\n' "$guest" "$kernel" "$initrd" "$build/lkvm"
-    # The boot and shutdown take ~20 s here; a hung guest must not stall the batch.
+    # The boot and shutdown take ~20 s here; a hung guest must not stall the
+    # batch (TERM first, so that lkvm says where its vCPUs were; then KILL).
     printf 'limit=%d\n' $((seconds + 2 + 150))
     cat << 'EOF'
 if [ ! -f "$img" ]; then
@@ -56,7 +57,7 @@ lkvm_job() {  # lkvm_job NAME DISK-OPTIONS [LKVM-OPTIONS...]
     local name=$1 opts=$2; shift 2
     configs+=("$name")
     { printf '. %q/common\n' "$work"
-      printf 'timeout "$limit" "$lkvm" run -c 2 -m 1024 -k "$kernel" -i "$initrd" -d "$img"%q' "$opts"
+      printf 'timeout -k 10 "$limit" "$lkvm" run -c 2 -m 1024 -k "$kernel" -i "$initrd" -d "$img"%q' "$opts"
       (($#)) && printf ' %q' "$@"; printf ' -- sh -c "$guest"\n'; } > "$work/$(printf '%02d' ${#configs[@]})-$name.sh"
 }
 if [ "${LKVM_BENCH_DEDICATED_ONLY:-0}" = 1 ]; then
@@ -69,7 +70,7 @@ configs+=(qemu)
   cat << 'EOF'
 # -accel kvm fails rather than falling back to TCG; init's exit-status port
 # write is ignored by QEMU, and its "poweroff -f" ends QEMU.
-timeout "$limit" qemu-system-x86_64 -accel kvm -cpu host -smp 2 -m 1024 -nographic -nic none -no-reboot \
+timeout -k 10 "$limit" qemu-system-x86_64 -accel kvm -cpu host -smp 2 -m 1024 -nographic -nic none -no-reboot \
     -kernel "$kernel" -initrd "$initrd" \
     -append "console=ttyS0 panic=-1 quiet lkvm.cmd=$(printf '%s' "$guest" | base64 -w 0)" \
     -object iothread,id=io0 \
@@ -97,11 +98,14 @@ echo "fio 4k randread QD64 (2 jobs x iodepth 32, one per vCPU), 2 vCPUs, ${secon
 printf '%-14s %10s %9s %8s %7s\n' config IOPS p99us vs-QEMU queues
 for name in "${configs[@]}"; do
     read -r iops p99 <<< "$(result "$name")" || true
-    queues=$(output "$name" | sed -n 's/^queues=//p' | head -n 1)
+    # SeaBIOS's terminal resets can precede the line under QEMU.
+    queues=$(output "$name" | grep -m1 -o 'queues=[0-9]*' | cut -d= -f2 || true)
     label=$name; [ "$name" = qemu ] || label="lkvm $name"
     if [ -z "${iops:-}" ]; then
         failed=1
-        printf '%-14s %10s   (status %s)\n' "$label" failed "$(cat "$work"/*-"$name".sh.status 2> /dev/null || echo none)"
+        status=$(cat "$work"/*-"$name".sh.status 2> /dev/null || echo none)
+        case $status in 124|137) status="$status: timed out, the guest hung";; esac
+        printf '%-14s %10s   (status %s)\n' "$label" failed "$status"
         # Show why: fio's (or the VMM's) error lines, else the end of the run's output.
         { output "$name" | grep -iE 'fio|err' || output "$name" | tail -n 8; } | tail -n 8 | sed 's/^/    | /'
         continue

@@ -22,3 +22,4 @@ for spec in "null:" "sync:" "native:" "native:--direct"; do
         "$di" "$(field p50_us "$dev")" "$(field p99_us "$dev")" "$ei" "$(field p50_us "$eng")" "$(field p99_us "$eng")" \
         "$(awk -v a="$di" -v b="$ei" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
 done
+if [ "${BENCH_NESTED:-0}" = 1 ]; then bash "$top/scripts/bench-nested.sh" "${1:-build}"; fi

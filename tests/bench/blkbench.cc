@@ -206,7 +206,8 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
         for (unsigned k = 0; k < o.iothreads; ++k)
             threads.push_back(
                 std::make_unique<IoThread>(IoThreadOptions{"iothread" + std::to_string(k), poll, o.max_batch, -1}));
-        for (const unsigned k : map_queues(o.iothreads, {{o.queues, {}}})[0])
+        const auto map = map_queues(o.iothreads, {{o.queues, {}}});
+        for (const unsigned k : map[0])
             queue_threads.push_back(threads[k].get());
     }
     VirtioBlk blk(std::move(image), {"bench", parse_engine_kind(o.engine), 0, 256}, driver.memory(), queue_threads);
@@ -218,9 +219,8 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
     auto base = [&](unsigned q, unsigned i) { return test::GuestDriver::kDataArea + (uint64_t{q} * 80 + i) * 0x11000ull; };
     std::vector<Stats> per(o.queues);
     std::vector<double> elapsed(o.queues);
-    std::vector<pid_t> driver_tids(o.queues);
+    std::vector<double> driver_cpu(o.queues);
     auto drive = [&](unsigned q) {
-        driver_tids[q] = ::gettid();
         std::mt19937_64 rng(42 + q);
         std::vector<Clock::time_point> started(o.qd);
         auto submit = [&](unsigned i) {
@@ -250,6 +250,7 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
                 driver.kick(q);
         }
         elapsed[q] = std::chrono::duration<double>(Clock::now() - begin).count();
+        driver_cpu[q] = cpu_seconds(::gettid());
     };
     std::vector<std::thread> drivers;
     for (unsigned q = 0; q < o.queues; ++q)
@@ -263,10 +264,10 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
     std::string cpu = "cpu:";
     for (const auto& t : threads)
         cpu += " " + t->name() + "=" + std::to_string(static_cast<int>(100 * cpu_seconds(t->tid()) / seconds)) + "%";
-    double driver_cpu = 0;
-    for (const pid_t tid : driver_tids)
-        driver_cpu += cpu_seconds(tid);
-    cpu += " driver=" + std::to_string(static_cast<int>(100 * driver_cpu / seconds)) + "%";
+    double driver_total = 0;
+    for (const double c : driver_cpu)
+        driver_total += c;
+    cpu += " driver=" + std::to_string(static_cast<int>(100 * driver_total / seconds)) + "%";
     std::printf("%s\n", cpu.c_str());
     return seconds;
 }

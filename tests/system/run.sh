@@ -81,6 +81,21 @@ for i in $(seq 1 60); do grep -q "^first-up" first.out 2>/dev/null && break; sle
 "$LKVM" run -d inuse.raw -- true; echo "second=$?"
 kill $first; wait $first 2>/dev/null; echo "first stopped"'
 
+# An I/O thread group: two queues, two threads, a fio verify job through both.
+truncate -s 64M "$work/group.raw"
+script iothreads-group '"$LKVM" run -c 2 -i '"$top"'/build/guest/initramfs-fio.cpio.gz --iothreads 2 -d group.raw --stats -- sh -c "echo mq=\$(ls /sys/block/vda/mq | wc -l); fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --size=16M --offset_increment=16M --numjobs=2 --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 --group_reporting > /tmp/fio.log 2>&1; s=\$?; grep -E \"err=|verify\" /tmp/fio.log | head -n 5; echo fio=\$s" > group.out 2>&1 < /dev/null &
+pid=$!
+names=
+for i in $(seq 1 120); do
+    names=$(cat /proc/$pid/task/*/comm 2> /dev/null | grep -E "^iothread" | sort | tr "\n" " ")
+    [ "$names" = "iothread0 iothread1 " ] && break
+    sleep 0.5
+done
+echo "threads: $names"
+wait $pid; echo "status=$?"
+cat group.out'
+job iothreads-over-cpus run --iothreads 3 -- true
+
 mkdir -p "$work/rig"
 LKVM_RIG_TIMEOUT=${LKVM_RIG_TIMEOUT:-240} "$top/scripts/nested-run.sh" --batch "$work" 2> "$work/rig.err"
 rig_status=$?
@@ -115,6 +130,9 @@ else fail disk-read-only-unchanged "the read-only image changed" "$(result disk-
 expect disk-intx 0 '^HOST-MARKER-4f2a$' '^[1-9]$'
 expect disk-two 0 '^vda vdb $' '^second-disk-data$'
 expect disk-in-use 0 'inuse.raw: in use by another lkvm' '^second=1$'
+expect iothreads-group 0 '^threads: iothread0 iothread1 $' '^status=0$' '^mq=2$' '^fio=0$' \
+    '^iothread0 +- +[1-9][0-9]* ' '^iothread1 +- +[1-9][0-9]* ' '^0 +0 +iothread0 ' '^0 +1 +iothread1 '
+expect iothreads-over-cpus 0 '^lkvm: --iothreads 3: more I/O threads than the host.s 2 online CPUs; they will share CPUs$'
 expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+ vCPUs in one guest'
 
 # ---------------------------------------------------------------- bad input, no KVM needed
@@ -155,6 +173,13 @@ refuse disk-odd-size    'size 1000 is not a multiple of 512 bytes' run -d "$work
 refuse disk-bad-option  "unknown disk option 'fast'" run -d "$work/odd.raw,fast"
 refuse disk-bad-engine  'aio=turbo is not an engine' run -d "$work/odd.raw,aio=turbo"
 refuse disk-no-path     'no image path before the options' run -d ,ro
+refuse iothreads-0      '^lkvm: --iothreads 0: give 1 to 64 I/O threads' run --iothreads 0 -d "$work/odd.raw"
+refuse iothreads-65     '^lkvm: --iothreads 65: give 1 to 64 I/O threads' run --iothreads 65 -d "$work/odd.raw"
+refuse iothread-5-of-2  'iothread=5: --iothreads 2 has threads 0-1' run --iothreads 2 -d "$work/odd.raw,iothread=5"
+refuse iothread-no-group 'iothread= picks threads of the group; add --iothreads N' run -d "$work/odd.raw,iothread=1"
+refuse iothreads-offline-cpu 'CPU 4000 is not online on this host' run --iothreads 2,affinity=0,4000
+refuse disk-num-queues  'num-queues=0 is not 1-64' run -d "$work/odd.raw,num-queues=0"
+refuse disk-ioprio      "ioprio class 'urgent' is not rt, be or idle" run -d "$work/odd.raw,ioprio=urgent"
 if [ "$(md5sum < "$work/odd.raw")" = "$odd_sum" ]; then pass "bad-input disk-untouched"
 else fail "bad-input disk-untouched" "a refused image was modified" ""; fi
 
