@@ -215,8 +215,11 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
     driver.probe(transport, ~0ull, o.queues);
     const uint64_t blocks = blk.image().size() / o.bs;
     const uint32_t type = o.rw == "randread" ? kBlkTIn : kBlkTOut;
-    // Slot (q, i): header, status and data at fixed places, descriptors 3i..3i+2.
-    auto base = [&](unsigned q, unsigned i) { return test::GuestDriver::kDataArea + (uint64_t{q} * 80 + i) * 0x11000ull; };
+    // Slot (q, i): header and status in a small area, data packed like the
+    // engine mode's buffers (so both touch as much memory), descriptors 3i..3i+2.
+    auto slot = [&](unsigned q, unsigned i) { return uint64_t{q} * 80 + i; };
+    auto header = [&](unsigned q, unsigned i) { return test::GuestDriver::kDataArea + slot(q, i) * 32; };
+    auto data = [&](unsigned q, unsigned i) { return test::GuestDriver::kDataArea + (1 << 20) + slot(q, i) * o.bs; };
     std::vector<Stats> per(o.queues);
     std::vector<double> elapsed(o.queues);
     std::vector<double> driver_cpu(o.queues);
@@ -224,15 +227,14 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
         std::mt19937_64 rng(42 + q);
         std::vector<Clock::time_point> started(o.qd);
         auto submit = [&](unsigned i) {
-            const uint64_t at = base(q, i);
-            uint8_t header[16] = {};
+            uint8_t request[16] = {};
             const uint64_t sector = (rng() % blocks) * (o.bs / 512);
-            std::memcpy(header, &type, 4);
-            std::memcpy(header + 8, &sector, 8);
-            std::memcpy(driver.host(at), header, 16);
+            std::memcpy(request, &type, 4);
+            std::memcpy(request + 8, &sector, 8);
+            std::memcpy(driver.host(header(q, i)), request, 16);
             started[i] = Clock::now();
             driver.add_chain_at(q, static_cast<uint16_t>(3 * i),
-                                {{at, 16, false}, {at + 0x1000, o.bs, type == kBlkTIn}, {at + 0x200, 1, true}});
+                                {{header(q, i), 16, false}, {data(q, i), o.bs, type == kBlkTIn}, {header(q, i) + 16, 1, true}});
         };
         for (unsigned i = 0; i < o.qd; ++i)
             submit(i);
