@@ -1,5 +1,6 @@
 #include "disk/io_engine.h"
 
+#include <fcntl.h>
 #include <libaio.h>
 #include <linux/ioprio.h>
 #include <liburing.h>
@@ -362,6 +363,10 @@ public:
         return io_uring_cq_ready(ring_.get()) > 0 || !refused_.empty() || io_uring_sq_ready(ring_.get()) > 0;
     }
 
+    // The ring gets an open file description of its own for the file: the
+    // kernel drops a ring's files only some time after the ring is gone, and
+    // the image's lock (held by the caller's description) must go the moment
+    // the caller closes it, or the next lkvm finds the image "in use".
     void register_file(int fd) override
     {
         if (fd < 0 || slot_of(fd) >= 0)
@@ -370,9 +375,15 @@ public:
         if (free == slot_fd_.end())
             return;  // the table is full: the file works unregistered
         const auto slot = static_cast<unsigned>(free - slot_fd_.begin());
-        if (io_uring_register_files_update(ring_.get(), slot, &fd, 1) != 1)
+        const int flags = ::fcntl(fd, F_GETFL);
+        Fd own(flags < 0 ? -1
+                         : ::open(("/proc/self/fd/" + std::to_string(fd)).c_str(),
+                                  (flags & (O_ACCMODE | O_DIRECT)) | O_CLOEXEC));
+        int registered = own.get();
+        if (!own.valid() || io_uring_register_files_update(ring_.get(), slot, &registered, 1) != 1)
             return;
         *free = fd;
+        own_fds_[slot] = std::move(own);
         if (static_cast<size_t>(fd) >= fd_slot_.size())
             fd_slot_.resize(static_cast<size_t>(fd) + 1, -1);
         fd_slot_[static_cast<size_t>(fd)] = static_cast<int>(slot);
@@ -387,6 +398,7 @@ public:
         const int none = -1;
         io_uring_register_files_update(ring_.get(), static_cast<unsigned>(slot), &none, 1);
         slot_fd_[static_cast<size_t>(slot)] = -1;
+        own_fds_[static_cast<size_t>(slot)] = Fd();
         fd_slot_[static_cast<size_t>(fd)] = -1;
     }
 
@@ -460,7 +472,8 @@ private:
 
     Uring ring_;
     std::vector<IoCompletion> refused_;
-    std::vector<int> slot_fd_;  // registered file slot -> fd, -1 when free
+    std::vector<int> slot_fd_;  // registered file slot -> the caller's fd, -1 when free
+    std::array<Fd, kFileSlots> own_fds_;  // slot -> the ring's own description of that file
     std::vector<int> fd_slot_;  // fd -> its slot, -1 when not registered
 };
 

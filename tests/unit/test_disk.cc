@@ -286,3 +286,30 @@ TEST_CASE("io engines: names")
     CHECK(default_engine_kind() == fallback);
     CHECK(make_io_engine(fallback, 4) != nullptr);
 }
+
+TEST_CASE("io_uring engine: a registered image does not keep its lock once the image is closed")
+{
+    TempDir dir;
+    const auto path = dir.file("locked.raw", 1 << 20, 'x');
+    auto engine = make_io_engine(EngineKind::kIoUring, 8);
+    {
+        DiskImage image = DiskImage::open({path, false, false});
+        engine->register_file(image.fd());
+        char buffer[512];
+        iovec iov{buffer, sizeof(buffer)};
+        const IoRequest read{IoOp::kRead, image.fd(), 0, &iov, 1, 7};
+        engine->submit(std::span(&read, 1));
+        std::vector<IoCompletion> done;
+        while (done.empty()) {
+            pollfd p{engine->event_fd(), POLLIN, 0};
+            ::poll(&p, 1, 1000);
+            engine->reap(done);
+        }
+        CHECK(done[0].result == 512);
+        CHECK(buffer[0] == 'x');
+    }
+    // The engine, its ring and the registration live on (as the kernel may keep
+    // a ring's files a while after lkvm is gone); the image is closed: a second
+    // user may lock it.
+    CHECK_NOTHROW(DiskImage::open({path, false, false}));
+}
