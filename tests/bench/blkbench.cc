@@ -264,8 +264,18 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
     // Where the CPU time went, as a share of the run.
     const double seconds = *std::max_element(elapsed.begin(), elapsed.end());
     std::string cpu = "cpu:";
-    for (const auto& t : threads)
-        cpu += " " + t->name() + "=" + std::to_string(static_cast<int>(100 * cpu_seconds(t->tid()) / seconds)) + "%";
+    for (const auto& t : threads) {
+        // Its CPU share, requests per engine submission, and how often polling found the work.
+        const ThreadStats& st = t->stats();
+        const double batches = static_cast<double>(std::max<uint64_t>(st.batches.load(), 1));
+        const double wakes = static_cast<double>(st.wakeups.load() + st.poll_hits.load());
+        char line[160];
+        std::snprintf(line, sizeof(line), " %s=%d%%(%.1f/batch,%d%%polled)", t->name().c_str(),
+                      static_cast<int>(100 * cpu_seconds(t->tid()) / seconds),
+                      static_cast<double>(st.io.counters().requests) / batches,
+                      static_cast<int>(wakes > 0 ? 100 * static_cast<double>(st.poll_hits.load()) / wakes : 0));
+        cpu += line;
+    }
     double driver_total = 0;
     for (const double c : driver_cpu)
         driver_total += c;
