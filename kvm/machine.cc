@@ -84,6 +84,18 @@ uint64_t host_memory_bytes()
 
 void empty_signal_handler(int) {}
 
+std::vector<int> online_cpus()
+{
+    std::ifstream file("/sys/devices/system/cpu/online");
+    std::string text;
+    if (std::getline(file, text) && !text.empty())
+        return parse_cpu_list("online CPUs", text);
+    std::vector<int> cpus;
+    for (long c = 0; c < ::sysconf(_SC_NPROCESSORS_ONLN); ++c)
+        cpus.push_back(static_cast<int>(c));
+    return cpus;
+}
+
 }  // namespace
 
 Machine::BootFiles Machine::load_boot_files(const RunOptions& options)
@@ -111,18 +123,10 @@ Machine::BootFiles Machine::load_boot_files(const RunOptions& options)
 
 std::vector<DiskImage> Machine::open_disks(const RunOptions& options)
 {
-    if (options.iothreads.count) {
-        std::vector<int> online;
-        std::ifstream file("/sys/devices/system/cpu/online");
-        std::string text;
-        if (std::getline(file, text) && !text.empty())
-            online = parse_cpu_list("online CPUs", text);
-        else
-            for (long c = 0; c < ::sysconf(_SC_NPROCESSORS_ONLN); ++c)
-                online.push_back(static_cast<int>(c));
-        if (const auto warning = check_iothreads_on_host(options.iothreads, online); !warning.empty())
+    // The I/O threads the disks get are checked here too, before KVM is touched.
+    if (options.iothreads.count)
+        if (const auto warning = check_iothreads_on_host(options.iothreads, online_cpus()); !warning.empty())
             log_line(warning);
-    }
     std::vector<DiskImage> images;
     for (const auto& disk : options.disks)
         images.push_back(DiskImage::open({disk.path, disk.read_only, disk.direct}));
