@@ -125,6 +125,7 @@ public:
         if (!broken_ring_)
             ring_.set_notifications(!active);
     }
+    void round_end() override;
     void complete(uint32_t tag, int64_t result) override;
     void completions_done() override;
 
@@ -158,6 +159,7 @@ private:
     std::vector<uint32_t> free_slots_;
     uint32_t sink_ = 0;
     bool used_dirty_ = false;   // pushed used entries not yet considered for an interrupt
+    bool signal_queued_ = false;  // round_end() will consider them
     bool throttled_ = false;    // stopped popping for lack of slots
     bool broken_ring_ = false;
     bool polling_ = false;      // the thread polls us: leave notifications off
@@ -338,6 +340,15 @@ void BlkQueue::completions_done()
 
 void BlkQueue::signal()
 {
+    if (used_dirty_ && !signal_queued_) {
+        signal_queued_ = true;
+        thread_.interrupt_at_round_end(*this);
+    }
+}
+
+void BlkQueue::round_end()
+{
+    signal_queued_ = false;
     if (used_dirty_) {
         used_dirty_ = false;
         if (ring_.needs_interrupt())

@@ -88,6 +88,7 @@ void IoThread::loop()
         while (!io_.stopped()) {
             io_.poll();
             flush();
+            end_round();
             const uint64_t start = now_ns();
             bool found = false;
             if (poll_ns_ > 0) {
@@ -158,6 +159,21 @@ void IoThread::add_source(PollSource& source)
 void IoThread::remove_source(PollSource& source)
 {
     std::erase(sources_, &source);
+    std::erase(round_end_, &source);
+}
+
+void IoThread::interrupt_at_round_end(PollSource& source)
+{
+    round_end_.push_back(&source);
+}
+
+void IoThread::end_round()
+{
+    // round_end() may queue again (for the next round): take the list first.
+    auto sources = std::move(round_end_);
+    round_end_.clear();
+    for (auto* source : sources)
+        source->round_end();
 }
 
 uint32_t IoThread::add_sink(CompletionSink& sink)

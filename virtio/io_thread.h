@@ -54,6 +54,7 @@ public:
     virtual bool ready() const = 0;            // work waiting; cheap, no system call
     virtual void run() = 0;                    // does it
     virtual void set_polling(bool active) = 0; // while polling, guest notifications are off
+    virtual void round_end() {}                // asked for with interrupt_at_round_end()
 };
 
 // Where an engine's completions go: each request's cookie names its sink
@@ -85,6 +86,10 @@ public:
     ThreadStats& mutable_stats() { return stats_; }
     void add_source(PollSource& source);
     void remove_source(PollSource& source);
+    // Calls source.round_end() once the current loop round is over, as QEMU's
+    // notify bottom half does: whatever a round completed reaches the guest
+    // with one interrupt per queue, not one per engine wakeup.
+    void interrupt_at_round_end(PollSource& source);
     uint32_t add_sink(CompletionSink& sink);
     void remove_sink(uint32_t id);
     static uint64_t cookie(uint32_t sink, uint32_t tag) { return uint64_t{sink} << 32 | tag; }
@@ -111,12 +116,14 @@ private:
     void flush();
     bool poll_once();
     void set_polling(bool active);
+    void end_round();
 
     IoThreadOptions options_;
     boost::asio::io_context io_{1};
     boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
     std::array<std::optional<Engine>, 4> engines_;  // by EngineKind
     std::vector<PollSource*> sources_;
+    std::vector<PollSource*> round_end_;
     std::vector<CompletionSink*> sinks_;             // by id; nullptr when free
     std::vector<uint32_t> touched_sinks_;
     std::vector<IoCompletion> completions_;
