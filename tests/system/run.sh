@@ -83,7 +83,7 @@ kill $first; wait $first 2>/dev/null; echo "first stopped"'
 
 # An I/O thread group: two queues, two threads, a fio verify job through both.
 truncate -s 64M "$work/group.raw"
-script iothreads-group '"$LKVM" run -c 2 -i '"$top"'/build/guest/initramfs-fio.cpio.gz --iothreads 2 -d group.raw --stats -- sh -c "echo mq=\$(ls /sys/block/vda/mq | wc -l); fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --size=16M --offset_increment=16M --numjobs=2 --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 --group_reporting > /tmp/fio.log 2>&1; s=\$?; grep -E \"err=|verify\" /tmp/fio.log | head -n 5; echo fio=\$s" > group.out 2>&1 < /dev/null &
+script iothreads-group '"$LKVM" run -c 2 -i '"$top"'/build/guest/initramfs-fio.cpio.gz --iothreads 2 -d group.raw --stats -- sh -c "echo mq=\$(ls /sys/block/vda/mq | wc -l); fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --size=4M --offset_increment=16M --numjobs=2 --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 --group_reporting > /tmp/fio.log 2>&1; s=\$?; grep -E \"err=|verify\" /tmp/fio.log | head -n 5; echo fio=\$s" > group.out 2>&1 < /dev/null &
 pid=$!
 names=
 for i in $(seq 1 120); do
