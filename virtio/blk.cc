@@ -1,6 +1,5 @@
 #include "virtio/blk.h"
 
-#include <time.h>
 #include <unistd.h>
 
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -173,12 +172,6 @@ int current_tid()
     return tid;
 }
 
-uint64_t now_ns()
-{
-    timespec ts{};
-    ::clock_gettime(CLOCK_MONOTONIC, &ts);
-    return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
 }  // namespace
 
 void BlkQueue::wait_notify()
@@ -251,7 +244,7 @@ void BlkQueue::start_request(Chain& chain)
         slot.expected = request.data_bytes;
         slot.written_on_success = request.type == kBlkTIn ? static_cast<uint32_t>(request.data_bytes + 1) : 1;
         slot.iov = std::move(request.data);
-        slot.started_ns = now_ns();
+        slot.started_ns = monotonic_ns();
         const IoOp op = request.type == kBlkTIn ? IoOp::kRead : request.type == kBlkTOut ? IoOp::kWrite : IoOp::kFlush;
         const uint32_t align = image.alignment();
         const bool misaligned = std::any_of(slot.iov.begin(), slot.iov.end(), [&](const iovec& v) {
@@ -318,7 +311,7 @@ void BlkQueue::complete(uint32_t tag, int64_t result)
             }
         }
         finish(slot.head, slot.status, ok ? kBlkSOk : kBlkSIoErr, ok ? slot.written_on_success : 1);
-        const uint64_t latency = now_ns() - slot.started_ns;
+        const uint64_t latency = monotonic_ns() - slot.started_ns;
         stats_.completed(slot.expected, latency);
         thread_.mutable_stats().io.completed(slot.expected, latency);
     }

@@ -19,13 +19,13 @@ namespace lkvm {
 namespace {
 // Requests each engine may hold at once; more wait in the thread's backlog.
 constexpr size_t kEngineCapacity = 1024;
+}  // namespace
 
-uint64_t now_ns()
+uint64_t monotonic_ns()
 {
     return static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
 }
-}  // namespace
 
 uint64_t next_poll_ns(uint64_t poll_ns, uint64_t block_ns, const PollParams& params)
 {
@@ -89,14 +89,14 @@ void IoThread::loop()
             io_.poll();
             flush();
             end_round();
-            const uint64_t start = now_ns();
+            const uint64_t start = monotonic_ns();
             bool found = false;
             if (poll_ns_ > 0) {
                 set_polling(true);
                 const uint64_t deadline = start + poll_ns_;
                 do
                     found = poll_once();
-                while (!found && now_ns() < deadline);
+                while (!found && monotonic_ns() < deadline);
             }
             if (found) {
                 stats_.add(stats_.poll_hits);
@@ -110,7 +110,7 @@ void IoThread::loop()
                 }
             }
             if (options_.poll.max_ns) {
-                poll_ns_ = next_poll_ns(poll_ns_, now_ns() - start, options_.poll);
+                poll_ns_ = next_poll_ns(poll_ns_, monotonic_ns() - start, options_.poll);
                 stats_.poll_ns.store(poll_ns_, std::memory_order_relaxed);
             }
         }

@@ -33,6 +33,9 @@ struct PollParams {
 };
 constexpr uint64_t kPollStartNs = 4000;
 
+// The clock polling and request latencies are measured with.
+uint64_t monotonic_ns();
+
 // The poll time after a wait of block_ns (time from the start of polling
 // until work was found or the thread woke up) with poll time poll_ns: kept
 // when polling would have caught it, shrunk when the wait was longer than
