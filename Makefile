@@ -14,7 +14,7 @@ CXXFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-r
 LDFLAGS  += -fsanitize=address,undefined
 endif
 
-LIB_SRCS  := $(wildcard base/*.cc hw/*.cc disk/*.cc virtio/*.cc) $(filter-out kvm/main.cc,$(wildcard kvm/*.cc))
+LIB_SRCS  := $(wildcard base/*.cc hw/*.cc hw/scsi/*.cc disk/*.cc virtio/*.cc) $(filter-out kvm/main.cc,$(wildcard kvm/*.cc))
 LIB_OBJS  := $(LIB_SRCS:%.cc=$(BUILD)/obj/%.o)
 UNIT_SRCS := $(wildcard tests/unit/*.cc)
 UNIT_OBJS := $(UNIT_SRCS:%.cc=$(BUILD)/obj/%.o)

@@ -39,6 +39,55 @@ void IoEngine::clear_signal()
 
 namespace {
 
+int64_t fallocate_range(int fd, int mode, uint64_t offset, uint64_t length)
+{
+    while (::fallocate(fd, mode, static_cast<off_t>(offset), static_cast<off_t>(length)) < 0)
+        if (errno != EINTR)
+            return -errno;
+    return 0;
+}
+
+int64_t write_zeroes_by_hand(int fd, uint64_t offset, uint64_t length)
+{
+    // Aligned, so that it works on O_DIRECT files too.
+    constexpr size_t kChunk = 1 << 20;
+    void* raw = nullptr;
+    if (::posix_memalign(&raw, 4096, kChunk) != 0)
+        return -ENOMEM;
+    std::unique_ptr<void, void (*)(void*)> zeroes(raw, ::free);
+    std::memset(raw, 0, kChunk);
+    for (uint64_t done = 0; done < length;) {
+        const ssize_t n = ::pwrite(fd, raw, std::min<uint64_t>(kChunk, length - done), static_cast<off_t>(offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        done += static_cast<uint64_t>(n);
+    }
+    return 0;
+}
+
+// Discard and write-zeroes, done on the calling thread by every engine: libaio
+// has no fallocate, and both are rare next to reads and writes. A discarded
+// range must read back as zeroes (the SCSI disk advertises LBPRZ), so where
+// the file system cannot punch holes, zeroes are written instead.
+int64_t perform_allocation(const IoRequest& r)
+{
+    const int fd = r.fd;
+    if (r.op == IoOp::kDiscard) {
+        const int64_t punched = fallocate_range(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, r.offset, r.length);
+        if (punched != -EOPNOTSUPP)
+            return punched;
+        return write_zeroes_by_hand(fd, r.offset, r.length);
+    }
+    const int64_t zeroed = fallocate_range(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, r.offset, r.length);
+    if (zeroed != -EOPNOTSUPP)
+        return zeroed;
+    return write_zeroes_by_hand(fd, r.offset, r.length);
+}
+
+bool is_allocation(IoOp op) { return op == IoOp::kDiscard || op == IoOp::kWriteZeroes; }
+
 // Base for the engines that finish requests inside submit(): completions wait
 // in a list until reaped, announced through the eventfd.
 class ImmediateEngine : public IoEngine {
@@ -103,6 +152,8 @@ private:
     {
         if (r.op == IoOp::kFlush)
             return ::fdatasync(r.fd) < 0 ? -errno : 0;
+        if (is_allocation(r.op))
+            return perform_allocation(r);
         // A short transfer is continued until done, end of file, or an error.
         int64_t total = 0;
         std::vector<iovec> iov(r.iov, r.iov + r.iovcnt);
@@ -146,7 +197,7 @@ public:
             int64_t bytes = 0;
             for (int i = 0; i < r.iovcnt; ++i)
                 bytes += static_cast<int64_t>(r.iov[i].iov_len);
-            complete(r.cookie, r.op == IoOp::kFlush ? 0 : bytes);
+            complete(r.cookie, r.op == IoOp::kRead || r.op == IoOp::kWrite ? bytes : 0);
         }
         submitted(batch.size());
     }
@@ -175,7 +226,7 @@ public:
     ~NativeEngine() override
     {
         // Wait for what the kernel still holds: its buffers belong to the guest.
-        in_flight_ -= refused_.size();
+        in_flight_ -= immediate_.size();
         while (in_flight_ > 0) {
             const int n = io_getevents(ctx_, 1, static_cast<long>(events_.size()), events_.data(), nullptr);
             if (n < 0 && n != -EINTR)
@@ -189,7 +240,7 @@ public:
 
     bool has_completions() const override
     {
-        if (!refused_.empty())
+        if (!immediate_.empty())
             return true;
         auto* ring = reinterpret_cast<AioRingHeader*>(ctx_);
         if (ring->magic != kAioRingMagic)
@@ -207,7 +258,13 @@ public:
             iocbs_.resize(batch.size());
         for (size_t i = 0; i < batch.size(); ++i) {
             const IoRequest& r = batch[i];
-            iocb& cb = iocbs_[i];
+            if (is_allocation(r.op)) {
+                immediate_.push_back({r.cookie, perform_allocation(r)});
+                ++in_flight_;
+                signal();
+                continue;
+            }
+            iocb& cb = iocbs_[pointers_.size()];
             switch (r.op) {
             case IoOp::kRead:
                 io_prep_preadv(&cb, r.fd, r.iov, r.iovcnt, static_cast<long long>(r.offset));
@@ -216,6 +273,7 @@ public:
                 io_prep_pwritev(&cb, r.fd, r.iov, r.iovcnt, static_cast<long long>(r.offset));
                 break;
             case IoOp::kFlush:
+            default:
                 io_prep_fdsync(&cb, r.fd);
                 break;
             }
@@ -239,7 +297,7 @@ public:
                 continue;
             // The first remaining request was refused (e.g. fdsync on a
             // filesystem without it): complete it with the error, go on.
-            refused_.push_back({reinterpret_cast<uint64_t>(pointers_[done]->data), n == 0 ? -EAGAIN : n});
+            immediate_.push_back({reinterpret_cast<uint64_t>(pointers_[done]->data), n == 0 ? -EAGAIN : n});
             ++done;
             ++in_flight_;
             signal();
@@ -249,10 +307,10 @@ public:
     size_t reap(std::vector<IoCompletion>& out) override
     {
         clear_signal();
-        size_t total = refused_.size();
-        out.insert(out.end(), refused_.begin(), refused_.end());
-        in_flight_ -= refused_.size();
-        refused_.clear();
+        size_t total = immediate_.size();
+        out.insert(out.end(), immediate_.begin(), immediate_.end());
+        in_flight_ -= immediate_.size();
+        immediate_.clear();
         timespec zero{};
         for (;;) {
             const int n = io_getevents(ctx_, 0, static_cast<long>(events_.size()), events_.data(), &zero);
@@ -273,7 +331,7 @@ private:
     std::vector<iocb> iocbs_;
     std::vector<io_event> events_;
     std::vector<iocb*> pointers_;
-    std::vector<IoCompletion> refused_;
+    std::vector<IoCompletion> immediate_;  // refused by io_submit, or done at once (discard, write-zeroes)
 };
 
 // Owns one io_uring instance.
@@ -316,7 +374,7 @@ public:
     ~UringEngine() override
     {
         // Wait for what the kernel still holds: its buffers belong to the guest.
-        in_flight_ -= refused_.size();
+        in_flight_ -= immediate_.size();
         while (in_flight_ > 0) {
             const int r = io_uring_submit_and_wait(ring_.get(), 1);
             if (r < 0 && r != -EINTR)
@@ -329,17 +387,22 @@ public:
     void submit(std::span<const IoRequest> batch) override
     {
         for (const IoRequest& r : batch) {
+            ++in_flight_;
+            if (is_allocation(r.op)) {
+                immediate_.push_back({r.cookie, perform_allocation(r)});
+                signal();
+                continue;
+            }
             io_uring_sqe* sqe = io_uring_get_sqe(ring_.get());
             int err = 0;
             if (!sqe) {  // more than capacity() asked for: make room
                 err = flush();
                 sqe = io_uring_get_sqe(ring_.get());
             }
-            ++in_flight_;
             if (sqe) {
                 prepare(*sqe, r);
             } else {
-                refused_.push_back({r.cookie, err ? err : -EAGAIN});
+                immediate_.push_back({r.cookie, err ? err : -EAGAIN});
                 signal();
             }
         }
@@ -350,17 +413,17 @@ public:
     {
         clear_signal();
         flush();
-        size_t total = refused_.size();
-        out.insert(out.end(), refused_.begin(), refused_.end());
-        in_flight_ -= refused_.size();
-        refused_.clear();
+        size_t total = immediate_.size();
+        out.insert(out.end(), immediate_.begin(), immediate_.end());
+        in_flight_ -= immediate_.size();
+        immediate_.clear();
         return total + drain([&](const io_uring_cqe& c) { out.push_back({c.user_data, c.res}); });
     }
 
     bool has_completions() const override
     {
         // Requests a failed submission left queued count too: reap() retries them.
-        return io_uring_cq_ready(ring_.get()) > 0 || !refused_.empty() || io_uring_sq_ready(ring_.get()) > 0;
+        return io_uring_cq_ready(ring_.get()) > 0 || !immediate_.empty() || io_uring_sq_ready(ring_.get()) > 0;
     }
 
     // The ring gets an open file description of its own for the file: the
@@ -423,6 +486,7 @@ private:
             io_uring_prep_writev(&sqe, fd, r.iov, iovcnt, r.offset);
             break;
         case IoOp::kFlush:
+        default:  // allocations never get here
             io_uring_prep_fsync(&sqe, fd, IORING_FSYNC_DATASYNC);
             break;
         }
@@ -471,7 +535,7 @@ private:
     }
 
     Uring ring_;
-    std::vector<IoCompletion> refused_;
+    std::vector<IoCompletion> immediate_;  // refused, or done at once (discard, write-zeroes)
     std::vector<int> slot_fd_;  // registered file slot -> the caller's fd, -1 when free
     std::array<Fd, kFileSlots> own_fds_;  // slot -> the ring's own description of that file
     std::vector<int> fd_slot_;  // fd -> its slot, -1 when not registered

@@ -17,7 +17,9 @@
 
 namespace lkvm {
 
-enum class IoOp : uint8_t { kRead, kWrite, kFlush };
+// kDiscard deallocates the range (it reads back as zeroes); kWriteZeroes
+// zeroes it and keeps it allocated. Neither uses iov.
+enum class IoOp : uint8_t { kRead, kWrite, kFlush, kDiscard, kWriteZeroes };
 
 struct IoRequest {
     IoOp op = IoOp::kRead;
@@ -27,6 +29,7 @@ struct IoRequest {
     int iovcnt = 0;
     uint64_t cookie = 0;
     uint16_t ioprio = 0;  // IOPRIO_PRIO_VALUE(class, level); 0: the thread's own
+    uint64_t length = 0;  // kDiscard and kWriteZeroes: bytes from offset
 };
 
 struct IoCompletion {

@@ -313,3 +313,40 @@ TEST_CASE("io_uring engine: a registered image does not keep its lock once the i
     // user may lock it.
     CHECK_NOTHROW(DiskImage::open({path, false, false}));
 }
+
+TEST_CASE("io engines: discard deallocates and reads back zeroes, write-zeroes zeroes in place")
+{
+    TempDir dir;
+    constexpr size_t kSize = 1 << 20, kRange = 256 << 10;
+    for (const EngineKind kind : kDataEngines) {
+        CAPTURE(engine_kind_name(kind));
+        const auto path = dir.file(std::string("alloc-") + engine_kind_name(kind) + ".raw", kSize, 'x');
+        const auto image = DiskImage::open({path, false, false});
+        ::fsync(image.fd());
+        struct stat before {};
+        ::fstat(image.fd(), &before);
+        auto engine = make_io_engine(kind, 8);
+        IoRequest discard{IoOp::kDiscard, image.fd(), 128 << 10, nullptr, 0, 1};
+        discard.length = kRange;
+        IoRequest zeroes{IoOp::kWriteZeroes, image.fd(), 512 << 10, nullptr, 0, 2};
+        zeroes.length = kRange;
+        const auto done = run(*engine, {discard, zeroes});
+        REQUIRE(done.size() == 2);
+        for (const auto& c : done)
+            CHECK(c.result == 0);
+
+        std::vector<char> back(kSize);
+        REQUIRE(::pread(image.fd(), back.data(), kSize, 0) == static_cast<ssize_t>(kSize));
+        for (size_t at = 0; at < kSize; at += 4096) {
+            const bool zeroed = (at >= (128 << 10) && at < (128 << 10) + kRange) || (at >= (512 << 10) && at < (512 << 10) + kRange);
+            CAPTURE(at);
+            CHECK(back[at] == (zeroed ? 0 : 'x'));
+            CHECK(back[at + 4095] == (zeroed ? 0 : 'x'));
+        }
+        struct stat after {};
+        ::fstat(image.fd(), &after);
+        CHECK(after.st_size == before.st_size);
+        // ext4 and tmpfs punch holes: the discarded range no longer takes space.
+        CHECK(after.st_blocks <= before.st_blocks - static_cast<blkcnt_t>(kRange / 512));
+    }
+}
