@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds the default guest initramfs, build/guest/initramfs.cpio.gz: busybox,
-# our init, and the guest kernel's virtio and SCSI modules in load order.
-# With --fio it builds build/guest/initramfs-fio.cpio.gz instead: the same
-# plus fio and the shared libraries it needs (some 80 MB, so the everyday
-# image stays small and quick to boot).
+# our init, the guest kernel's virtio and SCSI modules in load order, a few
+# sg3-utils tools (/usr/bin/sg_inq, sg_vpd, ...) and util-linux's blkdiscard
+# (/usr/sbin/blkdiscard, by full path: busybox's has no -z), with the shared
+# libraries they need. With --fio it builds build/guest/initramfs-fio.cpio.gz instead:
+# the same plus fio and its libraries (some 80 MB, so the everyday image
+# stays small and quick to boot).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 kroot=$top/build/kernel/root
@@ -25,7 +27,7 @@ for applet in $(/bin/busybox --list-full); do
 done
 
 # Modules in dependency order, each once.
-modules=(virtio_pci virtio_blk virtio_scsi sd_mod)
+modules=(virtio_pci virtio_blk virtio_scsi sd_mod sg)
 : > "$root/etc/modules.order"
 for m in "${modules[@]}"; do
     modprobe -d "$kroot" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
@@ -35,12 +37,31 @@ done | awk '!seen[$0]++' | while read -r ko; do
 done
 echo "$kver" > "$root/etc/modules.version"
 
-if [ "$with_fio" = 1 ]; then
-    cp /usr/bin/fio "$root/usr/bin/fio"
-    ldd /usr/bin/fio | awk '/=> \// {print $3} /^\t\/[^ ]*ld-linux/ {print $1}' | while read -r lib; do
+# Copies programs (absolute paths) into the image where they are on the host,
+# with the shared libraries and the dynamic loader they need, each library once.
+add_programs() {
+    local prog lib
+    for prog in "$@"; do
+        [ -x "$prog" ] || { echo "mkinitramfs: no $prog; run scripts/install-deps.sh" >&2; exit 1; }
+        mkdir -p "$root$(dirname "$prog")"
+        rm -f "$root$prog"  # a busybox applet's link: cp would write through it
+        cp -L "$prog" "$root$prog"
+    done
+    ldd "$@" | awk '/=> \// {print $3} /^\t\/[^ ]*ld-linux/ {print $1}' | sort -u | while read -r lib; do
+        [ -e "$root$lib" ] && continue
         mkdir -p "$root$(dirname "$lib")"
         cp -L "$lib" "$root$lib"
     done
+}
+
+# SCSI tools for the system tests, run against the virtio-scsi disk. Util-linux's
+# blkdiscard has -z (BLKZEROOUT), busybox's does not; busybox's sh runs its own
+# applets ahead of PATH, so a plain "blkdiscard" is busybox's: call util-linux's
+# as /usr/sbin/blkdiscard.
+add_programs /usr/bin/sg_{inq,vpd,readcap,modes,unmap,write_same,sync,turs,luns} /usr/sbin/blkdiscard
+
+if [ "$with_fio" = 1 ]; then
+    add_programs /usr/bin/fio
 fi
 
 cp "$top/guest/init" "$root/init"

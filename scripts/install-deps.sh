@@ -6,7 +6,8 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 
 packages=(g++ make pkg-config libboost-dev libaio-dev liburing-dev doctest-dev
-          qemu-system-x86 busybox-static cpio fio kmod xz-utils zstd procps)
+          qemu-system-x86 busybox-static cpio fio kmod xz-utils zstd procps
+          sg3-utils util-linux)
 
 missing=()
 for p in "${packages[@]}"; do
