@@ -14,6 +14,7 @@
 #include "virtio/device.h"
 #include "virtio/io_stats.h"
 #include "virtio/io_thread.h"
+#include "virtio/request_queue.h"
 
 namespace lkvm {
 
@@ -80,7 +81,7 @@ private:
     const GuestMemory& memory_;
     std::vector<IoThread*> queue_threads_;
     std::vector<std::unique_ptr<QueueStats>> stats_;  // per queue, kept across resets
-    std::vector<std::shared_ptr<BlkQueue>> queues_;   // while DRIVER_OK; each touched only on its thread
+    RequestQueues queues_;  // while DRIVER_OK
     std::atomic<bool> reported_error_{false};
 };
 

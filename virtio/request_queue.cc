@@ -1,0 +1,312 @@
+#include "virtio/request_queue.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "base/log.h"
+
+namespace lkvm {
+
+size_t copy_from_iovecs(std::span<const iovec> iovs, std::span<uint8_t> dst)
+{
+    size_t copied = 0;
+    for (const auto& v : iovs) {
+        const size_t n = std::min(dst.size() - copied, v.iov_len);
+        std::memcpy(dst.data() + copied, v.iov_base, n);
+        copied += n;
+        if (copied == dst.size())
+            break;
+    }
+    return copied;
+}
+
+size_t copy_to_iovecs(std::span<const iovec> iovs, std::span<const uint8_t> src)
+{
+    size_t copied = 0;
+    for (const auto& v : iovs) {
+        const size_t n = std::min(src.size() - copied, v.iov_len);
+        std::memcpy(v.iov_base, src.data() + copied, n);
+        copied += n;
+        if (copied == src.size())
+            break;
+    }
+    return copied;
+}
+
+std::vector<iovec> skip_iovecs(std::span<const iovec> iovs, uint64_t n)
+{
+    std::vector<iovec> rest;
+    for (const auto& v : iovs) {
+        if (n >= v.iov_len) {
+            n -= v.iov_len;
+            continue;
+        }
+        rest.push_back({static_cast<uint8_t*>(v.iov_base) + n, v.iov_len - n});
+        n = 0;
+    }
+    return rest;
+}
+
+std::vector<iovec> front_iovecs(std::span<const iovec> iovs, uint64_t n)
+{
+    std::vector<iovec> front;
+    for (const auto& v : iovs) {
+        if (n == 0)
+            break;
+        const size_t take = static_cast<size_t>(std::min<uint64_t>(n, v.iov_len));
+        front.push_back({v.iov_base, take});
+        n -= take;
+    }
+    return front;
+}
+
+uint64_t iovecs_bytes(std::span<const iovec> iovs)
+{
+    uint64_t n = 0;
+    for (const auto& v : iovs)
+        n += v.iov_len;
+    return n;
+}
+
+namespace {
+int current_tid()
+{
+    thread_local const int tid = ::gettid();
+    return tid;
+}
+}  // namespace
+
+RequestQueue::RequestQueue(IoThread& thread, const QueueSetup& setup, bool event_idx, QueueStats& stats,
+                           RequestQueueConfig config)
+    : thread_(thread),
+      config_(std::move(config)),
+      ring_(config_.memory, setup.rings, event_idx, config_.limits),
+      notify_(thread.context(), ::dup(setup.notify_fd)),
+      interrupt_(setup.interrupt),
+      stats_(stats),
+      slots_(config_.slots)
+{
+    for (uint32_t i = 0; i < slots_.size(); ++i)
+        free_slots_.push_back(static_cast<uint32_t>(slots_.size() - 1 - i));
+}
+
+RequestQueue::~RequestQueue() = default;
+
+void RequestQueue::start(std::function<void()> broken)
+{
+    broken_ = std::move(broken);
+    sink_ = thread_.add_sink(*this);
+    thread_.add_source(*this);
+    thread_.use_file(config_.engine, config_.fd, true);
+    wait_notify();
+    process();  // the driver may have kicked before DRIVER_OK
+}
+
+void RequestQueue::stop()
+{
+    stopping_ = true;
+    notify_.close();
+    thread_.remove_source(*this);
+    thread_.drain_until([this] { return free_slots_.size() == slots_.size(); });
+    thread_.remove_sink(sink_);
+    thread_.use_file(config_.engine, config_.fd, false);
+}
+
+bool RequestQueue::ready() const
+{
+    return !broken_ring_ && !free_slots_.empty() && ring_.has_available();
+}
+
+void RequestQueue::set_polling(bool active)
+{
+    polling_ = active;
+    if (!broken_ring_)
+        ring_.set_notifications(!active);
+}
+
+void RequestQueue::wait_notify()
+{
+    notify_.async_wait(boost::asio::posix::stream_descriptor::wait_read,
+                       [self = weak_from_this()](const boost::system::error_code& error) {
+                           auto queue = self.lock();
+                           if (error || !queue || queue->stopping_)
+                               return;  // stopped since: the kick is for nobody
+                           uint64_t kicks;
+                           [[maybe_unused]] ssize_t n = ::read(queue->notify_.native_handle(), &kicks, sizeof(kicks));
+                           queue->process();
+                           if (!queue->broken_ring_)
+                               queue->wait_notify();
+                       });
+}
+
+void RequestQueue::process()
+{
+    stats_.served_by(current_tid());
+    while (!broken_ring_ && !stopping_) {
+        ring_.set_notifications(false);
+        while (!free_slots_.empty()) {
+            auto popped = ring_.pop();
+            if (!popped)
+                break;
+            if (!popped->ok())
+                return mark_broken(describe(popped->error()));
+            handle(popped->value());
+            if (broken_ring_)
+                return;
+        }
+        if (free_slots_.empty()) {
+            throttled_ = true;  // completions will bring us back
+            break;
+        }
+        if (polling_)
+            break;  // the thread looks at the ring again soon, no kick needed
+        // Style of QEMU's aio-posix: re-enable, then look once more before sleeping.
+        ring_.set_notifications(true);
+        if (!ring_.has_available())
+            break;
+    }
+    signal();
+}
+
+uint32_t RequestQueue::take_slot(uint16_t head)
+{
+    const uint32_t id = free_slots_.back();
+    free_slots_.pop_back();
+    Slot& slot = slots_[id];
+    slot.head = head;
+    slot.started_ns = monotonic_ns();
+    return id;
+}
+
+void RequestQueue::submit(uint32_t id, IoOp op, uint64_t offset, std::vector<iovec> data, uint64_t length)
+{
+    Slot& slot = slots_[id];
+    slot.bounce.reset();
+    slot.guest.clear();
+    slot.iov = std::move(data);
+    const uint32_t align = config_.alignment;
+    const bool moves_data = op == IoOp::kRead || op == IoOp::kWrite;
+    if (moves_data && align > 1 && std::ranges::any_of(slot.iov, [&](const iovec& v) {
+            return reinterpret_cast<uintptr_t>(v.iov_base) % align || v.iov_len % align;
+        })) {
+        // O_DIRECT wants aligned buffers; the guest's are not: go through one that is.
+        const uint64_t bytes = iovecs_bytes(slot.iov);
+        void* buffer = nullptr;
+        if (::posix_memalign(&buffer, align, std::max<uint64_t>(bytes, align)) != 0)
+            return io_done(id, -ENOMEM);
+        slot.bounce.reset(static_cast<uint8_t*>(buffer));
+        if (op == IoOp::kWrite)
+            copy_from_iovecs(slot.iov, {slot.bounce.get(), static_cast<size_t>(bytes)});
+        slot.guest = std::move(slot.iov);
+        slot.iov = {{slot.bounce.get(), static_cast<size_t>(bytes)}};
+    }
+    IoRequest request{op,       config_.fd, offset, slot.iov.data(), static_cast<int>(slot.iov.size()),
+                      IoThread::cookie(sink_, id), config_.ioprio};
+    request.length = length;
+    thread_.submit(config_.engine, request);
+}
+
+void RequestQueue::complete(uint32_t tag, int64_t result)
+{
+    Slot& slot = slots_.at(tag);
+    if (stopping_) {
+        slot = Slot{};
+        free_slots_.push_back(tag);
+        return;
+    }
+    if (result > 0 && slot.bounce && !slot.guest.empty())
+        copy_to_iovecs(slot.guest, {slot.bounce.get(), static_cast<size_t>(result)});
+    io_done(tag, result);
+}
+
+void RequestQueue::finish_slot(uint32_t id, uint32_t written, uint64_t bytes)
+{
+    Slot& slot = slots_[id];
+    finish(slot.head, written);
+    const uint64_t latency = monotonic_ns() - slot.started_ns;
+    stats_.completed(bytes, latency);
+    thread_.mutable_stats().io.completed(bytes, latency);
+    slot = Slot{};
+    free_slots_.push_back(id);
+}
+
+void RequestQueue::finish(uint16_t head, uint32_t written)
+{
+    ring_.push_used(head, written);
+    used_dirty_ = true;
+}
+
+void RequestQueue::completions_done()
+{
+    if (stopping_)
+        return;
+    if (throttled_ && !free_slots_.empty()) {
+        throttled_ = false;
+        process();  // signals too
+        return;
+    }
+    signal();
+}
+
+void RequestQueue::signal()
+{
+    if (used_dirty_ && !signal_queued_) {
+        signal_queued_ = true;
+        thread_.interrupt_at_round_end(*this);
+    }
+}
+
+void RequestQueue::round_end()
+{
+    signal_queued_ = false;
+    if (used_dirty_) {
+        used_dirty_ = false;
+        if (ring_.needs_interrupt())
+            interrupt_->raise();
+    }
+}
+
+void RequestQueue::mark_broken(const char* why)
+{
+    broken_ring_ = true;
+    notify_.cancel();
+    signal();  // what completed before still reaches the driver
+    log_line(config_.what + ": the guest driver broke a queue (" + why + "); device needs a reset");
+    if (broken_)
+        broken_();
+}
+
+void RequestQueues::start(std::span<const QueueSetup> setups, std::span<IoThread* const> queue_threads,
+                          const std::function<bool(const QueueSetup&)>& acceptable, const Make& make,
+                          const std::function<void()>& broken)
+{
+    for (const auto& setup : setups) {
+        if (setup.index >= queue_threads.size() || !acceptable(setup)) {
+            broken();
+            continue;
+        }
+        IoThread& thread = *queue_threads[setup.index];
+        std::shared_ptr<RequestQueue> queue;
+        thread.run_and_wait([&] {
+            queue = make(thread, setup);
+            queue->start(broken);
+        });
+        queues_.push_back(std::move(queue));
+    }
+}
+
+void RequestQueues::stop()
+{
+    for (auto& queue : queues_) {
+        IoThread& thread = queue->thread();
+        thread.run_and_wait([&] {
+            queue->stop();
+            queue.reset();  // on its thread, where its handlers run
+        });
+    }
+    queues_.clear();
+}
+
+}  // namespace lkvm

@@ -1,0 +1,139 @@
+// One request virtqueue of a disk device (virtio-blk, virtio-scsi), served by
+// one I/O thread. What differs between the devices is how a descriptor chain
+// becomes disk I/O and how its completion is answered; everything else is
+// here: guest notifications and polling, a bounded pool of request slots,
+// submission to the thread's engine (through an aligned bounce buffer when
+// O_DIRECT needs one), one interrupt per loop round, draining on reset, and
+// the broken-ring path. Everything runs on the queue's thread.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <boost/asio/posix/stream_descriptor.hpp>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "disk/io_engine.h"
+#include "virtio/device.h"
+#include "virtio/io_stats.h"
+#include "virtio/io_thread.h"
+
+namespace lkvm {
+
+// Copies up to dst.size() bytes from the front of iovs; returns how many.
+size_t copy_from_iovecs(std::span<const iovec> iovs, std::span<uint8_t> dst);
+// Copies src to the front of iovs, as much as fits; returns how many bytes.
+size_t copy_to_iovecs(std::span<const iovec> iovs, std::span<const uint8_t> src);
+// The iovecs after the first n bytes of iovs.
+std::vector<iovec> skip_iovecs(std::span<const iovec> iovs, uint64_t n);
+// The first n bytes of iovs (all of them when shorter).
+std::vector<iovec> front_iovecs(std::span<const iovec> iovs, uint64_t n);
+uint64_t iovecs_bytes(std::span<const iovec> iovs);
+
+// What a queue needs to know of the disk it serves.
+struct RequestQueueConfig {
+    const GuestMemory& memory;
+    ChainLimits limits;
+    EngineKind engine;
+    int fd;                 // the image
+    uint32_t alignment;     // buffer and length alignment the image needs (O_DIRECT), else 1
+    uint16_t ioprio;        // on every request; 0: the thread's own
+    uint32_t slots;         // requests in flight at most
+    std::string what;       // "disk PATH", for the one line a broken ring gets
+};
+
+class RequestQueue : public PollSource, public CompletionSink, public std::enable_shared_from_this<RequestQueue> {
+public:
+    RequestQueue(IoThread& thread, const QueueSetup& setup, bool event_idx, QueueStats& stats,
+                 RequestQueueConfig config);
+    ~RequestQueue() override;
+
+    void start(std::function<void()> broken);
+    // Stops serving and waits for the requests in flight, whose buffers the
+    // guest still owns; answers none of them.
+    void stop();
+    IoThread& thread() { return thread_; }
+
+    bool ready() const override;
+    void run() override { process(); }
+    void set_polling(bool active) override;
+    void round_end() override;
+    void complete(uint32_t tag, int64_t result) override;
+    void completions_done() override;
+
+protected:
+    // A chain the driver made available. Answer it now with finish(), or take
+    // a slot (there is always one free here), submit its I/O, and answer from
+    // io_done().
+    virtual void handle(Chain& chain) = 0;
+    // An I/O of slot `slot` completed (result: bytes or -errno), bounce
+    // buffers already copied back. Submit the next one or finish_slot().
+    virtual void io_done(uint32_t slot, int64_t result) = 0;
+
+    uint32_t take_slot(uint16_t head);
+    // Runs op on the image for slot; reads and writes move `data`, which must
+    // stay valid until io_done(). `length` is for discard and write-zeroes.
+    void submit(uint32_t slot, IoOp op, uint64_t offset, std::vector<iovec> data, uint64_t length = 0);
+    // Returns the slot's chain to the driver with `written` bytes written and
+    // counts `bytes` of I/O, with the slot's latency, in the statistics.
+    void finish_slot(uint32_t slot, uint32_t written, uint64_t bytes);
+    // Returns a chain that needed no slot.
+    void finish(uint16_t head, uint32_t written);
+    void mark_broken(const char* why);
+    bool stopping() const { return stopping_; }
+    uint32_t slot_count() const { return static_cast<uint32_t>(slots_.size()); }
+
+private:
+    struct Slot {
+        uint16_t head = 0;
+        uint64_t started_ns = 0;
+        std::vector<iovec> iov;    // what the engine moves
+        std::unique_ptr<uint8_t, void (*)(void*)> bounce{nullptr, ::free};
+        std::vector<iovec> guest;  // where a bounced read is copied back to
+    };
+
+    void wait_notify();
+    void process();
+    void signal();
+
+    IoThread& thread_;
+    RequestQueueConfig config_;
+    SplitQueue ring_;
+    boost::asio::posix::stream_descriptor notify_;
+    Interrupt* interrupt_;
+    QueueStats& stats_;
+    std::function<void()> broken_;
+    std::vector<Slot> slots_;
+    std::vector<uint32_t> free_slots_;
+    uint32_t sink_ = 0;
+    bool used_dirty_ = false;     // pushed used entries not yet considered for an interrupt
+    bool signal_queued_ = false;  // round_end() will consider them
+    bool throttled_ = false;      // stopped popping for lack of slots
+    bool broken_ring_ = false;
+    bool polling_ = false;        // the thread polls us: leave notifications off
+    bool stopping_ = false;
+};
+
+// The queues of one device, each created, stopped and destroyed on its own thread.
+class RequestQueues {
+public:
+    using Make = std::function<std::shared_ptr<RequestQueue>(IoThread&, const QueueSetup&)>;
+    // Starts a queue for each setup on queue_threads[setup.index]; a setup
+    // with an index or rings the device cannot take calls broken().
+    void start(std::span<const QueueSetup> setups, std::span<IoThread* const> queue_threads,
+               const std::function<bool(const QueueSetup&)>& acceptable, const Make& make,
+               const std::function<void()>& broken);
+    void stop();
+    // Each is touched only on its own thread.
+    const std::vector<std::shared_ptr<RequestQueue>>& all() const { return queues_; }
+
+private:
+    std::vector<std::shared_ptr<RequestQueue>> queues_;
+};
+
+}  // namespace lkvm
