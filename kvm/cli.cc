@@ -43,7 +43,7 @@ struct OptionSpec {
 };
 constexpr OptionSpec kKernel{"-k", "--kernel"}, kInitrd{"-i", "--initrd"}, kParams{"-p", "--params"},
     kCpus{"-c", "--cpus"}, kMem{"-m", "--mem"}, kName{nullptr, "--name"}, kDisk{"-d", "--disk"},
-    kIoThreads{nullptr, "--iothreads"};
+    kIoThreads{nullptr, "--iothreads"}, kScsiController{nullptr, "--scsi-controller"};
 
 // Matches "-k X", "--kernel X" and "--kernel=X"; advances i past the value.
 std::optional<std::string> take_value(const std::vector<std::string>& args, size_t& i, const OptionSpec& spec)
@@ -57,6 +57,38 @@ std::optional<std::string> take_value(const std::vector<std::string>& args, size
     if (i + 1 >= args.size())
         throw Error("option " + arg + " needs a value" + kRunHint);
     return args[++i];
+}
+
+// Disks naming a controller share it; what they share is set on the
+// controller, so a disk's own iothread= or num-queues= would be ambiguous.
+void check_scsi_topology(const RunOptions& run)
+{
+    std::vector<std::pair<std::string, unsigned>> luns;  // (controller, lun) taken
+    for (const auto& disk : run.disks) {
+        if (disk.controller.empty())
+            continue;
+        const std::string where = "-d " + disk.path;
+        const std::string on = " on the controller: --scsi-controller " + disk.controller;
+        if (!disk.iothreads.empty())
+            throw Error(where + ": iothread= on a disk that shares scsi controller " + disk.controller +
+                        "; set it" + on + ",iothread=K" + kRunHint);
+        if (disk.num_queues)
+            throw Error(where + ": num-queues= on a disk that shares scsi controller " + disk.controller +
+                        "; set it" + on + ",num-queues=Q" + kRunHint);
+        if (std::ranges::find(luns, std::pair{disk.controller, disk.lun}) != luns.end())
+            throw Error(where + ": scsi controller " + disk.controller + " already has a lun " +
+                        std::to_string(disk.lun) + "; give each disk its own lun=L" + kRunHint);
+        luns.emplace_back(disk.controller, disk.lun);
+    }
+    for (size_t c = 0; c < run.scsi_controllers.size(); ++c) {
+        const std::string& name = run.scsi_controllers[c].name;
+        if (std::ranges::none_of(luns, [&](const auto& taken) { return taken.first == name; }))
+            throw Error("--scsi-controller " + name + ": no disk uses it; add -d PATH,bus=scsi,controller=" + name +
+                        kRunHint);
+        for (size_t e = 0; e < c; ++e)
+            if (run.scsi_controllers[e].name == name)
+                throw Error("--scsi-controller " + name + " is given twice" + kRunHint);
+    }
 }
 
 RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
@@ -82,6 +114,8 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
             run.params += run.params.empty() ? *v : " " + *v;
         } else if (auto v = take_value(args, i, kDisk)) {
             run.disks.push_back(parse_disk_spec(*v));
+        } else if (auto v = take_value(args, i, kScsiController)) {
+            run.scsi_controllers.push_back(parse_scsi_controller_spec(*v));
         } else if (auto v = take_value(args, i, kIoThreads)) {
             run.iothreads = parse_iothreads_spec(*v);
         } else if (arg == "--stats") {
@@ -106,17 +140,22 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
             throw Error("unexpected argument '" + arg + "': put the guest command after '--'" + kRunHint);
         }
     }
-    for (size_t d = 0; d < run.disks.size(); ++d) {
-        for (const unsigned k : run.disks[d].iothreads) {
+    auto check_iothreads = [&](const std::string& where, const std::vector<unsigned>& iothreads) {
+        for (const unsigned k : iothreads) {
             if (run.iothreads.count == 0)
-                throw Error("-d " + run.disks[d].path + ",iothread=" + std::to_string(k) +
+                throw Error(where + ",iothread=" + std::to_string(k) +
                             ": iothread= picks threads of the group; add --iothreads N" + kRunHint);
             if (k >= run.iothreads.count)
-                throw Error("-d " + run.disks[d].path + ",iothread=" + std::to_string(k) + ": --iothreads " +
+                throw Error(where + ",iothread=" + std::to_string(k) + ": --iothreads " +
                             std::to_string(run.iothreads.count) + " has threads 0-" +
                             std::to_string(run.iothreads.count - 1) + kRunHint);
         }
-    }
+    };
+    for (const auto& disk : run.disks)
+        check_iothreads("-d " + disk.path, disk.iothreads);
+    check_scsi_topology(run);
+    for (const auto& controller : run.scsi_controllers)
+        check_iothreads("--scsi-controller " + controller.name, controller.iothreads);
     return run;
 }
 
@@ -164,11 +203,29 @@ uint16_t parse_ioprio(const std::string& where, const std::string& text)
     return static_cast<uint16_t>(klass << 13 | level);
 }
 
+unsigned parse_num_queues(const std::string& where, const std::string& text)
+{
+    const uint64_t n = parse_number(where + ": num-queues", text);
+    if (n < 1 || n > kMaxDiskQueues)
+        throw Error(where + ": num-queues=" + text + " is not 1-" + std::to_string(kMaxDiskQueues) + kRunHint);
+    return static_cast<unsigned>(n);
+}
+
+std::vector<unsigned> parse_iothread_list(const std::string& where, const std::string& text)
+{
+    std::vector<unsigned> threads;
+    for (const auto& k : split(text, '+'))
+        threads.push_back(
+            static_cast<unsigned>(std::min<uint64_t>(parse_number(where + ": iothread", k), kMaxIoThreads)));
+    return threads;
+}
+
 }  // namespace
 
 DiskSpec parse_disk_spec(const std::string& text)
 {
     DiskSpec disk;
+    std::vector<std::string> scsi_only;  // options given that only a SCSI disk takes
     const std::string where = "-d " + text;
     const auto items = split(text, ',');
     if (items[0].empty())
@@ -187,25 +244,73 @@ DiskSpec parse_disk_spec(const std::string& text)
                             kRunHint);
         } else if (auto v = value_of(item, "serial")) {
             disk.serial = *v;
-            if (disk.serial.size() > 20)
-                throw Error(where + ": serial is longer than virtio-blk's 20 bytes" + kRunHint);
         } else if (auto v = value_of(item, "num-queues")) {
-            const uint64_t n = parse_number(where + ": num-queues", *v);
-            if (n < 1 || n > kMaxDiskQueues)
-                throw Error(where + ": num-queues=" + *v + " is not 1-" + std::to_string(kMaxDiskQueues) + kRunHint);
-            disk.num_queues = static_cast<unsigned>(n);
+            disk.num_queues = parse_num_queues(where, *v);
         } else if (auto v = value_of(item, "iothread")) {
-            for (const auto& k : split(*v, '+'))
-                disk.iothreads.push_back(static_cast<unsigned>(
-                    std::min<uint64_t>(parse_number(where + ": iothread", k), kMaxIoThreads)));
+            disk.iothreads = parse_iothread_list(where, *v);
         } else if (auto v = value_of(item, "ioprio")) {
             disk.ioprio = parse_ioprio(where, *v);
+        } else if (auto v = value_of(item, "bus")) {
+            if (*v != "blk" && *v != "scsi")
+                throw Error(where + ": bus=" + *v + " is not blk or scsi" + kRunHint);
+            disk.bus = *v == "scsi" ? DiskBus::kScsi : DiskBus::kBlk;
+        } else if (auto v = value_of(item, "controller")) {
+            if (v->empty() || !std::ranges::all_of(*v, [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_'; }))
+                throw Error(where + ": controller=" + *v + ": name it with letters, digits, '-' or '_'" + kRunHint);
+            disk.controller = *v;
+            scsi_only.push_back("controller=");
+        } else if (auto v = value_of(item, "lun")) {
+            const uint64_t lun = parse_number(where + ": lun", *v);
+            if (lun > kMaxScsiLun)
+                throw Error(where + ": lun=" + *v + " is not 0-" + std::to_string(kMaxScsiLun) + kRunHint);
+            disk.lun = static_cast<unsigned>(lun);
+            scsi_only.push_back("lun=");
+        } else if (auto v = value_of(item, "rotation-rate")) {
+            const uint64_t rate = parse_number(where + ": rotation-rate", *v);
+            if (rate > 0xfffe)
+                throw Error(where + ": rotation-rate=" + *v + " is not 0-65534 (1: SSD, else RPM)" + kRunHint);
+            disk.rotation_rate = static_cast<uint16_t>(rate);
+            scsi_only.push_back("rotation-rate=");
+        } else if (auto v = value_of(item, "discard")) {
+            if (*v != "unmap" && *v != "ignore")
+                throw Error(where + ": discard=" + *v + " is not unmap or ignore" + kRunHint);
+            disk.discard = *v == "unmap";
+            scsi_only.push_back("discard=");
         } else {
             throw Error(where + ": unknown disk option '" + item +
-                        "' (ro, direct, aio=, serial=, num-queues=, iothread=, ioprio=)" + kRunHint);
+                        "' (ro, direct, aio=, serial=, num-queues=, iothread=, ioprio=, bus=, controller=, lun=, "
+                        "rotation-rate=, discard=)" +
+                        kRunHint);
         }
     }
+    if (disk.bus == DiskBus::kBlk) {
+        if (!scsi_only.empty())
+            throw Error(where + ": " + scsi_only.front() + " is for SCSI disks; add bus=scsi" + kRunHint);
+        if (disk.serial.size() > 20)
+            throw Error(where + ": serial is longer than virtio-blk's 20 bytes" + kRunHint);
+    }
+    if (disk.bus == DiskBus::kScsi && disk.serial.size() > 36)
+        throw Error(where + ": serial is longer than 36 bytes" + kRunHint);
     return disk;
+}
+
+ScsiControllerSpec parse_scsi_controller_spec(const std::string& text)
+{
+    ScsiControllerSpec controller;
+    const std::string where = "--scsi-controller " + text;
+    const auto items = split(text, ',');
+    controller.name = items[0];
+    if (controller.name.empty())
+        throw Error(where + ": give the controller's name first, as the disks' controller= says" + kRunHint);
+    for (size_t i = 1; i < items.size(); ++i) {
+        if (auto v = value_of(items[i], "num-queues"))
+            controller.num_queues = parse_num_queues(where, *v);
+        else if (auto v = value_of(items[i], "iothread"))
+            controller.iothreads = parse_iothread_list(where, *v);
+        else
+            throw Error(where + ": unknown option '" + items[i] + "' (num-queues=, iothread=)" + kRunHint);
+    }
+    return controller;
 }
 
 std::vector<int> parse_cpu_list(const std::string& option, const std::string& text)
@@ -322,7 +427,13 @@ std::string run_usage()
            "                         Options: ro, direct, aio=io_uring|native|sync|null (default\n"
            "                         io_uring where the kernel has it, else native), serial=S,\n"
            "                         num-queues=Q (default: one per vCPU), iothread=K[+K...] (the\n"
-           "                         group threads its queues go to), ioprio=rt|be|idle[/0-7]\n"
+           "                         group threads its queues go to), ioprio=rt|be|idle[/0-7].\n"
+           "                         bus=scsi makes it a SCSI disk (/dev/sdX) on a virtio-scsi\n"
+           "                         controller of its own, or with controller=C[,lun=L] on\n"
+           "                         controller C shared with other disks; SCSI disks also take\n"
+           "                         rotation-rate=N (1: SSD) and discard=unmap|ignore\n"
+           "      --scsi-controller C[,num-queues=Q][,iothread=K[+K...]]\n"
+           "                         queues and I/O threads of the shared controller C\n"
            "      --iothreads N[,affinity=CPUS][,poll-max-ns=NS][,poll-grow=G][,poll-shrink=S][,aio-max-batch=B]\n"
            "                         serve every disk's queues from a group of N I/O threads\n"
            "                         (iothread0..N-1), round robin; without it each disk has its\n"

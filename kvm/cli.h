@@ -20,8 +20,11 @@ constexpr int kGuestPanic = 121;  // the guest kernel panicked
 constexpr int kVcpuFault = 122;   // triple fault or KVM internal error on a vCPU
 }  // namespace exit_status
 
+enum class DiskBus { kBlk, kScsi };
+
 struct DiskSpec {
     std::string path;
+    DiskBus bus = DiskBus::kBlk;
     bool read_only = false;
     bool direct = false;
     std::string engine;  // empty: io_uring where the kernel has it, else native
@@ -29,12 +32,27 @@ struct DiskSpec {
     unsigned num_queues = 0;        // 0: one per vCPU
     std::vector<unsigned> iothreads;  // iothread=K[+K...]: the group threads its queues go to
     uint16_t ioprio = 0;            // IOPRIO_PRIO_VALUE(class, level); 0: none
+    // bus=scsi only
+    std::string controller;         // shared with the disks naming it; empty: a controller of its own
+    unsigned lun = 0;
+    uint16_t rotation_rate = 0;     // 0: not reported, 1: non-rotating (SSD), else RPM
+    bool discard = true;            // discard=unmap (true) or ignore
 };
 
 constexpr unsigned kMaxDiskQueues = 64;
+constexpr unsigned kMaxScsiLun = 16383;
 
-// "PATH[,ro][,direct][,aio=ENGINE][,serial=S][,num-queues=Q][,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]]"
+// "PATH[,ro][,direct][,aio=ENGINE][,serial=S][,num-queues=Q][,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]]
+//  [,bus=blk|scsi][,controller=C][,lun=L][,rotation-rate=N][,discard=unmap|ignore]"
 DiskSpec parse_disk_spec(const std::string& text);
+
+// "--scsi-controller C[,num-queues=Q][,iothread=K[+K...]]": what the disks sharing controller C share.
+struct ScsiControllerSpec {
+    std::string name;
+    unsigned num_queues = 0;          // 0: one per vCPU
+    std::vector<unsigned> iothreads;
+};
+ScsiControllerSpec parse_scsi_controller_spec(const std::string& text);
 
 // "--iothreads N[,affinity=CPUSET][,poll-max-ns=NS][,poll-grow=G][,poll-shrink=S][,aio-max-batch=B]"
 struct IoThreadsSpec {
@@ -61,6 +79,7 @@ struct RunOptions {
     unsigned cpus = 1;
     uint64_t mem_mib = 512;
     std::vector<DiskSpec> disks;
+    std::vector<ScsiControllerSpec> scsi_controllers;
     IoThreadsSpec iothreads;  // count 0: every disk has its own thread
     bool stats = false;       // print per-thread and per-queue I/O statistics at exit
     std::vector<std::string> command;  // after "--": what the guest init runs

@@ -7,12 +7,12 @@
 #include <string>
 #include <vector>
 
-#include "virtio/blk.h"
 #include "virtio/io_thread.h"
+#include "virtio/request_queue.h"
 
 namespace lkvm {
 
 std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
-                            const std::vector<std::unique_ptr<VirtioBlk>>& disks);
+                            const std::vector<std::unique_ptr<DiskDevice>>& disks);
 
 }  // namespace lkvm

@@ -11,6 +11,7 @@
 
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <filesystem>
@@ -133,14 +134,49 @@ std::vector<DiskImage> Machine::open_disks(const RunOptions& options)
     return images;
 }
 
+namespace {
+// A virtio device to build: a blk disk, or a SCSI controller with its disks.
+struct DiskDevicePlan {
+    DiskBus bus;
+    std::string controller;     // shared SCSI controller's name; empty otherwise
+    std::vector<size_t> disks;  // indices into RunOptions::disks
+    DiskQueues queues;
+};
+
+std::vector<DiskDevicePlan> plan_disk_devices(const RunOptions& options)
+{
+    const unsigned default_queues = std::min(options.cpus, kMaxDiskQueues);
+    std::vector<DiskDevicePlan> plans;
+    for (size_t i = 0; i < options.disks.size(); ++i) {
+        const DiskSpec& disk = options.disks[i];
+        if (!disk.controller.empty()) {
+            auto shared = std::ranges::find(plans, disk.controller, &DiskDevicePlan::controller);
+            if (shared != plans.end()) {
+                shared->disks.push_back(i);
+                continue;
+            }
+            DiskDevicePlan plan{DiskBus::kScsi, disk.controller, {i}, {default_queues, {}}};
+            for (const auto& c : options.scsi_controllers)
+                if (c.name == disk.controller)
+                    plan.queues = {c.num_queues ? c.num_queues : default_queues, c.iothreads};
+            plans.push_back(std::move(plan));
+            continue;
+        }
+        plans.push_back({disk.bus, "", {i}, {disk.num_queues ? disk.num_queues : default_queues, disk.iothreads}});
+    }
+    return plans;
+}
+}  // namespace
+
 void Machine::add_disks()
 {
     virtio_host_ = std::make_unique<KvmVirtioHost>(vm_, mmio_);
     const IoThreadsSpec& group = options_.iothreads;
     const PollParams poll{group.poll_max_ns, group.poll_grow, group.poll_shrink};
+    const auto plans = plan_disk_devices(options_);
     std::vector<DiskQueues> queues;
-    for (const auto& disk : options_.disks)
-        queues.push_back({disk.num_queues ? disk.num_queues : std::min(options_.cpus, kMaxDiskQueues), disk.iothreads});
+    for (const auto& plan : plans)
+        queues.push_back(plan.queues);
     std::vector<std::vector<unsigned>> map;
     if (group.count) {
         map = map_queues(group.count, queues);
@@ -150,21 +186,39 @@ void Machine::add_disks()
                 IoThreadOptions{"iothread" + std::to_string(k), poll, group.aio_max_batch, cpu}));
         }
     }
-    for (size_t i = 0; i < disk_images_.size(); ++i) {
-        const DiskSpec& spec = options_.disks[i];
+    for (size_t p = 0; p < plans.size(); ++p) {
+        const DiskDevicePlan& plan = plans[p];
         std::vector<IoThread*> threads;
         if (group.count) {
-            for (const unsigned k : map[i])
+            for (const unsigned k : map[p])
                 threads.push_back(io_threads_[k].get());
         } else {
-            io_threads_.push_back(
-                std::make_unique<IoThread>(IoThreadOptions{"disk" + std::to_string(i) + "-io", poll, 0, -1}));
-            threads.assign(queues[i].num_queues, io_threads_.back().get());
+            io_threads_.push_back(std::make_unique<IoThread>(
+                IoThreadOptions{"disk" + std::to_string(plan.disks.front()) + "-io", poll, 0, -1}));
+            threads.assign(plan.queues.num_queues, io_threads_.back().get());
         }
-        const EngineKind engine = spec.engine.empty() ? default_engine_kind() : parse_engine_kind(spec.engine);
-        BlkOptions blk{spec.serial, engine, spec.ioprio, 256};
-        blks_.push_back(std::make_unique<VirtioBlk>(std::move(disk_images_[i]), blk, *memory_, std::move(threads)));
-        transports_.push_back(std::make_unique<VirtioPciDevice>(*blks_.back(), *virtio_host_));
+        auto engine_of = [](const DiskSpec& spec) {
+            return spec.engine.empty() ? default_engine_kind() : parse_engine_kind(spec.engine);
+        };
+        if (plan.bus == DiskBus::kBlk) {
+            const DiskSpec& spec = options_.disks[plan.disks.front()];
+            BlkOptions blk{spec.serial, engine_of(spec), spec.ioprio, 256};
+            disks_.push_back(std::make_unique<VirtioBlk>(std::move(disk_images_[plan.disks.front()]), blk, *memory_,
+                                                          std::move(threads)));
+        } else {
+            std::vector<ScsiLunSetup> luns;
+            for (const size_t d : plan.disks) {
+                const DiskSpec& spec = options_.disks[d];
+                scsi::ScsiDiskOptions disk;
+                disk.serial = spec.serial.empty() ? "lkvm-disk" + std::to_string(d) : spec.serial;
+                disk.rotation_rate = spec.rotation_rate;
+                disk.discard = spec.discard ? scsi::Discard::kUnmap : scsi::Discard::kIgnore;
+                luns.push_back({static_cast<uint16_t>(spec.lun), std::move(disk_images_[d]), disk, engine_of(spec),
+                                spec.ioprio});
+            }
+            disks_.push_back(std::make_unique<VirtioScsi>(std::move(luns), 256, *memory_, std::move(threads), io_));
+        }
+        transports_.push_back(std::make_unique<VirtioPciDevice>(*disks_.back(), *virtio_host_));
         const unsigned slot = pci_.add_device(*transports_.back());
         transports_.back()->use_intx(pci_intx_gsi(slot));
     }
@@ -415,7 +469,7 @@ int Machine::run()
     stop_vcpus();
     console_.restore();
     if (options_.stats)
-        std::fputs(("lkvm: I/O statistics\n" + format_io_stats(io_threads_, blks_)).c_str(), stderr);
+        std::fputs(("lkvm: I/O statistics\n" + format_io_stats(io_threads_, disks_)).c_str(), stderr);
 
     std::lock_guard lock(outcome_mutex_);
     if (!outcome_)

@@ -27,6 +27,7 @@
 #include "kvm/virtio_host.h"
 #include "virtio/blk.h"
 #include "virtio/io_thread.h"
+#include "virtio/scsi.h"
 #include "virtio/virtio_pci.h"
 
 namespace lkvm {
@@ -88,7 +89,7 @@ private:
     // their I/O threads, and only then do the threads go.
     std::unique_ptr<KvmVirtioHost> virtio_host_;
     std::vector<std::unique_ptr<IoThread>> io_threads_;
-    std::vector<std::unique_ptr<VirtioBlk>> blks_;
+    std::vector<std::unique_ptr<DiskDevice>> disks_;
     std::vector<std::unique_ptr<VirtioPciDevice>> transports_;
 
     std::optional<boost::asio::posix::stream_descriptor> input_;

@@ -56,8 +56,10 @@ class BlkQueue final : public RequestQueue {
 public:
     BlkQueue(VirtioBlk& device, IoThread& thread, const QueueSetup& setup, bool event_idx, QueueStats& stats)
         : RequestQueue(thread, setup, event_idx, stats,
-                       {device.memory_, {device.options_.queue_size + 2u, kMaxRequestBytes}, device.options_.engine,
-                        device.image_.fd(), device.image_.alignment(), device.options_.ioprio, setup.rings.size,
+                       {device.memory_,
+                        {device.options_.queue_size + 2u, kMaxRequestBytes},
+                        {device.io_target()},
+                        setup.rings.size,
                         "disk " + device.image_.path()}),
           device_(device),
           requests_(setup.rings.size)
@@ -106,7 +108,7 @@ void BlkQueue::handle(Chain& chain)
                            request.type == kBlkTIn ? static_cast<uint32_t>(request.data_bytes + 1) : 1u,
                            request.data_bytes};
         const IoOp op = request.type == kBlkTIn ? IoOp::kRead : request.type == kBlkTOut ? IoOp::kWrite : IoOp::kFlush;
-        return submit(slot, op, request.sector * DiskImage::kSectorSize, std::move(request.data));
+        return submit(slot, device_.io_target(), op, request.sector * DiskImage::kSectorSize, std::move(request.data));
     }
     case kBlkTGetId: {
         uint8_t id[kBlkIdBytes] = {};

@@ -53,7 +53,7 @@ struct BlkOptions {
 // The device model: configuration, features, and one BlkQueue per virtqueue
 // on the I/O thread the queue is mapped to. Queues on different threads
 // share nothing but the (read-only) disk description.
-class VirtioBlk : public VirtioDevice {
+class VirtioBlk : public DiskDevice {
 public:
     // queue_threads[q] serves virtqueue q; their number is the device's queue count.
     VirtioBlk(DiskImage image, BlkOptions options, const GuestMemory& memory, std::vector<IoThread*> queue_threads);
@@ -69,11 +69,14 @@ public:
 
     const DiskImage& image() const { return image_; }
     const BlkOptions& options() const { return options_; }
-    const IoThread& queue_thread(unsigned q) const { return *queue_threads_.at(q); }
-    const QueueStats& queue_stats(unsigned q) const { return *stats_.at(q); }
+    unsigned request_queues() const override { return num_queues(); }
+    const IoThread& queue_thread(unsigned q) const override { return *queue_threads_.at(q); }
+    const QueueStats& queue_stats(unsigned q) const override { return *stats_.at(q); }
+    std::string describe() const override { return image_.path(); }
 
 private:
     friend class BlkQueue;
+    IoTarget io_target() const { return {options_.engine, image_.fd(), image_.alignment(), options_.ioprio}; }
     void report_io_error(int64_t result);
 
     DiskImage image_;

@@ -99,7 +99,8 @@ void RequestQueue::start(std::function<void()> broken)
     broken_ = std::move(broken);
     sink_ = thread_.add_sink(*this);
     thread_.add_source(*this);
-    thread_.use_file(config_.engine, config_.fd, true);
+    for (const auto& target : config_.targets)
+        thread_.use_file(target.engine, target.fd, true);
     wait_notify();
     process();  // the driver may have kicked before DRIVER_OK
 }
@@ -111,7 +112,8 @@ void RequestQueue::stop()
     thread_.remove_source(*this);
     thread_.drain_until([this] { return free_slots_.size() == slots_.size(); });
     thread_.remove_sink(sink_);
-    thread_.use_file(config_.engine, config_.fd, false);
+    for (const auto& target : config_.targets)
+        thread_.use_file(target.engine, target.fd, false);
 }
 
 bool RequestQueue::ready() const
@@ -180,13 +182,14 @@ uint32_t RequestQueue::take_slot(uint16_t head)
     return id;
 }
 
-void RequestQueue::submit(uint32_t id, IoOp op, uint64_t offset, std::vector<iovec> data, uint64_t length)
+void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t offset, std::vector<iovec> data,
+                          uint64_t length)
 {
     Slot& slot = slots_[id];
     slot.bounce.reset();
     slot.guest.clear();
     slot.iov = std::move(data);
-    const uint32_t align = config_.alignment;
+    const uint32_t align = target.alignment;
     const bool moves_data = op == IoOp::kRead || op == IoOp::kWrite;
     if (moves_data && align > 1 && std::ranges::any_of(slot.iov, [&](const iovec& v) {
             return reinterpret_cast<uintptr_t>(v.iov_base) % align || v.iov_len % align;
@@ -202,10 +205,10 @@ void RequestQueue::submit(uint32_t id, IoOp op, uint64_t offset, std::vector<iov
         slot.guest = std::move(slot.iov);
         slot.iov = {{slot.bounce.get(), static_cast<size_t>(bytes)}};
     }
-    IoRequest request{op,       config_.fd, offset, slot.iov.data(), static_cast<int>(slot.iov.size()),
-                      IoThread::cookie(sink_, id), config_.ioprio};
+    IoRequest request{op,          target.fd, offset, slot.iov.data(), static_cast<int>(slot.iov.size()),
+                      IoThread::cookie(sink_, id), target.ioprio};
     request.length = length;
-    thread_.submit(config_.engine, request);
+    thread_.submit(target.engine, request);
 }
 
 void RequestQueue::complete(uint32_t tag, int64_t result)

@@ -35,16 +35,20 @@ std::vector<iovec> skip_iovecs(std::span<const iovec> iovs, uint64_t n);
 std::vector<iovec> front_iovecs(std::span<const iovec> iovs, uint64_t n);
 uint64_t iovecs_bytes(std::span<const iovec> iovs);
 
-// What a queue needs to know of the disk it serves.
+// A disk image as the queue's I/O reaches it.
+struct IoTarget {
+    EngineKind engine;
+    int fd;
+    uint32_t alignment;  // buffer and length alignment the image needs (O_DIRECT), else 1
+    uint16_t ioprio;     // on every request; 0: the thread's own
+};
+
 struct RequestQueueConfig {
     const GuestMemory& memory;
     ChainLimits limits;
-    EngineKind engine;
-    int fd;                 // the image
-    uint32_t alignment;     // buffer and length alignment the image needs (O_DIRECT), else 1
-    uint16_t ioprio;        // on every request; 0: the thread's own
-    uint32_t slots;         // requests in flight at most
-    std::string what;       // "disk PATH", for the one line a broken ring gets
+    std::vector<IoTarget> targets;  // every image this queue's requests may reach
+    uint32_t slots;                 // requests in flight at most
+    std::string what;               // "disk PATH", for the one line a broken ring gets
 };
 
 class RequestQueue : public PollSource, public CompletionSink, public std::enable_shared_from_this<RequestQueue> {
@@ -78,7 +82,8 @@ protected:
     uint32_t take_slot(uint16_t head);
     // Runs op on the image for slot; reads and writes move `data`, which must
     // stay valid until io_done(). `length` is for discard and write-zeroes.
-    void submit(uint32_t slot, IoOp op, uint64_t offset, std::vector<iovec> data, uint64_t length = 0);
+    void submit(uint32_t slot, const IoTarget& target, IoOp op, uint64_t offset, std::vector<iovec> data,
+                uint64_t length = 0);
     // Returns the slot's chain to the driver with `written` bytes written and
     // counts `bytes` of I/O, with the slot's latency, in the statistics.
     void finish_slot(uint32_t slot, uint32_t written, uint64_t bytes);
@@ -86,7 +91,6 @@ protected:
     void finish(uint16_t head, uint32_t written);
     void mark_broken(const char* why);
     bool stopping() const { return stopping_; }
-    uint32_t slot_count() const { return static_cast<uint32_t>(slots_.size()); }
 
 private:
     struct Slot {
@@ -117,6 +121,16 @@ private:
     bool broken_ring_ = false;
     bool polling_ = false;        // the thread polls us: leave notifications off
     bool stopping_ = false;
+};
+
+// A virtio device whose request queues run on I/O threads: what the
+// statistics table (and anything else watching a running guest) reads.
+class DiskDevice : public VirtioDevice {
+public:
+    virtual unsigned request_queues() const = 0;
+    virtual const IoThread& queue_thread(unsigned q) const = 0;
+    virtual const QueueStats& queue_stats(unsigned q) const = 0;
+    virtual std::string describe() const = 0;  // its image(s)
 };
 
 // The queues of one device, each created, stopped and destroyed on its own thread.
