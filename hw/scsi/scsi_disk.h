@@ -101,6 +101,7 @@ public:
     static constexpr uint32_t kBlockSize = DiskImage::kSectorSize;
 
 private:
+    struct Command;  // one CDB being executed, and the handler of each opcode (scsi_disk.cc)
     const DiskImage& image_;
     ScsiDiskOptions options_;
     std::atomic<bool> write_cache_{true};  // WCE; MODE SELECT may clear it: then every write is followed by a flush
