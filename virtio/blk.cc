@@ -34,7 +34,10 @@ Result<BlkRequest, BlkFrameError> frame_blk_request(const Chain& chain)
     copy_from_iovecs(chain.readable, header);
     std::memcpy(&request.type, header, 4);
     std::memcpy(&request.sector, header + 8, 8);
-    request.data = request.type == kBlkTOut ? skip_iovecs(chain.readable, sizeof(header)) : std::move(writable);
+    if (request.type == kBlkTOut)
+        slice_iovecs(chain.readable, sizeof(header), UINT64_MAX, request.data);
+    else
+        request.data = std::move(writable);
     request.data_bytes = iovecs_bytes(request.data);
     return request;
 }
@@ -108,7 +111,7 @@ void BlkQueue::handle(Chain& chain)
                            request.type == kBlkTIn ? static_cast<uint32_t>(request.data_bytes + 1) : 1u,
                            request.data_bytes};
         const IoOp op = request.type == kBlkTIn ? IoOp::kRead : request.type == kBlkTOut ? IoOp::kWrite : IoOp::kFlush;
-        return submit(slot, device_.io_target(), op, request.sector * DiskImage::kSectorSize, std::move(request.data));
+        return submit(slot, device_.io_target(), op, request.sector * DiskImage::kSectorSize, request.data);
     }
     case kBlkTGetId: {
         uint8_t id[kBlkIdBytes] = {};

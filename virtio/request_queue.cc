@@ -35,31 +35,21 @@ size_t copy_to_iovecs(std::span<const iovec> iovs, std::span<const uint8_t> src)
     return copied;
 }
 
-std::vector<iovec> skip_iovecs(std::span<const iovec> iovs, uint64_t n)
+void slice_iovecs(std::span<const iovec> iovs, uint64_t skip, uint64_t max_bytes, std::vector<iovec>& out)
 {
-    std::vector<iovec> rest;
+    out.clear();
     for (const auto& v : iovs) {
-        if (n >= v.iov_len) {
-            n -= v.iov_len;
+        if (max_bytes == 0)
+            break;
+        if (skip >= v.iov_len) {
+            skip -= v.iov_len;
             continue;
         }
-        rest.push_back({static_cast<uint8_t*>(v.iov_base) + n, v.iov_len - n});
-        n = 0;
+        const size_t take = static_cast<size_t>(std::min<uint64_t>(v.iov_len - skip, max_bytes));
+        out.push_back({static_cast<uint8_t*>(v.iov_base) + skip, take});
+        max_bytes -= take;
+        skip = 0;
     }
-    return rest;
-}
-
-std::vector<iovec> front_iovecs(std::span<const iovec> iovs, uint64_t n)
-{
-    std::vector<iovec> front;
-    for (const auto& v : iovs) {
-        if (n == 0)
-            break;
-        const size_t take = static_cast<size_t>(std::min<uint64_t>(n, v.iov_len));
-        front.push_back({v.iov_base, take});
-        n -= take;
-    }
-    return front;
 }
 
 uint64_t iovecs_bytes(std::span<const iovec> iovs)
@@ -182,13 +172,13 @@ uint32_t RequestQueue::take_slot(uint16_t head)
     return id;
 }
 
-void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t offset, std::vector<iovec> data,
+void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t offset, std::span<const iovec> data,
                           uint64_t length)
 {
     Slot& slot = slots_[id];
     slot.bounce.reset();
     slot.guest.clear();
-    slot.iov = std::move(data);
+    slot.iov.assign(data.begin(), data.end());
     const uint32_t align = target.alignment;
     const bool moves_data = op == IoOp::kRead || op == IoOp::kWrite;
     if (moves_data && align > 1 && std::ranges::any_of(slot.iov, [&](const iovec& v) {
@@ -202,8 +192,8 @@ void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t
         slot.bounce.reset(static_cast<uint8_t*>(buffer));
         if (op == IoOp::kWrite)
             copy_from_iovecs(slot.iov, {slot.bounce.get(), static_cast<size_t>(bytes)});
-        slot.guest = std::move(slot.iov);
-        slot.iov = {{slot.bounce.get(), static_cast<size_t>(bytes)}};
+        std::swap(slot.guest, slot.iov);
+        slot.iov.assign(1, {slot.bounce.get(), static_cast<size_t>(bytes)});
     }
     IoRequest request{op,          target.fd, offset, slot.iov.data(), static_cast<int>(slot.iov.size()),
                       IoThread::cookie(sink_, id), target.ioprio};
@@ -215,7 +205,7 @@ void RequestQueue::complete(uint32_t tag, int64_t result)
 {
     Slot& slot = slots_.at(tag);
     if (stopping_) {
-        slot = Slot{};
+        slot.bounce.reset();
         free_slots_.push_back(tag);
         return;
     }
@@ -231,7 +221,7 @@ void RequestQueue::finish_slot(uint32_t id, uint32_t written, uint64_t bytes)
     const uint64_t latency = monotonic_ns() - slot.started_ns;
     stats_.completed(bytes, latency);
     thread_.mutable_stats().io.completed(bytes, latency);
-    slot = Slot{};
+    slot.bounce.reset();
     free_slots_.push_back(id);
 }
 

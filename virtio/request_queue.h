@@ -29,10 +29,9 @@ namespace lkvm {
 size_t copy_from_iovecs(std::span<const iovec> iovs, std::span<uint8_t> dst);
 // Copies src to the front of iovs, as much as fits; returns how many bytes.
 size_t copy_to_iovecs(std::span<const iovec> iovs, std::span<const uint8_t> src);
-// The iovecs after the first n bytes of iovs.
-std::vector<iovec> skip_iovecs(std::span<const iovec> iovs, uint64_t n);
-// The first n bytes of iovs (all of them when shorter).
-std::vector<iovec> front_iovecs(std::span<const iovec> iovs, uint64_t n);
+// Sets `out` to the bytes of iovs from `skip` on, `max_bytes` of them at
+// most. Reuses out's storage: the request path allocates nothing here.
+void slice_iovecs(std::span<const iovec> iovs, uint64_t skip, uint64_t max_bytes, std::vector<iovec>& out);
 uint64_t iovecs_bytes(std::span<const iovec> iovs);
 
 // A disk image as the queue's I/O reaches it.
@@ -80,9 +79,10 @@ protected:
     virtual void io_done(uint32_t slot, int64_t result) = 0;
 
     uint32_t take_slot(uint16_t head);
-    // Runs op on the image for slot; reads and writes move `data`, which must
-    // stay valid until io_done(). `length` is for discard and write-zeroes.
-    void submit(uint32_t slot, const IoTarget& target, IoOp op, uint64_t offset, std::vector<iovec> data,
+    // Runs op on the image for slot; reads and writes move `data` (copied:
+    // the memory it points to must stay valid until io_done()). `length` is
+    // for discard and write-zeroes.
+    void submit(uint32_t slot, const IoTarget& target, IoOp op, uint64_t offset, std::span<const iovec> data,
                 uint64_t length = 0);
     // Returns the slot's chain to the driver with `written` bytes written and
     // counts `bytes` of I/O, with the slot's latency, in the statistics.

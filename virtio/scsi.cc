@@ -6,6 +6,7 @@
 #include <boost/asio/posix/stream_descriptor.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <map>
 
@@ -17,7 +18,8 @@ namespace lkvm {
 namespace {
 constexpr uint64_t kMaxRequestBytes = 64ull << 20;
 constexpr uint8_t kOpReportLuns = 0xa0;
-constexpr size_t kMaxCdbSize = 256;  // what a driver may set cdb_size to; Linux keeps 32
+// What a driver may set cdb_size and sense_size to; Linux keeps 32 and 96.
+constexpr size_t kMaxCdbSize = 256, kMaxSenseSize = 256;
 
 void put_le32(uint8_t* at, uint32_t v) { std::memcpy(at, &v, 4); }
 
@@ -71,7 +73,7 @@ private:
         uint64_t tag = 0;
         std::vector<iovec> response;  // the response header and sense area
         std::vector<iovec> data;      // data-in or data-out buffers
-        std::vector<scsi::IoStep> steps;
+        scsi::IoSteps steps;
         size_t step = 0;
         uint64_t residual = 0;
         uint64_t data_in_bytes = 0;   // written into data-in on success
@@ -79,6 +81,17 @@ private:
         std::vector<uint8_t> block;   // WRITE SAME's block, repeated
         bool aborted = false;
         std::vector<uint32_t> watchers;  // task management functions waiting for this one
+        // Back to idle, keeping the vectors' storage for the next command.
+        void clear()
+        {
+            busy = aborted = false;
+            step = residual = data_in_bytes = moved = 0;
+            response.clear();
+            data.clear();
+            steps.clear();
+            block.clear();
+            watchers.clear();
+        }
     };
     struct Watch {
         uint32_t remaining, found;
@@ -97,6 +110,9 @@ private:
     VirtioScsi& device_;
     const uint32_t cdb_size_, sense_size_;
     std::vector<Command> commands_;  // by slot
+    // Scratch for the command being framed, swapped into its Command when it
+    // goes to the engine: the request path reuses storage instead of allocating.
+    std::vector<iovec> response_, data_in_, data_out_, step_iov_;
     std::map<uint32_t, Watch> watches_;
     uint32_t next_watch_ = 0;
 };
@@ -104,7 +120,7 @@ private:
 void ScsiQueue::write_response(std::span<const iovec> to, uint8_t response, uint8_t status, const scsi::Sense& sense,
                                uint64_t residual)
 {
-    std::vector<uint8_t> bytes(response_bytes(), 0);
+    std::array<uint8_t, virtio_scsi::kCmdResponseBytes + kMaxSenseSize> bytes{};
     uint32_t sense_len = 0;
     if (status == scsi::kStatusCheckCondition) {
         const auto fixed = scsi::fixed_sense(sense);
@@ -115,7 +131,7 @@ void ScsiQueue::write_response(std::span<const iovec> to, uint8_t response, uint
     put_le32(&bytes[4], static_cast<uint32_t>(std::min<uint64_t>(residual, UINT32_MAX)));
     bytes[10] = status;
     bytes[11] = response;
-    copy_to_iovecs(to, bytes);
+    copy_to_iovecs(to, std::span(bytes.data(), response_bytes()));
 }
 
 void ScsiQueue::handle(Chain& chain)
@@ -123,48 +139,47 @@ void ScsiQueue::handle(Chain& chain)
     const size_t request_bytes = virtio_scsi::kCmdHeaderBytes + cdb_size_;
     if (chain.readable_bytes < request_bytes || chain.writable_bytes < response_bytes())
         return mark_broken("a command without room for its header or response");
-    std::vector<uint8_t> header(request_bytes);
-    copy_from_iovecs(chain.readable, header);
+    std::array<uint8_t, virtio_scsi::kCmdHeaderBytes + kMaxCdbSize> header;
+    copy_from_iovecs(chain.readable, std::span(header.data(), request_bytes));
     uint8_t lun[8];
     std::memcpy(lun, header.data(), 8);
     uint64_t tag;
     std::memcpy(&tag, header.data() + 8, 8);
     const std::span<const uint8_t> cdb(header.data() + virtio_scsi::kCmdHeaderBytes, cdb_size_);
-    const auto response = front_iovecs(chain.writable, response_bytes());
-    const auto data_out = skip_iovecs(chain.readable, request_bytes);
-    auto data_in = skip_iovecs(chain.writable, response_bytes());
+    slice_iovecs(chain.writable, 0, response_bytes(), response_);
+    slice_iovecs(chain.readable, request_bytes, UINT64_MAX, data_out_);
+    slice_iovecs(chain.writable, response_bytes(), UINT64_MAX, data_in_);
     const uint64_t out_bytes = chain.readable_bytes - request_bytes;
     const uint64_t in_bytes = chain.writable_bytes - response_bytes();
 
     const auto address = parse_scsi_lun(lun);
     if (!address || address->target != 0) {
-        write_response(response, virtio_scsi::kBadTarget, 0, {}, in_bytes + out_bytes);
+        write_response(response_, virtio_scsi::kBadTarget, 0, {}, in_bytes + out_bytes);
         return finish(chain.head, static_cast<uint32_t>(response_bytes()));
     }
     VirtioScsi::Lun* unit = device_.find_lun(address->lun);
     scsi::Execution done = cdb[0] == kOpReportLuns ? scsi::report_luns(cdb, device_.lun_ids_, in_bytes)
-                           : unit                  ? unit->disk.execute(cdb, data_out, in_bytes)
+                           : unit                  ? unit->disk.execute(cdb, data_out_, in_bytes)
                                                    : scsi::execute_without_lun(cdb, in_bytes);
     if (done.overrun) {
-        write_response(response, virtio_scsi::kOverrun, 0, {}, in_bytes + out_bytes);
+        write_response(response_, virtio_scsi::kOverrun, 0, {}, in_bytes + out_bytes);
         return finish(chain.head, static_cast<uint32_t>(response_bytes()));
     }
     if (done.status != scsi::kStatusGood || done.io.empty()) {
-        const size_t returned = copy_to_iovecs(data_in, done.data_in);
-        write_response(response, virtio_scsi::kOk, done.status, done.sense, done.residual);
+        const size_t returned = copy_to_iovecs(data_in_, done.data_in);
+        write_response(response_, virtio_scsi::kOk, done.status, done.sense, done.residual);
         return finish(chain.head, static_cast<uint32_t>(response_bytes() + returned));
     }
 
     const uint32_t slot = take_slot(chain.head);
     Command& command = commands_[slot];
     const bool reads = done.io.front().op == IoOp::kRead;
-    command = Command{};
     command.busy = true;
     command.lun = unit;
     command.tag = tag;
-    command.response = response;
-    command.data = reads ? std::move(data_in) : data_out;
-    command.steps = std::move(done.io);
+    std::swap(command.response, response_);
+    std::swap(command.data, reads ? data_in_ : data_out_);
+    std::swap(command.steps, done.io);
     command.residual = done.residual;
     start_step(slot);
 }
@@ -173,19 +188,19 @@ void ScsiQueue::start_step(uint32_t slot)
 {
     Command& command = commands_[slot];
     const scsi::IoStep& step = command.steps[command.step];
-    std::vector<iovec> data;
+    step_iov_.clear();
     if (step.op == IoOp::kRead || step.op == IoOp::kWrite) {
         if (step.repeat_first_block) {
             if (command.block.empty()) {
                 command.block.resize(scsi::ScsiDisk::kBlockSize);
                 copy_from_iovecs(command.data, command.block);
             }
-            data.assign(step.bytes / scsi::ScsiDisk::kBlockSize, iovec{command.block.data(), command.block.size()});
+            step_iov_.assign(step.bytes / scsi::ScsiDisk::kBlockSize, iovec{command.block.data(), command.block.size()});
         } else {
-            data = front_iovecs(command.data, step.bytes);
+            slice_iovecs(command.data, 0, step.bytes, step_iov_);
         }
     }
-    submit(slot, command.lun->target, step.op, step.offset, std::move(data), step.bytes);
+    submit(slot, command.lun->target, step.op, step.offset, step_iov_, step.bytes);
 }
 
 void ScsiQueue::io_done(uint32_t slot, int64_t result)
@@ -215,9 +230,10 @@ void ScsiQueue::finish_command(uint32_t slot, uint8_t response, uint8_t status, 
 {
     Command& command = commands_[slot];
     write_response(command.response, response, status, sense, residual);
-    const std::vector<uint32_t> watchers = std::move(command.watchers);
     const uint64_t moved = command.moved;
-    command = Command{};
+    std::vector<uint32_t> watchers;
+    std::swap(watchers, command.watchers);
+    command.clear();
     finish_slot(slot, static_cast<uint32_t>(response_bytes() + data_in), moved);
     // Only now, with the command back in the used ring, may a function waiting for it complete.
     for (const uint32_t id : watchers) {
@@ -490,7 +506,7 @@ void VirtioScsi::write_config(uint64_t offset, std::span<const uint8_t> data)
         return;
     uint32_t value;
     std::memcpy(&value, data.data(), 4);
-    if (offset == 20 && value <= 256)
+    if (offset == 20 && value <= kMaxSenseSize)
         sense_size_ = value;
     if (offset == 24 && value >= 16 && value <= kMaxCdbSize)
         cdb_size_ = value;

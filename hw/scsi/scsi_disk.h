@@ -8,6 +8,8 @@
 
 #include <sys/uio.h>
 
+#include <boost/container/small_vector.hpp>
+
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -69,6 +71,10 @@ struct IoStep {
     bool repeat_first_block = false;
 };
 
+// A read or write with FUA is two steps: kept inline, so that the request
+// path does not allocate for them.
+using IoSteps = boost::container::small_vector<IoStep, 2>;
+
 // What executing a CDB comes to.
 struct Execution {
     uint8_t status = kStatusGood;
@@ -78,7 +84,7 @@ struct Execution {
     // virtio-scsi answers it with VIRTIO_SCSI_S_OVERRUN and no data).
     bool overrun = false;
     std::vector<uint8_t> data_in;  // returned data, already cut to allocation length and buffer size
-    std::vector<IoStep> io;        // disk I/O to run; GOOD when all of it succeeds
+    IoSteps io;                    // disk I/O to run; GOOD when all of it succeeds
     // Bytes of the driver's buffers the command does not use (data-in or data-out): the residual.
     uint64_t residual = 0;
 };

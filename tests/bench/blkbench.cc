@@ -1,7 +1,7 @@
-// blkbench: 4k random I/O against virtio-blk, either through the whole device
-// stack (--mode device: the test guest driver, the transport, the device and
-// its I/O thread) or against the same engine on the same file directly
-// (--mode engine: the limit). Last line: IOPS=... p50_us=... p99_us=...
+// blkbench: 4k random I/O against virtio-blk or virtio-scsi (--device), either
+// through the whole device stack (--mode device: the test guest driver, the
+// transport, the device and its I/O threads) or against the same engine on the
+// same file directly (--mode engine: the limit). Last line: IOPS=... p50_us=... p99_us=...
 #include <fcntl.h>
 #include <poll.h>
 #include <unistd.h>
@@ -24,13 +24,14 @@
 #include "virtio/blk.h"
 #include "virtio/io_thread.h"
 #include "virtio/queue_mapping.h"
+#include "virtio/scsi.h"
 
 using namespace lkvm;
 using Clock = std::chrono::steady_clock;
 
 namespace {
 struct Options {
-    std::string engine = "native", rw = "randread", mode = "device", file = "/tmp/blkbench.raw";
+    std::string engine = "native", rw = "randread", mode = "device", device = "blk", file = "/tmp/blkbench.raw";
     unsigned queues = 1, qd = 64;
     unsigned iothreads = 0;  // device mode: 0 is a dedicated thread; engine mode: threads each with an engine
     uint64_t poll_max_ns = 32768;
@@ -59,16 +60,19 @@ Options parse(int argc, char** argv)
         else if (a == "--file") o.file = next();
         else if (a == "--direct") o.direct = true;
         else if (a == "--mode") o.mode = next();
+        else if (a == "--device") o.device = next();
         else if (a == "--iothreads") o.iothreads = static_cast<unsigned>(std::stoul(next()));
         else if (a == "--poll-max-ns") o.poll_max_ns = std::stoull(next());
         else if (a == "--aio-max-batch") o.max_batch = static_cast<unsigned>(std::stoul(next()));
         else throw Error("unknown option " + a + " (--engine --queues --qd --bs --rw --seconds --file --direct --mode"
-                         " --iothreads --poll-max-ns --aio-max-batch)");
+                         " --device --iothreads --poll-max-ns --aio-max-batch)");
     }
     if (o.rw != "randread" && o.rw != "randwrite")
         throw Error("--rw randread|randwrite");
     if (o.mode != "device" && o.mode != "engine")
         throw Error("--mode device|engine");
+    if (o.device != "blk" && o.device != "scsi")
+        throw Error("--device blk|scsi");
     if (o.qd == 0 || o.qd > 80 || o.queues == 0 || o.queues > 8 || o.iothreads > 8 || o.bs % 512 || o.bs > 65536)
         throw Error("--qd 1-80, --queues 1-8, --iothreads 0-8, --bs a multiple of 512 up to 64k");
     return o;
@@ -210,16 +214,59 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
         for (const unsigned k : map[0])
             queue_threads.push_back(threads[k].get());
     }
-    VirtioBlk blk(std::move(image), {"bench", parse_engine_kind(o.engine), 0, 256}, driver.memory(), queue_threads);
-    VirtioPciDevice transport(blk, driver.host_interface());
-    driver.probe(transport, ~0ull, o.queues);
-    const uint64_t blocks = blk.image().size() / o.bs;
-    const uint32_t type = o.rw == "randread" ? kBlkTIn : kBlkTOut;
-    // Slot (q, i): header and status in a small area, data packed like the
+    // virtio-scsi's request queues come after its control and event queues;
+    // its control loop is a thread of its own here, as lkvm's main loop is.
+    const bool scsi = o.device == "scsi";
+    const uint64_t blocks = image.size() / o.bs;
+    const EngineKind engine = parse_engine_kind(o.engine);
+    std::unique_ptr<IoThread> control_loop;
+    std::unique_ptr<DiskDevice> device;
+    if (scsi) {
+        control_loop = std::make_unique<IoThread>(IoThreadOptions{"main-loop", {}, 0, -1});
+        std::vector<ScsiLunSetup> luns;
+        luns.push_back({0, std::move(image), {"bench", 1, scsi::Discard::kUnmap}, engine, 0});
+        device = std::make_unique<VirtioScsi>(std::move(luns), 256, driver.memory(), queue_threads,
+                                              control_loop->context());
+    } else {
+        device = std::make_unique<VirtioBlk>(std::move(image), BlkOptions{"bench", engine, 0, 256}, driver.memory(),
+                                             queue_threads);
+    }
+    const unsigned first_queue = scsi ? 2 : 0;
+    VirtioPciDevice transport(*device, driver.host_interface());
+    driver.probe(transport, ~0ull, first_queue + o.queues);
+    const bool reads = o.rw == "randread";
+    // Slot (q, i): request and response in a small area, data packed like the
     // engine mode's buffers (so both touch as much memory), descriptors 3i..3i+2.
     auto slot = [&](unsigned q, unsigned i) { return uint64_t{q} * 80 + i; };
-    auto header = [&](unsigned q, unsigned i) { return test::GuestDriver::kDataArea + slot(q, i) * 32; };
+    auto header = [&](unsigned q, unsigned i) { return test::GuestDriver::kDataArea + slot(q, i) * 256; };
     auto data = [&](unsigned q, unsigned i) { return test::GuestDriver::kDataArea + (1 << 20) + slot(q, i) * o.bs; };
+    // Writes the request for a random block; returns the chain's buffers.
+    auto frame = [&](unsigned q, unsigned i, std::mt19937_64& rng) -> std::vector<test::Buffer> {
+        const uint64_t block = rng() % blocks;
+        if (scsi) {
+            // virtio_scsi_cmd_req with READ(16)/WRITE(16), then virtio_scsi_cmd_resp.
+            uint8_t request[51] = {1, 0, 0x40, 0};
+            uint8_t* cdb = request + 19;
+            const uint64_t lba = block * (o.bs / 512);
+            const uint32_t count = o.bs / 512;
+            cdb[0] = reads ? 0x88 : 0x8a;
+            for (int b = 0; b < 8; ++b)
+                cdb[2 + b] = static_cast<uint8_t>(lba >> (56 - 8 * b));
+            for (int b = 0; b < 4; ++b)
+                cdb[10 + b] = static_cast<uint8_t>(count >> (24 - 8 * b));
+            std::memcpy(driver.host(header(q, i)), request, sizeof(request));
+            if (reads)
+                return {{header(q, i), 51, false}, {header(q, i) + 64, 108, true}, {data(q, i), o.bs, true}};
+            return {{header(q, i), 51, false}, {data(q, i), o.bs, false}, {header(q, i) + 64, 108, true}};
+        }
+        uint8_t request[16] = {};
+        const uint32_t type = reads ? kBlkTIn : kBlkTOut;
+        const uint64_t sector = block * (o.bs / 512);
+        std::memcpy(request, &type, 4);
+        std::memcpy(request + 8, &sector, 8);
+        std::memcpy(driver.host(header(q, i)), request, 16);
+        return {{header(q, i), 16, false}, {data(q, i), o.bs, reads}, {header(q, i) + 16, 1, true}};
+    };
     std::vector<Stats> per(o.queues);
     std::vector<double> elapsed(o.queues);
     std::vector<double> driver_cpu(o.queues);
@@ -227,29 +274,23 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
         std::mt19937_64 rng(42 + q);
         std::vector<Clock::time_point> started(o.qd);
         auto submit = [&](unsigned i) {
-            uint8_t request[16] = {};
-            const uint64_t sector = (rng() % blocks) * (o.bs / 512);
-            std::memcpy(request, &type, 4);
-            std::memcpy(request + 8, &sector, 8);
-            std::memcpy(driver.host(header(q, i)), request, 16);
             started[i] = Clock::now();
-            driver.add_chain_at(q, static_cast<uint16_t>(3 * i),
-                                {{header(q, i), 16, false}, {data(q, i), o.bs, type == kBlkTIn}, {header(q, i) + 16, 1, true}});
+            driver.add_chain_at(first_queue + q, static_cast<uint16_t>(3 * i), frame(q, i, rng));
         };
         for (unsigned i = 0; i < o.qd; ++i)
             submit(i);
-        driver.kick(q);
+        driver.kick(first_queue + q);
         const auto begin = Clock::now();
         const auto end = begin + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
         while (Clock::now() < end) {
-            const auto used = driver.wait_used(q, 1, 100);
+            const auto used = driver.wait_used(first_queue + q, 1, 100);
             const auto now = Clock::now();
             for (const auto& [head, len] : used) {
                 per[q].add(started[head / 3], now);
                 submit(head / 3);
             }
             if (!used.empty())
-                driver.kick(q);
+                driver.kick(first_queue + q);
         }
         elapsed[q] = std::chrono::duration<double>(Clock::now() - begin).count();
         driver_cpu[q] = cpu_seconds(::gettid());

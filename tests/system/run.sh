@@ -96,6 +96,42 @@ wait $pid; echo "status=$?"
 cat group.out'
 job iothreads-over-cpus run --iothreads 3 -- true
 
+# SCSI disks on virtio-scsi controllers.
+truncate -s 64M "$work/scsi-marker.raw" "$work/scsi-write.raw" "$work/scsi-a.raw"
+printf 'SCSI-MARKER-77c1' | dd of="$work/scsi-marker.raw" conv=notrunc status=none
+truncate -s 16M "$work/scsi-ro.raw"
+printf 'SCSI-READ-ONLY' | dd of="$work/scsi-ro.raw" conv=notrunc status=none
+scsi_ro_sum=$(md5sum < "$work/scsi-ro.raw")
+# Every disk as "H:C:T:L rot=R ro=R size=S".
+scsi_list='for d in /sys/block/sd*; do echo "$(basename $(readlink $d/device)) rot=$(cat $d/queue/rotational) ro=$(cat $d/ro) size=$(cat $d/size)"; done'
+job scsi-marker run -d "$work/scsi-marker.raw,bus=scsi,serial=scsi-marker,rotation-rate=1" -- sh -c "head -c 16 /dev/sda; echo; $scsi_list
+sg_inq /dev/sda; sg_vpd -p sn /dev/sda; sg_vpd -p di /dev/sda; sg_vpd -p bl /dev/sda; sg_vpd -p bdc /dev/sda; sg_vpd -p lbpv /dev/sda; sg_readcap -l /dev/sda"
+job scsi-write run -d "$work/scsi-write.raw,bus=scsi" -- sh -c 'yes LKVM-SCSI-PATTERN-42 | head -c 4194304 | dd of=/dev/sda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync'
+job scsi-two-luns run -c 2 --iothreads 2 --stats -d "$work/scsi-a.raw,bus=scsi,controller=c0,lun=0" \
+    -d "$work/scsi-ro.raw,bus=scsi,controller=c0,lun=1,ro" --scsi-controller c0,iothread=1,num-queues=2 -- sh -c "$scsi_list
+rw=\$(ls /sys/bus/scsi/devices/*:0:0:0/block); ro=\$(ls /sys/bus/scsi/devices/*:0:0:1/block)
+sg_luns -R /dev/\$rw
+echo lun0-data | dd of=/dev/\$rw conv=fsync status=none; head -c 9 /dev/\$rw; echo
+echo overwrite | dd of=/dev/\$ro conv=fsync 2>&1; echo dd=\$?
+sg=\$(ls /sys/bus/scsi/devices/*:0:0:1/scsi_generic); sg_write_same --lba=0 --num=1 /dev/\$sg 2>&1; echo ws=\$?
+head -c 14 /dev/\$ro; echo"
+# Discard on a tmpfs of L1's own, where holes can be punched (the 9p share
+# cannot): the range reads back as zeroes and the file takes less space.
+script scsi-discard '
+mkdir -p tmpfs && mount -t tmpfs -o size=64m lkvm-discard tmpfs || exit 1
+img=tmpfs/scsi-discard.raw
+yes DISCARD-ME | head -c 16777216 > $img
+before=$(stat -c %b $img)
+"$LKVM" run -d $img,bus=scsi -- sh -c "cat /sys/block/sda/queue/discard_max_bytes; blkdiscard -o 1048576 -l 4194304 /dev/sda; echo blkdiscard=\$?" < /dev/null
+echo status=$?
+after=$(stat -c %b $img)
+echo "blocks before=$before after=$after"
+[ $after -lt $before ] && echo sparse
+cmp -s -n 4194304 -i 1048576:0 $img /dev/zero && echo zeroes
+yes DISCARD-ME | head -c 1048576 > tmpfs/head
+cmp -s -n 1048576 $img tmpfs/head && echo head-kept
+umount tmpfs'
+
 mkdir -p "$work/rig"
 LKVM_RIG_TIMEOUT=${LKVM_RIG_TIMEOUT:-240} "$top/scripts/nested-run.sh" --batch "$work" 2> "$work/rig.err"
 rig_status=$?
@@ -133,6 +169,18 @@ expect disk-in-use 0 'inuse.raw: in use by another lkvm' '^second=1$'
 expect iothreads-group 0 '^threads: iothread0 iothread1 $' '^status=0$' '^mq=2$' '^fio=0$' \
     '^iothread0 +- +[1-9][0-9]* ' '^iothread1 +- +[1-9][0-9]* ' '^0 +0 +iothread0 ' '^0 +1 +iothread1 '
 expect iothreads-over-cpus 0 '^lkvm: --iothreads 3: more I/O threads than the host.s 2 online CPUs; they will share CPUs$'
+expect scsi-marker 0 '^SCSI-MARKER-77c1$' '^[0-9]+:0:0:0 rot=0 ro=0 size=131072$' 'Vendor identification: LKVM' \
+    'Unit serial number: scsi-marker' 'scsi-marker' 'Maximum transfer length: 65536' '[Nn]on-rotating medium' \
+    'LBPU\): 1' 'Last LBA=131071'
+expect scsi-write 0 '^64\+0 records out'
+if cmp -s -n 4194304 "$work/scsi-write.raw" <(yes LKVM-SCSI-PATTERN-42 | head -c 4194304); then pass scsi-write-verified
+else fail scsi-write-verified "the host file does not hold the pattern the guest wrote to /dev/sda" "$(result scsi-write out)"; fi
+expect scsi-two-luns 0 '^[0-9]+:0:0:0 rot=1 ro=0 size=131072$' '^[0-9]+:0:0:1 rot=1 ro=1 size=32768$' '2 lun entr' '^lun0-data$' \
+    '^dd=1$' '^ws=[1-9]' '[Dd]ata protect' '^SCSI-READ-ONLY$' '^0 +0 +iothread1 ' '^0 +1 +iothread1 '
+if [ "$(md5sum < "$work/scsi-ro.raw")" = "$scsi_ro_sum" ] && [ "$(head -c 9 "$work/scsi-a.raw")" = lun0-data ]; then
+    pass scsi-two-luns-host-files
+else fail scsi-two-luns-host-files "LUN 0 lacks the guest's write or the read-only LUN changed" "$(result scsi-two-luns out)"; fi
+expect scsi-discard 0 '^status=0$' '^blkdiscard=0$' '^[1-9][0-9]*$' '^sparse$' '^zeroes$' '^head-kept$'
 expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+ vCPUs in one guest'
 
 # ---------------------------------------------------------------- bad input, no KVM needed
@@ -180,6 +228,15 @@ refuse iothread-no-group 'iothread= picks threads of the group; add --iothreads 
 refuse iothreads-offline-cpu 'CPU 4000 is not online on this host' run --iothreads 2,affinity=0,4000
 refuse disk-num-queues  'num-queues=0 is not 1-64' run -d "$work/odd.raw,num-queues=0"
 refuse disk-ioprio      "ioprio class 'urgent' is not rt, be or idle" run -d "$work/odd.raw,ioprio=urgent"
+refuse scsi-iothread-shared 'iothread= on a disk that shares scsi controller c0; set it on the controller: --scsi-controller c0,iothread=K' \
+    run --iothreads 2 -d "$work/odd.raw,bus=scsi,controller=c0,iothread=1"
+refuse scsi-lun-twice   'scsi controller c0 already has a lun 0' run -d "$work/odd.raw,bus=scsi,controller=c0" -d "$work/ro.raw,bus=scsi,controller=c0,ro"
+refuse scsi-option-on-blk 'rotation-rate= is for SCSI disks; add bus=scsi' run -d "$work/odd.raw,rotation-rate=1"
+refuse scsi-controller-unused 'scsi-controller c9: no disk uses it' run --scsi-controller c9 -d "$work/odd.raw"
+refuse scsi-bad-discard 'discard=trim is not unmap or ignore' run -d "$work/odd.raw,bus=scsi,discard=trim"
+refuse scsi-bad-bus     'bus=ide is not blk or scsi' run -d "$work/odd.raw,bus=ide"
+refuse scsi-lun-range   'lun=20000 is not 0-16383' run -d "$work/odd.raw,bus=scsi,lun=20000"
+refuse scsi-disk-missing 'disk /nonexistent.raw: No such file' run -d /nonexistent.raw,bus=scsi
 if [ "$(md5sum < "$work/odd.raw")" = "$odd_sum" ]; then pass "bad-input disk-untouched"
 else fail "bad-input disk-untouched" "a refused image was modified" ""; fi
 
