@@ -377,6 +377,32 @@ std::string check_iothreads_on_host(const IoThreadsSpec& spec, const std::vector
     return "";
 }
 
+std::vector<DiskDevicePlan> plan_disk_devices(const RunOptions& options)
+{
+    const unsigned default_queues = std::min(options.cpus, kMaxDiskQueues);
+    std::vector<DiskDevicePlan> plans;
+    for (size_t i = 0; i < options.disks.size(); ++i) {
+        const DiskSpec& disk = options.disks[i];
+        if (disk.controller.empty()) {
+            plans.push_back({disk.bus, "", {i}, disk.num_queues ? disk.num_queues : default_queues, disk.iothreads});
+            continue;
+        }
+        auto shared = std::ranges::find(plans, disk.controller, &DiskDevicePlan::controller);
+        if (shared != plans.end()) {
+            shared->disks.push_back(i);
+            continue;
+        }
+        DiskDevicePlan plan{DiskBus::kScsi, disk.controller, {i}, default_queues, {}};
+        for (const auto& c : options.scsi_controllers)
+            if (c.name == disk.controller) {
+                plan.num_queues = c.num_queues ? c.num_queues : default_queues;
+                plan.iothreads = c.iothreads;
+            }
+        plans.push_back(std::move(plan));
+    }
+    return plans;
+}
+
 Command parse_command_line(const std::vector<std::string>& args)
 {
     Command cmd;

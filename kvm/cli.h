@@ -85,6 +85,18 @@ struct RunOptions {
     std::vector<std::string> command;  // after "--": what the guest init runs
 };
 
+// A disk device lkvm builds: a virtio-blk disk, or a virtio-scsi controller
+// with its disks (the disks naming one controller share it).
+struct DiskDevicePlan {
+    DiskBus bus = DiskBus::kBlk;
+    std::string controller;          // a shared SCSI controller's name; empty otherwise
+    std::vector<size_t> disks;       // indices into RunOptions::disks, in command-line order
+    unsigned num_queues = 0;         // resolved: the vCPU count when not given
+    std::vector<unsigned> iothreads;  // group threads its queues go to; empty: round robin
+};
+// In the order their first disk appears on the command line.
+std::vector<DiskDevicePlan> plan_disk_devices(const RunOptions& options);
+
 struct Command {
     enum class Kind { kHelp, kRunHelp, kVersion, kRun };
     Kind kind = Kind::kHelp;

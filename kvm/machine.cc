@@ -134,40 +134,6 @@ std::vector<DiskImage> Machine::open_disks(const RunOptions& options)
     return images;
 }
 
-namespace {
-// A virtio device to build: a blk disk, or a SCSI controller with its disks.
-struct DiskDevicePlan {
-    DiskBus bus;
-    std::string controller;     // shared SCSI controller's name; empty otherwise
-    std::vector<size_t> disks;  // indices into RunOptions::disks
-    DiskQueues queues;
-};
-
-std::vector<DiskDevicePlan> plan_disk_devices(const RunOptions& options)
-{
-    const unsigned default_queues = std::min(options.cpus, kMaxDiskQueues);
-    std::vector<DiskDevicePlan> plans;
-    for (size_t i = 0; i < options.disks.size(); ++i) {
-        const DiskSpec& disk = options.disks[i];
-        if (!disk.controller.empty()) {
-            auto shared = std::ranges::find(plans, disk.controller, &DiskDevicePlan::controller);
-            if (shared != plans.end()) {
-                shared->disks.push_back(i);
-                continue;
-            }
-            DiskDevicePlan plan{DiskBus::kScsi, disk.controller, {i}, {default_queues, {}}};
-            for (const auto& c : options.scsi_controllers)
-                if (c.name == disk.controller)
-                    plan.queues = {c.num_queues ? c.num_queues : default_queues, c.iothreads};
-            plans.push_back(std::move(plan));
-            continue;
-        }
-        plans.push_back({disk.bus, "", {i}, {disk.num_queues ? disk.num_queues : default_queues, disk.iothreads}});
-    }
-    return plans;
-}
-}  // namespace
-
 void Machine::add_disks()
 {
     virtio_host_ = std::make_unique<KvmVirtioHost>(vm_, mmio_);
@@ -176,7 +142,7 @@ void Machine::add_disks()
     const auto plans = plan_disk_devices(options_);
     std::vector<DiskQueues> queues;
     for (const auto& plan : plans)
-        queues.push_back(plan.queues);
+        queues.push_back({plan.num_queues, plan.iothreads});
     std::vector<std::vector<unsigned>> map;
     if (group.count) {
         map = map_queues(group.count, queues);
@@ -195,7 +161,7 @@ void Machine::add_disks()
         } else {
             io_threads_.push_back(std::make_unique<IoThread>(
                 IoThreadOptions{"disk" + std::to_string(plan.disks.front()) + "-io", poll, 0, -1}));
-            threads.assign(plan.queues.num_queues, io_threads_.back().get());
+            threads.assign(plan.num_queues, io_threads_.back().get());
         }
         auto engine_of = [](const DiskSpec& spec) {
             return spec.engine.empty() ? default_engine_kind() : parse_engine_kind(spec.engine);

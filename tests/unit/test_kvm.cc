@@ -424,3 +424,66 @@ TEST_CASE("cli: the group against the host's online CPUs")
     CHECK(error_of([&] { check_iothreads_on_host(spec, {0, 1}); }).find("CPU 5 is not online") != std::string::npos);
     CHECK(parse_cpu_list("x", "0-2,7,1") == std::vector<int>{0, 1, 2, 7});
 }
+
+TEST_CASE("cli: SCSI disks, shared controllers and what is refused")
+{
+    const auto own = parse_disk_spec("a.raw,bus=scsi,rotation-rate=1,discard=ignore,serial=0123456789012345678901234");
+    CHECK(own.bus == DiskBus::kScsi);
+    CHECK(own.controller.empty());
+    CHECK(own.lun == 0);
+    CHECK(own.rotation_rate == 1);
+    CHECK_FALSE(own.discard);
+    CHECK(own.serial.size() == 25);  // SCSI serials may be longer than virtio-blk's 20 bytes
+    CHECK(parse_disk_spec("a.raw,bus=scsi").discard);
+    CHECK(parse_disk_spec("a.raw").bus == DiskBus::kBlk);
+
+    const auto run = parse_command_line({"run", "-c", "3", "--iothreads", "2", "-d", "blk.raw", "-d",
+                                         "a.raw,bus=scsi,controller=c0,lun=2", "-d", "own.raw,bus=scsi,num-queues=2",
+                                         "-d", "b.raw,bus=scsi,controller=c0,lun=5,ro", "--scsi-controller",
+                                         "c0,iothread=1,num-queues=4"})
+                         .run;
+    REQUIRE(run.scsi_controllers.size() == 1);
+    CHECK(run.scsi_controllers[0].name == "c0");
+    const auto plans = plan_disk_devices(run);
+    REQUIRE(plans.size() == 3);
+    CHECK(plans[0].bus == DiskBus::kBlk);
+    CHECK(plans[0].disks == std::vector<size_t>{0});
+    CHECK(plans[0].num_queues == 3);  // one per vCPU
+    CHECK(plans[1].bus == DiskBus::kScsi);
+    CHECK(plans[1].controller == "c0");
+    CHECK(plans[1].disks == std::vector<size_t>{1, 3});
+    CHECK(plans[1].num_queues == 4);
+    CHECK(plans[1].iothreads == std::vector<unsigned>{1});
+    CHECK(plans[2].bus == DiskBus::kScsi);
+    CHECK(plans[2].disks == std::vector<size_t>{2});
+    CHECK(plans[2].num_queues == 2);
+
+    auto refused = [](std::vector<std::string> args) {
+        return error_of([&] { parse_command_line(args); });
+    };
+    CHECK(refused({"run", "--iothreads", "2", "-d", "a,bus=scsi,controller=c0,iothread=1"})
+              .find("shares scsi controller c0; set it on the controller: --scsi-controller c0,iothread=K") !=
+          std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,controller=c0,num-queues=2"})
+              .find("--scsi-controller c0,num-queues=Q") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,controller=c0", "-d", "b,bus=scsi,controller=c0"})
+              .find("already has a lun 0") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,controller=c0", "--scsi-controller", "c1"}).find("c1: no disk uses it") !=
+          std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,controller=c0", "--scsi-controller", "c0", "--scsi-controller", "c0"})
+              .find("given twice") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,controller=c0", "--scsi-controller", "c0,iothread=3", "--iothreads", "2"})
+              .find("has threads 0-1") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,controller=c0", "--scsi-controller", "c0,spin=1"})
+              .find("unknown option 'spin=1'") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,rotation-rate=1"}).find("rotation-rate= is for SCSI disks; add bus=scsi") !=
+          std::string::npos);
+    CHECK(refused({"run", "-d", "a,lun=1"}).find("lun= is for SCSI disks") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=ide"}).find("bus=ide is not blk or scsi") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,lun=16384"}).find("is not 0-16383") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,rotation-rate=65535"}).find("is not 0-65534") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,discard=trim"}).find("not unmap or ignore") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,controller=c/0"}).find("name it with letters") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,serial=0123456789012345678901234567890123456"}).find("36 bytes") !=
+          std::string::npos);
+}
