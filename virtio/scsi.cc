@@ -394,6 +394,8 @@ private:
         default:
             return reply(kFunctionRejected);  // CLEAR ACA: we never enter ACA
         }
+        if (subtype == kTmfLogicalUnitReset)
+            device_.find_lun(address->lun)->disk.reset();
         // Answered once every request queue has: from the control loop, later.
         device_.task_management(
             subtype, address->lun, tag,

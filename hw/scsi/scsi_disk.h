@@ -102,6 +102,10 @@ public:
     // data-in buffers. REPORT LUNS is not handled here: see report_luns().
     Execution execute(std::span<const uint8_t> cdb, std::span<const iovec> data_out, uint64_t data_in_bytes);
 
+    // LOGICAL UNIT RESET (SAM-5 6.3.4): mode parameters go back to their
+    // defaults (none are saved), so the write cache is on again.
+    void reset() { write_cache_.store(true, std::memory_order_relaxed); }
+
     uint64_t blocks() const { return image_.size() / kBlockSize; }
     bool write_cache() const { return write_cache_.load(std::memory_order_relaxed); }
     static constexpr uint32_t kBlockSize = DiskImage::kSectorSize;

@@ -714,6 +714,15 @@ TEST_CASE("scsi MODE SELECT: the write cache, and a write gaining a flush")
     CHECK(d.in(mode_sense6(0x08, 0, 255, 0x08)).data_in[4 + 2] == 0);
     CHECK(d.in(mode_sense6(0x08, 2, 255, 0x08)).data_in[4 + 2] == 0x04);  // the default is still on
     CHECK(d.in(mode_sense6(0x08, 1, 255, 0x08)).data_in[4 + 2] == 0x04);
+    {
+        // A logical unit reset brings the default back.
+        TestDisk other;
+        CHECK(other.out(mode_select6(off.size()), off).status == kStatusGood);
+        CHECK_FALSE(other.scsi.write_cache());
+        other.scsi.reset();
+        CHECK(other.scsi.write_cache());
+        CHECK(other.in(mode_sense6(0x08, 0, 255, 0x08)).data_in[4 + 2] == 0x04);
+    }
 
     // Now every write is followed by a flush.
     e = d.out(rw10(0x2a, 0, 1), block);
