@@ -17,26 +17,14 @@
 
 #include "base/error.h"
 #include "disk/disk_image.h"
+#include "tests/unit/temp_dir.h"
 #include "disk/io_engine.h"
 
 using namespace lkvm;
 
+using lkvm::test::TempDir;
+
 namespace {
-struct TempDir {
-    std::filesystem::path path;
-    TempDir()
-    {
-        char tmpl[] = "/tmp/lkvm-unit.XXXXXX";
-        path = ::mkdtemp(tmpl);
-    }
-    ~TempDir() { std::filesystem::remove_all(path); }
-    std::string file(const std::string& name, size_t size, char fill = 0)
-    {
-        const auto p = (path / name).string();
-        std::ofstream(p, std::ios::binary) << std::string(size, fill);
-        return p;
-    }
-};
 
 std::string open_error(const DiskImageOptions& options)
 {

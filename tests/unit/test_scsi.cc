@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "disk/disk_image.h"
+#include "tests/unit/temp_dir.h"
 #include "hw/scsi/scsi_disk.h"
 
 namespace lkvm::scsi {
@@ -38,28 +39,13 @@ using namespace lkvm;
 using namespace lkvm::scsi;
 using Bytes = std::vector<uint8_t>;
 
+using lkvm::test::TempDir;
+
 namespace {
 
 constexpr uint64_t kDiskBlocks = 2048;  // 1 MiB
 constexpr uint64_t kBlock = 512;
 
-struct TempDir {
-    std::filesystem::path path;
-    TempDir()
-    {
-        char tmpl[] = "/tmp/lkvm-unit.XXXXXX";
-        path = ::mkdtemp(tmpl);
-    }
-    ~TempDir() { std::filesystem::remove_all(path); }
-    // A sparse file of `size` bytes.
-    std::string file(const std::string& name, uint64_t size)
-    {
-        const auto p = path / name;
-        std::ofstream(p, std::ios::binary).flush();
-        std::filesystem::resize_file(p, size);
-        return p.string();
-    }
-};
 
 ScsiDiskOptions test_options()
 {
@@ -77,7 +63,7 @@ struct TestDisk {
     ScsiDisk scsi;
     explicit TestDisk(ScsiDiskOptions options = test_options(), bool read_only = false,
                       uint64_t bytes = kDiskBlocks * kBlock)
-        : image(DiskImage::open({dir.file("disk.img", bytes), read_only, false})), scsi(image, std::move(options))
+        : image(DiskImage::open({dir.sparse_file("disk.img", bytes), read_only, false})), scsi(image, std::move(options))
     {
     }
     // A command with data-in buffers of `data_in` bytes.
