@@ -3,8 +3,8 @@
 # all in ONE L1 boot of the nested rig (scripts/nested-run.sh --batch), so both
 # VMMs see the same L1 kernel, memory and noise.
 #
-# Workload: fio 4k randread on /dev/vda, libaio, direct=1 (a virtio-blk block
-# device takes O_DIRECT), QD64 as numjobs=2 x iodepth=32, one job pinned to each
+# Workload: fio 4k randread on /dev/vda (virtio-blk) or /dev/sda (virtio-scsi),
+# libaio, direct=1 (the guest's block device takes O_DIRECT), QD64 as numjobs=2 x iodepth=32, one job pinned to each
 # vCPU (cpus_allowed_policy=split), ${BENCH_SECONDS:-10}s time-based after a 2s
 # ramp, terse output (IOPS, p99 completion latency).
 # Disk: a 512 MiB image of non-zero data on a tmpfs mounted by the jobs in L1's
@@ -12,7 +12,9 @@
 # O_DIRECT, so both VMMs read through L1's page cache: QEMU cache=writeback
 # aio=io_uring, lkvm without ",direct" (its default engine: io_uring).
 # Rows: lkvm --iothreads 1, 2, 4 with num-queues=2, and QEMU with one iothread
-# and num-queues=2. LKVM_BENCH_DEDICATED_ONLY=1 runs lkvm once with plain
+# and num-queues=2; then virtio-scsi: lkvm --iothreads 2 (its own controller,
+# num-queues=2) and QEMU's virtio-scsi-pci with one iothread and num_queues=2
+# (scsi rows compare with QEMU's scsi). LKVM_BENCH_DEDICATED_ONLY=1 runs lkvm once with plain
 # "-d IMAGE" (its per-disk dedicated I/O thread) instead. Nested SVM here now
 # and then resets or loses an L2 vCPU (DESIGN.md): such a run gets one retry,
 # shown under its row; a run that failed twice shows its error instead.
@@ -28,18 +30,21 @@ trap 'umount "$work/ram" 2> /dev/null || true; rm -rf "$work"' EXIT
 
 # The guest command, the same for every VMM. fio's status is the job's status
 # (lkvm hands it back; QEMU loses it, hence the error field in the terse line).
-guest="echo queues=\$(ls /sys/block/vda/mq | wc -l)
-fio --name=r --filename=/dev/vda --rw=randread --bs=4k --ioengine=libaio --direct=1 \
+guest_on() {  # guest_on DEVICE: the fio run on /dev/DEVICE
+    echo "echo queues=\$(ls /sys/block/$1/mq | wc -l)
+fio --name=r --filename=/dev/$1 --rw=randread --bs=4k --ioengine=libaio --direct=1 \
 --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split --group_reporting \
 --time_based --runtime=$seconds --ramp_time=2 --norandommap --randrepeat=0 \
 --eta=never --output-format=terse --output=/tmp/fio.out
 s=\$?; sed 's/^/FIO;/' /tmp/fio.out; exit \$s"
+}
 
 # Every job sources this: it (re)creates the image when it is missing (also
 # the case in a new L1 after the rig had to restart one) and defines vmm.
 {
     printf 'set -u\ncd %q\nimg=%q/ram/disk.raw\n' "$work" "$work"
-    printf 'guest=%q\nkernel=%q\ninitrd=%q\nlkvm=%q\n' "$guest" "$kernel" "$initrd" "$build/lkvm"
+    printf 'guest=%q\nguest_scsi=%q\nkernel=%q\ninitrd=%q\nlkvm=%q\n' "$(guest_on vda)" "$(guest_on sda)" \
+        "$kernel" "$initrd" "$build/lkvm"
     # An L2 boot plus shutdown takes ~20 s here; a hung guest must not stall
     # the batch (TERM first, so that lkvm says where its vCPUs were; then KILL).
     printf 'limit=%d\n' $((seconds + 2 + 75))
@@ -76,30 +81,35 @@ EOF
 
 configs=()
 lkvm_job() {  # lkvm_job NAME DISK-OPTIONS [LKVM-OPTIONS...]
-    local name=$1 opts=$2; shift 2
+    local name=$1 opts=$2 command='$guest'; shift 2
+    [[ $opts == *bus=scsi* ]] && command='$guest_scsi'
     configs+=("$name")
     { printf '. %q/common\n' "$work"
       printf 'vmm "$lkvm" run -c 2 -m 1024 -k "$kernel" -i "$initrd" -d "$img"%q' "$opts"
-      (($#)) && printf ' %q' "$@"; printf ' -- sh -c "$guest"\n'; } > "$work/$(printf '%02d' ${#configs[@]})-$name.sh"
+      (($#)) && printf ' %q' "$@"; printf ' -- sh -c "%s"\n' "$command"; } > "$work/$(printf '%02d' ${#configs[@]})-$name.sh"
 }
 if [ "${LKVM_BENCH_DEDICATED_ONLY:-0}" = 1 ]; then
     lkvm_job dedicated ""
 else
     for n in 1 2 4; do lkvm_job "iothreads-$n" ",num-queues=2" --iothreads "$n"; done
 fi
-configs+=(qemu)
-{ printf '. %q/common\n' "$work"
-  cat << 'EOF'
-# -accel kvm fails rather than falling back to TCG; init's exit-status port
-# write is ignored by QEMU, and its "poweroff -f" ends QEMU.
-vmm qemu-system-x86_64 -accel kvm -cpu host -smp 2 -m 1024 -nographic -nic none -no-reboot \
-    -kernel "$kernel" -initrd "$initrd" \
-    -append "console=ttyS0 panic=-1 quiet lkvm.cmd=$(printf '%s' "$guest" | base64 -w 0)" \
-    -object iothread,id=io0 \
-    -drive "file=$img,if=none,id=d0,format=raw,aio=io_uring,cache=writeback" \
-    -device virtio-blk-pci,drive=d0,iothread=io0,num-queues=2
-EOF
-} > "$work/$(printf '%02d' ${#configs[@]})-qemu.sh"
+qemu_job() {  # qemu_job NAME GUEST-VARIABLE DEVICE-OPTIONS...: QEMU with one iothread, same image and guest
+    local name=$1 command=$2; shift 2
+    configs+=("$name")
+    { printf '. %q/common\n' "$work"
+      # -accel kvm fails rather than falling back to TCG; init's exit-status port
+      # write is ignored by QEMU, and its "poweroff -f" ends QEMU.
+      printf 'vmm qemu-system-x86_64 -accel kvm -cpu host -smp 2 -m 1024 -nographic -nic none -no-reboot \\\n'
+      printf '    -kernel "$kernel" -initrd "$initrd" \\\n'
+      printf '    -append "console=ttyS0 panic=-1 quiet lkvm.cmd=$(printf %%s "$%s" | base64 -w 0)" \\\n' "$command"
+      printf '    -object iothread,id=io0 -drive "file=$img,if=none,id=d0,format=raw,aio=io_uring,cache=writeback"'
+      printf ' %q' "$@"; printf '\n'; } > "$work/$(printf '%02d' ${#configs[@]})-$name.sh"
+}
+qemu_job qemu guest -device virtio-blk-pci,drive=d0,iothread=io0,num-queues=2
+if [ "${LKVM_BENCH_DEDICATED_ONLY:-0}" != 1 ]; then
+    lkvm_job scsi-iothreads-2 ",bus=scsi,num-queues=2" --iothreads 2
+    qemu_job qemu-scsi guest_scsi -device virtio-scsi-pci,id=s0,iothread=io0,num_queues=2 -device scsi-hd,drive=d0,bus=s0.0
+fi
 
 rig_status=0
 bash "$top/scripts/nested-run.sh" --batch "$work" || rig_status=$?
@@ -123,25 +133,27 @@ result() {
         printf "%d %s\n", $8, p99 }'
 }
 qemu_iops=$(result qemu | cut -d' ' -f1)
+qemu_scsi_iops=$(result qemu-scsi | cut -d' ' -f1)
 failed=0
 echo "fio 4k randread QD64 (2 jobs x iodepth 32, one per vCPU) in a 2-vCPU L2, ${seconds}s; goal: lkvm/QEMU IOPS >= 1.2"
 echo "512 MiB image in L1 tmpfs, page-cached: QEMU cache=writeback aio=io_uring, lkvm without direct (aio default)"
-printf '%-14s %10s %9s %8s %7s\n' config IOPS p99us vs-QEMU queues
+printf '%-22s %10s %9s %8s %7s\n' config IOPS p99us vs-QEMU queues
 for name in "${configs[@]}"; do
     read -r iops p99 <<< "$(result "$name")" || true
     queues=$(output "$name" | sed -n 's/^queues=//p' | head -n 1)
-    label=$name; [ "$name" = qemu ] || label="lkvm $name"
+    label=$name; [[ $name == qemu* ]] || label="lkvm $name"
     if [ -z "${iops:-}" ]; then
         failed=1
         status=$(cat "$work"/*-"$name".sh.status 2> /dev/null || echo none)
         case $status in 124|137) status="$status: timed out, the guest hung";; esac
-        printf '%-14s %10s   (status %s)\n' "$label" failed "$status"
+        printf '%-22s %10s   (status %s)\n' "$label" failed "$status"
         # Show why: fio's (or the VMM's) error lines, else the end of the run's output.
         { output "$name" | grep -iE 'fio|err|bench-retry' || output "$name" | tail -n 8; } | tail -n 8 | sed 's/^/    | /'
         continue
     fi
-    ratio=$(awk -v a="$iops" -v b="${qemu_iops:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }')
-    printf '%-14s %10s %9s %8s %7s\n' "$label" "$iops" "$p99" "$ratio" "${queues:--}"
+    peer=$qemu_iops; [[ $name == *scsi* ]] && peer=$qemu_scsi_iops
+    ratio=$(awk -v a="$iops" -v b="${peer:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }')
+    printf '%-22s %10s %9s %8s %7s\n' "$label" "$iops" "$p99" "$ratio" "${queues:--}"
     output "$name" | sed -n 's/^bench-retry: /    | retried after a failed first run: /p'
 done
 [ "$rig_status" = 0 ] || echo "bench-nested: the nested rig failed (status $rig_status)" >&2

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make bench: blkbench in both modes, side by side. The device mode runs the
-# whole virtio-blk stack (test guest driver with one thread per queue as the
-# vCPUs, transport, device, I/O threads); the engine mode drives the same
+# whole virtio-blk or virtio-scsi stack (test guest driver with one thread per
+# queue as the vCPUs, transport, device, I/O threads); the engine mode drives the same
 # engine on the same file directly with as many threads as the device has
 # I/O threads (the limit). Every configuration keeps 64 requests in flight.
 # BENCH_NESTED=1 adds scripts/bench-nested.sh (lkvm vs QEMU in the nested rig).
@@ -16,25 +16,30 @@ field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p" <<< "$2" | tail -n 1; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 
 echo "blkbench: 4k randread, 64 in flight per configuration, ${seconds}s per run, file $file ($(nproc) host CPUs)"
-echo "threads: 'dedicated' is the disk's own thread; N is a group of N I/O threads (queues spread round robin)"
-printf '%-8s %-6s %-9s %6s %4s | %9s %7s %7s | %9s %7s %7s | %7s %7s | %s\n' engine direct threads queues qd \
-    "dev IOPS" "p50us" "p99us" "eng IOPS" "p50us" "p99us" dev/eng "2 vs 1" "CPU (device run)"
+echo "threads: 'dedicated' is the device's own thread; N is a group of N I/O threads (queues spread round robin)"
+echo "blk and scsi: the same engine, file and threads through virtio-blk and through virtio-scsi (one LUN)"
+row='%-8s %-6s %-9s %6s %4s | %9s %7s %7s | %9s %7s %7s | %9s %7s %7s | %7s %8s %9s | %6s %6s | %s\n'
+printf "$row" engine direct threads queues qd "blk IOPS" "p50us" "p99us" "scsi IOPS" "p50us" "p99us" \
+    "eng IOPS" "p50us" "p99us" blk/eng scsi/eng scsi/blk "blk 2v1" "scsi 2v1" "CPU (blk run)"
 for spec in "null:" "sync:" "native:" "io_uring:" "native:--direct" "io_uring:--direct"; do
     engine=${spec%%:*} extra=${spec#*:}
-    one_thread=
+    one_blk= one_scsi=
     for config in "0 1 64" "1 2 32" "2 2 32"; do
         read -r threads queues qd <<< "$config"
         limit_threads=$((threads > 1 ? threads : 1))
-        dev=$(run --engine "$engine" --mode device --iothreads "$threads" --queues "$queues" --qd "$qd" $extra)
+        device() { run --device "$1" --engine "$engine" --mode device --iothreads "$threads" --queues "$queues" --qd "$qd" $extra; }
+        blk=$(device blk)
+        scsi=$(device scsi)
         eng=$(run --engine "$engine" --mode engine --iothreads "$limit_threads" --qd $((64 / limit_threads)) $extra)
-        di=$(field IOPS "$dev") ei=$(field IOPS "$eng")
-        scaling=-
-        [ "$threads" = 1 ] && one_thread=$di
-        [ "$threads" = 2 ] && scaling=$(ratio "$di" "$one_thread")
-        printf '%-8s %-6s %-9s %6s %4s | %9s %7s %7s | %9s %7s %7s | %7s %7s | %s\n' "$engine" "${extra:+yes}" \
-            "$([ "$threads" = 0 ] && echo dedicated || echo "$threads")" "$queues" "$qd" \
-            "$di" "$(field p50_us "$dev")" "$(field p99_us "$dev")" "$ei" "$(field p50_us "$eng")" "$(field p99_us "$eng")" \
-            "$(ratio "$di" "$ei")" "$scaling" "$(sed -n 's/^cpu: //p' <<< "$dev")"
+        bi=$(field IOPS "$blk") si=$(field IOPS "$scsi") ei=$(field IOPS "$eng")
+        blk_scaling=- scsi_scaling=-
+        [ "$threads" = 1 ] && one_blk=$bi one_scsi=$si
+        [ "$threads" = 2 ] && blk_scaling=$(ratio "$bi" "$one_blk") scsi_scaling=$(ratio "$si" "$one_scsi")
+        printf "$row" "$engine" "${extra:+yes}" "$([ "$threads" = 0 ] && echo dedicated || echo "$threads")" "$queues" "$qd" \
+            "$bi" "$(field p50_us "$blk")" "$(field p99_us "$blk")" "$si" "$(field p50_us "$scsi")" "$(field p99_us "$scsi")" \
+            "$ei" "$(field p50_us "$eng")" "$(field p99_us "$eng")" \
+            "$(ratio "$bi" "$ei")" "$(ratio "$si" "$ei")" "$(ratio "$si" "$bi")" "$blk_scaling" "$scsi_scaling" \
+            "$(sed -n 's/^cpu: //p' <<< "$blk")"
     done
 done
 if [ "${BENCH_NESTED:-0}" = 1 ]; then bash "$top/scripts/bench-nested.sh" "${1:-build}"; fi
