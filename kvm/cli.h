@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "base/error.h"
+#include "base/log.h"
 
 namespace lkvm {
 
@@ -18,6 +19,7 @@ constexpr int kOk = 0;
 constexpr int kError = 1;         // bad command line or setup failure
 constexpr int kGuestPanic = 121;  // the guest kernel panicked
 constexpr int kVcpuFault = 122;   // triple fault or KVM internal error on a vCPU
+constexpr int kTimeout = 124;     // --timeout expired (as timeout(1) says it)
 }  // namespace exit_status
 
 enum class DiskBus { kBlk, kScsi };
@@ -82,7 +84,20 @@ struct RunOptions {
     std::vector<ScsiControllerSpec> scsi_controllers;
     IoThreadsSpec iothreads;  // count 0: every disk has its own thread
     bool stats = false;       // print per-thread and per-queue I/O statistics at exit
+    std::string console_log;  // --console-log FILE: the guest's console output is also appended there
+    unsigned timeout_s = 0;   // --timeout SECS: stop the guest after that long, exit kTimeout; 0: never
+    bool quiet = false;       // --quiet: only the guest's output (lkvm's own messages: errors only)
+    LogLevel log_level = LogLevel::kInfo;  // --loglevel error|warn|info|debug (--quiet: kError)
     std::vector<std::string> command;  // after "--": what the guest init runs
+};
+
+// lkvm list | stop NAME|--all | pause NAME | resume NAME | stat NAME [--disks] [--iothreads] [--json] [--watch SECS]
+struct ControlCommand {
+    std::string name;         // the guest (its --name, or guest-<pid>); empty for list and stop --all
+    bool all = false;         // stop --all
+    bool disks = false, iothreads = false;  // stat: which tables (neither: both)
+    bool json = false;        // stat: JSON lines instead of a table
+    double watch_s = 0;       // stat --watch SECS: redraw every SECS; 0: print once
 };
 
 // A disk device lkvm builds: a virtio-blk disk, or a virtio-scsi controller
@@ -98,9 +113,10 @@ struct DiskDevicePlan {
 std::vector<DiskDevicePlan> plan_disk_devices(const RunOptions& options);
 
 struct Command {
-    enum class Kind { kHelp, kRunHelp, kVersion, kRun };
+    enum class Kind { kHelp, kRunHelp, kVersion, kRun, kList, kStop, kPause, kResume, kStat };
     Kind kind = Kind::kHelp;
     RunOptions run;
+    ControlCommand control;
 };
 
 constexpr unsigned kMinMemMib = 64;
