@@ -7,7 +7,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 
 packages=(g++ make pkg-config libboost-dev libaio-dev liburing-dev doctest-dev
           qemu-system-x86 busybox-static cpio fio kmod xz-utils zstd procps
-          sg3-utils util-linux)
+          sg3-utils util-linux python3)
 
 missing=()
 for p in "${packages[@]}"; do

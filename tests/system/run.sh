@@ -135,6 +135,48 @@ for i in $(seq 20); do umount tmpfs 2> /dev/null && break; sleep 0.5; done
 mountpoint -q tmpfs && umount -l tmpfs
 true'
 
+# The control socket: lkvm list/stat/pause/resume/stop against a guest running fio.
+truncate -s 64M "$work/ctl.raw"
+script control-socket '
+export XDG_RUNTIME_DIR=$PWD/xdg-control
+mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+requests() { "$LKVM" stat fioguest --json | head -n 1 | python3 -c "import json, sys; print(sum(q[\"requests\"] for q in json.loads(sys.stdin.readline())[\"disks\"]))"; }
+"$LKVM" run --name fioguest -c 2 -i '"$top"'/build/guest/initramfs-fio.cpio.gz -d ctl.raw -- sh -c "sleep 2; echo fio-start
+fio --name=r --filename=/dev/vda --rw=randread --bs=4k --ioengine=libaio --direct=1 --iodepth=8 --time_based --runtime=25 --output-format=json --output=/tmp/fio.json
+grep -m 1 total_ios /tmp/fio.json | tr -dc 0-9 | sed s/^/fio-ios=/; echo; echo fio-done; sleep 1000" > guest.out 2>&1 < /dev/null &
+pid=$!
+for i in $(seq 240); do grep -q "^fio-start" guest.out && break; sleep 0.5; done
+before=$(requests)
+"$LKVM" list
+sleep 4
+"$LKVM" pause fioguest; echo pause=$?
+"$LKVM" list | grep -q "fioguest.*paused" && echo listed-paused
+p1=$(requests); sleep 3; p2=$(requests)
+echo paused-moved=$((p2 - p1))
+"$LKVM" resume fioguest; echo resume=$?
+sleep 3; r=$(requests)
+[ $r -gt $p2 ] && echo resumed-moves
+# Two clients at once, then a bogus request: an error reply, and the guest keeps running.
+"$LKVM" stat fioguest --json > s1.json & "$LKVM" stat fioguest --json > s2.json; wait $!
+python3 -c "import json; [json.loads(open(f).readline()) for f in (\"s1.json\", \"s2.json\")]" && echo two-clients
+python3 -c "
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b\"HELLO there\n\")
+print(\"bogus-reply:\", s.recv(4096).decode().strip())" "$XDG_RUNTIME_DIR/lkvm/fioguest.sock"
+"$LKVM" list | grep -q "fioguest.*running" && echo still-running
+for i in $(seq 240); do grep -q "^fio-done" guest.out && break; sleep 0.5; done
+after=$(requests)
+ios=$(sed -n "s/^fio-ios=//p" guest.out)
+echo "fio-ios=$ios counted=$((after - before))"
+python3 -c "import sys; a, b = int(sys.argv[1]), int(sys.argv[2]); print(\"adds-up\" if a > 0 and abs(a - b) <= a // 200 + 16 else \"off\")" "$ios" $((after - before))
+"$LKVM" stop fioguest; echo stop=$?
+wait $pid; echo status=$?
+[ -e "$XDG_RUNTIME_DIR/lkvm/fioguest.sock" ] || echo socket-gone
+"$LKVM" pause fioguest; echo pause-gone=$?'
+job control-timeout run --timeout 5 -- sleep 1000
+job control-console-log run --console-log "$work/console.log" -- echo hello-console-log
+job control-quiet run --quiet -- sh -c 'echo quiet-guest; exit 3'
+
 mkdir -p "$work/rig"
 LKVM_RIG_TIMEOUT=${LKVM_RIG_TIMEOUT:-240} "$top/scripts/nested-run.sh" --batch "$work" 2> "$work/rig.err"
 rig_status=$?
@@ -184,6 +226,16 @@ if [ "$(md5sum < "$work/scsi-ro.raw")" = "$scsi_ro_sum" ] && [ "$(head -c 9 "$wo
     pass scsi-two-luns-host-files
 else fail scsi-two-luns-host-files "LUN 0 lacks the guest's write or the read-only LUN changed" "$(result scsi-two-luns out)"; fi
 expect scsi-discard 0 '^status=0$' '^blkdiscard=0$' '^[1-9][0-9]*$' '^sparse$' '^zeroes$' '^head-kept$'
+expect control-socket 0 'fioguest +[0-9]+ +running +2 ' '^pause=0$' '^listed-paused$' '^paused-moved=0$' '^resume=0$' \
+    '^resumed-moves$' '^two-clients$' '^bogus-reply: LKVM/1 error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
+    '^socket-gone$' '^pause-gone=1$'
+expect control-timeout 124 '--timeout'
+expect control-console-log 0 'hello-console-log'
+if grep -q hello-console-log "$work/console.log" 2> /dev/null; then pass control-console-log-file
+else fail control-console-log-file "the console log lacks the guest's output" "$(result control-console-log out)"; fi
+expect control-quiet 3 '^quiet-guest'
+if grep -q '^lkvm:' "$(result control-quiet out)"; then fail control-quiet-silent "lkvm printed its own lines with --quiet" "$(result control-quiet out)"
+else pass control-quiet-silent; fi
 expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+ vCPUs in one guest'
 
 # ---------------------------------------------------------------- bad input, no KVM needed
