@@ -3,13 +3,17 @@
 #include <algorithm>
 #include <cctype>
 #include <charconv>
+#include <cmath>
 #include <optional>
+
+#include "kvm/control.h"
 
 namespace lkvm {
 
 namespace {
 
 const std::string kRunHint = " (see 'lkvm run --help')";
+const std::string kHint = " (see 'lkvm --help')";
 
 uint64_t parse_number(const std::string& option, const std::string& text)
 {
@@ -43,7 +47,8 @@ struct OptionSpec {
 };
 constexpr OptionSpec kKernel{"-k", "--kernel"}, kInitrd{"-i", "--initrd"}, kParams{"-p", "--params"},
     kCpus{"-c", "--cpus"}, kMem{"-m", "--mem"}, kName{nullptr, "--name"}, kDisk{"-d", "--disk"},
-    kIoThreads{nullptr, "--iothreads"}, kScsiController{nullptr, "--scsi-controller"};
+    kIoThreads{nullptr, "--iothreads"}, kScsiController{nullptr, "--scsi-controller"},
+    kConsoleLog{nullptr, "--console-log"}, kTimeout{nullptr, "--timeout"}, kLogLevel{nullptr, "--loglevel"};
 
 // Matches "-k X", "--kernel X" and "--kernel=X"; advances i past the value.
 std::optional<std::string> take_value(const std::vector<std::string>& args, size_t& i, const OptionSpec& spec)
@@ -121,7 +126,28 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
         } else if (arg == "--stats") {
             run.stats = true;
         } else if (auto v = take_value(args, i, kName)) {
+            // It names the guest's control socket file too.
+            if (const std::string problem = guest_name_problem(*v); !problem.empty())
+                throw Error("--name '" + *v + "': " + problem + kRunHint);
             run.name = *v;
+        } else if (auto v = take_value(args, i, kConsoleLog)) {
+            if (v->empty())
+                throw Error("--console-log needs a file name" + kRunHint);
+            run.console_log = *v;
+        } else if (auto v = take_value(args, i, kTimeout)) {
+            const uint64_t seconds = parse_number("--timeout", *v);
+            if (seconds < 1 || seconds > 1000000)
+                throw Error("--timeout " + *v + ": give 1 to 1000000 seconds" + kRunHint);
+            run.timeout_s = static_cast<unsigned>(seconds);
+        } else if (arg == "--quiet") {
+            run.quiet = true;
+        } else if (auto v = take_value(args, i, kLogLevel)) {
+            constexpr std::pair<const char*, LogLevel> kLevels[] = {
+                {"error", LogLevel::kError}, {"warn", LogLevel::kWarn}, {"info", LogLevel::kInfo}, {"debug", LogLevel::kDebug}};
+            const auto level = std::ranges::find(kLevels, *v, &std::pair<const char*, LogLevel>::first);
+            if (level == std::end(kLevels))
+                throw Error("--loglevel " + *v + ": use error, warn, info or debug" + kRunHint);
+            run.log_level = level->second;
         } else if (auto v = take_value(args, i, kCpus)) {
             const uint64_t n = parse_number("-c", *v);
             if (n == 0)
@@ -157,6 +183,71 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
     for (const auto& controller : run.scsi_controllers)
         check_iothreads("--scsi-controller " + controller.name, controller.iothreads);
     return run;
+}
+
+// "--watch SECS": more than 0, at most an hour, fractions allowed.
+double parse_watch(const std::string& text)
+{
+    double seconds = 0;
+    const char* end = text.data() + text.size();
+    const auto [ptr, ec] = std::from_chars(text.data(), end, seconds);
+    if (text.empty() || ec != std::errc() || ptr != end || !std::isfinite(seconds) || seconds <= 0 || seconds > 3600)
+        throw Error("stat --watch '" + text + "': give the seconds between samples, more than 0 and at most 3600" +
+                    kHint);
+    return seconds;
+}
+
+// list | stop NAME|--all | pause NAME | resume NAME | stat NAME [--disks] [--iothreads] [--json] [--watch SECS]
+constexpr std::pair<const char*, Command::Kind> kControlCommands[] = {{"list", Command::Kind::kList},
+                                                                      {"stop", Command::Kind::kStop},
+                                                                      {"pause", Command::Kind::kPause},
+                                                                      {"resume", Command::Kind::kResume},
+                                                                      {"stat", Command::Kind::kStat}};
+
+Command parse_control(const std::vector<std::string>& args, Command::Kind kind)
+{
+    using Kind = Command::Kind;
+    const std::string& verb = args[0];
+    Command cmd;
+    cmd.kind = kind;
+    ControlCommand& control = cmd.control;
+    for (size_t i = 1; i < args.size(); ++i) {
+        const std::string& arg = args[i];
+        if (arg == "-h" || arg == "--help")
+            return Command{};  // the general help, which has these commands
+        if (cmd.kind == Kind::kStop && arg == "--all") {
+            control.all = true;
+        } else if (cmd.kind == Kind::kStat && arg == "--disks") {
+            control.disks = true;
+        } else if (cmd.kind == Kind::kStat && arg == "--iothreads") {
+            control.iothreads = true;
+        } else if (cmd.kind == Kind::kStat && arg == "--json") {
+            control.json = true;
+        } else if (cmd.kind == Kind::kStat && arg.starts_with("--watch=")) {
+            control.watch_s = parse_watch(arg.substr(8));
+        } else if (cmd.kind == Kind::kStat && arg == "--watch") {
+            if (i + 1 >= args.size())
+                throw Error("option --watch needs a value: the seconds between samples" + kHint);
+            control.watch_s = parse_watch(args[++i]);
+        } else if (arg.starts_with("-")) {
+            throw Error(verb + ": unknown option '" + arg + "'" + kHint);
+        } else if (cmd.kind == Kind::kList || !control.name.empty()) {
+            throw Error(verb + ": unexpected argument '" + arg + "'" +
+                        (cmd.kind == Kind::kList ? ": list takes none" : ": one guest at a time") + kHint);
+        } else {
+            if (const std::string problem = guest_name_problem(arg); !problem.empty())
+                throw Error(verb + " '" + arg + "': " + problem + kHint);
+            control.name = arg;
+        }
+    }
+    if (cmd.kind == Kind::kList)
+        return cmd;
+    if (control.all && !control.name.empty())
+        throw Error("stop: give a guest's NAME or --all, not both" + kHint);
+    if (!control.all && control.name.empty())
+        throw Error(verb + ": which guest? give its NAME" + (cmd.kind == Kind::kStop ? " (or --all)" : "") +
+                    " as 'lkvm list' shows it");
+    return cmd;
 }
 
 }  // namespace
@@ -420,7 +511,10 @@ Command parse_command_line(const std::vector<std::string>& args)
         cmd.kind = help ? Command::Kind::kRunHelp : Command::Kind::kRun;
         return cmd;
     }
-    throw Error("unknown command '" + args[0] + "' (see 'lkvm --help')");
+    for (const auto& [name, kind] : kControlCommands)
+        if (args[0] == name)
+            return parse_control(args, kind);
+    throw Error("unknown command '" + args[0] + "'" + kHint);
 }
 
 std::string usage()
@@ -428,9 +522,22 @@ std::string usage()
     return "usage: lkvm COMMAND [ARGS]\n"
            "\n"
            "commands:\n"
-           "  run       boot a Linux guest (lkvm run --help)\n"
-           "  version   print the version\n"
-           "  help      this text\n";
+           "  run                 boot a Linux guest (lkvm run --help)\n"
+           "  list                the running guests: NAME PID STATE VCPUS MEM DISKS\n"
+           "  stop NAME | --all   power a guest (or every one) off\n"
+           "  pause NAME          stop a guest's vCPUs where they are\n"
+           "  resume NAME         let a paused guest's vCPUs run again\n"
+           "  stat NAME [--disks] [--iothreads] [--json] [--watch SECS]\n"
+           "                      a guest's I/O over one second: per disk queue IOPS, MiB/s,\n"
+           "                      requests in flight and latency; per I/O thread IOPS and\n"
+           "                      polling. --disks or --iothreads: that table only; --json:\n"
+           "                      one JSON object per sample and line; --watch SECS: a new\n"
+           "                      sample every SECS (up to 3600) until interrupted\n"
+           "  version             print the version\n"
+           "  help                this text\n"
+           "\n"
+           "A guest is NAME as 'lkvm run --name' gave it, else guest-PID. The control\n"
+           "sockets are in $XDG_RUNTIME_DIR/lkvm/, or ~/.lkvm/ without one.\n";
 }
 
 std::string run_usage()
@@ -466,12 +573,17 @@ std::string run_usage()
            "                         own thread. affinity pins thread k to the k-th CPU listed;\n"
            "                         polling defaults as QEMU's (poll-max-ns=32768, 0: off)\n"
            "      --stats            print per-thread and per-queue I/O statistics at exit\n"
-           "      --name NAME        a name for this guest\n"
+           "      --name NAME        a name for this guest, for lkvm list/stop/pause/resume/stat\n"
+           "                         (letters, digits, '.', '_', '-'; default guest-PID)\n"
+           "      --console-log FILE the guest's console output is also appended to FILE\n"
+           "      --timeout SECS     stop the guest after SECS seconds (1-1000000), exit 124\n"
+           "      --quiet            only the guest's output; of lkvm's own messages, errors\n"
+           "      --loglevel LEVEL   lkvm's messages: error, warn, info (default) or debug\n"
            "  -h, --help             this text\n"
            "\n"
            "exit status: the guest command's status; 0 when the guest powers off or\n"
            "reboots; 1 for bad input; 121 after a guest kernel panic; 122 when a vCPU\n"
-           "triple-faults or KVM fails to run it.\n";
+           "triple-faults or KVM fails to run it; 124 when --timeout expires.\n";
 }
 
 }  // namespace lkvm

@@ -5,6 +5,7 @@
 #include "base/error.h"
 #include "base/log.h"
 #include "kvm/cli.h"
+#include "kvm/control_client.h"
 #include "kvm/machine.h"
 
 int main(int argc, char** argv)
@@ -26,11 +27,17 @@ int main(int argc, char** argv)
             Machine machine(cmd.run);
             return machine.run();
         }
+        case Command::Kind::kList:
+        case Command::Kind::kStop:
+        case Command::Kind::kPause:
+        case Command::Kind::kResume:
+        case Command::Kind::kStat:
+            return run_control_command(cmd);
         }
     } catch (const Error& e) {
-        log_line(e.what());
+        log_error(e.what());
     } catch (const std::exception& e) {
-        log_line(std::string("internal error: ") + e.what());
+        log_error(std::string("internal error: ") + e.what());
     }
     return exit_status::kError;
 }

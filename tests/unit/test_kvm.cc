@@ -487,3 +487,100 @@ TEST_CASE("cli: SCSI disks, shared controllers and what is refused")
     CHECK(refused({"run", "-d", "a,bus=scsi,serial=0123456789012345678901234567890123456"}).find("36 bytes") !=
           std::string::npos);
 }
+
+TEST_CASE("cli: list, stop, pause, resume and stat")
+{
+    CHECK(parse_command_line({"list"}).kind == Command::Kind::kList);
+    const auto stop = parse_command_line({"stop", "web-1"});
+    CHECK(stop.kind == Command::Kind::kStop);
+    CHECK(stop.control.name == "web-1");
+    CHECK_FALSE(stop.control.all);
+    const auto all = parse_command_line({"stop", "--all"});
+    CHECK(all.control.all);
+    CHECK(all.control.name.empty());
+    CHECK(parse_command_line({"pause", "g"}).kind == Command::Kind::kPause);
+    CHECK(parse_command_line({"pause", "g"}).control.name == "g");
+    CHECK(parse_command_line({"resume", "g"}).kind == Command::Kind::kResume);
+
+    const auto plain = parse_command_line({"stat", "g"});
+    CHECK(plain.kind == Command::Kind::kStat);
+    CHECK(plain.control.name == "g");
+    CHECK_FALSE(plain.control.disks);
+    CHECK_FALSE(plain.control.iothreads);
+    CHECK_FALSE(plain.control.json);
+    CHECK(plain.control.watch_s == 0);
+    const auto full = parse_command_line({"stat", "--disks", "g", "--iothreads", "--json", "--watch", "0.5"});
+    CHECK(full.control.name == "g");
+    CHECK(full.control.disks);
+    CHECK(full.control.iothreads);
+    CHECK(full.control.json);
+    CHECK(full.control.watch_s == 0.5);
+    CHECK(parse_command_line({"stat", "g", "--watch=3600"}).control.watch_s == 3600);
+    CHECK(parse_command_line({"stat", "g", "--help"}).kind == Command::Kind::kHelp);
+    CHECK(parse_command_line({"list", "-h"}).kind == Command::Kind::kHelp);
+}
+
+TEST_CASE("cli: what list, stop, pause, resume and stat refuse")
+{
+    auto msg = [](std::vector<std::string> args) { return error_of([&] { parse_command_line(args); }); };
+    CHECK(msg({"list", "x"}) == "list: unexpected argument 'x': list takes none (see 'lkvm --help')");
+    CHECK(msg({"list", "--all"}) == "list: unknown option '--all' (see 'lkvm --help')");
+    CHECK(msg({"stop"}) == "stop: which guest? give its NAME (or --all) as 'lkvm list' shows it");
+    CHECK(msg({"pause"}) == "pause: which guest? give its NAME as 'lkvm list' shows it");
+    CHECK(msg({"resume"}) == "resume: which guest? give its NAME as 'lkvm list' shows it");
+    CHECK(msg({"stat"}) == "stat: which guest? give its NAME as 'lkvm list' shows it");
+    CHECK(msg({"stop", "a", "b"}) == "stop: unexpected argument 'b': one guest at a time (see 'lkvm --help')");
+    CHECK(msg({"stop", "--all", "a"}) == "stop: give a guest's NAME or --all, not both (see 'lkvm --help')");
+    CHECK(msg({"pause", "--all"}) == "pause: unknown option '--all' (see 'lkvm --help')");
+    CHECK(msg({"resume", "g", "--json"}) == "resume: unknown option '--json' (see 'lkvm --help')");
+    CHECK(msg({"stop", "a/b"}) ==
+          "stop 'a/b': use only letters, digits, '.', '_' and '-' in a guest name (see 'lkvm --help')");
+    CHECK(msg({"pause", ".x"}) == "pause '.x': a guest name cannot start with '.' or '-' (see 'lkvm --help')");
+    CHECK(msg({"stat", std::string(65, 'n')}) ==
+          "stat '" + std::string(65, 'n') + "': a guest name is at most 64 characters (see 'lkvm --help')");
+    CHECK(msg({"stat", "g", "--bogus"}) == "stat: unknown option '--bogus' (see 'lkvm --help')");
+    CHECK(msg({"stat", "g", "--watch"}) == "option --watch needs a value: the seconds between samples (see 'lkvm --help')");
+    for (const std::string bad : {"0", "-1", "3601", "abc", "nan", "inf", "1s", ""})
+        CHECK_MESSAGE(msg({"stat", "g", "--watch", bad}) ==
+                          "stat --watch '" + bad +
+                              "': give the seconds between samples, more than 0 and at most 3600 (see 'lkvm --help')",
+                      bad);
+}
+
+TEST_CASE("cli: --console-log, --timeout, --quiet, --loglevel, and --name's rules")
+{
+    const auto run = parse_command_line({"run", "--console-log", "out.log", "--timeout", "30", "--quiet", "--loglevel",
+                                         "debug", "--name", "web-1.test"})
+                         .run;
+    CHECK(run.console_log == "out.log");
+    CHECK(run.timeout_s == 30);
+    CHECK(run.quiet);
+    CHECK(run.log_level == LogLevel::kDebug);
+    CHECK(run.name == "web-1.test");
+    const auto defaults = parse_command_line({"run"}).run;
+    CHECK(defaults.console_log.empty());
+    CHECK(defaults.timeout_s == 0);
+    CHECK_FALSE(defaults.quiet);
+    CHECK(defaults.log_level == LogLevel::kInfo);
+    CHECK(parse_command_line({"run", "--quiet"}).run.log_level == LogLevel::kInfo);  // the machine maps quiet
+    CHECK(parse_command_line({"run", "--loglevel=error"}).run.log_level == LogLevel::kError);
+    CHECK(parse_command_line({"run", "--loglevel", "warn"}).run.log_level == LogLevel::kWarn);
+    CHECK(parse_command_line({"run", "--loglevel", "info"}).run.log_level == LogLevel::kInfo);
+    CHECK(parse_command_line({"run", "--timeout=1000000"}).run.timeout_s == 1000000);
+    CHECK(parse_command_line({"run", "--console-log=a b.log"}).run.console_log == "a b.log");
+
+    auto msg = [](std::vector<std::string> args) { return error_of([&] { parse_command_line(args); }); };
+    CHECK(msg({"run", "--console-log="}) == "--console-log needs a file name (see 'lkvm run --help')");
+    CHECK(msg({"run", "--console-log"}) == "option --console-log needs a value (see 'lkvm run --help')");
+    CHECK(msg({"run", "--timeout", "0"}) == "--timeout 0: give 1 to 1000000 seconds (see 'lkvm run --help')");
+    CHECK(msg({"run", "--timeout", "1000001"}) == "--timeout 1000001: give 1 to 1000000 seconds (see 'lkvm run --help')");
+    CHECK(msg({"run", "--timeout", "5s"}) == "--timeout '5s': not a number (see 'lkvm run --help')");
+    CHECK(msg({"run", "--loglevel", "loud"}) == "--loglevel loud: use error, warn, info or debug (see 'lkvm run --help')");
+    CHECK(msg({"run", "--name", "a/b"}) ==
+          "--name 'a/b': use only letters, digits, '.', '_' and '-' in a guest name (see 'lkvm run --help')");
+    CHECK(msg({"run", "--name="}) == "--name '': a guest name cannot be empty (see 'lkvm run --help')");
+    CHECK(msg({"run", "--name", "-x"}) == "--name '-x': a guest name cannot start with '.' or '-' (see 'lkvm run --help')");
+    CHECK(msg({"run", "--name", std::string(65, 'n')}) ==
+          "--name '" + std::string(65, 'n') + "': a guest name is at most 64 characters (see 'lkvm run --help')");
+    CHECK(parse_command_line({"run", "--name", std::string(64, 'n')}).run.name.size() == 64);
+}

@@ -1,0 +1,63 @@
+// The client side of the control socket: `lkvm list | stop | pause | resume |
+// stat`, and what they print.
+#pragma once
+
+#include <chrono>
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "base/fd.h"
+#include "kvm/cli.h"
+#include "kvm/control.h"
+
+namespace lkvm {
+
+constexpr std::chrono::milliseconds kControlTimeout{2000};
+
+// One connection to a running guest; several requests may go over it.
+class ControlConnection {
+public:
+    // Connects to the guest NAME in dir; nullopt when no guest listens there
+    // (no socket, or a stale one). Throws Error when it does not accept in time.
+    static std::optional<ControlConnection> open(const std::string& dir, const std::string& name,
+                                                 std::chrono::milliseconds timeout = kControlTimeout);
+    // The payload of the reply; throws Error with the guest's error message,
+    // or when the guest does not answer in time or hangs up.
+    std::string ask(ControlVerb verb);
+    // Sends raw bytes (none: nothing) and returns the next reply line without
+    // its '\n'; throws Error on timeout or hang-up. For requests ask() cannot make.
+    std::string exchange(std::string_view request);
+
+private:
+    ControlConnection(Fd fd, std::string name) : fd_(std::move(fd)), name_(std::move(name)) {}
+    Fd fd_;
+    std::string name_;
+    std::string received_;  // bytes read past the last reply line
+};
+
+// NAME PID STATE VCPUS MEM DISKS, a header and one row per guest.
+std::string format_guest_table(const std::vector<GuestInfo>& guests);
+
+// Rates over the interval between two samples of the same guest. Both false: both tables.
+struct StatTables {
+    bool disks = false, iothreads = false;
+};
+std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& after, StatTables which);
+// One JSON object on one line, '\n' included: cumulative counters and rates.
+// wall_time_s: when the sample was taken (seconds since the epoch).
+std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& after, StatTables which,
+                             double wall_time_s);
+// `text` as a JSON string, quotes included; bytes that are not UTF-8 become U+FFFD.
+std::string json_string(std::string_view text);
+
+// Runs a list, stop, pause, resume or stat command against the guests in dir,
+// printing to out; returns lkvm's exit status. Throws Error with the line to
+// print, e.g. "no running guest named NAME (see 'lkvm list')".
+int run_control_command(const Command& command, const std::string& dir, std::FILE* out);
+// The same in control_dir(), printing to stdout.
+int run_control_command(const Command& command);
+
+}  // namespace lkvm
