@@ -28,7 +28,5 @@ inline void log_error(std::string_view msg) { log_at(LogLevel::kError, msg); }
 inline void log_warn(std::string_view msg) { log_at(LogLevel::kWarn, msg); }
 inline void log_info(std::string_view msg) { log_at(LogLevel::kInfo, msg); }
 inline void log_debug(std::string_view msg) { log_at(LogLevel::kDebug, msg); }
-// Until every caller says its level: an error, always shown.
-inline void log_line(std::string_view msg) { log_error(msg); }
 
 }  // namespace lkvm

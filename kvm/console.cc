@@ -4,7 +4,17 @@
 #include <poll.h>
 #include <unistd.h>
 
+#include "base/error.h"
+
 namespace lkvm {
+
+Fd open_console_log(const std::string& path)
+{
+    Fd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
+    if (!fd.valid())
+        throw sys_error("--console-log " + path);
+    return fd;
+}
 
 namespace {
 constexpr uint8_t kCtrlA = 0x01;
@@ -52,7 +62,7 @@ EscapeFilter::Result EscapeFilter::feed(std::span<const uint8_t> input)
     return result;
 }
 
-Console::Console(int in_fd, int out_fd) : in_fd_(in_fd), out_fd_(out_fd)
+Console::Console(int in_fd, int out_fd, int log_fd) : in_fd_(in_fd), out_fd_(out_fd), log_fd_(log_fd)
 {
     termios t{};
     if (::isatty(in_fd_) && ::tcgetattr(in_fd_, &t) == 0) {
@@ -96,6 +106,10 @@ PanicWatch::Event Console::output(uint8_t byte)
             break;  // stdout is gone; the guest keeps running
         }
     }
+    // Best effort, like stdout: a failed write (a full disk) loses log bytes; the guest keeps running.
+    if (log_fd_ >= 0)
+        while (::write(log_fd_, &byte, 1) < 0 && errno == EINTR) {
+        }
     return panic_watch_.feed(byte);
 }
 

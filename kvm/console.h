@@ -1,6 +1,7 @@
 // The host end of the guest's serial console: the terminal in raw mode while
-// the guest runs (restored on every way out), the Ctrl-A x escape, and a
-// watch on what the guest prints for the kernel's panic banner.
+// the guest runs (restored on every way out), the Ctrl-A x escape, a copy of
+// the output in a log file (--console-log), and a watch on what the guest
+// prints for the kernel's panic banner.
 #pragma once
 
 #include <termios.h>
@@ -11,7 +12,13 @@
 #include <span>
 #include <string>
 
+#include "base/fd.h"
+
 namespace lkvm {
+
+// Opens (creating it, mode 0644) the --console-log file for appending.
+// Throws lkvm::Error naming the file when it cannot.
+Fd open_console_log(const std::string& path);
 
 // Recognizes a kernel panic in console output, byte by byte. Pure: no I/O.
 class PanicWatch {
@@ -44,12 +51,12 @@ private:
 
 class Console {
 public:
-    // Puts in_fd in raw mode when it is a terminal.
-    Console(int in_fd, int out_fd);
+    // Puts in_fd in raw mode when it is a terminal. Output also goes to
+    // log_fd when it is >= 0; the caller keeps it open while the console lives.
+    Console(int in_fd, int out_fd, int log_fd = -1);
     ~Console();
     Console(const Console&) = delete;
     Console& operator=(const Console&) = delete;
-
 
     // Guest output, from whichever vCPU thread drives the UART.
     // Returns what the panic watch saw in it.
@@ -60,7 +67,7 @@ public:
     void restore();
 
 private:
-    int in_fd_, out_fd_;
+    int in_fd_, out_fd_, log_fd_;
     std::optional<termios> saved_termios_;
     int saved_flags_ = -1;
     std::mutex mutex_;

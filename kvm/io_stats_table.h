@@ -1,10 +1,16 @@
-// The I/O statistics of a running guest as a table: per I/O thread, then per
-// disk queue. Read live from the threads' counters; the --stats table at
-// exit and, later, a control socket print the same.
+// The I/O statistics of a running guest: per I/O thread, then per disk
+// queue, read live from the threads' counters. As a table (the --stats table
+// at exit), or as a sample of plain numbers (what the control socket's
+// `stat` reports).
 #pragma once
 
+#include <sys/types.h>
+
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "virtio/io_thread.h"
@@ -14,5 +20,40 @@ namespace lkvm {
 
 std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
                             const std::vector<std::unique_ptr<DiskDevice>>& disks);
+
+// Everything at one moment, as plain values. Counters count from the start;
+// percentiles are over every request so far.
+struct IoStatsSample {
+    struct Thread {
+        std::string name;
+        pid_t tid = 0;      // 0: not running yet
+        int cpu = -1;       // the host CPU it last ran on; -1: unknown
+        uint64_t requests = 0, bytes = 0;
+        uint64_t batches = 0, wakeups = 0, poll_hits = 0;
+        uint64_t poll_ns = 0;  // its current poll time
+        double p50_us = 0, p99_us = 0;
+    };
+    struct Queue {
+        unsigned disk = 0;   // the disk device, in command-line order
+        unsigned queue = 0;  // its request queue
+        std::string thread;  // the I/O thread serving it
+        std::string image;   // the device's image(s)
+        int cpu = -1;        // where that thread last ran; -1: unknown
+        uint64_t requests = 0, bytes = 0, in_flight = 0;
+        double p50_us = 0, p99_us = 0;
+    };
+    std::vector<Thread> threads;
+    std::vector<Queue> queues;
+    uint64_t time_ns = 0;  // monotonic_ns() when taken
+};
+
+IoStatsSample sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
+                              const std::vector<std::unique_ptr<DiskDevice>>& disks);
+
+// The CPU a task last ran on: field 39 ("processor") of its /proc/.../stat
+// line. nullopt when the line does not have it.
+std::optional<int> parse_proc_stat_cpu(std::string_view stat_line);
+// The same for a thread of this process, read from /proc/self/task/TID/stat; -1: unknown.
+int thread_last_cpu(pid_t tid);
 
 }  // namespace lkvm

@@ -11,8 +11,10 @@
 
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -21,7 +23,6 @@
 #include "base/log.h"
 #include "kvm/cpuid.h"
 #include "kvm/firmware_tables.h"
-#include "kvm/io_stats_table.h"
 #include "kvm/layout.h"
 #include "virtio/queue_mapping.h"
 
@@ -97,6 +98,14 @@ std::vector<int> online_cpus()
     return cpus;
 }
 
+// Sets the level lkvm logs at; first of all, so that even the checks in
+// Machine's member initializers log at the level asked for.
+const RunOptions& with_log_level(const RunOptions& options)
+{
+    set_log_level(options.quiet ? LogLevel::kError : options.log_level);
+    return options;
+}
+
 }  // namespace
 
 Machine::BootFiles Machine::load_boot_files(const RunOptions& options)
@@ -127,7 +136,7 @@ std::vector<DiskImage> Machine::open_disks(const RunOptions& options)
     // The I/O threads the disks get are checked here too, before KVM is touched.
     if (options.iothreads.count)
         if (const auto warning = check_iothreads_on_host(options.iothreads, online_cpus()); !warning.empty())
-            log_line(warning);
+            log_warn(warning);
     std::vector<DiskImage> images;
     for (const auto& disk : options.disks)
         images.push_back(DiskImage::open({disk.path, disk.read_only, disk.direct}));
@@ -192,12 +201,13 @@ void Machine::add_disks()
 }
 
 Machine::Machine(const RunOptions& options)
-    : options_(options),
+    : options_(with_log_level(options)),
       boot_(load_boot_files(options)),
       disk_images_(open_disks(options)),
+      console_log_(options.console_log.empty() ? Fd() : open_console_log(options.console_log)),
       kvm_(Kvm::open()),
       vm_(kvm_),
-      console_(STDIN_FILENO, STDOUT_FILENO),
+      console_(STDIN_FILENO, STDOUT_FILENO, console_log_.get()),
       serial_([this](bool high) { vm_.set_irq_line(Serial8250::kCom1Irq, high); },
               [this](uint8_t byte) {
                   const auto event = console_.output(byte);
@@ -325,7 +335,12 @@ void Machine::vcpu_loop(Vcpu& vcpu)
     auto fault = [&](const std::string& what) {
         finish({exit_status::kVcpuFault, who + ": " + what + " at " + vcpu.describe()});
     };
-    while (!stopping_.load(std::memory_order_acquire)) {
+    while (!vcpu_gate_.stopping()) {
+        if (vcpu_gate_.paused()) {
+            // The kick that paused us left immediate_exit set: cleared when we may run again.
+            vcpu_gate_.park([run] { run->immediate_exit = 0; });
+            continue;
+        }
         if (::ioctl(vcpu.fd(), KVM_RUN, 0) < 0) {
             if (errno == EINTR || errno == EAGAIN)
                 continue;
@@ -366,20 +381,57 @@ void Machine::vcpu_loop(Vcpu& vcpu)
     }
 }
 
-void Machine::stop_vcpus()
+void Machine::kick_vcpus()
 {
-    stopping_.store(true, std::memory_order_release);
+    // immediate_exit makes a KVM_RUN that is about to start return at once;
+    // the signal kicks one that is already in the guest.
     for (size_t i = 0; i < vcpu_threads_.size(); ++i) {
-        // immediate_exit makes a KVM_RUN that is about to start return at once;
-        // the signal kicks one that is already in the guest.
         vcpus_[i]->run()->immediate_exit = 1;
         if (vcpu_threads_[i].joinable())
             ::pthread_kill(vcpu_threads_[i].native_handle(), SIGUSR1);
     }
+}
+
+void Machine::stop_vcpus()
+{
+    vcpu_gate_.stop();
     for (auto& t : vcpu_threads_)
         if (t.joinable())
             t.join();
     vcpu_threads_.clear();
+}
+
+void Machine::pause()
+{
+    vcpu_gate_.pause();
+}
+
+void Machine::resume()
+{
+    vcpu_gate_.resume();
+}
+
+void Machine::request_stop()
+{
+    finish({exit_status::kOk, "stopped by lkvm stop", LogLevel::kInfo});
+}
+
+std::string Machine::name() const
+{
+    return options_.name.empty() ? "guest-" + std::to_string(::getpid()) : options_.name;
+}
+
+IoStatsSample Machine::sample_io_stats() const
+{
+    return lkvm::sample_io_stats(io_threads_, disks_);
+}
+
+MachineInfo Machine::info() const
+{
+    MachineInfo info{name(), ::getpid(), state(), options_.cpus, options_.mem_mib, {}};
+    for (const auto& disk : options_.disks)
+        info.disks.push_back(disk.path);
+    return info;
 }
 
 void Machine::start_input()
@@ -424,28 +476,44 @@ int Machine::run()
     boost::asio::signal_set signals(io_, SIGINT, SIGTERM, SIGHUP);
     signals.async_wait([this](const boost::system::error_code& error, int signal) {
         if (!error)
-            finish({128 + signal, std::string("stopped by signal ") + ::strsignal(signal)});
+            finish({128 + signal, std::string("stopped by signal ") + ::strsignal(signal), LogLevel::kInfo});
     });
+    boost::asio::steady_timer timeout(io_);
+    if (options_.timeout_s) {
+        timeout.expires_after(std::chrono::seconds(options_.timeout_s));
+        timeout.async_wait([this](const boost::system::error_code& error) {
+            if (!error)
+                finish({exit_status::kTimeout,
+                        "guest still running after " + std::to_string(options_.timeout_s) + " s (--timeout): stopped",
+                        LogLevel::kWarn});
+        });
+    }
     start_input();
 
+    vcpu_gate_.set_threads(static_cast<unsigned>(vcpus_.size()));
     for (auto& vcpu : vcpus_)
-        vcpu_threads_.emplace_back([this, v = vcpu.get()] { vcpu_loop(*v); });
+        vcpu_threads_.emplace_back([this, v = vcpu.get()] {
+            vcpu_loop(*v);
+            vcpu_gate_.leave();
+        });
 
     io_.run();
     stop_vcpus();
     console_.restore();
-    if (options_.stats)
-        std::fputs(("lkvm: I/O statistics\n" + format_io_stats(io_threads_, disks_)).c_str(), stderr);
+    if (options_.stats) {
+        log_info("I/O statistics");
+        std::fputs(format_io_stats(io_threads_, disks_).c_str(), stderr);  // asked for: shown at any log level
+    }
 
     std::lock_guard lock(outcome_mutex_);
     if (!outcome_)
         return exit_status::kOk;
     if (!outcome_->message.empty())
-        log_line(outcome_->message);
-    if (outcome_->status > 128) {
+        log_at(outcome_->level, outcome_->message);
+    if (outcome_->status > 128 || outcome_->status == exit_status::kTimeout) {
         // Stopped from outside: say where the guest was, for whoever is debugging a hang.
         for (const auto& vcpu : vcpus_)
-            log_line("vCPU " + std::to_string(vcpu->index()) + " was at " + vcpu->describe());
+            log_info("vCPU " + std::to_string(vcpu->index()) + " was at " + vcpu->describe());
     }
     return outcome_->status;
 }

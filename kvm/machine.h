@@ -2,6 +2,8 @@
 // main loop that owns the console and decides when and how lkvm exits.
 #pragma once
 
+#include <sys/types.h>
+
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 
@@ -23,7 +25,9 @@
 #include "kvm/boot.h"
 #include "kvm/cli.h"
 #include "kvm/console.h"
+#include "kvm/io_stats_table.h"
 #include "kvm/kvm.h"
+#include "kvm/vcpu_gate.h"
 #include "kvm/virtio_host.h"
 #include "virtio/blk.h"
 #include "virtio/io_thread.h"
@@ -31,6 +35,16 @@
 #include "virtio/virtio_pci.h"
 
 namespace lkvm {
+
+// What `lkvm list` shows of a running guest.
+struct MachineInfo {
+    std::string name;
+    pid_t pid = 0;
+    std::string state;  // "running" or "paused"
+    unsigned vcpus = 0;
+    uint64_t mem_mib = 0;
+    std::vector<std::string> disks;  // image paths, in command-line order
+};
 
 class Machine {
 public:
@@ -42,16 +56,40 @@ public:
     // Runs the guest until it ends; returns lkvm's exit status.
     int run();
 
+    // ---- What the control socket (lkvm list/stop/pause/resume/stat) asks for.
+    // Call these on the main loop thread, from a handler of the loop run()
+    // runs: that is where the control server lives.
+    //
+    // WIRING POINT (issue 7): the ControlServer member goes in the private
+    // part below, created in run() on io_ with a handler calling these.
+
+    // Its --name, or "guest-<pid>".
+    std::string name() const;
+    // Holds every vCPU out of the guest; returns once each one is parked (or
+    // has left its loop). The I/O threads keep running and finish what is in
+    // flight. Idempotent; a stop ends a paused guest as promptly as a running one.
+    void pause();
+    // Lets the vCPUs run again. Idempotent.
+    void resume();
+    const char* state() const { return vcpu_gate_.paused() ? "paused" : "running"; }
+    // Ends the guest with exit status 0, saying "stopped by lkvm stop" (info level).
+    void request_stop();
+    // The I/O threads' and disk queues' counters now.
+    IoStatsSample sample_io_stats() const;
+    MachineInfo info() const;
+
 private:
     struct Outcome {
         int status;
         std::string message;  // printed as "lkvm: <message>" when not empty
+        LogLevel level = LogLevel::kError;  // of that message
     };
     void finish(Outcome outcome);
     void on_guest_request(GuestRequest request);
     void vcpu_loop(Vcpu& vcpu);
     void handle_io(kvm_run* run);
     void handle_mmio(kvm_run* run);
+    void kick_vcpus();
     void stop_vcpus();
     void start_input();
     void read_input();
@@ -71,6 +109,7 @@ private:
     RunOptions options_;
     BootFiles boot_;
     std::vector<DiskImage> disk_images_;  // opened and locked before KVM is touched
+    Fd console_log_;                      // --console-log, opened before KVM is touched too
     Kvm kvm_;
     Vm vm_;
     Mapping ram_;
@@ -98,7 +137,7 @@ private:
 
     std::mutex outcome_mutex_;
     std::optional<Outcome> outcome_;
-    std::atomic<bool> stopping_{false};
+    VcpuGate vcpu_gate_{[this] { kick_vcpus(); }};
     std::vector<std::thread> vcpu_threads_;
 };
 

@@ -31,7 +31,7 @@ void KvmVirtioHost::bind_notify(uint64_t gpa, int fd, bool bind)
     io.fd = fd;
     io.flags = bind ? 0 : KVM_IOEVENTFD_FLAG_DEASSIGN;
     if (::ioctl(vm_.fd(), KVM_IOEVENTFD, &io) < 0 && bind)
-        log_line(std::string("KVM_IOEVENTFD: ") + std::strerror(errno) + "; notifications go through MMIO exits");
+        log_warn(std::string("KVM_IOEVENTFD: ") + std::strerror(errno) + "; notifications go through MMIO exits");
 }
 
 void KvmVirtioHost::route_msi(int fd, bool enabled, uint64_t address, uint32_t data)
@@ -47,7 +47,7 @@ void KvmVirtioHost::route_msi(int fd, bool enabled, uint64_t address, uint32_t d
         irqfd.fd = static_cast<uint32_t>(fd);
         irqfd.gsi = it->second.gsi;
         if (::ioctl(vm_.fd(), KVM_IRQFD, &irqfd) < 0)
-            log_line(std::string("KVM_IRQFD: ") + std::strerror(errno));
+            log_error(std::string("KVM_IRQFD: ") + std::strerror(errno));
         return;
     }
     it->second.address = address;
@@ -91,7 +91,7 @@ void KvmVirtioHost::commit_routes()
     std::memcpy(reinterpret_cast<uint8_t*>(buffer.get()) + sizeof(RoutingHeader), entries.data(),
                 entries.size() * sizeof(kvm_irq_routing_entry));
     if (::ioctl(vm_.fd(), kSetGsiRouting, buffer.get()) < 0)
-        log_line(std::string("KVM_SET_GSI_ROUTING: ") + std::strerror(errno));
+        log_error(std::string("KVM_SET_GSI_ROUTING: ") + std::strerror(errno));
 }
 
 void KvmVirtioHost::set_intx(unsigned gsi, bool asserted)
@@ -111,7 +111,7 @@ void KvmVirtioHost::map_bar(BusDevice& device, uint64_t old_gpa, uint64_t new_gp
             mmio_.add(new_gpa, size, device);
         } catch (const Error& e) {
             // The guest placed a BAR over something else: leave it unmapped, as hardware would decode nothing useful.
-            log_line(std::string("PCI BAR not mapped: ") + e.what());
+            log_warn(std::string("PCI BAR not mapped: ") + e.what());
         }
     }
 }

@@ -38,16 +38,23 @@ struct IoCounters {
 
 class QueueStats {
 public:
+    // A request took a slot: in flight until completed() or dropped().
+    void started() { in_flight_.fetch_add(1, std::memory_order_relaxed); }
     void completed(uint64_t bytes, uint64_t latency_ns)
     {
         requests_.fetch_add(1, std::memory_order_relaxed);
         bytes_.fetch_add(bytes, std::memory_order_relaxed);
         latency_.record(latency_ns);
+        in_flight_.fetch_sub(1, std::memory_order_relaxed);
     }
+    // A request its queue stopped waiting for (a reset): never answered, not counted.
+    void dropped() { in_flight_.fetch_sub(1, std::memory_order_relaxed); }
     IoCounters counters() const
     {
         return {requests_.load(std::memory_order_relaxed), bytes_.load(std::memory_order_relaxed)};
     }
+    // Requests started and not yet completed or dropped: what the disk is working on now.
+    uint64_t in_flight() const { return in_flight_.load(std::memory_order_relaxed); }
     const LatencyHistogram& latency() const { return latency_; }
 
     // The kernel thread id that serves this queue, and whether another one
@@ -62,7 +69,7 @@ public:
     bool moved() const { return moved_.load(std::memory_order_relaxed); }
 
 private:
-    std::atomic<uint64_t> requests_{0}, bytes_{0};
+    std::atomic<uint64_t> requests_{0}, bytes_{0}, in_flight_{0};
     std::atomic<int> served_by_{0};
     std::atomic<bool> moved_{false};
     LatencyHistogram latency_;

@@ -82,7 +82,7 @@ void IoThread::loop()
         CPU_ZERO(&set);
         CPU_SET(options_.cpu, &set);
         if (const int err = ::pthread_setaffinity_np(::pthread_self(), sizeof(set), &set))
-            log_line(options_.name + ": cannot pin to CPU " + std::to_string(options_.cpu) + ": " + std::strerror(err));
+            log_warn(options_.name + ": cannot pin to CPU " + std::to_string(options_.cpu) + ": " + std::strerror(err));
     }
     try {
         while (!io_.stopped()) {
@@ -116,7 +116,7 @@ void IoThread::loop()
         }
     } catch (const std::exception& e) {
         // Nothing a guest does should get here; say so and stop this thread's work.
-        log_line(options_.name + ": " + e.what());
+        log_error(options_.name + ": " + e.what());
     }
 }
 

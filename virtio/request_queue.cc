@@ -169,6 +169,8 @@ uint32_t RequestQueue::take_slot(uint16_t head)
     Slot& slot = slots_[id];
     slot.head = head;
     slot.started_ns = monotonic_ns();
+    stats_.started();
+    thread_.mutable_stats().io.started();
     return id;
 }
 
@@ -207,6 +209,8 @@ void RequestQueue::complete(uint32_t tag, int64_t result)
     if (stopping_) {
         slot.bounce.reset();
         free_slots_.push_back(tag);
+        stats_.dropped();
+        thread_.mutable_stats().io.dropped();
         return;
     }
     if (result > 0 && slot.bounce && !slot.guest.empty())
@@ -217,10 +221,11 @@ void RequestQueue::complete(uint32_t tag, int64_t result)
 void RequestQueue::finish_slot(uint32_t id, uint32_t written, uint64_t bytes)
 {
     Slot& slot = slots_[id];
-    finish(slot.head, written);
+    // Counted before the guest can see the answer: whoever saw it sees the statistics include it.
     const uint64_t latency = monotonic_ns() - slot.started_ns;
     stats_.completed(bytes, latency);
     thread_.mutable_stats().io.completed(bytes, latency);
+    finish(slot.head, written);
     slot.bounce.reset();
     free_slots_.push_back(id);
 }
@@ -266,7 +271,7 @@ void RequestQueue::mark_broken(const char* why)
     broken_ring_ = true;
     notify_.cancel();
     signal();  // what completed before still reaches the driver
-    log_line(config_.what + ": the guest driver broke a queue (" + why + "); device needs a reset");
+    log_warn(config_.what + ": the guest driver broke a queue (" + why + "); device needs a reset");
     if (broken_)
         broken_();
 }

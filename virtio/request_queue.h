@@ -78,6 +78,7 @@ protected:
     // buffers already copied back. Submit the next one or finish_slot().
     virtual void io_done(uint32_t slot, int64_t result) = 0;
 
+    // The request at `head` takes a free slot; it counts as in flight until finish_slot().
     uint32_t take_slot(uint16_t head);
     // Runs op on the image for slot; reads and writes move `data` (copied:
     // the memory it points to must stay valid until io_done()). `length` is

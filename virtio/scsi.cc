@@ -322,7 +322,7 @@ private:
         while (auto popped = ring_.pop()) {
             if (!popped->ok()) {
                 broken_ring_ = true;
-                log_line("scsi controller (" + device_.describe() + "): the guest driver broke the control queue (" +
+                log_warn("scsi controller (" + device_.describe() + "): the guest driver broke the control queue (" +
                          describe(popped->error()) + "); device needs a reset");
                 broken_();
                 return;
@@ -608,7 +608,7 @@ void VirtioScsi::task_management(uint32_t subtype, uint16_t lun, uint64_t tag, s
 void VirtioScsi::report_io_error(const Lun& lun, int64_t result)
 {
     if (!reported_error_.exchange(true))
-        log_line("disk " + lun.image.path() + ": I/O error (" +
+        log_warn("disk " + lun.image.path() + ": I/O error (" +
                  (result < 0 ? std::string(std::strerror(static_cast<int>(-result))) : "short transfer") +
                  "); the guest gets a CHECK CONDITION, further errors are not reported");
 }

@@ -6,13 +6,19 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <boost/asio/post.hpp>
+
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "disk/disk_image.h"
+#include "kvm/io_stats_table.h"
 #include "tests/device/driver.h"
 #include "virtio/blk.h"
 #include "virtio/io_thread.h"
@@ -430,4 +436,114 @@ TEST_CASE("blk: two disks x 4 queues over a group of 2 I/O threads, each queue o
         }
         disks.clear();  // the devices go before their threads
     }
+}
+
+namespace {
+// Keeps an I/O thread in its event loop, running one posted handler after
+// another, so that it never gets to submit to its engine: whatever a queue
+// takes meanwhile stays in flight until release().
+class EventLoopHold {
+public:
+    explicit EventLoopHold(IoThread& thread) : state_(std::make_shared<State>())
+    {
+        spin(thread, state_);
+        for (int waited = 0; !state_->spinning && waited < 5000; ++waited)
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        REQUIRE(state_->spinning);
+    }
+    ~EventLoopHold() { release(); }
+    void release() { state_->held = false; }
+
+private:
+    struct State {
+        std::atomic<bool> held{true}, spinning{false};
+    };
+    // Each handler posts the next: the loop always has one ready.
+    static void spin(IoThread& thread, std::shared_ptr<State> state)
+    {
+        boost::asio::post(thread.context(), [&thread, state] {
+            state->spinning = true;
+            if (state->held)
+                spin(thread, state);
+        });
+    }
+    std::shared_ptr<State> state_;
+};
+}  // namespace
+
+TEST_CASE("blk: a request counts as in flight on its queue and thread from its start until answered")
+{
+    BlkRig rig;
+    const QueueStats& queue = rig.blk->queue_stats(0);
+    const QueueStats& thread = rig.thread.stats().io;
+    CHECK(rig.request(kBlkTIn, 0, 512) == kBlkSOk);
+    CHECK(queue.in_flight() == 0);
+    {
+        EventLoopHold hold(rig.thread);
+        rig.queue_request(0, kBlkTIn, 8, 4096);
+        rig.driver.kick(0);
+        for (int waited = 0; queue.in_flight() == 0 && waited < 5000; ++waited)
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        CHECK(queue.in_flight() == 1);
+        CHECK(thread.in_flight() == 1);
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        CHECK(rig.driver.used_idx(0) == 1);  // not answered while held
+        CHECK(queue.counters().requests == 1);
+    }
+    REQUIRE(rig.driver.wait_used(0, 1).size() == 1);
+    CHECK(*rig.driver.host(BlkRig::status_gpa(0)) == kBlkSOk);
+    // Counted before the answer was published: the guest never sees a stale count.
+    CHECK(queue.in_flight() == 0);
+    CHECK(thread.in_flight() == 0);
+    CHECK(queue.counters().requests == 2);
+}
+
+TEST_CASE("blk: a reset drops what is in flight from the count")
+{
+    BlkRig rig(EngineKind::kNative);
+    for (int round = 0; round < 3; ++round) {
+        for (unsigned i = 0; i < 64; ++i)
+            rig.queue_request(i, i % 2 ? kBlkTIn : kBlkTOut, 8ull * i, 4096);
+        rig.driver.kick(0);
+        rig.driver.write_status(0);  // waits for what is in flight, answers none of it
+        CHECK(rig.blk->queue_stats(0).in_flight() == 0);
+        CHECK(rig.thread.stats().io.in_flight() == 0);
+        CHECK(rig.driver.reprobe(kAllFeatures, 1) != 0);
+    }
+}
+
+TEST_CASE("statistics sample: a row per disk queue, with its thread, image and that thread's CPU")
+{
+    char tmpl[] = "/tmp/lkvm-device.XXXXXX";
+    const std::filesystem::path dir = ::mkdtemp(tmpl);
+    const std::string path = (dir / "disk.raw").string();
+    std::ofstream(path, std::ios::binary) << std::string(1 << 20, '\0');
+    GuestDriver driver;
+    std::vector<std::unique_ptr<IoThread>> threads;
+    threads.push_back(std::make_unique<IoThread>(IoThreadOptions{"iothread0", {}, 0, -1}));
+    threads.push_back(std::make_unique<IoThread>(IoThreadOptions{"iothread1", {}, 0, -1}));
+    for (const auto& t : threads)
+        t->run_and_wait([] {});
+    {
+        std::vector<std::unique_ptr<DiskDevice>> disks;
+        disks.push_back(std::make_unique<VirtioBlk>(DiskImage::open({path, true, false}),
+                                                    BlkOptions{"", EngineKind::kSync, 0, 256}, driver.memory(),
+                                                    std::vector<IoThread*>{threads[1].get(), threads[0].get()}));
+        const IoStatsSample sample = sample_io_stats(threads, disks);
+        REQUIRE(sample.threads.size() == 2);
+        REQUIRE(sample.queues.size() == 2);
+        for (unsigned q = 0; q < 2; ++q) {
+            CAPTURE(q);
+            const auto& row = sample.queues[q];
+            CHECK(row.disk == 0);
+            CHECK(row.queue == q);
+            CHECK(row.thread == (q == 0 ? "iothread1" : "iothread0"));
+            CHECK(row.image == path);
+            CHECK(row.cpu == sample.threads[q == 0 ? 1 : 0].cpu);
+            CHECK(row.cpu >= 0);
+            CHECK(row.requests == 0);
+            CHECK(row.in_flight == 0);
+        }
+    }
+    std::filesystem::remove_all(dir);
 }

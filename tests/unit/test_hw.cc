@@ -1,15 +1,31 @@
 // Buses, guest memory, PCI configuration space, the UART and the platform devices.
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <sstream>
+#include <thread>
 #include <vector>
 
 #include "base/error.h"
+#include "base/fd.h"
+#include "base/log.h"
 #include "hw/bus.h"
 #include "hw/guest_memory.h"
 #include "hw/pci.h"
 #include "hw/platform.h"
 #include "hw/serial8250.h"
+#include "kvm/console.h"
+#include "kvm/vcpu_gate.h"
+#include "tests/unit/temp_dir.h"
 
 using namespace lkvm;
 
@@ -272,4 +288,196 @@ TEST_CASE("ACPI power registers: S5 powers off, the reset value resets, the exit
     out(PowerControl::kExitStatus, 7);
     CHECK(requests == std::vector<GuestRequest>{GuestRequest::kPowerOff, GuestRequest::kReset});
     CHECK(exits == std::vector<int>{7});
+}
+
+namespace {
+// What fn writes to stderr (fd 2, where lkvm logs).
+std::string stderr_of(const std::function<void()>& fn)
+{
+    std::fflush(stderr);
+    FILE* capture = std::tmpfile();
+    REQUIRE(capture != nullptr);
+    const int saved = ::dup(STDERR_FILENO);
+    ::dup2(::fileno(capture), STDERR_FILENO);
+    fn();
+    std::fflush(stderr);
+    ::dup2(saved, STDERR_FILENO);
+    ::close(saved);
+    std::rewind(capture);
+    std::string out;
+    char buffer[256];
+    while (const size_t n = std::fread(buffer, 1, sizeof(buffer), capture))
+        out.append(buffer, n);
+    std::fclose(capture);
+    return out;
+}
+}  // namespace
+
+TEST_CASE("log: a level shows its own messages and the more severe ones; --quiet's level only errors")
+{
+    auto every_level = [] {
+        log_error("e");
+        log_warn("w");
+        log_info("i");
+        log_debug("d");
+    };
+    set_log_level(LogLevel::kError);
+    CHECK(stderr_of(every_level) == "lkvm: e\n");
+    set_log_level(LogLevel::kWarn);
+    CHECK(stderr_of(every_level) == "lkvm: e\nlkvm: w\n");
+    set_log_level(LogLevel::kInfo);
+    CHECK(stderr_of(every_level) == "lkvm: e\nlkvm: w\nlkvm: i\n");
+    set_log_level(LogLevel::kDebug);
+    CHECK(stderr_of(every_level) == "lkvm: e\nlkvm: w\nlkvm: i\nlkvm: d\n");
+    CHECK(stderr_of([] { log_at(LogLevel::kWarn, "disk 0: I/O error"); }) == "lkvm: disk 0: I/O error\n");
+    set_log_level(LogLevel::kInfo);  // the default, for the tests that follow
+}
+
+TEST_CASE("console: --console-log gets what the guest prints, appended to what the file held")
+{
+    test::TempDir dir;
+    const std::string path = (dir.path / "console.log").string();
+    std::ofstream(path) << "earlier run\n";
+    int out[2];
+    REQUIRE(::pipe(out) == 0);
+    Fd out_read(out[0]), out_write(out[1]);
+    Fd no_input(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    {
+        const Fd log = open_console_log(path);
+        Console console(no_input.get(), out_write.get(), log.get());
+        for (const char c : std::string("Linux version 6.1\r\n"))
+            console.output(static_cast<uint8_t>(c));
+    }
+    char buffer[64] = {};
+    CHECK(std::string(buffer, static_cast<size_t>(::read(out_read.get(), buffer, sizeof(buffer)))) ==
+          "Linux version 6.1\r\n");
+    std::stringstream logged;
+    logged << std::ifstream(path).rdbuf();
+    CHECK(logged.str() == "earlier run\nLinux version 6.1\r\n");
+
+    // A new file is created, readable by all as 0644 asks (less the umask), writable by us.
+    const std::string fresh = (dir.path / "fresh.log").string();
+    { const Fd log = open_console_log(fresh); }
+    struct stat st {};
+    REQUIRE(::stat(fresh.c_str(), &st) == 0);
+    CHECK((st.st_mode & 0200) != 0);
+    CHECK((st.st_mode & 0111) == 0);
+    CHECK_THROWS_WITH_AS(open_console_log((dir.path / "no-such-dir" / "x.log").string()),
+                         doctest::Contains("--console-log"), Error);
+}
+
+namespace {
+// Stand-ins for vCPU threads: each "runs the guest" in slices that a kick
+// ends early, as KVM_RUN returns on a signal, and looks at the gate between.
+struct FakeVcpus {
+    std::atomic<bool> kicked{false};
+    VcpuGate gate{[this] { kicked = true; }};
+    std::vector<std::atomic<uint64_t>> runs;
+    std::vector<std::thread> threads;
+
+    explicit FakeVcpus(unsigned count, unsigned exits_after = ~0u) : runs(count)
+    {
+        gate.set_threads(count);
+        for (unsigned i = 0; i < count; ++i)
+            threads.emplace_back([this, i, exits_after] {
+                while (!gate.stopping()) {
+                    if (gate.paused()) {
+                        gate.park([this] { kicked = false; });
+                        continue;
+                    }
+                    if (runs[i] == exits_after)
+                        break;  // as a vCPU that ended the guest (a triple fault)
+                    ++runs[i];
+                    for (int slice = 0; slice < 100 && !kicked; ++slice)
+                        std::this_thread::sleep_for(std::chrono::microseconds(10));
+                }
+                gate.leave();
+            });
+    }
+    ~FakeVcpus() { stop(); }
+    void stop()
+    {
+        gate.stop();
+        for (auto& t : threads)
+            if (t.joinable())
+                t.join();
+    }
+    uint64_t total() const
+    {
+        uint64_t n = 0;
+        for (const auto& r : runs)
+            n += r;
+        return n;
+    }
+    void wait_for_runs(uint64_t more)
+    {
+        const uint64_t target = total() + more;
+        for (int waited = 0; total() < target && waited < 5000; ++waited)
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        REQUIRE(total() >= target);
+    }
+};
+}  // namespace
+
+TEST_CASE("vCPU gate: pause returns with every vCPU parked, resume lets them run, both idempotent")
+{
+    FakeVcpus vcpus(4);
+    vcpus.wait_for_runs(8);
+    for (int round = 0; round < 3; ++round) {
+        vcpus.gate.pause();
+        CHECK(vcpus.gate.paused());
+        vcpus.gate.pause();
+        const uint64_t parked_at = vcpus.total();
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        CHECK(vcpus.total() == parked_at);  // nobody entered the guest while paused
+        vcpus.gate.resume();
+        vcpus.gate.resume();
+        CHECK_FALSE(vcpus.gate.paused());
+        vcpus.wait_for_runs(8);
+    }
+}
+
+TEST_CASE("vCPU gate: a stop ends paused vCPUs at once; a vCPU that left its loop is not waited for")
+{
+    SUBCASE("stop while paused")
+    {
+        FakeVcpus vcpus(3);
+        vcpus.gate.pause();
+        const auto start = std::chrono::steady_clock::now();
+        vcpus.stop();
+        CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(2));
+        vcpus.gate.pause();  // after a stop: returns, nothing to pause
+        vcpus.gate.resume();
+    }
+    SUBCASE("a vCPU ended the guest")
+    {
+        FakeVcpus vcpus(2, 3);
+        vcpus.threads[0].join();
+        vcpus.threads[1].join();
+        vcpus.gate.pause();  // both left their loops: nothing to wait for
+        CHECK(vcpus.gate.paused());
+    }
+    SUBCASE("pause before the vCPUs start: they park at once")
+    {
+        std::atomic<bool> ran{false};
+        VcpuGate gate([] {});
+        gate.pause();
+        gate.set_threads(1);
+        std::thread vcpu([&] {
+            while (!gate.stopping()) {
+                if (gate.paused()) {
+                    gate.park([] {});
+                    continue;
+                }
+                ran = true;
+                break;
+            }
+            gate.leave();
+        });
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        CHECK_FALSE(ran);
+        gate.resume();
+        vcpu.join();
+        CHECK(ran);
+    }
 }

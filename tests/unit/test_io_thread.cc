@@ -2,10 +2,16 @@
 // adaptation, and the latency histogram behind the statistics.
 #include <doctest/doctest.h>
 
+#include <unistd.h>
+
+#include <chrono>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "base/error.h"
+#include "kvm/io_stats_table.h"
 #include "virtio/io_stats.h"
 #include "virtio/io_thread.h"
 #include "virtio/queue_mapping.h"
@@ -96,4 +102,77 @@ TEST_CASE("latency histogram: buckets within 12.5 %, percentiles from them")
     CHECK(h.percentile(0.99) >= 1'000'000);
     CHECK(h.percentile(0.99) < 1'130'000);
     CHECK(h.percentile(1.0) >= 2'000'000);
+}
+
+TEST_CASE("queue statistics: a request is in flight from its start until completed or dropped")
+{
+    QueueStats stats;
+    CHECK(stats.in_flight() == 0);
+    stats.started();
+    stats.started();
+    CHECK(stats.in_flight() == 2);
+    stats.completed(4096, 1000);
+    CHECK(stats.in_flight() == 1);
+    CHECK(stats.counters().requests == 1);
+    stats.dropped();  // its queue was reset: not a completed request
+    CHECK(stats.in_flight() == 0);
+    CHECK(stats.counters().requests == 1);
+    CHECK(stats.counters().bytes == 4096);
+}
+
+namespace {
+// A /proc/PID/task/TID/stat line as Linux writes it (52 fields), with `comm` and field 39 ("processor") given.
+std::string proc_stat_line(const std::string& comm, const std::string& processor)
+{
+    std::string line = "4242 (" + comm + ") S 1 4242 4242 0 -1 4194560 120 0 0 0 3 1 0 0 20 0 5 0 1234 "
+                       "12345678 456 18446744073709551615 1 1 0 0 0 0 0 4096 17663 0 0 0 -1 ";
+    line += processor;  // field 39
+    line += " 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
+    return line;
+}
+}  // namespace
+
+TEST_CASE("/proc stat: the CPU a thread last ran on is field 39, counted after the command's last ')'")
+{
+    CHECK(parse_proc_stat_cpu(proc_stat_line("iothread0", "3")) == 3);
+    CHECK(parse_proc_stat_cpu(proc_stat_line("disk0-io", "117")) == 117);
+    // The command is the thread's name: spaces and parentheses in it move nothing.
+    CHECK(parse_proc_stat_cpu(proc_stat_line("a) b (c) 1 2", "5")) == 5);
+    CHECK(parse_proc_stat_cpu(proc_stat_line("", "0")) == 0);
+    // Lines that do not have it.
+    CHECK_FALSE(parse_proc_stat_cpu("").has_value());
+    CHECK_FALSE(parse_proc_stat_cpu("4242 iothread0 S 1 2 3").has_value());
+    CHECK_FALSE(parse_proc_stat_cpu("4242 (iothread0) S 1 2 3").has_value());
+    CHECK_FALSE(parse_proc_stat_cpu(proc_stat_line("x", "-1")).has_value());
+    CHECK_FALSE(parse_proc_stat_cpu(proc_stat_line("x", "3x")).has_value());
+    CHECK_FALSE(parse_proc_stat_cpu(proc_stat_line("x", "99999999999")).has_value());
+    // And this thread's own, read from /proc.
+    CHECK(thread_last_cpu(::gettid()) >= 0);
+    CHECK(thread_last_cpu(0) == -1);
+}
+
+TEST_CASE("statistics sample: each I/O thread with its kernel thread id and the CPU it last ran on")
+{
+    std::vector<std::unique_ptr<IoThread>> threads;
+    threads.push_back(std::make_unique<IoThread>(IoThreadOptions{"iothread0", {}, 0, -1}));
+    threads.push_back(std::make_unique<IoThread>(IoThreadOptions{"iothread1", {}, 0, -1}));
+    for (const auto& t : threads)
+        t->run_and_wait([] {});  // running, its tid known
+    const uint64_t before = monotonic_ns();
+    const IoStatsSample sample = sample_io_stats(threads, {});
+    CHECK(sample.time_ns >= before);
+    CHECK(sample.time_ns <= monotonic_ns());
+    REQUIRE(sample.threads.size() == 2);
+    for (size_t k = 0; k < 2; ++k) {
+        const auto& t = sample.threads[k];
+        CAPTURE(k);
+        CHECK(t.name == "iothread" + std::to_string(k));
+        CHECK(t.tid == threads[k]->tid());
+        CHECK(t.tid != ::gettid());
+        CHECK(t.cpu >= 0);
+        CHECK(t.requests == 0);
+        CHECK(t.bytes == 0);
+        CHECK(t.p99_us == 0);
+    }
+    CHECK(sample.queues.empty());
 }
