@@ -13,11 +13,11 @@ size_t copy_from_iovecs(std::span<const iovec> iovs, std::span<uint8_t> dst)
 {
     size_t copied = 0;
     for (const auto& v : iovs) {
+        if (copied == dst.size())
+            break;  // also keeps memcpy away from an empty span's null pointer
         const size_t n = std::min(dst.size() - copied, v.iov_len);
         std::memcpy(dst.data() + copied, v.iov_base, n);
         copied += n;
-        if (copied == dst.size())
-            break;
     }
     return copied;
 }
@@ -26,11 +26,11 @@ size_t copy_to_iovecs(std::span<const iovec> iovs, std::span<const uint8_t> src)
 {
     size_t copied = 0;
     for (const auto& v : iovs) {
+        if (copied == src.size())
+            break;  // also keeps memcpy away from an empty span's null pointer
         const size_t n = std::min(src.size() - copied, v.iov_len);
         std::memcpy(v.iov_base, src.data() + copied, n);
         copied += n;
-        if (copied == src.size())
-            break;
     }
     return copied;
 }
