@@ -120,18 +120,20 @@ private:
 void ScsiQueue::write_response(std::span<const iovec> to, uint8_t response, uint8_t status, const scsi::Sense& sense,
                                uint64_t residual)
 {
-    std::array<uint8_t, virtio_scsi::kCmdResponseBytes + kMaxSenseSize> bytes{};
-    uint32_t sense_len = 0;
+    // The driver reads sense_len bytes of sense: without sense, the 12-byte header is all it needs.
+    std::array<uint8_t, virtio_scsi::kCmdResponseBytes + scsi::kFixedSenseBytes> bytes{};
+    size_t length = virtio_scsi::kCmdResponseBytes;
     if (status == scsi::kStatusCheckCondition) {
         const auto fixed = scsi::fixed_sense(sense);
-        sense_len = static_cast<uint32_t>(std::min<size_t>(fixed.size(), sense_size_));
+        const size_t sense_len = std::min<size_t>(fixed.size(), sense_size_);
         std::memcpy(&bytes[virtio_scsi::kCmdResponseBytes], fixed.data(), sense_len);
+        length += sense_len;
     }
-    put_le32(&bytes[0], sense_len);
+    put_le32(&bytes[0], static_cast<uint32_t>(length - virtio_scsi::kCmdResponseBytes));
     put_le32(&bytes[4], static_cast<uint32_t>(std::min<uint64_t>(residual, UINT32_MAX)));
     bytes[10] = status;
     bytes[11] = response;
-    copy_to_iovecs(to, std::span(bytes.data(), response_bytes()));
+    copy_to_iovecs(to, std::span(bytes.data(), length));
 }
 
 void ScsiQueue::handle(Chain& chain)
