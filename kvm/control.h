@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "base/result.h"
+#include "kvm/io_stats_table.h"
 
 namespace lkvm {
 
@@ -104,27 +105,6 @@ GuestInfo parse_guest_info(std::string_view payload);  // throws Error when malf
 
 // What `stat` answers: the counters since the guest started, as read at
 // time_ns; a client takes two and divides the differences by the time between.
-struct StatSnapshot {
-    struct Thread {
-        std::string name;
-        int tid = 0, cpu = -1;  // cpu: the one it is pinned to, -1: not pinned
-        uint64_t requests = 0, bytes = 0, batches = 0, wakeups = 0, poll_hits = 0, poll_ns = 0;  // poll_ns: now
-        double p50_us = 0, p99_us = 0;
-        bool operator==(const Thread&) const = default;
-    };
-    struct Queue {
-        unsigned disk = 0, queue = 0;
-        std::string thread, image;  // the I/O thread serving it; the disk's image path
-        int cpu = -1;               // that thread's CPU, -1: not pinned
-        uint64_t requests = 0, bytes = 0, in_flight = 0;
-        double p50_us = 0, p99_us = 0;
-        bool operator==(const Queue&) const = default;
-    };
-    uint64_t time_ns = 0;  // CLOCK_MONOTONIC
-    std::vector<Thread> threads;
-    std::vector<Queue> queues;
-    bool operator==(const StatSnapshot&) const = default;
-};
 std::string format_stat_payload(const StatSnapshot& snapshot);
 StatSnapshot parse_stat_payload(std::string_view payload);  // throws Error when malformed
 

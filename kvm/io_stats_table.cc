@@ -49,10 +49,10 @@ std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& thread
     return out;
 }
 
-IoStatsSample sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
+StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
                               const std::vector<std::unique_ptr<DiskDevice>>& disks)
 {
-    IoStatsSample sample;
+    StatSnapshot sample;
     sample.time_ns = monotonic_ns();
     std::map<const IoThread*, int> cpu_of;  // each thread's /proc file read once
     for (const auto& t : threads) {

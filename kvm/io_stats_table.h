@@ -23,15 +23,16 @@ std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& thread
 
 // Everything at one moment, as plain values. Counters count from the start;
 // percentiles are over every request so far.
-struct IoStatsSample {
+struct StatSnapshot {
     struct Thread {
         std::string name;
-        pid_t tid = 0;      // 0: not running yet
+        int tid = 0;        // 0: not running yet
         int cpu = -1;       // the host CPU it last ran on; -1: unknown
         uint64_t requests = 0, bytes = 0;
         uint64_t batches = 0, wakeups = 0, poll_hits = 0;
         uint64_t poll_ns = 0;  // its current poll time
         double p50_us = 0, p99_us = 0;
+        bool operator==(const Thread&) const = default;
     };
     struct Queue {
         unsigned disk = 0;   // the disk device, in command-line order
@@ -41,13 +42,15 @@ struct IoStatsSample {
         int cpu = -1;        // where that thread last ran; -1: unknown
         uint64_t requests = 0, bytes = 0, in_flight = 0;
         double p50_us = 0, p99_us = 0;
+        bool operator==(const Queue&) const = default;
     };
+    uint64_t time_ns = 0;  // monotonic_ns() when taken
     std::vector<Thread> threads;
     std::vector<Queue> queues;
-    uint64_t time_ns = 0;  // monotonic_ns() when taken
+    bool operator==(const StatSnapshot&) const = default;
 };
 
-IoStatsSample sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
+StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
                               const std::vector<std::unique_ptr<DiskDevice>>& disks);
 
 // The CPU a task last ran on: field 39 ("processor") of its /proc/.../stat

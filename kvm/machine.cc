@@ -421,14 +421,34 @@ std::string Machine::name() const
     return options_.name.empty() ? "guest-" + std::to_string(::getpid()) : options_.name;
 }
 
-IoStatsSample Machine::sample_io_stats() const
+StatSnapshot Machine::sample_io_stats() const
 {
     return lkvm::sample_io_stats(io_threads_, disks_);
 }
 
-MachineInfo Machine::info() const
+std::string Machine::answer_control(ControlVerb verb)
 {
-    MachineInfo info{name(), ::getpid(), state(), options_.cpus, options_.mem_mib, {}};
+    switch (verb) {
+    case ControlVerb::kInfo:
+        return format_guest_info(info());
+    case ControlVerb::kStop:
+        request_stop();
+        return "";
+    case ControlVerb::kPause:
+        pause();
+        return "";
+    case ControlVerb::kResume:
+        resume();
+        return "";
+    case ControlVerb::kStat:
+        return format_stat_payload(sample_io_stats());
+    }
+    throw Error("unknown control request");
+}
+
+GuestInfo Machine::info() const
+{
+    GuestInfo info{.name = name(), .state = state(), .pid = ::getpid(), .vcpus = options_.cpus, .mem_mib = options_.mem_mib, .disks = {}};
     for (const auto& disk : options_.disks)
         info.disks.push_back(disk.path);
     return info;
@@ -488,6 +508,8 @@ int Machine::run()
                         LogLevel::kWarn});
         });
     }
+    // A name already taken ends lkvm here, before the guest runs, with one line.
+    control_.emplace(io_, control_dir(), name(), [this](ControlVerb verb) { return answer_control(verb); });
     start_input();
 
     vcpu_gate_.set_threads(static_cast<unsigned>(vcpus_.size()));
@@ -498,6 +520,7 @@ int Machine::run()
         });
 
     io_.run();
+    control_.reset();  // the guest is over: its socket goes at once
     stop_vcpus();
     console_.restore();
     if (options_.stats) {

@@ -25,6 +25,7 @@
 #include "kvm/boot.h"
 #include "kvm/cli.h"
 #include "kvm/console.h"
+#include "kvm/control.h"
 #include "kvm/io_stats_table.h"
 #include "kvm/kvm.h"
 #include "kvm/vcpu_gate.h"
@@ -36,15 +37,6 @@
 
 namespace lkvm {
 
-// What `lkvm list` shows of a running guest.
-struct MachineInfo {
-    std::string name;
-    pid_t pid = 0;
-    std::string state;  // "running" or "paused"
-    unsigned vcpus = 0;
-    uint64_t mem_mib = 0;
-    std::vector<std::string> disks;  // image paths, in command-line order
-};
 
 class Machine {
 public:
@@ -60,8 +52,6 @@ public:
     // Call these on the main loop thread, from a handler of the loop run()
     // runs: that is where the control server lives.
     //
-    // WIRING POINT (issue 7): the ControlServer member goes in the private
-    // part below, created in run() on io_ with a handler calling these.
 
     // Its --name, or "guest-<pid>".
     std::string name() const;
@@ -75,10 +65,11 @@ public:
     // Ends the guest with exit status 0, saying "stopped by lkvm stop" (info level).
     void request_stop();
     // The I/O threads' and disk queues' counters now.
-    IoStatsSample sample_io_stats() const;
-    MachineInfo info() const;
+    StatSnapshot sample_io_stats() const;
+    GuestInfo info() const;
 
 private:
+    std::string answer_control(ControlVerb verb);  // the control socket's handler, on the main loop
     struct Outcome {
         int status;
         std::string message;  // printed as "lkvm: <message>" when not empty
@@ -117,6 +108,7 @@ private:
     Bus pio_{"port I/O"};
     Bus mmio_{"MMIO"};
     boost::asio::io_context io_{1};
+    std::optional<ControlServer> control_;  // while run() runs; before io_ goes
     Console console_;
     Serial8250 serial_;
     I8042 i8042_;

@@ -529,7 +529,7 @@ TEST_CASE("statistics sample: a row per disk queue, with its thread, image and t
         disks.push_back(std::make_unique<VirtioBlk>(DiskImage::open({path, true, false}),
                                                     BlkOptions{"", EngineKind::kSync, 0, 256}, driver.memory(),
                                                     std::vector<IoThread*>{threads[1].get(), threads[0].get()}));
-        const IoStatsSample sample = sample_io_stats(threads, disks);
+        const StatSnapshot sample = sample_io_stats(threads, disks);
         REQUIRE(sample.threads.size() == 2);
         REQUIRE(sample.queues.size() == 2);
         for (unsigned q = 0; q < 2; ++q) {

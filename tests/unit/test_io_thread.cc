@@ -159,7 +159,7 @@ TEST_CASE("statistics sample: each I/O thread with its kernel thread id and the 
     for (const auto& t : threads)
         t->run_and_wait([] {});  // running, its tid known
     const uint64_t before = monotonic_ns();
-    const IoStatsSample sample = sample_io_stats(threads, {});
+    const StatSnapshot sample = sample_io_stats(threads, {});
     CHECK(sample.time_ns >= before);
     CHECK(sample.time_ns <= monotonic_ns());
     REQUIRE(sample.threads.size() == 2);
