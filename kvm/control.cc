@@ -653,10 +653,10 @@ ControlServer::ControlServer(boost::asio::io_context& io, const std::string& dir
     const DirLock lock(dir);
     const SocketProbe probe = probe_socket(path);
     if (probe.state == SocketProbe::kLive)
-        throw Error("a guest named " + name + " is already running" +
+        throw GuestNameTaken("a guest named " + name + " is already running" +
                     (probe.pid ? " (pid " + std::to_string(probe.pid) + ")" : "") + "; pick another --name");
     if (probe.state == SocketProbe::kNotSocket)
-        throw Error(path + " is in the way and is not a socket; remove it or pick another --name");
+        throw GuestNameTaken(path + " is in the way and is not a socket; remove it or pick another --name");
     if (probe.state == SocketProbe::kStale && ::unlink(path.c_str()) != 0 && errno != ENOENT)
         throw sys_error("cannot remove the stale control socket " + path);
 

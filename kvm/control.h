@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "base/error.h"
 #include "base/result.h"
 #include "kvm/io_stats_table.h"
 
@@ -109,6 +110,13 @@ std::string format_stat_payload(const StatSnapshot& snapshot);
 StatSnapshot parse_stat_payload(std::string_view payload);  // throws Error when malformed
 
 // ---- The server side, in the running lkvm.
+
+// The name is taken by a running guest, or by a file that is not a socket:
+// a different failure from a directory where sockets cannot be made at all.
+class GuestNameTaken : public Error {
+public:
+    using Error::Error;
+};
 
 // Listens on DIR/NAME.sock (mode 0600, DIR 0700) on the given loop and
 // answers every client, any number at once, several requests per connection.

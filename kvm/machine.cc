@@ -508,8 +508,16 @@ int Machine::run()
                         LogLevel::kWarn});
         });
     }
-    // A name already taken ends lkvm here, before the guest runs, with one line.
-    control_.emplace(io_, control_dir(), name(), [this](ControlVerb verb) { return answer_control(verb); });
+    // A name already taken ends lkvm here, before the guest runs, with one
+    // line. A place where no socket can be made (a home on 9p or NFS) does
+    // not: the guest runs, only unseen by lkvm list.
+    try {
+        control_.emplace(io_, control_dir(), name(), [this](ControlVerb verb) { return answer_control(verb); });
+    } catch (const GuestNameTaken&) {
+        throw;
+    } catch (const Error& e) {
+        log_warn(std::string(e.what()) + "; running without a control socket (lkvm list, stat and stop will not see it)");
+    }
     start_input();
 
     vcpu_gate_.set_threads(static_cast<unsigned>(vcpus_.size()));

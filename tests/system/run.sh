@@ -138,8 +138,8 @@ true'
 # The control socket: lkvm list/stat/pause/resume/stop against a guest running fio.
 truncate -s 64M "$work/ctl.raw"
 script control-socket '
-export XDG_RUNTIME_DIR=$PWD/xdg-control
-mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+# Sockets cannot live on the rig'"'"'s 9p share: the rig gives jobs a tmpfs /run.
+export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-control.XXXXXX")
 requests() { "$LKVM" stat fioguest --json | head -n 1 | python3 -c "import json, sys; print(sum(q[\"requests\"] for q in json.loads(sys.stdin.readline())[\"disks\"]))"; }
 "$LKVM" run --name fioguest -c 2 -i '"$top"'/build/guest/initramfs-fio.cpio.gz -d ctl.raw -- sh -c "sleep 2; echo fio-start
 fio --name=r --filename=/dev/vda --rw=randread --bs=4k --ioengine=libaio --direct=1 --iodepth=8 --time_based --runtime=25 --output-format=json --output=/tmp/fio.json
