@@ -20,22 +20,15 @@
 #include "kvm/cli.h"
 #include "kvm/control.h"
 #include "kvm/control_client.h"
-#include "tests/unit/temp_dir.h"
+#include "tests/unit/test_util.h"
 
 using namespace lkvm;
 using lkvm::test::TempDir;
 
+using lkvm::test::error_of;
+
 namespace {
 
-std::string error_of(auto&& fn)
-{
-    try {
-        fn();
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "(no error)";
-}
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 

@@ -17,7 +17,7 @@
 
 #include "base/error.h"
 #include "disk/disk_image.h"
-#include "tests/unit/temp_dir.h"
+#include "tests/unit/test_util.h"
 #include "disk/io_engine.h"
 
 using namespace lkvm;

@@ -25,7 +25,7 @@
 #include "hw/serial8250.h"
 #include "kvm/console.h"
 #include "kvm/vcpu_gate.h"
-#include "tests/unit/temp_dir.h"
+#include "tests/unit/test_util.h"
 
 using namespace lkvm;
 

@@ -15,8 +15,11 @@
 #include "kvm/cpuid.h"
 #include "kvm/firmware_tables.h"
 #include "kvm/layout.h"
+#include "tests/unit/test_util.h"
 
 using namespace lkvm;
+
+using lkvm::test::error_of;
 
 namespace {
 std::vector<uint8_t> real_bzimage()
@@ -27,15 +30,6 @@ std::vector<uint8_t> real_bzimage()
     return {std::istreambuf_iterator<char>(f), {}};
 }
 
-std::string error_of(auto&& fn)
-{
-    try {
-        fn();
-    } catch (const Error& e) {
-        return e.what();
-    }
-    return "(no error)";
-}
 }  // namespace
 
 TEST_CASE("bzImage: a real kernel's setup header is parsed and validated")

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "disk/disk_image.h"
-#include "tests/unit/temp_dir.h"
+#include "tests/unit/test_util.h"
 #include "hw/scsi/scsi_disk.h"
 
 namespace lkvm::scsi {

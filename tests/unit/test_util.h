@@ -1,5 +1,6 @@
-// A temporary directory for unit tests that need real files, removed with
-// everything in it when the test is done.
+// What several unit test files share: a temporary directory for tests that
+// need real files (removed with everything in it), and the message of the
+// lkvm::Error a call throws.
 #pragma once
 
 #include <stdlib.h>
@@ -8,6 +9,8 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+
+#include "base/error.h"
 
 namespace lkvm::test {
 
@@ -38,5 +41,16 @@ struct TempDir {
         return p.string();
     }
 };
+
+// The message of the lkvm::Error fn throws, or "(no error)".
+std::string error_of(auto&& fn)
+{
+    try {
+        fn();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "(no error)";
+}
 
 }  // namespace lkvm::test
