@@ -142,7 +142,7 @@ script control-socket '
 export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-control.XXXXXX")
 requests() { "$LKVM" stat fioguest --json | head -n 1 | python3 -c "import json, sys; print(sum(q[\"requests\"] for q in json.loads(sys.stdin.readline())[\"disks\"]))"; }
 "$LKVM" run --name fioguest -c 2 -i '"$top"'/build/guest/initramfs-fio.cpio.gz -d ctl.raw -- sh -c "sleep 2; echo fio-start
-fio --name=r --filename=/dev/vda --rw=randread --bs=4k --ioengine=libaio --direct=1 --iodepth=8 --time_based --runtime=25 --output-format=json --output=/tmp/fio.json
+fio --name=r --filename=/dev/vda --rw=randread --bs=4k --ioengine=libaio --direct=1 --iodepth=8 --time_based --runtime=25 --eta=never --output-format=json --output=/tmp/fio.json
 grep -m 1 total_ios /tmp/fio.json | tr -dc 0-9 | sed s/^/fio-ios=/; echo; echo fio-done; sleep 1000" > guest.out 2>&1 < /dev/null &
 pid=$!
 for i in $(seq 240); do grep -q "^fio-start" guest.out && break; sleep 0.5; done
@@ -166,11 +166,12 @@ print(\"bogus-reply:\", s.recv(4096).decode().strip())" "$XDG_RUNTIME_DIR/lkvm/f
 "$LKVM" list | grep -q "fioguest.*running" && echo still-running
 for i in $(seq 240); do grep -q "^fio-done" guest.out && break; sleep 0.5; done
 after=$(requests)
-ios=$(sed -n "s/^fio-ios=//p" guest.out)
+ios=$(sed -n "s/.*fio-ios=\([0-9]*\).*/\1/p" guest.out | head -n 1)
 echo "fio-ios=$ios counted=$((after - before))"
 python3 -c "import sys; a, b = int(sys.argv[1]), int(sys.argv[2]); print(\"adds-up\" if a > 0 and abs(a - b) <= a // 200 + 16 else \"off\")" "$ios" $((after - before))
 "$LKVM" stop fioguest; echo stop=$?
 wait $pid; echo status=$?
+grep -v "^fio-" guest.out | tail -n 5
 [ -e "$XDG_RUNTIME_DIR/lkvm/fioguest.sock" ] || echo socket-gone
 "$LKVM" pause fioguest; echo pause-gone=$?'
 job control-timeout run --timeout 5 -- sleep 1000
