@@ -199,10 +199,7 @@ void VirtioBlk::reset()
 
 void VirtioBlk::report_io_error(int64_t result)
 {
-    if (!reported_error_.exchange(true))
-        log_warn("disk " + image_.path() + ": I/O error (" +
-                 (result < 0 ? std::string(std::strerror(static_cast<int>(-result))) : "short transfer") +
-                 "); the guest gets IOERR, further errors are not reported");
+    report_io_error_once(reported_error_, image_.path(), result, "IOERR");
 }
 
 }  // namespace lkvm

@@ -60,6 +60,15 @@ uint64_t iovecs_bytes(std::span<const iovec> iovs)
     return n;
 }
 
+void report_io_error_once(std::atomic<bool>& reported, const std::string& path, int64_t result,
+                          const char* guest_gets)
+{
+    if (!reported.exchange(true))
+        log_warn("disk " + path + ": I/O error (" +
+                 (result < 0 ? std::string(std::strerror(static_cast<int>(-result))) : "short transfer") +
+                 "); the guest gets " + guest_gets + ", further errors are not reported");
+}
+
 namespace {
 int current_tid()
 {

@@ -11,6 +11,7 @@
 
 #include <boost/asio/posix/stream_descriptor.hpp>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -33,6 +34,11 @@ size_t copy_to_iovecs(std::span<const iovec> iovs, std::span<const uint8_t> src)
 // most. Reuses out's storage: the request path allocates nothing here.
 void slice_iovecs(std::span<const iovec> iovs, uint64_t skip, uint64_t max_bytes, std::vector<iovec>& out);
 uint64_t iovecs_bytes(std::span<const iovec> iovs);
+
+// Says once per device (`reported` is its flag) that a disk I/O failed with
+// `result` (-errno or a short count) and what the guest got instead.
+void report_io_error_once(std::atomic<bool>& reported, const std::string& path, int64_t result,
+                          const char* guest_gets);
 
 // A disk image as the queue's I/O reaches it.
 struct IoTarget {

@@ -609,9 +609,6 @@ void VirtioScsi::task_management(uint32_t subtype, uint16_t lun, uint64_t tag, s
 
 void VirtioScsi::report_io_error(const Lun& lun, int64_t result)
 {
-    if (!reported_error_.exchange(true))
-        log_warn("disk " + lun.image.path() + ": I/O error (" +
-                 (result < 0 ? std::string(std::strerror(static_cast<int>(-result))) : "short transfer") +
-                 "); the guest gets a CHECK CONDITION, further errors are not reported");
+    report_io_error_once(reported_error_, lun.image.path(), result, "a CHECK CONDITION");
 }
 }  // namespace lkvm
