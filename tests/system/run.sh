@@ -186,7 +186,13 @@ LKVM_RIG_TIMEOUT=${LKVM_RIG_TIMEOUT:-240} "$top/scripts/nested-run.sh" --batch "
 rig_status=$?
 if [ $rig_status != 0 ]; then
     echo "nested rig failed (status $rig_status):"; sed 's/^/      | /' "$work/rig.err"
+elif [ -s "$work/rig.err" ]; then
+    echo "the nested rig recovered:"; sed 's/^/      | /' "$work/rig.err"
 fi
+# Where the time went, to keep the suite within its budget.
+for f in "$work"/*.sh.seconds; do
+    [ -f "$f" ] && printf '%s %s\n' "$(cat "$f")" "$(basename "$f" .sh.seconds | cut -d- -f2-)"
+done | sort -rn | head -n 5 | awk '{ s = s sep $2 " " $1 " s"; sep = ", " } END { if (s) print "slowest guests: " s }'
 
 expect cpus-1 0 '^1$'
 expect cpus-2-acpi 0 '^cpus=2' '^1$'
