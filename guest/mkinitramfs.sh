@@ -58,7 +58,7 @@ add_programs() {
 # blkdiscard has -z (BLKZEROOUT), busybox's does not; busybox's sh runs its own
 # applets ahead of PATH, so a plain "blkdiscard" is busybox's: call util-linux's
 # as /usr/sbin/blkdiscard.
-add_programs /usr/bin/sg_{inq,vpd,readcap,modes,unmap,write_same,sync,turs,luns} /usr/sbin/blkdiscard
+add_programs /usr/bin/sg_{inq,vpd,readcap,modes,unmap,write_same,sync,turs,luns,reset} /usr/sbin/blkdiscard
 
 if [ "$with_fio" = 1 ]; then
     add_programs /usr/bin/fio

@@ -291,6 +291,10 @@ void Machine::finish(Outcome outcome)
             return;  // the first reason to stop is the one reported
         outcome_ = std::move(outcome);
     }
+    // The vCPU that ended the guest (exit status, power-off) must not run it
+    // on: what it printed next would follow the guest's last line. The others
+    // are kicked out when the main loop stops them.
+    ended_.store(true, std::memory_order_release);
     io_.stop();
 }
 
@@ -335,7 +339,7 @@ void Machine::vcpu_loop(Vcpu& vcpu)
     auto fault = [&](const std::string& what) {
         finish({exit_status::kVcpuFault, who + ": " + what + " at " + vcpu.describe()});
     };
-    while (!vcpu_gate_.stopping()) {
+    while (!vcpu_gate_.stopping() && !ended_.load(std::memory_order_acquire)) {
         if (vcpu_gate_.paused()) {
             // The kick that paused us left immediate_exit set: cleared when we may run again.
             vcpu_gate_.park([run] { run->immediate_exit = 0; });

@@ -129,6 +129,7 @@ private:
 
     std::mutex outcome_mutex_;
     std::optional<Outcome> outcome_;
+    std::atomic<bool> ended_{false};  // outcome_ is set: no vCPU enters the guest again
     VcpuGate vcpu_gate_{[this] { kick_vcpus(); }};
     std::vector<std::thread> vcpu_threads_;
 };

@@ -12,7 +12,7 @@
 # O_DIRECT, so both VMMs read through L1's page cache: QEMU cache=writeback
 # aio=io_uring, lkvm without ",direct" (its default engine: io_uring).
 # Rows: lkvm --iothreads 1, 2, 4 with num-queues=2, and QEMU with one iothread
-# and num-queues=2; then virtio-scsi: lkvm --iothreads 2 (its own controller,
+# and num-queues=2; then virtio-scsi: lkvm --iothreads 1 and 2 (its own controller,
 # num-queues=2) and QEMU's virtio-scsi-pci with one iothread and num_queues=2
 # (scsi rows compare with QEMU's scsi). LKVM_BENCH_DEDICATED_ONLY=1 runs lkvm once with plain
 # "-d IMAGE" (its per-disk dedicated I/O thread) instead. Nested SVM here now
@@ -107,45 +107,59 @@ qemu_job() {  # qemu_job NAME GUEST-VARIABLE DEVICE-OPTIONS...: QEMU with one io
 }
 qemu_job qemu guest -device virtio-blk-pci,drive=d0,iothread=io0,num-queues=2
 if [ "${LKVM_BENCH_DEDICATED_ONLY:-0}" != 1 ]; then
-    lkvm_job scsi-iothreads-2 ",bus=scsi,num-queues=2" --iothreads 2
+    for n in 1 2; do lkvm_job "scsi-iothreads-$n" ",bus=scsi,num-queues=2" --iothreads "$n"; done
     qemu_job qemu-scsi guest_scsi -device virtio-scsi-pci,id=s0,iothread=io0,num_queues=2 -device scsi-hd,drive=d0,bus=s0.0
 fi
+
+# The rig's speed drifts by 2x over minutes: every configuration runs once
+# per round, rounds one after the other, and a row shows each round's IOPS
+# and their mean, so that drift shows instead of deciding a ratio.
+rounds=${BENCH_ROUNDS:-2}
+for ((round = 2; round <= rounds; round++)); do
+    for i in "${!configs[@]}"; do
+        cp "$work/$(printf '%02d' $((i + 1)))-${configs[i]}.sh" \
+            "$work/$(printf '%02d' $(((round - 1) * ${#configs[@]} + i + 1)))-${configs[i]}.sh"
+    done
+done
 
 rig_status=0
 bash "$top/scripts/nested-run.sh" --batch "$work" || rig_status=$?
 
-# output NAME: the run's console output, without the serial line's \r and
+# output NAME: every round's console output, without the serial line's \r and
 # the terminal resets that SeaBIOS and Linux send under QEMU.
 output() {
     local f
-    for f in "$work"/*-"$1".sh.out; do
+    for f in "$work"/[0-9][0-9]-"$1".sh.out; do
         [ -f "$f" ] && tr -d '\r' < "$f" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g'
     done
     return 0
 }
-# result NAME: "IOPS P99US" from the run's terse line when fio saw no error, or nothing.
+# result NAME: "MEAN-IOPS MEAN-P99US ROUND-IOPS..." over the rounds whose terse
+# line shows no fio error, or nothing when none does.
 # (Terse v3: field 5 error, 8 read IOPS, 18-37 clat percentiles in us.)
 result() {
-    output "$1" | awk -F';' '/FIO;3;/ && !seen++ {
+    output "$1" | awk -F';' '/FIO;3;/ {
         sub(/.*FIO;/, ""); $0 = $0
         if ($5 != 0) next
         for (i = 18; i <= 37; i++) if ($i ~ /^99\.000000%=/) p99 = substr($i, 12)
-        printf "%d %s\n", $8, p99 }'
+        n++; iops += $8; p99s += p99; each = each " " int($8) }
+        END { if (n) printf "%d %d%s\n", iops / n, p99s / n, each }'
 }
 qemu_iops=$(result qemu | cut -d' ' -f1)
 qemu_scsi_iops=$(result qemu-scsi | cut -d' ' -f1)
 failed=0
-echo "fio 4k randread QD64 (2 jobs x iodepth 32, one per vCPU) in a 2-vCPU L2, ${seconds}s; goal: lkvm/QEMU IOPS >= 1.2"
+echo "fio 4k randread QD64 (2 jobs x iodepth 32, one per vCPU) in a 2-vCPU L2, ${seconds}s, $rounds rounds; goal: lkvm/QEMU IOPS >= 1.2"
 echo "512 MiB image in L1 tmpfs, page-cached: QEMU cache=writeback aio=io_uring, lkvm without direct (aio default)"
-printf '%-22s %10s %9s %8s %7s\n' config IOPS p99us vs-QEMU queues
+echo "IOPS and p99 are the rounds' means; vs-QEMU compares means (scsi rows with QEMU's scsi)"
+printf '%-22s %10s %9s %8s %7s  %s\n' config IOPS p99us vs-QEMU queues 'IOPS per round'
 for name in "${configs[@]}"; do
-    read -r iops p99 <<< "$(result "$name")" || true
+    read -r iops p99 each <<< "$(result "$name")" || true
     queues=$(output "$name" | sed -n 's/^queues=//p' | head -n 1)
     label=$name; [[ $name == qemu* ]] || label="lkvm $name"
     if [ -z "${iops:-}" ]; then
         failed=1
-        status=$(cat "$work"/*-"$name".sh.status 2> /dev/null || echo none)
-        case $status in 124|137) status="$status: timed out, the guest hung";; esac
+        status=$(cat "$work"/[0-9][0-9]-"$name".sh.status 2> /dev/null | sort -u | xargs)
+        case $status in '') status=none;; 124|137) status="$status: timed out, the guest hung";; esac
         printf '%-22s %10s   (status %s)\n' "$label" failed "$status"
         # Show why: fio's (or the VMM's) error lines, else the end of the run's output.
         { output "$name" | grep -iE 'fio|err|bench-retry' || output "$name" | tail -n 8; } | tail -n 8 | sed 's/^/    | /'
@@ -153,7 +167,9 @@ for name in "${configs[@]}"; do
     fi
     peer=$qemu_iops; [[ $name == *scsi* ]] && peer=$qemu_scsi_iops
     ratio=$(awk -v a="$iops" -v b="${peer:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }')
-    printf '%-22s %10s %9s %8s %7s\n' "$label" "$iops" "$p99" "$ratio" "${queues:--}"
+    missing=$((rounds - $(wc -w <<< "$each")))
+    ((missing == 0)) || each="$each ($missing failed)"
+    printf '%-22s %10s %9s %8s %7s  %s\n' "$label" "$iops" "$p99" "$ratio" "${queues:--}" "$each"
     output "$name" | sed -n 's/^bench-retry: /    | retried after a failed first run: /p'
 done
 [ "$rig_status" = 0 ] || echo "bench-nested: the nested rig failed (status $rig_status)" >&2

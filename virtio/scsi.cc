@@ -396,15 +396,20 @@ private:
         default:
             return reply(kFunctionRejected);  // CLEAR ACA: we never enter ACA
         }
-        if (subtype == kTmfLogicalUnitReset)
-            device_.find_lun(address->lun)->disk.reset();
         // Answered once every request queue has: from the control loop, later.
         device_.task_management(
             subtype, address->lun, tag,
-            [self = weak_from_this(), head, writable = chain.writable, subtype](uint32_t found) {
+            [self = weak_from_this(), head, writable = chain.writable, subtype, lun = address->lun](uint32_t found) {
                 auto queue = self.lock();
                 if (!queue)
                     return;
+                // Only now, with every command it aborted answered: one of
+                // those must not take the unit attention the reset raises.
+                if (subtype == kTmfLogicalUnitReset)
+                    queue->device_.find_lun(lun)->disk.reset();
+                if (subtype == kTmfItNexusReset)
+                    for (const auto& each : queue->device_.luns_)
+                        each->disk.nexus_lost();
                 std::lock_guard lock(queue->device_.control_mutex_);
                 if (queue->stopped_)
                     return;

@@ -339,9 +339,37 @@ const ScsiDisk::Command::Entry* ScsiDisk::Command::find(uint8_t opcode)
 
 ScsiDisk::ScsiDisk(const DiskImage& image, ScsiDiskOptions options) : image_(image), options_(std::move(options)) {}
 
+void ScsiDisk::reset()
+{
+    write_cache_.store(kWriteCacheDefault, std::memory_order_relaxed);
+    raise_unit_attention(sense::kLogicalUnitResetOccurred);
+}
+
+void ScsiDisk::raise_unit_attention(const Sense& sense)
+{
+    unit_attention_.store(uint32_t{sense.key} << 16 | uint32_t{sense.asc} << 8 | sense.ascq, std::memory_order_relaxed);
+}
+
+std::optional<Sense> ScsiDisk::take_unit_attention()
+{
+    // Every command looks: a plain load keeps the line every queue thread reads shared.
+    if (unit_attention_.load(std::memory_order_relaxed) == 0)
+        return std::nullopt;
+    const uint32_t packed = unit_attention_.exchange(0, std::memory_order_relaxed);
+    if (packed == 0)
+        return std::nullopt;  // another queue's command took it
+    return Sense{static_cast<uint8_t>(packed >> 16), static_cast<uint8_t>(packed >> 8), static_cast<uint8_t>(packed)};
+}
+
 Execution ScsiDisk::execute(std::span<const uint8_t> cdb, std::span<const iovec> data_out, uint64_t data_in_bytes)
 {
     const uint64_t data_out_bytes = total_bytes(data_out);
+    // SPC-4 5.14: a unit attention ends the next command, whatever it is,
+    // unless it only asks about the unit (INQUIRY; REPORT LUNS, which never
+    // reaches here) or for the condition itself (REQUEST SENSE).
+    if (!cdb.empty() && cdb[0] != op::kInquiry && cdb[0] != op::kRequestSense)
+        if (auto attention = take_unit_attention())
+            return check_condition(*attention, data_in_bytes + data_out_bytes);
     const Command::Entry* entry = cdb.empty() ? nullptr : Command::find(cdb[0]);
     if (!entry)
         return check_condition(cdb.empty() ? sense::kInvalidFieldInCdb : sense::kInvalidOpcode,
@@ -372,8 +400,9 @@ Execution ScsiDisk::Command::request_sense()
 {
     if (descriptor_sense_requested(cdb))
         return fail(sense::kInvalidFieldInCdb);
-    // Every error is reported with its command (autosense); none is left pending.
-    return reply(sense_data(sense::kNoSense), cdb[4]);
+    // Every error is reported with its command (autosense): only a unit
+    // attention can be pending, and reporting it clears it.
+    return reply(sense_data(disk.take_unit_attention().value_or(sense::kNoSense)), cdb[4]);
 }
 
 Execution ScsiDisk::Command::inquiry()

@@ -13,6 +13,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -33,6 +34,8 @@ struct Sense {
 namespace sense {
 constexpr Sense kNoSense{0x00, 0x00, 0x00};
 constexpr Sense kUnrecoveredReadError{0x03, 0x11, 0x00};
+constexpr Sense kLogicalUnitResetOccurred{0x06, 0x29, 0x03};
+constexpr Sense kItNexusLossOccurred{0x06, 0x29, 0x07};
 constexpr Sense kWriteError{0x03, 0x0c, 0x00};
 constexpr Sense kParameterListLengthError{0x05, 0x1a, 0x00};
 constexpr Sense kInvalidOpcode{0x05, 0x20, 0x00};
@@ -103,8 +106,11 @@ public:
     Execution execute(std::span<const uint8_t> cdb, std::span<const iovec> data_out, uint64_t data_in_bytes);
 
     // LOGICAL UNIT RESET (SAM-5 6.3.4): mode parameters go back to their
-    // defaults (none are saved), so the write cache is on again.
-    void reset() { write_cache_.store(true, std::memory_order_relaxed); }
+    // defaults (none are saved), so the write cache is on again, and the next
+    // command learns of the reset through a unit attention.
+    void reset();
+    // I_T NEXUS RESET (SAM-5 6.3.5): only the unit attention.
+    void nexus_lost() { raise_unit_attention(sense::kItNexusLossOccurred); }
 
     uint64_t blocks() const { return image_.size() / kBlockSize; }
     bool write_cache() const { return write_cache_.load(std::memory_order_relaxed); }
@@ -112,9 +118,15 @@ public:
 
 private:
     struct Command;  // one CDB being executed, and the handler of each opcode (scsi_disk.cc)
+    void raise_unit_attention(const Sense& sense);
+    std::optional<Sense> take_unit_attention();
+
     const DiskImage& image_;
     ScsiDiskOptions options_;
     std::atomic<bool> write_cache_{true};  // WCE; MODE SELECT may clear it: then every write is followed by a flush
+    // The pending unit attention (SAM-5 5.14) as key << 16 | asc << 8 | ascq; 0: none.
+    // One initiator (the driver), so one condition; a newer one replaces it.
+    std::atomic<uint32_t> unit_attention_{0};
 };
 
 // REPORT LUNS for any LUN of a target, existing or not; `luns` are the

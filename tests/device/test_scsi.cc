@@ -455,8 +455,28 @@ TEST_CASE("scsi device: other task management functions and asynchronous notific
     CHECK(rig.task_management(kTmfAbortTask, 0, 12345) == kFunctionComplete);  // no such task: nothing to do
     CHECK(rig.task_management(kTmfQueryTask, 0, 12345) == kFunctionComplete);
     CHECK(rig.task_management(kTmfQueryTaskSet, 3) == kFunctionComplete);
+
+    // A logical unit reset: its next command, on either queue, reports it as a unit attention.
+    const std::vector<uint8_t> tur{0x00, 0, 0, 0, 0, 0};
     CHECK(rig.task_management(kTmfLogicalUnitReset, 3) == kFunctionComplete);
+    CHECK(rig.command(0, 0, tur).status == scsi::kStatusGood);  // another LUN: untouched
+    Reply r = rig.command(1, 3, tur);
+    CHECK(r.status == scsi::kStatusCheckCondition);
+    REQUIRE(r.sense.size() >= 14);
+    CHECK(r.sense[2] == 0x06);
+    CHECK(r.sense[12] == 0x29);
+    CHECK(r.sense[13] == 0x03);
+    CHECK(rig.command(0, 3, tur).status == scsi::kStatusGood);
+    // An I_T nexus reset: every LUN's next command.
     CHECK(rig.task_management(kTmfItNexusReset, 0) == kFunctionComplete);
+    for (const unsigned lun : {0u, 3u}) {
+        CAPTURE(lun);
+        r = rig.command(lun % 2, lun, tur);
+        CHECK(r.status == scsi::kStatusCheckCondition);
+        REQUIRE(r.sense.size() >= 14);
+        CHECK(r.sense[12] == 0x29);
+        CHECK(r.sense[13] == 0x07);
+    }
     CHECK(rig.task_management(kTmfClearAca, 0) == kFunctionRejected);
     CHECK(rig.task_management(99, 0) == kFunctionRejected);
     CHECK(rig.task_management(kTmfLogicalUnitReset, 7) == kIncorrectLun);

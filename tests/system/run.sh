@@ -105,7 +105,10 @@ scsi_ro_sum=$(md5sum < "$work/scsi-ro.raw")
 # Every disk as "H:C:T:L rot=R ro=R size=S".
 scsi_list='for d in /sys/block/sd*; do echo "$(basename $(readlink $d/device)) rot=$(cat $d/queue/rotational) ro=$(cat $d/ro) size=$(cat $d/size)"; done'
 job scsi-marker run -d "$work/scsi-marker.raw,bus=scsi,serial=scsi-marker,rotation-rate=1" -- sh -c "head -c 16 /dev/sda; echo; $scsi_list
-sg_inq /dev/sda; sg_vpd -p sn /dev/sda; sg_vpd -p di /dev/sda; sg_vpd -p bl /dev/sda; sg_vpd -p bdc /dev/sda; sg_vpd -p lbpv /dev/sda; sg_readcap -l /dev/sda"
+sg_inq /dev/sda; sg_vpd -p sn /dev/sda; sg_vpd -p di /dev/sda; sg_vpd -p bl /dev/sda; sg_vpd -p bdc /dev/sda; sg_vpd -p lbpv /dev/sda; sg_readcap -l /dev/sda
+reported() { echo \$1=\$(dmesg | grep -c 'Power-on or device reset occurred'); }
+reported resets-before; sg_reset -d /dev/sda; echo sg_reset=\$?
+echo after-reset=\$(dd if=/dev/sda bs=512 count=1 iflag=direct status=none | head -c 16); reported resets-after"
 job scsi-write run -d "$work/scsi-write.raw,bus=scsi" -- sh -c 'yes LKVM-SCSI-PATTERN-42 | head -c 4194304 | dd of=/dev/sda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync'
 job scsi-two-luns run -c 2 --iothreads 2 --stats -d "$work/scsi-a.raw,bus=scsi,controller=c0,lun=0" \
     -d "$work/scsi-ro.raw,bus=scsi,controller=c0,lun=1,ro" --scsi-controller c0,iothread=1,num-queues=2 -- sh -c "$scsi_list
@@ -226,7 +229,7 @@ expect iothreads-group 0 '^threads: iothread0 iothread1 $' '^status=0$' '^mq=2$'
 expect iothreads-over-cpus 0 '^lkvm: --iothreads 3: more I/O threads than the host.s 2 online CPUs; they will share CPUs$'
 expect scsi-marker 0 '^SCSI-MARKER-77c1$' '^[0-9]+:0:0:0 rot=0 ro=0 size=131072$' 'Vendor identification: LKVM' \
     'Unit serial number: scsi-marker' 'scsi-marker' 'Maximum transfer length: 65536' '[Nn]on-rotating medium' \
-    'LBPU\): 1' 'Last LBA=131071'
+    'LBPU\): 1' 'Last LBA=131071' '^resets-before=0$' '^sg_reset=0$' '^after-reset=SCSI-MARKER-77c1$' '^resets-after=1$'
 expect scsi-write 0 '^64\+0 records out'
 if cmp -s -n 4194304 "$work/scsi-write.raw" <(yes LKVM-SCSI-PATTERN-42 | head -c 4194304); then pass scsi-write-verified
 else fail scsi-write-verified "the host file does not hold the pattern the guest wrote to /dev/sda" "$(result scsi-write out)"; fi

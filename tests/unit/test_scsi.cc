@@ -280,6 +280,52 @@ TEST_CASE("scsi TEST UNIT READY, START STOP UNIT and REQUEST SENSE")
     CHECK_REFUSED(d.in({0x03, 0x01, 0, 0, 252, 0}), sense::kInvalidFieldInCdb);  // DESC
 }
 
+TEST_CASE("scsi unit attention after a logical unit reset or an I_T nexus loss")
+{
+    TestDisk d;
+    const Bytes tur{0x00, 0, 0, 0, 0, 0}, request_sense{0x03, 0, 0, 0, 252, 0};
+    const Bytes block(kBlock, 7);
+    CHECK_GOOD(d.in(tur, 0));
+
+    // The next command, whatever it is, ends with the unit attention; the one after runs.
+    d.scsi.reset();
+    auto e = d.out(rw10(0x2a, 0, 1), block);
+    CHECK_REFUSED(e, sense::kLogicalUnitResetOccurred);
+    CHECK(e.residual == kBlock);
+    CHECK(d.out(rw10(0x2a, 0, 1), block).io.size() == 1);
+
+    // INQUIRY runs and leaves it pending; even an unknown opcode reports it before its own error.
+    d.scsi.reset();
+    CHECK_GOOD(d.in(inquiry(false, 0)));
+    CHECK_GOOD(d.in(inquiry(true, 0x80)));
+    CHECK_REFUSED(d.in({0xc0, 0, 0, 0, 0, 0}), sense::kLogicalUnitResetOccurred);
+    CHECK_REFUSED(d.in({0xc0, 0, 0, 0, 0, 0}), sense::kInvalidOpcode);
+
+    // REQUEST SENSE returns it as data (GOOD) and clears it.
+    d.scsi.reset();
+    e = d.in(request_sense, 100);
+    CHECK_GOOD(e);
+    const Bytes reset_sense{0x70, 0, 0x06, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x29, 0x03, 0, 0, 0, 0};
+    CHECK(e.data_in == reset_sense);
+    CHECK_GOOD(d.in(tur, 0));
+    e = d.in(request_sense, 100);
+    CHECK(e.data_in.at(2) == 0);  // nothing pending any more
+
+    // An I_T nexus loss has its own code, and a newer condition replaces an older one.
+    d.scsi.nexus_lost();
+    CHECK_REFUSED(d.in(tur, 0), sense::kItNexusLossOccurred);
+    d.scsi.nexus_lost();
+    d.scsi.reset();
+    CHECK_REFUSED(d.in(tur, 0), sense::kLogicalUnitResetOccurred);
+    CHECK_GOOD(d.in(tur, 0));
+
+    // A reset does not touch a read-only disk's refusals, only reports itself first.
+    TestDisk ro(test_options(), true);
+    ro.scsi.reset();
+    CHECK_REFUSED(ro.out(rw10(0x2a, 0, 1), block), sense::kLogicalUnitResetOccurred);
+    CHECK_REFUSED(ro.out(rw10(0x2a, 0, 1), block), sense::kWriteProtected);
+}
+
 TEST_CASE("scsi INQUIRY standard data")
 {
     TestDisk d;
@@ -707,7 +753,10 @@ TEST_CASE("scsi MODE SELECT: the write cache, and a write gaining a flush")
         CHECK_FALSE(other.scsi.write_cache());
         other.scsi.reset();
         CHECK(other.scsi.write_cache());
-        CHECK(other.in(mode_sense6(0x08, 0, 255, 0x08)).data_in[4 + 2] == 0x04);
+        CHECK_REFUSED(other.in(mode_sense6(0x08, 0, 255, 0x08)), sense::kLogicalUnitResetOccurred);
+        const Execution sensed = other.in(mode_sense6(0x08, 0, 255, 0x08));
+        REQUIRE(sensed.data_in.size() > 4 + 2);
+        CHECK(sensed.data_in[4 + 2] == 0x04);
     }
 
     // Now every write is followed by a flush.
