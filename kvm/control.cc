@@ -469,6 +469,42 @@ GuestInfo parse_guest_info(std::string_view payload)
     return info;
 }
 
+namespace {
+
+// A latency histogram as "BUCKET:COUNT,..." (non-empty buckets, ascending).
+std::string format_latency(const LatencyBuckets& buckets)
+{
+    std::string out;
+    for (const auto& [bucket, count] : buckets)
+        out += (out.empty() ? "" : ",") + std::to_string(bucket) + ":" + std::to_string(count);
+    return out;
+}
+
+LatencyBuckets parse_latency(std::string_view text)
+{
+    LatencyBuckets buckets;
+    auto number = [](std::string_view digits, auto& value) {
+        const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), value);
+        return !digits.empty() && ec == std::errc() && end == digits.data() + digits.size();
+    };
+    while (!text.empty()) {
+        const size_t comma = std::min(text.find(','), text.size());
+        const std::string_view item = text.substr(0, comma);
+        const size_t colon = item.find(':');
+        uint16_t bucket = 0;
+        uint64_t count = 0;
+        if (colon == std::string_view::npos || !number(item.substr(0, colon), bucket) ||
+            !number(item.substr(colon + 1), count) || bucket >= LatencyHistogram::kBuckets || count == 0 ||
+            (!buckets.empty() && bucket <= buckets.back().first) || (comma + 1 == text.size()))
+            throw Error("malformed reply from the guest: latency= is not a list of BUCKET:COUNT");
+        buckets.emplace_back(bucket, count);
+        text.remove_prefix(std::min(comma + 1, text.size()));
+    }
+    return buckets;
+}
+
+}  // namespace
+
 std::string format_stat_payload(const StatSnapshot& snapshot)
 {
     std::vector<PayloadRecord> records{{{"time_ns", format_number(snapshot.time_ns)}}};
@@ -481,9 +517,7 @@ std::string format_stat_payload(const StatSnapshot& snapshot)
                            {"batches", format_number(t.batches)},
                            {"wakeups", format_number(t.wakeups)},
                            {"poll_hits", format_number(t.poll_hits)},
-                           {"poll_ns", format_number(t.poll_ns)},
-                           {"p50_us", format_number(t.p50_us)},
-                           {"p99_us", format_number(t.p99_us)}});
+                           {"poll_ns", format_number(t.poll_ns)}});
     for (const auto& q : snapshot.queues)
         records.push_back({{"disk", format_number(q.disk)},
                            {"queue", format_number(q.queue)},
@@ -493,8 +527,7 @@ std::string format_stat_payload(const StatSnapshot& snapshot)
                            {"requests", format_number(q.requests)},
                            {"bytes", format_number(q.bytes)},
                            {"in_flight", format_number(q.in_flight)},
-                           {"p50_us", format_number(q.p50_us)},
-                           {"p99_us", format_number(q.p99_us)}});
+                           {"latency", format_latency(q.latency)}});
     return format_records(records);
 }
 
@@ -512,13 +545,12 @@ StatSnapshot parse_stat_payload(std::string_view payload)
             snapshot.threads.push_back({r.text("thread"), r.number<int>("tid"), r.number<int>("cpu"),
                                         r.number<uint64_t>("requests"), r.number<uint64_t>("bytes"),
                                         r.number<uint64_t>("batches"), r.number<uint64_t>("wakeups"),
-                                        r.number<uint64_t>("poll_hits"), r.number<uint64_t>("poll_ns"),
-                                        r.number<double>("p50_us"), r.number<double>("p99_us")});
+                                        r.number<uint64_t>("poll_hits"), r.number<uint64_t>("poll_ns")});
         else if (kind == "disk")
             snapshot.queues.push_back({r.number<unsigned>("disk"), r.number<unsigned>("queue"), r.text("thread"),
                                        r.text("image"), r.number<int>("cpu"), r.number<uint64_t>("requests"),
                                        r.number<uint64_t>("bytes"), r.number<uint64_t>("in_flight"),
-                                       r.number<double>("p50_us"), r.number<double>("p99_us")});
+                                       parse_latency(r.text("latency"))});
         // Other kinds come from a newer lkvm: skipped.
     }
     return snapshot;

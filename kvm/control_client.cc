@@ -37,7 +37,27 @@ uint64_t growth(uint64_t now, uint64_t then) { return now > then ? now - then : 
 struct QueueSample {
     const StatSnapshot::Queue& now;
     double iops, mib_s;
+    std::optional<double> p50_us, p99_us;  // of the requests completed in the interval; none: no request
 };
+
+// The requests a histogram gained between two samples. A bucket that lost
+// counts means they started over (a device reset): then all of `now` is new.
+LatencyBuckets latency_growth(const LatencyBuckets& now, const LatencyBuckets& then)
+{
+    LatencyBuckets grown;
+    auto at = now.begin();
+    for (const auto& [bucket, count] : then) {
+        for (; at != now.end() && at->first < bucket; ++at)
+            grown.push_back(*at);
+        if (at == now.end() || at->first != bucket || at->second < count)
+            return now;
+        if (at->second > count)
+            grown.emplace_back(bucket, at->second - count);
+        ++at;
+    }
+    grown.insert(grown.end(), at, now.end());
+    return grown;
+}
 
 struct ThreadSample {
     const StatSnapshot::Thread& now;
@@ -56,7 +76,14 @@ std::vector<QueueSample> queue_samples(const StatSnapshot& before, const StatSna
         const auto& base = then == before.queues.end() ? now : *then;
         const double requests = static_cast<double>(growth(now.requests, base.requests));
         const double mib = static_cast<double>(growth(now.bytes, base.bytes)) / (1 << 20);
-        samples.push_back({now, seconds > 0 ? requests / seconds : 0, seconds > 0 ? mib / seconds : 0});
+        const LatencyBuckets latency = latency_growth(now.latency, base.latency);
+        auto percentile_us = [&](double p) -> std::optional<double> {
+            if (latency.empty())
+                return std::nullopt;
+            return static_cast<double>(LatencyHistogram::percentile(latency, p)) / 1000;
+        };
+        samples.push_back({now, seconds > 0 ? requests / seconds : 0, seconds > 0 ? mib / seconds : 0,
+                           percentile_us(0.5), percentile_us(0.99)});
     }
     return samples;
 }
@@ -287,10 +314,12 @@ std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& a
     if (show_disks(which)) {
         out += line("%-4s %5s %-12s %4s %9s %8s %9s %8s %8s  %s\n", "disk", "queue", "thread", "cpu", "IOPS", "MiB/s",
                     "in-flight", "p50-us", "p99-us", "image");
+        auto us = [](std::optional<double> value) { return value ? line("%.1f", *value) : std::string("-"); };
         for (const auto& s : queue_samples(before, after))
-            out += line("%-4u %5u %-12s %4s %9.0f %8.1f %9llu %8.1f %8.1f  ", s.now.disk, s.now.queue,
+            out += line("%-4u %5u %-12s %4s %9.0f %8.1f %9llu %8s %8s  ", s.now.disk, s.now.queue,
                         s.now.thread.c_str(), cpu_text(s.now.cpu).c_str(), s.iops, s.mib_s,
-                        static_cast<unsigned long long>(s.now.in_flight), s.now.p50_us, s.now.p99_us) +
+                        static_cast<unsigned long long>(s.now.in_flight), us(s.p50_us).c_str(),
+                        us(s.p99_us).c_str()) +
                    s.now.image + "\n";
     }
     if (show_iothreads(which)) {
@@ -335,6 +364,7 @@ std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& aft
                              double wall_time_s)
 {
     auto cpu = [](int c) { return c < 0 ? std::string("null") : std::to_string(c); };
+    auto us = [](std::optional<double> value) { return value ? json_number(*value, 3) : std::string("null"); };
     std::string out = "{\"time\":" + json_number(wall_time_s, 3) +
                       ",\"interval_s\":" + json_number(seconds_between(before, after), 6);
     if (show_disks(which)) {
@@ -346,8 +376,8 @@ std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& aft
                    ",\"cpu\":" + cpu(s.now.cpu) + ",\"image\":" + json_string(s.now.image) +
                    ",\"requests\":" + std::to_string(s.now.requests) + ",\"bytes\":" + std::to_string(s.now.bytes) +
                    ",\"iops\":" + json_number(s.iops, 1) + ",\"mib_s\":" + json_number(s.mib_s, 3) +
-                   ",\"in_flight\":" + std::to_string(s.now.in_flight) + ",\"p50_us\":" + json_number(s.now.p50_us, 3) +
-                   ",\"p99_us\":" + json_number(s.now.p99_us, 3) + "}";
+                   ",\"in_flight\":" + std::to_string(s.now.in_flight) + ",\"p50_us\":" + us(s.p50_us) +
+                   ",\"p99_us\":" + us(s.p99_us) + "}";
             comma = ",";
         }
         out += "]";

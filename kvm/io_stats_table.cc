@@ -69,9 +69,7 @@ StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threa
                                   .batches = s.batches.load(std::memory_order_relaxed),
                                   .wakeups = s.wakeups.load(std::memory_order_relaxed),
                                   .poll_hits = s.poll_hits.load(std::memory_order_relaxed),
-                                  .poll_ns = s.poll_ns.load(std::memory_order_relaxed),
-                                  .p50_us = us(s.io.latency().percentile(0.5)),
-                                  .p99_us = us(s.io.latency().percentile(0.99))});
+                                  .poll_ns = s.poll_ns.load(std::memory_order_relaxed)});
     }
     for (size_t d = 0; d < disks.size(); ++d) {
         const DiskDevice& disk = *disks[d];
@@ -88,8 +86,7 @@ StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threa
                                      .requests = io.requests,
                                      .bytes = io.bytes,
                                      .in_flight = s.in_flight(),
-                                     .p50_us = us(s.latency().percentile(0.5)),
-                                     .p99_us = us(s.latency().percentile(0.99))});
+                                     .latency = s.latency().nonzero_buckets()});
         }
     }
     return sample;

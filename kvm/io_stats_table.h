@@ -21,8 +21,9 @@ namespace lkvm {
 std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
                             const std::vector<std::unique_ptr<DiskDevice>>& disks);
 
-// Everything at one moment, as plain values. Counters count from the start;
-// percentiles are over every request so far.
+// Everything at one moment, as plain values. Counters and latency histograms
+// count from the start: rates and percentiles over an interval come from two
+// snapshots.
 struct StatSnapshot {
     struct Thread {
         std::string name;
@@ -31,7 +32,6 @@ struct StatSnapshot {
         uint64_t requests = 0, bytes = 0;
         uint64_t batches = 0, wakeups = 0, poll_hits = 0;
         uint64_t poll_ns = 0;  // its current poll time
-        double p50_us = 0, p99_us = 0;
         bool operator==(const Thread&) const = default;
     };
     struct Queue {
@@ -41,7 +41,7 @@ struct StatSnapshot {
         std::string image;   // the device's image(s)
         int cpu = -1;        // where that thread last ran; -1: unknown
         uint64_t requests = 0, bytes = 0, in_flight = 0;
-        double p50_us = 0, p99_us = 0;
+        LatencyBuckets latency;  // of the requests completed so far
         bool operator==(const Queue&) const = default;
     };
     uint64_t time_ns = 0;  // monotonic_ns() when taken

@@ -36,20 +36,31 @@ uint64_t LatencyHistogram::count() const
     return n;
 }
 
-uint64_t LatencyHistogram::percentile(double p) const
+LatencyBuckets LatencyHistogram::nonzero_buckets() const
 {
-    const uint64_t total = count();
+    LatencyBuckets nonzero;
+    for (unsigned i = 0; i < kBuckets; ++i)
+        if (const uint64_t n = buckets_[i].load(std::memory_order_relaxed))
+            nonzero.emplace_back(static_cast<uint16_t>(i), n);
+    return nonzero;
+}
+
+uint64_t LatencyHistogram::percentile(const LatencyBuckets& buckets, double p)
+{
+    uint64_t total = 0;
+    for (const auto& [bucket, n] : buckets)
+        total += n;
     if (total == 0)
         return 0;
     // The smallest bucket where at least p of the samples are at or below it.
-    const auto rank = static_cast<uint64_t>(p * static_cast<double>(total) + 0.5);
+    const auto rank = std::max<uint64_t>(static_cast<uint64_t>(p * static_cast<double>(total) + 0.5), 1);
     uint64_t seen = 0;
-    for (unsigned i = 0; i < kBuckets; ++i) {
-        seen += buckets_[i].load(std::memory_order_relaxed);
-        if (seen >= std::max<uint64_t>(rank, 1))
-            return bucket_upper(i);
+    for (const auto& [bucket, n] : buckets) {
+        seen += n;
+        if (seen >= rank)
+            return bucket_upper(bucket);
     }
-    return bucket_upper(kBuckets - 1);
+    return bucket_upper(buckets.back().first);
 }
 
 }  // namespace lkvm

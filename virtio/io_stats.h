@@ -7,8 +7,14 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace lkvm {
+
+// A histogram's non-empty buckets as (bucket, count), buckets ascending:
+// what a reader keeps of one (two of them, subtracted, are an interval's).
+using LatencyBuckets = std::vector<std::pair<uint16_t, uint64_t>>;
 
 // Latencies in log-linear buckets: 8 per power of two (at most 12.5 % error),
 // from 1 ns to about 2^40 ns (18 minutes), with no allocation.
@@ -21,7 +27,9 @@ public:
     uint64_t count() const;
     // The latency below which fraction p (0..1) of the recorded ones fall:
     // the upper edge of the bucket it lands in; 0 when nothing was recorded.
-    uint64_t percentile(double p) const;
+    uint64_t percentile(double p) const { return percentile(nonzero_buckets(), p); }
+    static uint64_t percentile(const LatencyBuckets& buckets, double p);
+    LatencyBuckets nonzero_buckets() const;
 
     static unsigned bucket_of(uint64_t ns);
     static uint64_t bucket_upper(unsigned bucket);

@@ -165,6 +165,11 @@ sleep 3; r=$(requests)
 # Two clients at once, then a bogus request: an error reply, and the guest keeps running.
 "$LKVM" stat fioguest --json > s1.json & "$LKVM" stat fioguest --json > s2.json; wait $!
 python3 -c "import json; [json.loads(open(f).readline()) for f in (\"s1.json\", \"s2.json\")]" && echo two-clients
+# The percentiles are the interval'"'"'s: a queue that served requests in it has them.
+python3 -c "
+d = __import__(\"json\").loads(open(\"s1.json\").readline())[\"disks\"]
+busy = [q for q in d if q[\"iops\"] > 0]
+print(\"interval-latency\" if busy and all(0 < q[\"p50_us\"] <= q[\"p99_us\"] for q in busy) else \"no-latency\", d)"
 python3 -c "
 import socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b\"HELLO there\n\")
@@ -240,7 +245,7 @@ if [ "$(md5sum < "$work/scsi-ro.raw")" = "$scsi_ro_sum" ] && [ "$(head -c 9 "$wo
 else fail scsi-two-luns-host-files "LUN 0 lacks the guest's write or the read-only LUN changed" "$(result scsi-two-luns out)"; fi
 expect scsi-discard 0 '^status=0$' '^blkdiscard=0$' '^[1-9][0-9]*$' '^sparse$' '^zeroes$' '^head-kept$'
 expect control-socket 0 'fioguest +[0-9]+ +running +2 ' '^pause=0$' '^listed-paused$' '^paused-moved=0$' '^resume=0$' \
-    '^counted-from-idle$' '^resumed-moves$' '^two-clients$' '^bogus-reply: LKVM/1 error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
+    '^counted-from-idle$' '^resumed-moves$' '^two-clients$' '^interval-latency ' '^bogus-reply: LKVM/1 error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
     '^socket-gone$' '^pause-gone=1$'
 expect control-timeout 124 '--timeout'
 expect control-console-log 0 'hello-console-log'

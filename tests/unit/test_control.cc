@@ -59,11 +59,12 @@ StatSnapshot sample_snapshot()
 {
     StatSnapshot s;
     s.time_ns = 123456789012345;
-    s.threads = {{"iothread0", 4242, 1, 1000, 4096000, 300, 10, 30, 32768, 12.5, 99.875},
-                 {"disk1-io", 4243, -1, 0, 0, 0, 0, 0, 0, 0, 0}};
-    s.queues = {{0, 0, "iothread0", "/tmp/my disk;1=2%.raw", 1, 600, 2457600, 3, 11.25, 80.5},
-                {0, 1, "iothread0", "/tmp/my disk;1=2%.raw", 1, 400, 1638400, 0, 0.1, 1e-3},
-                {1, 0, "disk1-io", "b.raw", -1, 0, 0, 0, 0, 0}};
+    s.threads = {{"iothread0", 4242, 1, 1000, 4096000, 300, 10, 30, 32768},
+                 {"disk1-io", 4243, -1, 0, 0, 0, 0, 0, 0}};
+    // Bucket 90 holds 10240-11263 ns, 113 holds 73728-81919 ns, 327 is the last one.
+    s.queues = {{0, 0, "iothread0", "/tmp/my disk;1=2%.raw", 1, 600, 2457600, 3, {{90, 590}, {113, 10}}},
+                {0, 1, "iothread0", "/tmp/my disk;1=2%.raw", 1, 400, 1638400, 0, {{0, 1}, {327, 399}}},
+                {1, 0, "disk1-io", "b.raw", -1, 0, 0, 0, {}}};
     return s;
 }
 
@@ -111,8 +112,10 @@ struct FakeGuest {
             const uint64_t n = stat_calls++;
             StatSnapshot s;
             s.time_ns = (n + 1) * 1'000'000'000;
-            s.threads = {{"iothread0", 77, 0, 100 * n, 409600 * n, n, 3 * n, n, 500, 10, 20}};
-            s.queues = {{0, 0, "iothread0", "a.raw", 0, 100 * n, 409600 * n, 1, 10, 20}};
+            // Of each 100, 90 took 10.24-11.26 us (bucket 90), 10 took 73.7-81.9 us (bucket 113).
+            s.threads = {{"iothread0", 77, 0, 100 * n, 409600 * n, n, 3 * n, n, 500}};
+            s.queues = {{0, 0, "iothread0", "a.raw", 0, 100 * n, 409600 * n, 1,
+                         n ? LatencyBuckets{{90, 90 * n}, {113, 10 * n}} : LatencyBuckets{}}};
             return format_stat_payload(s);
         }
         default:
@@ -279,9 +282,14 @@ TEST_CASE("control: stat snapshots round-trip; malformed ones are refused")
     CHECK(contains(error_of([] { parse_stat_payload("time_ns=abc"); }), "time_ns= is not a number"));
     CHECK(contains(error_of([] { parse_stat_payload("time_ns=1;thread=a tid=1"); }), "no cpu="));
     CHECK(contains(error_of([] { parse_stat_payload("time_ns=1;disk=0 queue=0"); }), "no thread="));
-    std::string bad_double = payload;
-    bad_double.replace(bad_double.find("p50_us=12.5"), 11, "p50_us=nan");
-    CHECK(contains(error_of([&] { parse_stat_payload(bad_double); }), "p50_us= is not a number"));
+    CHECK(contains(payload, "in_flight=3 latency=90:590,113:10;"));
+    CHECK(payload.ends_with("in_flight=0 latency="));  // an empty histogram
+    const std::string good = "time_ns=1;disk=0 queue=0 thread=t image=i cpu=0 requests=1 bytes=1 in_flight=0 latency=";
+    CHECK(parse_stat_payload(good + "5:1,7:2").queues.at(0).latency == LatencyBuckets{{5, 1}, {7, 2}});
+    for (const std::string bad : {"5", "5:", ":1", "5:1,", ",5:1", "5:1,5:1", "7:1,5:1", "5:0", "328:1", "5:x",
+                                  "5:1:2", "-1:1", "5:1,,7:1"})
+        CHECK_MESSAGE(contains(error_of([&] { parse_stat_payload(good + bad); }), "latency= is not a list"), bad);
+    CHECK(contains(error_of([&] { parse_stat_payload(good.substr(0, good.find(" latency="))); }), "no latency="));
 }
 
 TEST_CASE("control: guest names become file names, so only safe ones are taken")
@@ -535,7 +543,7 @@ TEST_CASE("control client: stat --json takes two samples a second apart")
     CHECK(std::count(json.begin(), json.end(), '\n') == 1);
     CHECK(contains(json, "\"interval_s\":1.000000,\"disks\":[{\"disk\":0,\"queue\":0,\"thread\":\"iothread0\",\"cpu\":0,"
                          "\"image\":\"a.raw\",\"requests\":100,\"bytes\":409600,\"iops\":100.0,\"mib_s\":0.391,"
-                         "\"in_flight\":1,\"p50_us\":10.000,\"p99_us\":20.000}]"));
+                         "\"in_flight\":1,\"p50_us\":11.263,\"p99_us\":81.919}]"));
     CHECK(contains(json, "\"iothreads\":[{\"name\":\"iothread0\",\"tid\":77,\"cpu\":0,\"requests\":100,"));
     CHECK(contains(json, "\"poll_hit_rate\":0.2500}]}"));
 }
@@ -550,11 +558,16 @@ TEST_CASE("control client: the stat tables show rates over the interval")
     after.threads[0].requests += 1000;
     after.threads[0].poll_hits += 30;
     after.threads[0].wakeups += 10;
+    // Over the interval: 900 fast ones, 100 slow ones, so p99 is a slow one
+    // (over all requests so far it would still be a fast one).
+    after.queues[0].latency = {{90, 590 + 900}, {113, 10 + 100}};
 
     const std::string both = format_stat_tables(before, after, {});
     CHECK(contains(both, "disk queue thread        cpu      IOPS    MiB/s in-flight   p50-us   p99-us  image\n"));
-    CHECK(contains(both, "0        0 iothread0       1       500      2.0         3     11.2     80.5  /tmp/my disk;1=2%.raw\n"));
-    CHECK(contains(both, "1        0 disk1-io        -         0      0.0         0      0.0      0.0  b.raw\n"));
+    CHECK(contains(both, "0        0 iothread0       1       500      2.0         3     11.3     81.9  /tmp/my disk;1=2%.raw\n"));
+    // No request completed in the interval: no percentiles, whatever came before.
+    CHECK(contains(both, "0        1 iothread0       1         0      0.0         0        -        -  /tmp/my disk;1=2%.raw\n"));
+    CHECK(contains(both, "1        0 disk1-io        -         0      0.0         0        -        -  b.raw\n"));
     CHECK(contains(both, "thread            tid  cpu      IOPS   poll-ns poll-hit%\n"));
     CHECK(contains(both, "iothread0        4242    1       500     32768      75.0\n"));
     CHECK(contains(both, "disk1-io         4243    -         0         0         -\n"));
@@ -565,8 +578,17 @@ TEST_CASE("control client: the stat tables show rates over the interval")
     before.queues.pop_back();
     CHECK(contains(format_stat_tables(before, after, {true, false}), "1        0 disk1-io        -         0"));
 
+    // Counts that went down started over (a device reset): all of them are the interval's.
+    StatSnapshot reset = after;
+    reset.queues[0].latency = {{90, 5}};
+    CHECK(contains(format_stat_tables(after, reset, {true, false}), "  11.3     11.3  /tmp/my disk"));
+    reset.queues[0].latency = {{113, 200}};  // more slow ones than before, but the fast ones are gone
+    CHECK(contains(format_stat_tables(after, reset, {true, false}), "  81.9     81.9  /tmp/my disk"));
+
     const std::string json = format_stat_json(before, after, {true, false}, 1700000000.5);
     CHECK(json.starts_with("{\"time\":1700000000.500,\"interval_s\":2.000000,\"disks\":["));
+    CHECK(contains(json, "\"p50_us\":11.263,\"p99_us\":81.919}"));
+    CHECK(contains(json, "\"p50_us\":null,\"p99_us\":null}"));
     CHECK(contains(json, "\"image\":\"/tmp/my disk;1=2%.raw\",\"requests\":1600,\"bytes\":6553600,\"iops\":500.0"));
     CHECK(contains(json, "\"cpu\":null"));
     CHECK_FALSE(contains(json, "iothreads"));
