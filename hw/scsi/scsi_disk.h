@@ -34,8 +34,6 @@ struct Sense {
 namespace sense {
 constexpr Sense kNoSense{0x00, 0x00, 0x00};
 constexpr Sense kUnrecoveredReadError{0x03, 0x11, 0x00};
-constexpr Sense kLogicalUnitResetOccurred{0x06, 0x29, 0x03};
-constexpr Sense kItNexusLossOccurred{0x06, 0x29, 0x07};
 constexpr Sense kWriteError{0x03, 0x0c, 0x00};
 constexpr Sense kParameterListLengthError{0x05, 0x1a, 0x00};
 constexpr Sense kInvalidOpcode{0x05, 0x20, 0x00};
@@ -44,6 +42,8 @@ constexpr Sense kInvalidFieldInCdb{0x05, 0x24, 0x00};
 constexpr Sense kLunNotSupported{0x05, 0x25, 0x00};
 constexpr Sense kInvalidFieldInParameterList{0x05, 0x26, 0x00};
 constexpr Sense kSavingParametersNotSupported{0x05, 0x39, 0x00};
+constexpr Sense kLogicalUnitResetOccurred{0x06, 0x29, 0x03};  // unit attentions
+constexpr Sense kItNexusLossOccurred{0x06, 0x29, 0x07};
 constexpr Sense kWriteProtected{0x07, 0x27, 0x00};
 constexpr Sense kSpaceAllocationFailed{0x07, 0x27, 0x07};
 }  // namespace sense
