@@ -15,9 +15,9 @@
 #include <algorithm>
 #include <array>
 #include <charconv>
-#include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <type_traits>
 
 #include "base/error.h"
@@ -173,6 +173,18 @@ std::string format_number(auto value)
     return std::string(buffer.data(), result.ptr);
 }
 
+// `text` as a whole integer of type T, nothing before or after it; none otherwise.
+template <typename T>
+std::optional<T> whole_number(std::string_view text)
+{
+    static_assert(std::is_integral_v<T>, "the payload carries integers only");
+    T value{};
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (text.empty() || ec != std::errc() || end != text.data() + text.size())
+        return std::nullopt;
+    return value;
+}
+
 // Read access to one payload record, with errors that say what is wrong.
 class RecordReader {
 public:
@@ -192,13 +204,9 @@ public:
     template <typename T>
     T number(std::string_view key) const
     {
-        const std::string& value = text(key);
-        T number{};
-        const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), number);
-        if (value.empty() || ec != std::errc() || end != value.data() + value.size() ||
-            (std::is_floating_point_v<T> && !std::isfinite(static_cast<double>(number))))
-            throw Error("malformed reply from the guest: " + std::string(key) + "= is not a number");
-        return number;
+        if (const auto number = whole_number<T>(text(key)))
+            return *number;
+        throw Error("malformed reply from the guest: " + std::string(key) + "= is not a number");
     }
 
 private:
@@ -483,21 +491,16 @@ std::string format_latency(const LatencyBuckets& buckets)
 LatencyBuckets parse_latency(std::string_view text)
 {
     LatencyBuckets buckets;
-    auto number = [](std::string_view digits, auto& value) {
-        const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), value);
-        return !digits.empty() && ec == std::errc() && end == digits.data() + digits.size();
-    };
     while (!text.empty()) {
         const size_t comma = std::min(text.find(','), text.size());
         const std::string_view item = text.substr(0, comma);
-        const size_t colon = item.find(':');
-        uint16_t bucket = 0;
-        uint64_t count = 0;
-        if (colon == std::string_view::npos || !number(item.substr(0, colon), bucket) ||
-            !number(item.substr(colon + 1), count) || bucket >= LatencyHistogram::kBuckets || count == 0 ||
-            (!buckets.empty() && bucket <= buckets.back().first) || (comma + 1 == text.size()))
+        const size_t colon = std::min(item.find(':'), item.size());
+        const auto bucket = whole_number<uint16_t>(item.substr(0, colon));
+        const auto count = whole_number<uint64_t>(item.substr(std::min(colon + 1, item.size())));
+        if (colon == item.size() || !bucket || !count || *bucket >= LatencyHistogram::kBuckets || *count == 0 ||
+            (!buckets.empty() && *bucket <= buckets.back().first) || comma + 1 == text.size())
             throw Error("malformed reply from the guest: latency= is not a list of BUCKET:COUNT");
-        buckets.emplace_back(bucket, count);
+        buckets.emplace_back(*bucket, *count);
         text.remove_prefix(std::min(comma + 1, text.size()));
     }
     return buckets;
