@@ -29,7 +29,7 @@ KERNEL    := build/kernel/vmlinuz
 INITRD    := build/guest/initramfs.cpio.gz
 INITRD_FIO := build/guest/initramfs-fio.cpio.gz
 
-.PHONY: all deps guest test unit system demo bench clean
+.PHONY: all deps guest test unit system demo bench clean uapi-check
 all: $(LKVM) $(UNIT) $(DEVICE) $(BLKBENCH) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
 
 # lkvm finds its default kernel and initramfs next to itself; other build
@@ -89,6 +89,22 @@ demo: deps
 bench: deps
 	@$(MAKE) --no-print-directory all
 	@bash scripts/bench.sh $(BUILD)
+
+# make uapi-check UAPI=DIR: every translation unit of every binary through the
+# compiler's front end, with the project's flags, against the kernel headers
+# unpacked from a linux-libc-dev .deb into DIR instead of the installed ones
+# (tests/uapi/run.sh does this for each Debian 12 version).
+ALL_SRCS := $(LIB_SRCS) kvm/main.cc $(UNIT_SRCS) $(DEVICE_SRCS) tests/bench/blkbench.cc
+ifdef UAPI
+UAPI_CHECKED := $(ALL_SRCS:%.cc=$(UAPI)/checked/%.ok)
+UAPI_FLAGS   := -isystem $(UAPI)/usr/include/$(shell $(CXX) -print-multiarch) -isystem $(UAPI)/usr/include
+uapi-check: $(UAPI_CHECKED)
+$(UAPI)/checked/%.ok: %.cc
+	@mkdir -p $(dir $@)
+	$(CXX) $(filter-out -MMD -MP,$(CXXFLAGS)) $(UAPI_FLAGS) -fsyntax-only -MMD -MP -MF $@.d -MT $@ $<
+	@touch $@
+-include $(UAPI_CHECKED:=.d)
+endif
 
 clean:
 	rm -rf build/obj build/lkvm build/unit-tests build/liblkvm.a build-san build/guest build/rig

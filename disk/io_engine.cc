@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <libaio.h>
-#include <linux/ioprio.h>
 #include <liburing.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
@@ -16,6 +15,7 @@
 #include <cstring>
 
 #include "base/error.h"
+#include "disk/ioprio.h"
 
 namespace lkvm {
 
@@ -142,7 +142,7 @@ private:
     {
         if (ioprio == 0 || ioprio == thread_ioprio_)
             return 0;
-        if (::syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, static_cast<int>(ioprio)) < 0)
+        if (::syscall(SYS_ioprio_set, ioprio::kWhoProcess, 0, static_cast<int>(ioprio)) < 0)
             return errno;
         thread_ioprio_ = ioprio;
         return 0;

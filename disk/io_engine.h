@@ -28,7 +28,7 @@ struct IoRequest {
     const iovec* iov = nullptr;  // must stay valid until the request completes
     int iovcnt = 0;
     uint64_t cookie = 0;
-    uint16_t ioprio = 0;  // IOPRIO_PRIO_VALUE(class, level); 0: the thread's own
+    uint16_t ioprio = 0;  // ioprio::value(class, level); 0: the thread's own
     uint64_t length = 0;  // kDiscard and kWriteZeroes: bytes from offset
 };
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <optional>
 
+#include "disk/ioprio.h"
 #include "kvm/control.h"
 
 namespace lkvm {
@@ -279,19 +280,21 @@ std::optional<std::string> value_of(const std::string& item, const char* key)
 
 uint16_t parse_ioprio(const std::string& where, const std::string& text)
 {
-    // IOPRIO_PRIO_VALUE(class, level) from linux/ioprio.h
     const auto slash = text.find('/');
-    const std::string cls = text.substr(0, slash);
-    const int klass = cls == "rt" ? 1 : cls == "be" ? 2 : cls == "idle" ? 3 : 0;
-    if (klass == 0)
-        throw Error(where + ": ioprio class '" + cls + "' is not rt, be or idle" + kRunHint);
-    uint64_t level = klass == 3 ? 0 : 4;
-    if (slash != std::string::npos) {
+    const std::string name = text.substr(0, slash);
+    const auto klass = name == "rt"     ? ioprio::Class::kRealtime
+                       : name == "be"   ? ioprio::Class::kBestEffort
+                       : name == "idle" ? ioprio::Class::kIdle
+                                        : ioprio::Class::kNone;
+    if (klass == ioprio::Class::kNone)
+        throw Error(where + ": ioprio class '" + name + "' is not rt, be or idle" + kRunHint);
+    uint64_t level = klass == ioprio::Class::kIdle ? 0 : ioprio::kDefaultLevel;
+    if (slash != std::string::npos)
         level = parse_number(where + " ioprio level", text.substr(slash + 1));
-        if (level > 7)
-            throw Error(where + ": ioprio level " + std::to_string(level) + " is not 0-7" + kRunHint);
-    }
-    return static_cast<uint16_t>(klass << 13 | level);
+    const auto value = level < ioprio::kLevels ? ioprio::value(klass, static_cast<unsigned>(level)) : std::nullopt;
+    if (!value)
+        throw Error(where + ": ioprio level " + std::to_string(level) + " is not 0-7" + kRunHint);
+    return *value;
 }
 
 unsigned parse_num_queues(const std::string& where, const std::string& text)

@@ -33,7 +33,7 @@ struct DiskSpec {
     std::string serial;
     unsigned num_queues = 0;        // 0: one per vCPU
     std::vector<unsigned> iothreads;  // iothread=K[+K...]: the group threads its queues go to
-    uint16_t ioprio = 0;            // IOPRIO_PRIO_VALUE(class, level); 0: none
+    uint16_t ioprio = 0;            // ioprio::value(class, level); 0: none
     // bus=scsi only
     std::string controller;         // shared with the disks naming it; empty: a controller of its own
     unsigned lun = 0;

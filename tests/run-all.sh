@@ -25,6 +25,15 @@ doctest_tier() {
 doctest_tier "unit tests (doctest)" "$build/unit-tests"
 doctest_tier "device tests (virtio devices through the test guest driver, no KVM)" "$build/device-tests"
 
+echo "== uapi headers (the whole build against every Debian 12 linux-libc-dev)"
+uapi_log=$(mktemp) uapi_start=$SECONDS
+bash tests/uapi/run.sh "$build" 2>&1 | tee "$uapi_log"
+read -r up uf < <(sed -n 's/^uapi: \([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$uapi_log")
+if [ -z "${up:-}" ]; then echo "uapi header tests did not report"; up=0 uf=1; fi
+add "$up" "$uf"
+rm -f "$uapi_log"
+echo "   ($((SECONDS - uapi_start)) s)"
+
 echo "== system tests (real guests through scripts/nested-run.sh)"
 sys_log=$(mktemp) sys_start=$SECONDS
 LKVM_BUILD=$build bash tests/system/run.sh 2>&1 | tee "$sys_log"

@@ -46,7 +46,7 @@ class BlkQueue;
 struct BlkOptions {
     std::string serial;
     EngineKind engine = EngineKind::kNative;
-    uint16_t ioprio = 0;  // IOPRIO_PRIO_VALUE on every request; 0: the thread's own
+    uint16_t ioprio = 0;  // ioprio::value() on every request; 0: the thread's own
     uint16_t queue_size = 256;
 };
 

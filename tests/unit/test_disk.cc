@@ -2,12 +2,12 @@
 #include <doctest/doctest.h>
 
 #include <fcntl.h>
-#include <linux/ioprio.h>
 #include <poll.h>
 #include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -17,6 +17,7 @@
 
 #include "base/error.h"
 #include "disk/disk_image.h"
+#include "disk/ioprio.h"
 #include "tests/unit/test_util.h"
 #include "disk/io_engine.h"
 
@@ -231,14 +232,46 @@ TEST_CASE("io engines: io_uring registered files")
     sync->unregister_file(image.fd());
 }
 
+TEST_CASE("ioprio: our encoding is the kernel's")
+{
+    // The ABI (include/uapi/linux/ioprio.h): class in bits 13-15, classes 1-3, levels 0-7.
+    static_assert(ioprio::kClassShift == 13 && ioprio::kLevels == 8 && ioprio::kWhoProcess == 1);
+    static_assert(ioprio::value(ioprio::Class::kRealtime, 0) == (1 << 13));
+    static_assert(ioprio::value(ioprio::Class::kBestEffort, 7) == ((2 << 13) | 7));
+    static_assert(ioprio::value(ioprio::Class::kIdle, 0) == (3 << 13));
+    static_assert(!ioprio::value(ioprio::Class::kNone, 0) && !ioprio::value(ioprio::Class::kBestEffort, 8));
+
+    // And the running kernel reads back every value we build, on this thread.
+    const long before = ::syscall(SYS_ioprio_get, ioprio::kWhoProcess, 0);
+    REQUIRE(before >= 0);
+    for (auto klass : {ioprio::Class::kRealtime, ioprio::Class::kBestEffort, ioprio::Class::kIdle}) {
+        for (unsigned level = 0; level < ioprio::kLevels; ++level) {
+            const uint16_t value = *ioprio::value(klass, level);
+            CAPTURE(value);
+            if (::syscall(SYS_ioprio_set, ioprio::kWhoProcess, 0, static_cast<int>(value)) < 0) {
+                const int err = errno;
+                // Only the realtime class needs a privilege (CAP_SYS_ADMIN or CAP_SYS_NICE).
+                CHECK((klass == ioprio::Class::kRealtime && err == EPERM));
+                continue;
+            }
+            CHECK(::syscall(SYS_ioprio_get, ioprio::kWhoProcess, 0) == value);
+        }
+    }
+    // A fourth class is not one the kernel knows.
+    const long refused = ::syscall(SYS_ioprio_set, ioprio::kWhoProcess, 0, 4 << ioprio::kClassShift);
+    const int refused_errno = errno;
+    CHECK(refused == -1);
+    CHECK(refused_errno == EINVAL);
+    ::syscall(SYS_ioprio_set, ioprio::kWhoProcess, 0, static_cast<int>(before));
+}
+
 TEST_CASE("io engines: requests with an I/O priority")
 {
     TempDir dir;
     const auto path = dir.file("ioprio.raw", 1 << 20);
-    constexpr auto kLowBestEffort = static_cast<uint16_t>(IOPRIO_PRIO_VALUE(IOPRIO_CLASS_BE, 7));
-    static_assert(kLowBestEffort == ((2 << 13) | 7));
+    constexpr auto kLowBestEffort = *ioprio::value(ioprio::Class::kBestEffort, 7);
     // The sync engine sets it on this thread: put the thread back afterwards.
-    const long before = ::syscall(SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0);
+    const long before = ::syscall(SYS_ioprio_get, ioprio::kWhoProcess, 0);
     REQUIRE(before >= 0);
     for (EngineKind kind : kAllEngines) {
         CAPTURE(std::string(engine_kind_name(kind)));
@@ -254,9 +287,9 @@ TEST_CASE("io engines: requests with an I/O priority")
         }
         write_and_read_back(*engine, image.fd(), kLowBestEffort);
         if (kind == EngineKind::kSync)
-            CHECK(::syscall(SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0) == kLowBestEffort);
+            CHECK(::syscall(SYS_ioprio_get, ioprio::kWhoProcess, 0) == kLowBestEffort);
     }
-    ::syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, static_cast<int>(before));
+    ::syscall(SYS_ioprio_set, ioprio::kWhoProcess, 0, static_cast<int>(before));
 }
 
 TEST_CASE("io engines: names")
