@@ -451,9 +451,18 @@ IoThreadsSpec parse_iothreads_spec(const std::string& text)
             if (b > 1024)
                 throw Error(where + ": aio-max-batch=" + *v + " is more than an engine holds (1024)" + kRunHint);
             spec.aio_max_batch = static_cast<unsigned>(b);
+        } else if (auto v = value_of(item, "sched")) {
+            if (*v == "batch")
+                spec.policy = IoThreadPolicy::kBatch;
+            else if (*v == "other")
+                spec.policy = IoThreadPolicy::kOther;
+            else if (*v == "idle")
+                spec.policy = IoThreadPolicy::kIdle;
+            else
+                throw Error(where + ": sched=" + *v + " is not batch, other or idle" + kRunHint);
         } else {
             throw Error(where + ": unknown option '" + item +
-                        "' (affinity=, poll-max-ns=, poll-grow=, poll-shrink=, aio-max-batch=)" + kRunHint);
+                        "' (affinity=, poll-max-ns=, poll-grow=, poll-shrink=, aio-max-batch=, sched=)" + kRunHint);
         }
     }
     return spec;
@@ -572,10 +581,13 @@ std::string run_usage()
            "      --scsi-controller C[,num-queues=Q][,iothread=K[+K...]]\n"
            "                         queues and I/O threads of the shared controller C\n"
            "      --iothreads N[,affinity=CPUS][,poll-max-ns=NS][,poll-grow=G][,poll-shrink=S][,aio-max-batch=B]\n"
+           "                  [,sched=batch|other|idle]\n"
            "                         serve every disk's queues from a group of N I/O threads\n"
            "                         (iothread0..N-1), round robin; without it each disk has its\n"
            "                         own thread. affinity pins thread k to the k-th CPU listed;\n"
-           "                         polling defaults as QEMU's (poll-max-ns=32768, 0: off)\n"
+           "                         polling defaults as QEMU's (poll-max-ns=32768, 0: off);\n"
+           "                         sched: the threads' host policy (default batch: a kick\n"
+           "                         does not preempt the vCPU that sent it)\n"
            "      --stats            print per-thread and per-queue I/O statistics at exit\n"
            "      --name NAME        a name for this guest, for lkvm list/stop/pause/resume/stat\n"
            "                         (letters, digits, '.', '_', '-'; default guest-PID)\n"

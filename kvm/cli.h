@@ -8,6 +8,7 @@
 
 #include "base/error.h"
 #include "base/log.h"
+#include "virtio/io_thread_policy.h"
 
 namespace lkvm {
 
@@ -62,6 +63,7 @@ struct IoThreadsSpec {
     std::vector<int> affinity;  // thread k runs on affinity[k % size]; empty: not pinned
     uint64_t poll_max_ns = 32768, poll_grow = 0, poll_shrink = 0;  // QEMU's defaults
     unsigned aio_max_batch = 0;
+    IoThreadPolicy policy = IoThreadPolicy::kBatch;  // also the dedicated threads'
 };
 constexpr unsigned kMaxIoThreads = 64;
 IoThreadsSpec parse_iothreads_spec(const std::string& text);

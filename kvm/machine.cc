@@ -158,7 +158,7 @@ void Machine::add_disks()
         for (unsigned k = 0; k < group.count; ++k) {
             const int cpu = group.affinity.empty() ? -1 : group.affinity[k % group.affinity.size()];
             io_threads_.push_back(std::make_unique<IoThread>(
-                IoThreadOptions{"iothread" + std::to_string(k), poll, group.aio_max_batch, cpu}));
+                IoThreadOptions{"iothread" + std::to_string(k), poll, group.aio_max_batch, cpu, group.policy}));
         }
     }
     for (size_t p = 0; p < plans.size(); ++p) {
@@ -169,7 +169,7 @@ void Machine::add_disks()
                 threads.push_back(io_threads_[k].get());
         } else {
             io_threads_.push_back(std::make_unique<IoThread>(
-                IoThreadOptions{"disk" + std::to_string(plan.disks.front()) + "-io", poll, 0, -1}));
+                IoThreadOptions{"disk" + std::to_string(plan.disks.front()) + "-io", poll, 0, -1, group.policy}));
             threads.assign(plan.num_queues, io_threads_.back().get());
         }
         auto engine_of = [](const DiskSpec& spec) {

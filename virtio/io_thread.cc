@@ -42,6 +42,19 @@ uint64_t next_poll_ns(uint64_t poll_ns, uint64_t block_ns, const PollParams& par
     return poll_ns;
 }
 
+namespace {
+void apply_policy(const std::string& thread, IoThreadPolicy policy)
+{
+    if (policy == IoThreadPolicy::kOther)
+        return;
+    const sched_param param{};  // priority 0: the only one these policies take
+    const int native = policy == IoThreadPolicy::kBatch ? SCHED_BATCH : SCHED_IDLE;
+    if (const int err = ::pthread_setschedparam(::pthread_self(), native, &param))
+        log_warn(thread + ": cannot use scheduling policy " + io_thread_policy_name(policy) + ": " +
+                 std::strerror(err));
+}
+}  // namespace
+
 IoThread::IoThread(IoThreadOptions options)
     : options_(std::move(options)), work_(boost::asio::make_work_guard(io_)), thread_([this] { loop(); })
 {
@@ -84,6 +97,7 @@ void IoThread::loop()
         if (const int err = ::pthread_setaffinity_np(::pthread_self(), sizeof(set), &set))
             log_warn(options_.name + ": cannot pin to CPU " + std::to_string(options_.cpu) + ": " + std::strerror(err));
     }
+    apply_policy(options_.name, options_.policy);
     try {
         while (!io_.stopped()) {
             io_.poll();

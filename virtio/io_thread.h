@@ -22,6 +22,7 @@
 
 #include "disk/io_engine.h"
 #include "virtio/io_stats.h"
+#include "virtio/io_thread_policy.h"
 
 namespace lkvm {
 
@@ -47,6 +48,7 @@ struct IoThreadOptions {
     PollParams poll;
     unsigned max_batch = 0;  // requests per engine submission at most; 0: all that are ready
     int cpu = -1;            // the host CPU to pin to; -1: wherever the scheduler likes
+    IoThreadPolicy policy = IoThreadPolicy::kBatch;
 };
 
 // Something this thread serves that can be checked without blocking: a

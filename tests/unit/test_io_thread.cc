@@ -2,6 +2,7 @@
 // adaptation, and the latency histogram behind the statistics.
 #include <doctest/doctest.h>
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -159,6 +160,20 @@ TEST_CASE("/proc stat: the CPU a thread last ran on is field 39, counted after t
     // And this thread's own, read from /proc.
     CHECK(thread_last_cpu(::gettid()) >= 0);
     CHECK(thread_last_cpu(0) == -1);
+}
+
+TEST_CASE("I/O threads: run with the host scheduling policy they were given")
+{
+    for (auto [policy, native] : {std::pair{IoThreadPolicy::kBatch, SCHED_BATCH},
+                                  std::pair{IoThreadPolicy::kOther, SCHED_OTHER},
+                                  std::pair{IoThreadPolicy::kIdle, SCHED_IDLE}}) {
+        CAPTURE(io_thread_policy_name(policy));
+        IoThread thread(IoThreadOptions{"policy-test", {}, 0, -1, policy});
+        int seen = -1;
+        thread.run_and_wait([&] { seen = ::sched_getscheduler(0); });
+        CHECK(seen == native);
+    }
+    CHECK(IoThreadOptions{}.policy == IoThreadPolicy::kBatch);
 }
 
 TEST_CASE("statistics sample: each I/O thread with its kernel thread id and the CPU it last ran on")

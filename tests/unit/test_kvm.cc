@@ -388,6 +388,10 @@ TEST_CASE("cli: --iothreads and the disk options that map queues to threads")
     CHECK(defaults.poll_grow == 0);
     CHECK(defaults.poll_shrink == 0);
     CHECK(defaults.affinity.empty());
+    CHECK(defaults.policy == IoThreadPolicy::kBatch);
+    CHECK(parse_command_line({"run", "--iothreads", "2,sched=other"}).run.iothreads.policy == IoThreadPolicy::kOther);
+    CHECK(parse_command_line({"run", "--iothreads", "2,sched=idle"}).run.iothreads.policy == IoThreadPolicy::kIdle);
+    CHECK(parse_command_line({"run"}).run.iothreads.policy == IoThreadPolicy::kBatch);  // dedicated threads too
 
     auto refused = [](std::vector<std::string> args) {
         return error_of([&] { parse_command_line(args); });
@@ -397,6 +401,8 @@ TEST_CASE("cli: --iothreads and the disk options that map queues to threads")
     CHECK(refused({"run", "--iothreads", "x"}).find("not a number") != std::string::npos);
     CHECK(refused({"run", "--iothreads", "2,affinity=3-1"}).find("not a CPU range") != std::string::npos);
     CHECK(refused({"run", "--iothreads", "2,spin=1"}).find("unknown option 'spin=1'") != std::string::npos);
+    CHECK(refused({"run", "--iothreads", "2,sched=fifo"}).find("sched=fifo is not batch, other or idle") !=
+          std::string::npos);
     CHECK(refused({"run", "--iothreads", "2,aio-max-batch=5000"}).find("more than an engine holds") != std::string::npos);
     CHECK(refused({"run", "--iothreads", "2", "-d", "a.raw,iothread=5"}).find("has threads 0-1") != std::string::npos);
     CHECK(refused({"run", "-d", "a.raw,iothread=0"}).find("add --iothreads N") != std::string::npos);
