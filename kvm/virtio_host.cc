@@ -27,6 +27,8 @@ KvmVirtioHost::KvmVirtioHost(const Vm& vm, Bus& mmio, Bus& pio)
       pio_(pio),
       notify_len_(::ioctl(vm.fd(), KVM_CHECK_EXTENSION, KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0 ? 0 : 2)
 {
+    log_debug(notify_len_ == 0 ? "queue notify ioeventfds: length 0 (any write size; MMIO ones on KVM's fast MMIO bus)"
+                               : "queue notify ioeventfds: length 2 (KVM lacks KVM_CAP_IOEVENTFD_ANY_LENGTH)");
 }
 
 void KvmVirtioHost::bind_notify(AddressSpace space, uint64_t address, int fd, bool bind)
