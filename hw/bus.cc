@@ -41,6 +41,7 @@ bool Bus::remove(uint64_t base)
 
 std::pair<BusDevice*, uint64_t> Bus::find(uint64_t addr, uint64_t len) const
 {
+    std::shared_lock lock(mutex_);
     auto it = ranges_.upper_bound(addr);
     if (it == ranges_.begin())
         return {nullptr, 0};
@@ -53,7 +54,6 @@ std::pair<BusDevice*, uint64_t> Bus::find(uint64_t addr, uint64_t len) const
 
 bool Bus::read(uint64_t addr, std::span<uint8_t> data) const
 {
-    std::shared_lock lock(mutex_);
     auto [device, offset] = find(addr, data.size());
     if (!device) {
         std::fill(data.begin(), data.end(), 0xff);
@@ -65,7 +65,6 @@ bool Bus::read(uint64_t addr, std::span<uint8_t> data) const
 
 bool Bus::write(uint64_t addr, std::span<const uint8_t> data) const
 {
-    std::shared_lock lock(mutex_);
     auto [device, offset] = find(addr, data.size());
     if (!device)
         return false;

@@ -1,6 +1,10 @@
 // An address space (port I/O or MMIO) split into ranges, each owned by one
 // device. vCPU threads dispatch concurrently; registration (PCI BAR moves)
-// takes the lock exclusively.
+// takes the lock exclusively. A device is called with the lock released: a
+// configuration write that arrives through the port I/O bus (0xcf8/0xcfc)
+// may move an I/O BAR, which re-registers on that same bus. Devices outlive
+// their registrations (the machine owns both), so an access that found a
+// range just before it moved still reaches a live device.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +14,9 @@
 #include <string>
 
 namespace lkvm {
+
+// The two x86 address spaces a guest reaches devices in.
+enum class AddressSpace { kMemory, kPort };
 
 class BusDevice {
 public:
@@ -38,7 +45,7 @@ private:
         uint64_t size;
         BusDevice* device;
     };
-    // The device whose range holds all of [addr, addr + len), with its offset.
+    // The device whose range holds all of [addr, addr + len), with its offset (takes the lock shared).
     std::pair<BusDevice*, uint64_t> find(uint64_t addr, uint64_t len) const;
 
     std::string name_;

@@ -17,7 +17,8 @@ constexpr unsigned kBar0 = 0x10, kSubsystemVendor = 0x2c, kSubsystemId = 0x2e;
 constexpr unsigned kCapabilitiesPointer = 0x34, kInterruptLine = 0x3c;
 constexpr uint16_t kCommandIo = 0x1, kCommandMemory = 0x2, kCommandMaster = 0x4, kCommandIntxDisable = 0x400;
 constexpr uint16_t kStatusCapabilities = 0x10;
-constexpr uint32_t kBarMem64 = 0x4;
+constexpr uint32_t kBarMem64 = 0x4, kBarIo = 0x1;
+constexpr uint64_t kPortSpace = 0x10000;
 
 void put16(std::span<uint8_t> s, unsigned off, uint16_t v) { std::memcpy(&s[off], &v, 2); }
 void put32(std::span<uint8_t> s, unsigned off, uint32_t v) { std::memcpy(&s[off], &v, 4); }
@@ -63,6 +64,8 @@ uint64_t PciDevice::bar_address(unsigned index) const
 {
     if (index >= kNumBars || bars_[index].size == 0)
         return 0;
+    if (bars_[index].kind == BarKind::kIo)
+        return config_read(kBar0 + 4 * index, 4) & ~uint64_t{0x3};
     uint64_t address = config_read(kBar0 + 4 * index, 4) & ~uint64_t{0xf};
     if (bars_[index].kind == BarKind::kMem64)
         address |= uint64_t{config_read(kBar0 + 4 * (index + 1), 4)} << 32;
@@ -80,10 +83,25 @@ bool PciDevice::memory_enabled() const
     return config_read(kCommand, 2) & kCommandMemory;
 }
 
+bool PciDevice::io_enabled() const
+{
+    return config_read(kCommand, 2) & kCommandIo;
+}
+
 void PciDevice::add_bar(unsigned index, uint64_t size, BarKind kind)
 {
     const bool is64 = kind == BarKind::kMem64;
-    if (index + (is64 ? 1 : 0) >= kNumBars || size < 16 || !std::has_single_bit(size))
+    if (index + (is64 ? 1 : 0) >= kNumBars || !std::has_single_bit(size))
+        throw Error("bad PCI BAR layout");
+    if (kind == BarKind::kIo) {
+        if (size < 4 || size > kMaxIoBarSize)
+            throw Error("bad PCI I/O BAR size");
+        bars_[index] = {size, kind};
+        put32(config_, kBar0 + 4 * index, kBarIo);
+        put32(write_mask_, kBar0 + 4 * index, static_cast<uint32_t>(~(size - 1) & (kPortSpace - 1) & ~uint64_t{0x3}));
+        return;
+    }
+    if (size < 16)
         throw Error("bad PCI BAR layout");
     bars_[index] = {size, kind};
     const uint64_t mask = ~(size - 1) & ~uint64_t{0xf};
@@ -122,9 +140,11 @@ public:
     HostBridgeFunction() : PciDevice(0x8086, 0x29c0, 0x060000, 0, 0x1af4, 0x1100) {}
 };
 
-PciHostBridge::PciHostBridge(uint64_t mmio_base, uint64_t mmio_size)
-    : mmio_next_(mmio_base), mmio_end_(mmio_base + mmio_size)
+PciHostBridge::PciHostBridge(uint64_t mmio_base, uint64_t mmio_size, uint64_t io_base, uint64_t io_size)
+    : mmio_next_(mmio_base), mmio_end_(mmio_base + mmio_size), io_next_(io_base), io_end_(io_base + io_size)
 {
+    if (io_base + io_size > kPortSpace || io_base + io_size < io_base)
+        throw Error("PCI I/O window beyond the 64K port space");
     owned_.push_back(std::make_unique<HostBridgeFunction>());
     slots_[0] = owned_.back().get();
 }
@@ -139,6 +159,14 @@ unsigned PciHostBridge::add_device(PciDevice& device)
         const auto& bar = device.bars_[i];
         if (bar.size == 0)
             continue;
+        if (bar.kind == PciDevice::BarKind::kIo) {
+            const uint64_t port = (io_next_ + bar.size - 1) & ~(bar.size - 1);
+            if (port + bar.size > io_end_ || port < io_next_)
+                throw Error("PCI I/O window is full");
+            io_next_ = port + bar.size;
+            put32(device.config_, kBar0 + 4 * i, static_cast<uint32_t>(port) | kBarIo);
+            continue;
+        }
         const uint64_t address = (mmio_next_ + bar.size - 1) & ~(bar.size - 1);
         if (address + bar.size > mmio_end_ || address < mmio_next_)
             throw Error("PCI MMIO window is full");

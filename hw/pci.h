@@ -1,7 +1,7 @@
 // PCI: a device's 256-byte configuration space (with per-byte write masks,
 // so BAR sizing and read-only fields behave as the spec says), and the host
 // bridge that reaches bus 0 through configuration mechanism #1 (ports
-// 0xcf8/0xcfc) and hands out BAR addresses from the MMIO window.
+// 0xcf8/0xcfc) and hands out BAR addresses from its MMIO and I/O windows.
 #pragma once
 
 #include <array>
@@ -21,16 +21,21 @@ public:
     static constexpr unsigned kConfigSize = 256;
     static constexpr unsigned kNumBars = 6;
 
-    enum class BarKind { kMem32, kMem64 };
+    // kIo: an I/O space BAR. x86 ports are 16 bits, so its upper 16 address
+    // bits are hardwired to zero (as PCI allows for devices below 64K) and no
+    // guest can place it where no port reaches.
+    enum class BarKind { kMem32, kMem64, kIo };
+    static constexpr uint64_t kMaxIoBarSize = 256;  // PCI's limit for one I/O BAR
 
     virtual ~PciDevice() = default;
 
     uint32_t config_read(unsigned offset, unsigned size) const;
     void config_write(unsigned offset, unsigned size, uint32_t value);
 
-    // Current guest address of a memory BAR (0 when unassigned).
+    // Current guest address (or port, for an I/O BAR) of a BAR (0 when unassigned).
     uint64_t bar_address(unsigned index) const;
     bool memory_enabled() const;
+    bool io_enabled() const;
     // INTA#, wired to `gsi` (also what the interrupt line register reports).
     void set_intx(uint8_t gsi);
 
@@ -38,7 +43,8 @@ protected:
     PciDevice(uint16_t vendor, uint16_t device, uint32_t class_code, uint8_t revision,
               uint16_t subsystem_vendor, uint16_t subsystem);
 
-    // A memory BAR of size (a power of two, at least 16); a 64-bit BAR takes index and index+1.
+    // A BAR of size, a power of two: a memory BAR at least 16 bytes (a 64-bit
+    // one takes index and index+1), an I/O BAR 4 to kMaxIoBarSize bytes.
     void add_bar(unsigned index, uint64_t size, BarKind kind);
     // Appends a capability (id, next pointer, then body) and returns its offset.
     uint8_t add_capability(uint8_t id, std::span<const uint8_t> body);
@@ -71,8 +77,9 @@ public:
     static constexpr uint64_t kPortSpan = 8;
     static constexpr unsigned kMaxSlots = 32;
 
-    // BARs are placed in [mmio_base, mmio_base + mmio_size).
-    PciHostBridge(uint64_t mmio_base, uint64_t mmio_size);
+    // Memory BARs are placed in [mmio_base, mmio_base + mmio_size), I/O BARs
+    // in [io_base, io_base + io_size) (ports, so at most up to 0x10000).
+    PciHostBridge(uint64_t mmio_base, uint64_t mmio_size, uint64_t io_base, uint64_t io_size);
 
     // Puts the device in the next free slot and gives its BARs addresses. Returns the slot.
     unsigned add_device(PciDevice& device);
@@ -92,6 +99,7 @@ private:
     mutable std::mutex mutex_;
     uint32_t config_address_ = 0;
     uint64_t mmio_next_, mmio_end_;
+    uint64_t io_next_, io_end_;
     std::array<PciDevice*, kMaxSlots> slots_{};
     std::vector<std::unique_ptr<PciDevice>> owned_;
 };

@@ -81,6 +81,9 @@ void check_scsi_topology(const RunOptions& run)
         if (disk.num_queues)
             throw Error(where + ": num-queues= on a disk that shares scsi controller " + disk.controller +
                         "; set it" + on + ",num-queues=Q" + kRunHint);
+        if (disk.notify)
+            throw Error(where + ": notify= on a disk that shares scsi controller " + disk.controller +
+                        "; set it" + on + ",notify=mmio|pio" + kRunHint);
         if (std::ranges::find(luns, std::pair{disk.controller, disk.lun}) != luns.end())
             throw Error(where + ": scsi controller " + disk.controller + " already has a lun " +
                         std::to_string(disk.lun) + "; give each disk its own lun=L" + kRunHint);
@@ -305,6 +308,17 @@ unsigned parse_num_queues(const std::string& where, const std::string& text)
     return static_cast<unsigned>(n);
 }
 
+std::string notify_name(AddressSpace space) { return space == AddressSpace::kPort ? "pio" : "mmio"; }
+
+AddressSpace parse_notify(const std::string& where, const std::string& text)
+{
+    if (text == "mmio")
+        return AddressSpace::kMemory;
+    if (text == "pio")
+        return AddressSpace::kPort;
+    throw Error(where + ": notify=" + text + " is not mmio or pio" + kRunHint);
+}
+
 std::vector<unsigned> parse_iothread_list(const std::string& where, const std::string& text)
 {
     std::vector<unsigned> threads;
@@ -344,6 +358,8 @@ DiskSpec parse_disk_spec(const std::string& text)
             disk.iothreads = parse_iothread_list(where, *v);
         } else if (auto v = value_of(item, "ioprio")) {
             disk.ioprio = parse_ioprio(where, *v);
+        } else if (auto v = value_of(item, "notify")) {
+            disk.notify = parse_notify(where, *v);
         } else if (auto v = value_of(item, "bus")) {
             if (*v != "blk" && *v != "scsi")
                 throw Error(where + ": bus=" + *v + " is not blk or scsi" + kRunHint);
@@ -372,8 +388,8 @@ DiskSpec parse_disk_spec(const std::string& text)
             scsi_only.push_back("discard=");
         } else {
             throw Error(where + ": unknown disk option '" + item +
-                        "' (ro, direct, aio=, serial=, num-queues=, iothread=, ioprio=, bus=, controller=, lun=, "
-                        "rotation-rate=, discard=)" +
+                        "' (ro, direct, aio=, serial=, num-queues=, iothread=, ioprio=, notify=, bus=, controller=, "
+                        "lun=, rotation-rate=, discard=)" +
                         kRunHint);
         }
     }
@@ -401,8 +417,10 @@ ScsiControllerSpec parse_scsi_controller_spec(const std::string& text)
             controller.num_queues = parse_num_queues(where, *v);
         else if (auto v = value_of(items[i], "iothread"))
             controller.iothreads = parse_iothread_list(where, *v);
+        else if (auto v = value_of(items[i], "notify"))
+            controller.notify = parse_notify(where, *v);
         else
-            throw Error(where + ": unknown option '" + items[i] + "' (num-queues=, iothread=)" + kRunHint);
+            throw Error(where + ": unknown option '" + items[i] + "' (num-queues=, iothread=, notify=)" + kRunHint);
     }
     return controller;
 }
@@ -487,7 +505,8 @@ std::vector<DiskDevicePlan> plan_disk_devices(const RunOptions& options)
     for (size_t i = 0; i < options.disks.size(); ++i) {
         const DiskSpec& disk = options.disks[i];
         if (disk.controller.empty()) {
-            plans.push_back({disk.bus, "", {i}, disk.num_queues ? disk.num_queues : default_queues, disk.iothreads});
+            plans.push_back({disk.bus, "", {i}, disk.num_queues ? disk.num_queues : default_queues, disk.iothreads,
+                             disk.notify.value_or(kDefaultNotify)});
             continue;
         }
         auto shared = std::ranges::find(plans, disk.controller, &DiskDevicePlan::controller);
@@ -495,11 +514,12 @@ std::vector<DiskDevicePlan> plan_disk_devices(const RunOptions& options)
             shared->disks.push_back(i);
             continue;
         }
-        DiskDevicePlan plan{DiskBus::kScsi, disk.controller, {i}, default_queues, {}};
+        DiskDevicePlan plan{DiskBus::kScsi, disk.controller, {i}, default_queues, {}, kDefaultNotify};
         for (const auto& c : options.scsi_controllers)
             if (c.name == disk.controller) {
                 plan.num_queues = c.num_queues ? c.num_queues : default_queues;
                 plan.iothreads = c.iothreads;
+                plan.notify = c.notify.value_or(kDefaultNotify);
             }
         plans.push_back(std::move(plan));
     }
@@ -573,13 +593,16 @@ std::string run_usage()
            "                         Options: ro, direct, aio=io_uring|native|sync|null (default\n"
            "                         io_uring where the kernel has it, else native), serial=S,\n"
            "                         num-queues=Q (default: one per vCPU), iothread=K[+K...] (the\n"
-           "                         group threads its queues go to), ioprio=rt|be|idle[/0-7].\n"
+           "                         group threads its queues go to), ioprio=rt|be|idle[/0-7],\n"
+           "                         notify=mmio|pio (default " + notify_name(kDefaultNotify) + "): where the guest kicks\n"
+           "                         its queues, a memory BAR (KVM's fast path on Intel VMX)\n"
+           "                         or an I/O BAR (no instruction emulation on AMD SVM).\n"
            "                         bus=scsi makes it a SCSI disk (/dev/sdX) on a virtio-scsi\n"
            "                         controller of its own, or with controller=C[,lun=L] on\n"
            "                         controller C shared with other disks; SCSI disks also take\n"
            "                         rotation-rate=N (1: SSD) and discard=unmap|ignore\n"
-           "      --scsi-controller C[,num-queues=Q][,iothread=K[+K...]]\n"
-           "                         queues and I/O threads of the shared controller C\n"
+           "      --scsi-controller C[,num-queues=Q][,iothread=K[+K...]][,notify=mmio|pio]\n"
+           "                         queues, I/O threads and notify of the shared controller C\n"
            "      --iothreads N[,affinity=CPUS][,poll-max-ns=NS][,poll-grow=G][,poll-shrink=S][,aio-max-batch=B]\n"
            "                  [,sched=batch|other|idle]\n"
            "                         serve every disk's queues from a group of N I/O threads\n"

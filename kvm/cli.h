@@ -3,11 +3,13 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "base/error.h"
 #include "base/log.h"
+#include "hw/bus.h"
 #include "virtio/io_thread_policy.h"
 
 namespace lkvm {
@@ -25,6 +27,12 @@ constexpr int kTimeout = 124;     // --timeout expired (as timeout(1) says it)
 
 enum class DiskBus { kBlk, kScsi };
 
+// Where a disk's queue notify registers are when neither the disk nor its
+// controller says (notify=): kMemory is "mmio" (BAR 0, a length-0 ioeventfd:
+// KVM's fast MMIO path on Intel VMX), kPort is "pio" (an I/O BAR: a port
+// write needs no instruction emulation on AMD SVM, where an MMIO one does).
+constexpr AddressSpace kDefaultNotify = AddressSpace::kMemory;
+
 struct DiskSpec {
     std::string path;
     DiskBus bus = DiskBus::kBlk;
@@ -35,6 +43,7 @@ struct DiskSpec {
     unsigned num_queues = 0;        // 0: one per vCPU
     std::vector<unsigned> iothreads;  // iothread=K[+K...]: the group threads its queues go to
     uint16_t ioprio = 0;            // ioprio::value(class, level); 0: none
+    std::optional<AddressSpace> notify;  // notify=mmio|pio; unset: kDefaultNotify
     // bus=scsi only
     std::string controller;         // shared with the disks naming it; empty: a controller of its own
     unsigned lun = 0;
@@ -46,14 +55,15 @@ constexpr unsigned kMaxDiskQueues = 64;
 constexpr unsigned kMaxScsiLun = 16383;
 
 // "PATH[,ro][,direct][,aio=ENGINE][,serial=S][,num-queues=Q][,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]]
-//  [,bus=blk|scsi][,controller=C][,lun=L][,rotation-rate=N][,discard=unmap|ignore]"
+//  [,notify=mmio|pio][,bus=blk|scsi][,controller=C][,lun=L][,rotation-rate=N][,discard=unmap|ignore]"
 DiskSpec parse_disk_spec(const std::string& text);
 
-// "--scsi-controller C[,num-queues=Q][,iothread=K[+K...]]": what the disks sharing controller C share.
+// "--scsi-controller C[,num-queues=Q][,iothread=K[+K...]][,notify=mmio|pio]": what the disks sharing controller C share.
 struct ScsiControllerSpec {
     std::string name;
     unsigned num_queues = 0;          // 0: one per vCPU
     std::vector<unsigned> iothreads;
+    std::optional<AddressSpace> notify;  // unset: kDefaultNotify
 };
 ScsiControllerSpec parse_scsi_controller_spec(const std::string& text);
 
@@ -110,6 +120,7 @@ struct DiskDevicePlan {
     std::vector<size_t> disks;       // indices into RunOptions::disks, in command-line order
     unsigned num_queues = 0;         // resolved: the vCPU count when not given
     std::vector<unsigned> iothreads;  // group threads its queues go to; empty: round robin
+    AddressSpace notify = kDefaultNotify;  // resolved: where its queue notify registers are
 };
 // In the order their first disk appears on the command line.
 std::vector<DiskDevicePlan> plan_disk_devices(const RunOptions& options);

@@ -279,6 +279,10 @@ Code end_tag() { return {0x79, 0x00}; }
 std::vector<uint8_t> dsdt_body()
 {
     const uint16_t cfg = PciHostBridge::kConfigAddressPort;
+    // Linux keeps a BAR where the bridge put it only if a _CRS window holds it.
+    static_assert(layout::kPciIoBase >= PciHostBridge::kConfigAddressPort + PciHostBridge::kPortSpan &&
+                      layout::kPciIoBase + layout::kPciIoSize <= 0x10000,
+                  "the PCI I/O BAR window must lie in the host bridge's I/O range above 0xcff");
     const auto crs = aml::cat({
         aml::word_bus(0, 0xff),
         aml::io_port(cfg, PciHostBridge::kPortSpan),

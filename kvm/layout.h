@@ -28,6 +28,11 @@ constexpr uint64_t kPciHoleStart = 0xc0000000;  // 3 GiB
 constexpr uint64_t k4GiB = 0x100000000;
 constexpr uint64_t kPciMmioBase = kPciHoleStart;
 constexpr uint64_t kPciMmioSize = 0xfec00000 - kPciHoleStart;
+// Port I/O BARs: well above the legacy ports (COM1, i8042, the ACPI power
+// registers at 0x600, PCI configuration at 0xcf8), as PC firmware does; the
+// DSDT's host bridge _CRS forwards this whole range to PCI.
+constexpr uint64_t kPciIoBase = 0x6000;
+constexpr uint64_t kPciIoSize = 0x10000 - kPciIoBase;
 constexpr uint64_t kIoApic = 0xfec00000;
 constexpr uint64_t kLocalApic = 0xfee00000;
 constexpr uint64_t kIdentityMapPage = 0xfffbc000;  // KVM_SET_IDENTITY_MAP_ADDR (one page)

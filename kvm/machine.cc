@@ -145,7 +145,7 @@ std::vector<DiskImage> Machine::open_disks(const RunOptions& options)
 
 void Machine::add_disks()
 {
-    virtio_host_ = std::make_unique<KvmVirtioHost>(vm_, mmio_);
+    virtio_host_ = std::make_unique<KvmVirtioHost>(vm_, mmio_, pio_);
     const IoThreadsSpec& group = options_.iothreads;
     const PollParams poll{group.poll_max_ns, group.poll_grow, group.poll_shrink};
     const auto plans = plan_disk_devices(options_);
@@ -193,7 +193,7 @@ void Machine::add_disks()
             }
             disks_.push_back(std::make_unique<VirtioScsi>(std::move(luns), 256, *memory_, std::move(threads), io_));
         }
-        transports_.push_back(std::make_unique<VirtioPciDevice>(*disks_.back(), *virtio_host_));
+        transports_.push_back(std::make_unique<VirtioPciDevice>(*disks_.back(), *virtio_host_, plan.notify));
         const unsigned slot = pci_.add_device(*transports_.back());
         transports_.back()->use_intx(pci_intx_gsi(slot));
     }
@@ -217,7 +217,7 @@ Machine::Machine(const RunOptions& options)
       i8042_([this](GuestRequest r) { on_guest_request(r); }),
       power_([this](GuestRequest r) { on_guest_request(r); },
              [this](uint8_t status) { finish({status, ""}); }),
-      pci_(layout::kPciMmioBase, layout::kPciMmioSize)
+      pci_(layout::kPciMmioBase, layout::kPciMmioSize, layout::kPciIoBase, layout::kPciIoSize)
 {
     if (options_.cpus > kvm_.max_vcpus())
         throw Error("-c " + std::to_string(options_.cpus) + ": this host's KVM runs at most " +

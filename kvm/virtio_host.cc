@@ -21,17 +21,28 @@ constexpr unsigned long kSetGsiRouting = _IOW(KVMIO, 0x6a, RoutingHeader);
 constexpr uint32_t kIoApicPins = 24, kPicIrqs = 16;
 }  // namespace
 
-KvmVirtioHost::KvmVirtioHost(const Vm& vm, Bus& mmio) : vm_(vm), mmio_(mmio) {}
-
-void KvmVirtioHost::bind_notify(uint64_t gpa, int fd, bool bind)
+KvmVirtioHost::KvmVirtioHost(const Vm& vm, Bus& mmio, Bus& pio)
+    : vm_(vm),
+      mmio_(mmio),
+      pio_(pio),
+      notify_len_(::ioctl(vm.fd(), KVM_CHECK_EXTENSION, KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0 ? 0 : 2)
 {
+    log_debug(notify_len_ == 0 ? "queue notify ioeventfds: length 0 (any write size; MMIO ones on KVM's fast MMIO bus)"
+                               : "queue notify ioeventfds: length 2 (KVM lacks KVM_CAP_IOEVENTFD_ANY_LENGTH)");
+}
+
+void KvmVirtioHost::bind_notify(AddressSpace space, uint64_t address, int fd, bool bind)
+{
+    const bool port = space == AddressSpace::kPort;
     kvm_ioeventfd io{};
-    io.addr = gpa;
-    io.len = 2;
+    io.addr = address;
+    // Deassigning matches on len too: the same len as the assign.
+    io.len = notify_len_;
     io.fd = fd;
-    io.flags = bind ? 0 : KVM_IOEVENTFD_FLAG_DEASSIGN;
+    io.flags = (bind ? 0 : KVM_IOEVENTFD_FLAG_DEASSIGN) | (port ? KVM_IOEVENTFD_FLAG_PIO : 0);
     if (::ioctl(vm_.fd(), KVM_IOEVENTFD, &io) < 0 && bind)
-        log_warn(std::string("KVM_IOEVENTFD: ") + std::strerror(errno) + "; notifications go through MMIO exits");
+        log_warn(std::string("KVM_IOEVENTFD: ") + std::strerror(errno) + "; notifications go through " +
+                 (port ? "port I/O" : "MMIO") + " exits");
 }
 
 void KvmVirtioHost::route_msi(int fd, bool enabled, uint64_t address, uint32_t data)
@@ -102,17 +113,21 @@ void KvmVirtioHost::set_intx(unsigned gsi, bool asserted)
     vm_.set_irq_line(gsi, count > 0);
 }
 
-void KvmVirtioHost::map_bar(BusDevice& device, uint64_t old_gpa, uint64_t new_gpa, uint64_t size)
+bool KvmVirtioHost::map_bar(AddressSpace space, BusDevice& device, uint64_t old_address, uint64_t new_address,
+                            uint64_t size)
 {
-    if (old_gpa)
-        mmio_.remove(old_gpa);
-    if (new_gpa) {
-        try {
-            mmio_.add(new_gpa, size, device);
-        } catch (const Error& e) {
-            // The guest placed a BAR over something else: leave it unmapped, as hardware would decode nothing useful.
-            log_warn(std::string("PCI BAR not mapped: ") + e.what());
-        }
+    Bus& bus = space == AddressSpace::kPort ? pio_ : mmio_;
+    if (old_address)
+        bus.remove(old_address);
+    if (!new_address)
+        return false;
+    try {
+        bus.add(new_address, size, device);
+        return true;
+    } catch (const Error& e) {
+        // The guest placed a BAR over something else: leave it unmapped, as hardware would decode nothing useful.
+        log_warn(std::string("PCI BAR not mapped: ") + e.what());
+        return false;
     }
 }
 

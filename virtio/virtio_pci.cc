@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 
 #include "base/error.h"
@@ -19,12 +20,12 @@ constexpr unsigned kCommonSize = 0x40;
 constexpr uint16_t kMsixEnable = 0x8000, kMsixFunctionMask = 0x4000;
 constexpr unsigned kMaxVectors = (VirtioPciDevice::kMsixPbaOffset - VirtioPciDevice::kMsixTableOffset) / 16;
 
-std::vector<uint8_t> virtio_cap(uint8_t type, uint64_t offset, uint32_t length, size_t extra = 0)
+std::vector<uint8_t> virtio_cap(uint8_t type, uint64_t offset, uint32_t length, size_t extra = 0, uint8_t bar = 0)
 {
     std::vector<uint8_t> body(14 + extra);
     body[0] = static_cast<uint8_t>(16 + extra);  // cap_len
     body[1] = type;
-    body[2] = 0;  // BAR 0
+    body[2] = bar;
     const uint32_t off = static_cast<uint32_t>(offset);
     std::memcpy(&body[6], &off, 4);
     std::memcpy(&body[10], &length, 4);
@@ -62,21 +63,35 @@ private:
     unsigned queue_;
 };
 
-VirtioPciDevice::VirtioPciDevice(VirtioDevice& device, VirtioPciHost& host)
+VirtioPciDevice::VirtioPciDevice(VirtioDevice& device, VirtioPciHost& host, AddressSpace notify_space)
     : PciDevice(0x1af4, static_cast<uint16_t>(0x1040 + device.device_id()), 0x018000, 1, 0x1af4, 0x1100),
       device_(device),
       host_(host),
+      notify_space_(notify_space),
+      notify_multiplier_(notify_space == AddressSpace::kPort ? kPortNotifyMultiplier : kNotifyMultiplier),
       queues_(device.num_queues()),
       msix_(device.num_queues() + 1)
 {
     if (msix_.size() > kMaxVectors)
         throw Error("a virtio device has at most " + std::to_string(kMaxVectors - 1) + " queues");
+    const uint32_t notify_length = notify_multiplier_ * static_cast<uint32_t>(queues_.size());
     add_bar(0, kBarSize, BarKind::kMem64);
+    if (notify_space_ == AddressSpace::kPort) {
+        io_bar_size_ = std::max<uint64_t>(4, std::bit_ceil(uint64_t{notify_length}));
+        if (io_bar_size_ > kMaxIoBarSize)
+            throw Error("notify=pio: a device has at most " + std::to_string(kMaxIoBarSize / kPortNotifyMultiplier) +
+                        " queues, this one " + std::to_string(queues_.size()));
+        add_bar(kNotifyIoBar, io_bar_size_, BarKind::kIo);
+    }
     add_capability(kCapVendor, virtio_cap(kCfgCommon, kCommonOffset, kCommonSize));
     add_capability(kCapVendor, virtio_cap(kCfgIsr, kIsrOffset, 1));
     add_capability(kCapVendor, virtio_cap(kCfgDevice, kDeviceOffset, 0x1000));
-    auto notify = virtio_cap(kCfgNotify, kNotifyOffset, kNotifyMultiplier * static_cast<uint32_t>(queues_.size()), 4);
-    std::memcpy(&notify[14], &kNotifyMultiplier, 4);
+    // One notify capability only: a driver takes the first it finds, and a
+    // second one's ioeventfds would be KVM I/O bus devices (a bounded number) for nothing.
+    auto notify = notify_space_ == AddressSpace::kPort
+                      ? virtio_cap(kCfgNotify, 0, notify_length, 4, kNotifyIoBar)
+                      : virtio_cap(kCfgNotify, kNotifyOffset, notify_length, 4);
+    std::memcpy(&notify[14], &notify_multiplier_, 4);
     add_capability(kCapVendor, notify);
 
     std::vector<uint8_t> msix(10);
@@ -120,16 +135,14 @@ bool VirtioPciDevice::function_masked() const
 
 void VirtioPciDevice::config_changed()
 {
-    // Configuration writes are serialized by the host bridge, so bar_ needs no
-    // lock; and we must not hold mutex_ while the MMIO bus is re-registered,
-    // since MMIO accesses take the bus lock first and mutex_ second.
-    const uint64_t now = memory_enabled() ? bar_address(0) : 0;
-    if (now != bar_) {
-        bind_notifies(bar_, false);
-        host_.map_bar(*this, bar_, now, kBarSize);
-        bar_ = now;
-        bind_notifies(bar_, true);
-    }
+    // Configuration writes are serialized by the host bridge, so bar_ and
+    // io_bar_ need no lock; and we must not hold mutex_ while a bus is
+    // re-registered, since bus accesses take the bus lock first and mutex_ second.
+    const bool memory_notify = notify_space_ == AddressSpace::kMemory;
+    move_bar(AddressSpace::kMemory, *this, bar_, memory_enabled() ? bar_address(0) : 0, kBarSize, memory_notify);
+    if (!memory_notify)
+        move_bar(AddressSpace::kPort, notify_ports_, io_bar_, io_enabled() ? bar_address(kNotifyIoBar) : 0,
+                 io_bar_size_, true);
     // MSI-X enable and function mask live in config space too.
     msix_on_.store(msix_enabled());
     std::lock_guard lock(mutex_);
@@ -137,12 +150,47 @@ void VirtioPciDevice::config_changed()
         update_vector(v);
 }
 
-void VirtioPciDevice::bind_notifies(uint64_t bar, bool bind)
+void VirtioPciDevice::move_bar(AddressSpace space, BusDevice& device, BarMapping& now, uint64_t address,
+                               uint64_t size, bool has_notify)
 {
-    if (bar == 0)
+    if (address == now.address)
         return;
+    if (now.mapped && has_notify)
+        bind_notifies(space, now.address, false);
+    // Only what we mapped is ours to unmap: a failed move left another device's range at that address.
+    if (now.mapped)
+        host_.map_bar(space, device, now.address, 0, size);
+    now.address = address;
+    now.mapped = address != 0 && host_.map_bar(space, device, 0, address, size);
+    // The guest's own kicks would be stolen from whatever kept that range: no ioeventfds there.
+    if (now.mapped && has_notify)
+        bind_notifies(space, now.address, true);
+}
+
+void VirtioPciDevice::bind_notifies(AddressSpace space, uint64_t base, bool bind)
+{
+    const uint64_t notify = space == AddressSpace::kMemory ? base + kNotifyOffset : base;
     for (unsigned q = 0; q < queues_.size(); ++q)
-        host_.bind_notify(bar + kNotifyOffset + kNotifyMultiplier * q, queues_[q].notify.get(), bind);
+        host_.bind_notify(space, notify + notify_multiplier_ * q, queues_[q].notify.get(), bind);
+}
+
+void VirtioPciDevice::notify_by_exit(uint64_t offset, size_t size)
+{
+    // Any size, as KVM's length-0 ioeventfd would take it; never past the structure.
+    if (offset >= notify_multiplier_ * queues_.size() || size > notify_multiplier_ * queues_.size() - offset)
+        return;
+    write_fd(queues_[offset / notify_multiplier_].notify.get());
+}
+
+void VirtioPciDevice::NotifyPorts::read(uint64_t, std::span<uint8_t> data)
+{
+    // The notify structure is write-only; reads see zeroes, as in BAR 0.
+    std::fill(data.begin(), data.end(), 0);
+}
+
+void VirtioPciDevice::NotifyPorts::write(uint64_t offset, std::span<const uint8_t> data)
+{
+    transport_.notify_by_exit(offset, data.size());
 }
 
 void VirtioPciDevice::update_vector(unsigned v)
@@ -218,9 +266,8 @@ void VirtioPciDevice::read(uint64_t offset, std::span<uint8_t> data)
 
 void VirtioPciDevice::write(uint64_t offset, std::span<const uint8_t> data)
 {
-    if (offset >= kNotifyOffset && offset < kNotifyOffset + kNotifyMultiplier * queues_.size()) {
-        // Only reached when the ioeventfd did not take the write (other sizes).
-        write_fd(queues_[(offset - kNotifyOffset) / kNotifyMultiplier].notify.get());
+    if (notify_space_ == AddressSpace::kMemory && offset >= kNotifyOffset && offset < kMsixTableOffset) {
+        notify_by_exit(offset - kNotifyOffset, data.size());
         return;
     }
     std::unique_lock lock(mutex_);

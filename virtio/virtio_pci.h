@@ -1,8 +1,9 @@
 // The modern virtio-pci transport (virtio 1.x section 4.1), VERSION_1 only:
 // common, notify, ISR and device configuration structures plus the MSI-X
-// table and PBA, all in one 64-bit memory BAR. Each queue's notify address
-// and each MSI-X vector are bound to eventfds by the VMM through
-// VirtioPciHost; the device model behind sees only those eventfds.
+// table and PBA in one 64-bit memory BAR, or (notify in port space) the
+// notify structure alone in an I/O BAR. Each queue's notify address and each
+// MSI-X vector are bound to eventfds by the VMM through VirtioPciHost; the
+// device model behind sees only those eventfds.
 #pragma once
 
 #include <array>
@@ -23,14 +24,18 @@ namespace lkvm {
 class VirtioPciHost {
 public:
     virtual ~VirtioPciHost() = default;
-    // Bind (or unbind) `fd` so that a 16-bit write to gpa makes it readable.
-    virtual void bind_notify(uint64_t gpa, int fd, bool bind) = 0;
+    // Bind (or unbind) `fd` so that a 16-bit write to this address (a port, in
+    // kPort) makes it readable.
+    virtual void bind_notify(AddressSpace space, uint64_t address, int fd, bool bind) = 0;
     // Route writes to `fd` to the guest as this MSI message (or stop routing).
     virtual void route_msi(int fd, bool enabled, uint64_t address, uint32_t data) = 0;
     // Assert or deassert the INTx line at this GSI (for drivers without MSI-X).
     virtual void set_intx(unsigned gsi, bool asserted) = 0;
-    // Where the BAR moved: the bus registration follows it.
-    virtual void map_bar(BusDevice& device, uint64_t old_gpa, uint64_t new_gpa, uint64_t size) = 0;
+    // Where the BAR moved: the bus registration follows it (0: unmapped).
+    // Returns whether the new range is mapped (a guest may place a BAR over
+    // another device's range, which then keeps it).
+    virtual bool map_bar(AddressSpace space, BusDevice& device, uint64_t old_address, uint64_t new_address,
+                         uint64_t size) = 0;
 };
 
 class VirtioPciDevice : public PciDevice, public BusDevice {
@@ -39,9 +44,15 @@ public:
     static constexpr uint64_t kCommonOffset = 0x0000, kIsrOffset = 0x1000, kDeviceOffset = 0x2000;
     static constexpr uint64_t kNotifyOffset = 0x3000, kMsixTableOffset = 0x4000, kMsixPbaOffset = 0x5000;
     static constexpr uint32_t kNotifyMultiplier = 4;
+    // Notify in port space: BAR 2 holds one 2-byte port per queue (what the
+    // driver writes, the queue index, is 16 bits) and nothing else.
+    static constexpr unsigned kNotifyIoBar = 2;
+    static constexpr uint32_t kPortNotifyMultiplier = 2;
     static constexpr uint16_t kNoVector = 0xffff;
 
-    VirtioPciDevice(VirtioDevice& device, VirtioPciHost& host);
+    // notify: where the queue notify registers are, in BAR 0 (kMemory) or in
+    // the I/O BAR (kPort).
+    VirtioPciDevice(VirtioDevice& device, VirtioPciHost& host, AddressSpace notify = AddressSpace::kMemory);
     ~VirtioPciDevice() override;
 
     // BAR0 accesses, offsets relative to the BAR.
@@ -49,6 +60,7 @@ public:
     void write(uint64_t offset, std::span<const uint8_t> data) override;
 
     uint8_t status() const { return status_; }
+    AddressSpace notify_space() const { return notify_space_; }
     // INTx fallback: the GSI this slot's INTA# is wired to.
     void use_intx(uint8_t gsi);
     // The driver broke a ring: NEEDS_RESET, and a configuration interrupt.
@@ -59,6 +71,22 @@ protected:
 
 private:
     class VectorInterrupt;
+    // The I/O BAR's accesses (notify in port space): only writes that no
+    // ioeventfd took (KVM could not bind one, or an odd size) get here.
+    class NotifyPorts : public BusDevice {
+    public:
+        explicit NotifyPorts(VirtioPciDevice& transport) : transport_(transport) {}
+        void read(uint64_t offset, std::span<uint8_t> data) override;
+        void write(uint64_t offset, std::span<const uint8_t> data) override;
+
+    private:
+        VirtioPciDevice& transport_;
+    };
+    // Where a BAR is now (0: nowhere), and whether its range is on the bus.
+    struct BarMapping {
+        uint64_t address = 0;
+        bool mapped = false;
+    };
     struct Queue {
         uint16_t size = 0;
         bool enabled = false;
@@ -91,15 +119,25 @@ private:
     void update_vector(unsigned vector);
     bool msix_enabled() const;
     bool function_masked() const;
-    void bind_notifies(uint64_t bar, bool bind);
+    // Moves a BAR's bus registration and, if it holds the notify structure, the ioeventfds with it.
+    void move_bar(AddressSpace space, BusDevice& device, BarMapping& now, uint64_t address, uint64_t size,
+                  bool has_notify);
+    void bind_notifies(AddressSpace space, uint64_t base, bool bind);
+    // A notify write at this offset into the notify structure that no ioeventfd took.
+    void notify_by_exit(uint64_t offset, size_t size);
     void raise_vector(uint16_t vector);
     void raise_intx(uint8_t isr_bits);
 
     VirtioDevice& device_;
     VirtioPciHost& host_;
     std::mutex mutex_;  // vCPU threads; the I/O path touches only the atomics below
+    const AddressSpace notify_space_;
+    const uint32_t notify_multiplier_;
+    uint64_t io_bar_size_ = 0;  // kPort only
+    NotifyPorts notify_ports_{*this};
     uint8_t msix_cap_ = 0;
-    uint64_t bar_ = 0;  // where BAR0 is mapped now (0: not mapped)
+    BarMapping bar_;     // BAR 0
+    BarMapping io_bar_;  // the notify I/O BAR
     uint32_t device_feature_select_ = 0, driver_feature_select_ = 0;
     uint64_t driver_features_ = 0;
     uint8_t status_ = 0;

@@ -28,8 +28,10 @@ void GuestDriver::find_capabilities()
             const unsigned type = bridge_.config_read(slot_, 0, at + 3, 1);
             const uint64_t offset = bridge_.config_read(slot_, 0, at + 8, 4);
             if (type == 1) common_ = offset;
-            if (type == 2) {
+            // The first notify capability wins, as in Linux's virtio_pci_find_capability().
+            if (type == 2 && !notify_multiplier_) {
                 notify_ = offset;
+                notify_bar_ = bridge_.config_read(slot_, 0, at + 4, 1);
                 notify_multiplier_ = bridge_.config_read(slot_, 0, at + 16, 4);
             }
             if (type == 3) isr_ = offset;
@@ -39,8 +41,26 @@ void GuestDriver::find_capabilities()
         }
         at = bridge_.config_read(slot_, 0, at + 1, 1);
     }
-    if (!notify_multiplier_ || !msix_cap_)
+    if (!notify_multiplier_ || !msix_cap_ || notify_bar_ >= 6)
         throw std::runtime_error("virtio capabilities missing");
+}
+
+void GuestDriver::notify_write(uint64_t offset, unsigned size, uint64_t value)
+{
+    const auto bytes = std::span(reinterpret_cast<const uint8_t*>(&value), size);
+    if (notify_space_ == AddressSpace::kPort) {
+        if (!host_.io_device)
+            throw std::runtime_error("the notify I/O BAR is not mapped");
+        host_.io_device->write(notify_ + offset, bytes);
+    } else {
+        device_->write(notify_ + offset, bytes);
+    }
+}
+
+void GuestDriver::kick_by_exit(unsigned q, unsigned size)
+{
+    common_write(0x16, 2, q);
+    notify_write(common_read(0x1e, 2) * notify_multiplier_, size, q);
 }
 
 uint64_t GuestDriver::probe(VirtioPciDevice& device, uint64_t wanted, unsigned queues, uint16_t queue_size, bool msix)
@@ -51,9 +71,10 @@ uint64_t GuestDriver::probe(VirtioPciDevice& device, uint64_t wanted, unsigned q
     if (bridge_.config_read(slot_, 0, 0, 2) != 0x1af4)
         throw std::runtime_error("not a virtio device");
     find_capabilities();
-    bridge_.config_write(slot_, 0, 0x04, 2, 0x6);  // memory decoding and bus mastering: the BAR gets mapped
+    bridge_.config_write(slot_, 0, 0x04, 2, 0x7);  // I/O and memory decoding, bus mastering: the BARs get mapped
     if (!host_.bar)
         throw std::runtime_error("BAR not mapped");
+
     // MSI-X: one vector per queue plus config (vector 0), data = vector number.
     const unsigned table = bridge_.config_read(slot_, 0, msix_cap_ + 4, 4) & ~7u;
     const unsigned vectors = (bridge_.config_read(slot_, 0, msix_cap_ + 2, 2) & 0x7ff) + 1;
@@ -70,6 +91,12 @@ uint64_t GuestDriver::probe(VirtioPciDevice& device, uint64_t wanted, unsigned q
 
 uint64_t GuestDriver::reprobe(uint64_t wanted, unsigned queues, uint16_t queue_size)
 {
+    // What the notify BAR is and where, from its own register (bit 0 set: I/O space); it may have moved.
+    const uint32_t notify_bar = bridge_.config_read(slot_, 0, 0x10 + 4 * notify_bar_, 4);
+    notify_space_ = notify_bar & 1 ? AddressSpace::kPort : AddressSpace::kMemory;
+    notify_base_ = notify_bar & (notify_bar & 1 ? ~3u : ~15u);
+    if (notify_space_ == AddressSpace::kMemory && (notify_bar & 0x4))
+        notify_base_ |= uint64_t{bridge_.config_read(slot_, 0, 0x14 + 4 * notify_bar_, 4)} << 32;
     wanted_ = wanted;
     num_queues_ = queues;
     queue_size_ = queue_size;
@@ -112,7 +139,7 @@ uint64_t GuestDriver::reprobe(uint64_t wanted, unsigned queues, uint16_t queue_s
         common_write(0x30, 4, dq.rings.used);
         common_write(0x34, 4, dq.rings.used >> 32);
         const unsigned notify_off = common_read(0x1e, 2);
-        dq.notify_fd = host_.notify.at(host_.bar + notify_ + notify_off * notify_multiplier_);
+        dq.notify_fd = host_.notify.at({notify_space_, notify_base_ + notify_ + notify_off * notify_multiplier_});
         dq.irq_fd = msix_ ? host_.irq_fd_for(q + 1) : -1;
         common_write(0x1c, 2, 1);
     }

@@ -25,9 +25,11 @@ namespace lkvm::test {
 
 class FakeHost : public VirtioPciHost {
 public:
-    std::map<uint64_t, int> notify;      // gpa -> ioeventfd
+    std::map<std::pair<AddressSpace, uint64_t>, int> notify;  // gpa or port -> ioeventfd
     std::map<int, uint32_t> msi;         // irqfd -> MSI data (the driver uses the vector number)
-    uint64_t bar = 0;
+    uint64_t bar = 0;                    // the memory BAR's gpa
+    uint64_t io_bar = 0;                 // the I/O BAR's port, and who answers there
+    BusDevice* io_device = nullptr;
     int irq_fd_for(uint32_t data) const
     {
         for (const auto& [fd, d] : msi)
@@ -35,19 +37,28 @@ public:
                 return fd;
         throw std::runtime_error("no irqfd routed for MSI data " + std::to_string(data));
     }
-    void bind_notify(uint64_t gpa, int fd, bool bind) override
+    void bind_notify(AddressSpace space, uint64_t address, int fd, bool bind) override
     {
         if (bind)
-            notify[gpa] = fd;
+            notify[{space, address}] = fd;
         else
-            notify.erase(gpa);
+            notify.erase({space, address});
     }
     void route_msi(int fd, bool enabled, uint64_t, uint32_t data) override
     {
         if (enabled)
             msi[fd] = data;
     }
-    void map_bar(BusDevice&, uint64_t, uint64_t new_gpa, uint64_t) override { bar = new_gpa; }
+    bool map_bar(AddressSpace space, BusDevice& device, uint64_t, uint64_t new_address, uint64_t) override
+    {
+        if (space == AddressSpace::kMemory) {
+            bar = new_address;
+        } else {
+            io_bar = new_address;
+            io_device = new_address ? &device : nullptr;
+        }
+        return new_address != 0;
+    }
     std::atomic<bool> intx{false};
     void set_intx(unsigned, bool asserted) override { intx = asserted; }
 };
@@ -74,8 +85,10 @@ public:
     static constexpr uint64_t kRingArea = 0x100000;     // rings from 1 MiB
     static constexpr uint64_t kDataArea = 0x1000000;    // buffers from 16 MiB
 
+    static constexpr uint64_t kIoBase = 0x6000, kIoSize = 0xa000;
+
     explicit GuestDriver(uint64_t mmio_base = 0xc0000000)
-        : ram_(kRamSize), memory_({{0, kRamSize, ram_.data()}}), bridge_(mmio_base, 0x10000000) {}
+        : ram_(kRamSize), memory_({{0, kRamSize, ram_.data()}}), bridge_(mmio_base, 0x10000000, kIoBase, kIoSize) {}
 
     GuestMemory& memory() { return memory_; }
     uint8_t* host(uint64_t gpa) { return ram_.data() + gpa; }
@@ -101,6 +114,14 @@ public:
     void offer(unsigned q, uint16_t head);
     void set_avail_idx(unsigned q, uint16_t idx);
     void kick(unsigned q);
+    // A kick that no ioeventfd takes (KVM could not bind one, or an odd-sized
+    // write): a write of `size` bytes to the queue's notify address reaches
+    // the transport through an exit, in whichever BAR the capability named.
+    void kick_by_exit(unsigned q, unsigned size = 2);
+    // Writes at `offset` into the notify structure through an exit, in range or not (hostile tests).
+    void notify_write(uint64_t offset, unsigned size, uint64_t value);
+    // Where the notify capability pointed: a port (I/O BAR) or memory.
+    AddressSpace notify_space() const { return notify_space_; }
     // Waits for queue q's interrupt (or any used entry) and returns the used entries seen since last time.
     std::vector<std::pair<uint32_t, uint32_t>> wait_used(unsigned q, size_t at_least, int timeout_ms = 10000);
     bool wait_interrupt(int fd, int timeout_ms);
@@ -124,6 +145,9 @@ private:
     VirtioPciDevice* device_ = nullptr;
     unsigned slot_ = 0;
     uint64_t common_ = 0, notify_ = 0, device_cfg_ = 0, isr_ = 0;
+    unsigned notify_bar_ = 0;
+    AddressSpace notify_space_ = AddressSpace::kMemory;
+    uint64_t notify_base_ = 0;  // the notify BAR's address (gpa or port) as the guest reads it from config space
     bool msix_ = true;
     uint32_t notify_multiplier_ = 0;
     uint8_t msix_cap_ = 0;

@@ -42,7 +42,7 @@ struct BlkRig {
 
     explicit BlkRig(EngineKind engine = EngineKind::kSync, bool read_only = false, uint64_t size = 8 << 20,
                     std::string serial = "lkvm-serial-0001", unsigned queues = 1, bool msix = true,
-                    std::vector<IoThread*> queue_threads = {})
+                    std::vector<IoThread*> queue_threads = {}, AddressSpace notify = AddressSpace::kMemory)
     {
         char tmpl[] = "/tmp/lkvm-device.XXXXXX";
         dir = ::mkdtemp(tmpl);
@@ -57,9 +57,10 @@ struct BlkRig {
                                           BlkOptions{serial, engine, 0, 256}, driver.memory(),
                                           queue_threads.empty() ? std::vector<IoThread*>(queues, &thread)
                                                                 : queue_threads);
-        transport = std::make_unique<VirtioPciDevice>(*blk, driver.host_interface());
+        transport = std::make_unique<VirtioPciDevice>(*blk, driver.host_interface(), notify);
         transport->use_intx(17);
         features = driver.probe(*transport, kAllFeatures, queues, 256, msix);
+        REQUIRE(driver.notify_space() == notify);
     }
     ~BlkRig()
     {
@@ -117,11 +118,15 @@ TEST_CASE("blk: features and configuration space")
     CHECK(rig.driver.device_config32(20) == 512);  // blk_size
 }
 
+const char* notify_name(AddressSpace space) { return space == AddressSpace::kPort ? "notify=pio" : "notify=mmio"; }
+
 TEST_CASE("blk: write then read back at QD64 through each engine")
 {
+    for (const AddressSpace notify : {AddressSpace::kMemory, AddressSpace::kPort})
     for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring}) {
         CAPTURE(engine_kind_name(engine));
-        BlkRig rig(engine);
+        CAPTURE(notify_name(notify));
+        BlkRig rig(engine, false, 8 << 20, "lkvm-serial-0001", 1, true, {}, notify);
         constexpr unsigned kDepth = 64;
         for (unsigned i = 0; i < kDepth; ++i) {
             std::memset(rig.driver.host(BlkRig::data_gpa(i)), static_cast<int>(0x40 + i), 4096);
@@ -327,16 +332,97 @@ TEST_CASE("blk: reset under load drains what is in flight, then the device start
 
 TEST_CASE("blk: several queues are each served")
 {
-    BlkRig rig(EngineKind::kSync, false, 8 << 20, "", 4);
-    CHECK((rig.features & (1ull << 12)) != 0);  // MQ
-    for (unsigned q = 0; q < 4; ++q) {
-        rig.queue_request(q, kBlkTIn, q, 512, q);
-        rig.driver.kick(q);
+    for (const AddressSpace notify : {AddressSpace::kMemory, AddressSpace::kPort}) {
+        CAPTURE(notify_name(notify));
+        BlkRig rig(EngineKind::kSync, false, 8 << 20, "", 4, true, {}, notify);
+        CHECK((rig.features & (1ull << 12)) != 0);  // MQ
+        for (unsigned q = 0; q < 4; ++q) {
+            rig.queue_request(q, kBlkTIn, q, 512, q);
+            rig.driver.kick(q);
+        }
+        for (unsigned q = 0; q < 4; ++q) {
+            CHECK(rig.driver.wait_used(q, 1).size() == 1);
+            CHECK(*rig.driver.host(BlkRig::status_gpa(q)) == kBlkSOk);
+        }
     }
-    for (unsigned q = 0; q < 4; ++q) {
-        CHECK(rig.driver.wait_used(q, 1).size() == 1);
-        CHECK(*rig.driver.host(BlkRig::status_gpa(q)) == kBlkSOk);
+}
+
+TEST_CASE("blk: without ioeventfds a notify write still kicks its queue, in memory or port space")
+{
+    for (const AddressSpace notify : {AddressSpace::kMemory, AddressSpace::kPort}) {
+        CAPTURE(notify_name(notify));
+        BlkRig rig(EngineKind::kSync, false, 8 << 20, "", 4, true, {}, notify);
+        for (unsigned q = 0; q < 4; ++q) {
+            rig.queue_request(q, kBlkTIn, q, 512, q);
+            rig.driver.kick_by_exit(q, q % 2 ? 1 : 2);  // a byte write too: KVM's ioeventfd may take only 2
+        }
+        for (unsigned q = 0; q < 4; ++q) {
+            CHECK(rig.driver.wait_used(q, 1).size() == 1);
+            CHECK(*rig.driver.host(BlkRig::status_gpa(q)) == kBlkSOk);
+        }
     }
+}
+
+TEST_CASE("blk: notify in an I/O BAR: one 2-byte port per queue, moved with the BAR, hostile accesses ignored")
+{
+    constexpr unsigned kQueues = 3;
+    BlkRig rig(EngineKind::kSync, false, 8 << 20, "", kQueues, true, {}, AddressSpace::kPort);
+    auto& transport = *rig.transport;
+    auto& host = rig.driver.host_interface();
+    // BAR 2 is an I/O BAR of 8 bytes (3 queues x 2, rounded up), in the bridge's I/O window.
+    const uint32_t bar2 = transport.config_read(0x18, 4);
+    CHECK((bar2 & 1) == 1);
+    CHECK(transport.bar_address(2) >= GuestDriver::kIoBase);
+    CHECK(host.io_bar == transport.bar_address(2));
+    for (unsigned q = 0; q < kQueues; ++q)
+        CHECK(host.notify.count({AddressSpace::kPort, host.io_bar + 2 * q}) == 1);
+    CHECK(host.notify.size() == kQueues);  // nothing left in memory space
+
+    // With the device reset no I/O thread reads the notify eventfds, so what a write signals stays there to see.
+    rig.driver.write_status(0);
+    auto pending = [&](unsigned q) {
+        pollfd p{rig.driver.queue(q).notify_fd, POLLIN, 0};
+        return ::poll(&p, 1, 0) == 1;
+    };
+    // Hostile writes through the exit path: past the last port, straddling the end, far out, and BAR 0's
+    // memory notify area that this device does not offer: none signals a queue, none crashes.
+    host.io_device->write(2 * kQueues, std::vector<uint8_t>(2, 0));
+    host.io_device->write(2 * kQueues - 1, std::vector<uint8_t>(4, 0));
+    host.io_device->write(~uint64_t{0}, std::vector<uint8_t>(2, 0));
+    transport.write(VirtioPciDevice::kNotifyOffset, std::vector<uint8_t>(2, 0));
+    for (unsigned q = 0; q < kQueues; ++q)
+        CHECK_FALSE(pending(q));
+    std::vector<uint8_t> in(4, 0xaa);
+    host.io_device->read(0, in);
+    CHECK(in == std::vector<uint8_t>(4, 0));
+    // A byte at the odd half of queue 1's port is queue 1's.
+    host.io_device->write(3, std::vector<uint8_t>(1, 0));
+    CHECK(pending(1));
+    CHECK_FALSE(pending(0));
+    CHECK_FALSE(pending(2));
+
+    // Sizing reads back the size mask with the upper 16 bits hardwired to zero; the guest moves the BAR.
+    transport.config_write(0x18, 4, 0xffffffff);
+    CHECK(transport.config_read(0x18, 4) == 0xfff9u);
+    transport.config_write(0x18, 4, 0x7000);
+    CHECK(host.io_bar == 0x7000);
+    CHECK(host.notify.count({AddressSpace::kPort, 0x7000 + 2}) == 1);
+    CHECK(host.notify.size() == kQueues);
+    // I/O decoding off: unmapped, no ioeventfds; on again: back.
+    transport.config_write(0x04, 2, 0x6);
+    CHECK(host.io_bar == 0);
+    CHECK(host.notify.empty());
+    transport.config_write(0x04, 2, 0x7);
+    CHECK(host.io_bar == 0x7000);
+    CHECK(host.notify.size() == kQueues);
+    // The driver finds the port where it moved, and the queues work there.
+    REQUIRE(rig.driver.reprobe(kAllFeatures, kQueues) != 0);
+    rig.queue_request(0, kBlkTIn, 0, 512, 0);
+    rig.driver.kick(0);
+    CHECK(rig.driver.wait_used(0, 1).size() == 1);
+    rig.queue_request(1, kBlkTIn, 1, 512, 2);
+    rig.driver.kick_by_exit(2);
+    CHECK(rig.driver.wait_used(2, 1).size() == 1);
 }
 
 TEST_CASE("blk: a driver without MSI-X gets INTx, acknowledged through the ISR")

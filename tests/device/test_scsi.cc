@@ -71,7 +71,8 @@ struct ScsiRig {
     uint64_t features = 0;
 
     // LUN 0: kDiskBytes with a pattern; LUN 3: kReadOnlyBytes, read-only.
-    explicit ScsiRig(EngineKind engine = EngineKind::kSync, bool direct = false)
+    explicit ScsiRig(EngineKind engine = EngineKind::kSync, bool direct = false,
+                     AddressSpace notify = AddressSpace::kMemory)
     {
         char tmpl[] = "/tmp/lkvm-device.XXXXXX";
         dir = ::mkdtemp(tmpl);
@@ -89,9 +90,10 @@ struct ScsiRig {
                         engine, 0});
         scsi = std::make_unique<VirtioScsi>(std::move(luns), 256, driver.memory(), std::vector<IoThread*>{&io0, &io1},
                                             control.context());
-        transport = std::make_unique<VirtioPciDevice>(*scsi, driver.host_interface());
+        transport = std::make_unique<VirtioPciDevice>(*scsi, driver.host_interface(), notify);
         transport->use_intx(17);
         features = driver.probe(*transport, kAllFeatures, 2 + kRequestQueues);
+        REQUIRE(driver.notify_space() == notify);
     }
     ~ScsiRig()
     {
@@ -236,9 +238,11 @@ TEST_CASE("scsi device: configuration, INQUIRY, READ CAPACITY, REPORT LUNS and a
 
 TEST_CASE("scsi device: writes and reads over request queues on two I/O threads, checked against the image")
 {
+    for (const AddressSpace notify : {AddressSpace::kMemory, AddressSpace::kPort})
     for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring}) {
         CAPTURE(engine_kind_name(engine));
-        ScsiRig rig(engine);
+        CAPTURE(notify == AddressSpace::kPort ? "notify=pio" : "notify=mmio");
+        ScsiRig rig(engine, false, notify);
         constexpr unsigned kPerQueue = 24, kBlocks = 8;
         // Writes: command i goes to queue i % 2, at LBA 16 * i.
         for (unsigned i = 0; i < 2 * kPerQueue; ++i) {

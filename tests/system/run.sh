@@ -75,6 +75,13 @@ job disk-direct-write run -d "$work/direct.raw" -- sh -c 'yes LKVM-PATTERN-01234
 job disk-read-only    run -d "$work/ro.raw,ro" -- sh -c 'cat /sys/block/vda/ro; echo overwrite | dd of=/dev/vda conv=fsync 2>&1; head -c 17 /dev/vda; echo'
 job disk-two          run -d "$work/marker.raw,ro" -d "$work/second.raw,aio=sync" -- sh -c 'ls /sys/block | grep vd | tr "\n" " "; echo; echo second-disk-data | dd of=/dev/vdb conv=fsync status=none; head -c 16 /dev/vdb; echo'
 job disk-intx         run -p pci=nomsi -d "$work/marker.raw,ro" -- sh -c 'head -c 16 /dev/vda; echo; grep -c "IO-APIC.*virtio" /proc/interrupts'
+# notify=pio: the same data through queue notify ports in an I/O BAR. The guest's
+# /proc/ioports shows the driver claimed that BAR (it claims only the BARs its
+# capabilities name, and the notify structure is the only thing there).
+truncate -s 64M "$work/direct-pio.raw"
+ioports='grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"'
+job disk-marker-pio   run -d "$work/marker.raw,serial=marker-disk,notify=pio" -- sh -c "head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size; $ioports"
+job disk-direct-write-pio run -c 2 -d "$work/direct-pio.raw,notify=pio" -- sh -c "yes LKVM-PIO-PATTERN-98765 | head -c 4194304 | dd of=/dev/vda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
 script disk-in-use    '"$LKVM" run -d inuse.raw -- sh -c "echo first-up; sleep 60" > first.out 2>&1 < /dev/null &
 first=$!
 for i in $(seq 1 60); do grep -q "^first-up" first.out 2>/dev/null && break; sleep 1; done
@@ -110,6 +117,9 @@ reported() { echo \$1=\$(dmesg | grep -c 'Power-on or device reset occurred'); }
 reported resets-before; sg_reset -d /dev/sda; echo sg_reset=\$?
 echo after-reset=\$(dd if=/dev/sda bs=512 count=1 iflag=direct status=none | head -c 16); reported resets-after"
 job scsi-write run -d "$work/scsi-write.raw,bus=scsi" -- sh -c 'yes LKVM-SCSI-PATTERN-42 | head -c 4194304 | dd of=/dev/sda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync'
+# notify=pio set on a shared controller, as its disks cannot say it themselves.
+truncate -s 64M "$work/scsi-pio.raw"
+job scsi-write-pio run -c 2 -d "$work/scsi-pio.raw,bus=scsi,controller=c0,lun=0" --scsi-controller c0,notify=pio,num-queues=2 -- sh -c "yes LKVM-SCSI-PIO-PATTERN | head -c 4194304 | dd of=/dev/sda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
 job scsi-two-luns run -c 2 --iothreads 2 --stats -d "$work/scsi-a.raw,bus=scsi,controller=c0,lun=0" \
     -d "$work/scsi-ro.raw,bus=scsi,controller=c0,lun=1,ro" --scsi-controller c0,iothread=1,num-queues=2 -- sh -c "$scsi_list
 rw=\$(ls /sys/bus/scsi/devices/*:0:0:0/block); ro=\$(ls /sys/bus/scsi/devices/*:0:0:1/block)
@@ -239,6 +249,10 @@ if [ "$(md5sum < "$work/ro.raw")" = "$ro_sum" ]; then pass disk-read-only-unchan
 else fail disk-read-only-unchanged "the read-only image changed" "$(result disk-read-only out)"; fi
 expect disk-intx 0 '^HOST-MARKER-4f2a$' '^[1-9]$'
 expect disk-two 0 '^vda vdb $' '^second-disk-data$'
+expect disk-marker-pio 0 '^HOST-MARKER-4f2a$' '^marker-disk$' '^131072$' '^ioport [0-9a-f]+-[0-9a-f]+ : virtio-pci-modern$'
+expect disk-direct-write-pio 0 '^64\+0 records out' '^ioport [0-9a-f]+-[0-9a-f]+ : virtio-pci-modern$'
+if cmp -s -n 4194304 "$work/direct-pio.raw" <(yes LKVM-PIO-PATTERN-98765 | head -c 4194304); then pass disk-direct-pio-verified
+else fail disk-direct-pio-verified "the host file does not hold the pattern the guest wrote with notify=pio" "$(result disk-direct-write-pio out)"; fi
 expect disk-in-use 0 'inuse.raw: in use by another lkvm' '^second=1$'
 expect iothreads-group 0 '^threads: iothread0 iothread1 $' '^status=0$' '^mq=2$' '^fio=0$' \
     '^iothread0 +- +[1-9][0-9]* ' '^iothread1 +- +[1-9][0-9]* ' '^0 +0 +iothread0 ' '^0 +1 +iothread1 '
@@ -249,6 +263,9 @@ expect scsi-marker 0 '^SCSI-MARKER-77c1$' '^[0-9]+:0:0:0 rot=0 ro=0 size=131072$
 expect scsi-write 0 '^64\+0 records out'
 if cmp -s -n 4194304 "$work/scsi-write.raw" <(yes LKVM-SCSI-PATTERN-42 | head -c 4194304); then pass scsi-write-verified
 else fail scsi-write-verified "the host file does not hold the pattern the guest wrote to /dev/sda" "$(result scsi-write out)"; fi
+expect scsi-write-pio 0 '^64\+0 records out' '^ioport [0-9a-f]+-[0-9a-f]+ : virtio-pci-modern$'
+if cmp -s -n 4194304 "$work/scsi-pio.raw" <(yes LKVM-SCSI-PIO-PATTERN | head -c 4194304); then pass scsi-write-pio-verified
+else fail scsi-write-pio-verified "the host file does not hold the pattern the guest wrote with notify=pio" "$(result scsi-write-pio out)"; fi
 expect scsi-two-luns 0 '^[0-9]+:0:0:0 rot=1 ro=0 size=131072$' '^[0-9]+:0:0:1 rot=1 ro=1 size=32768$' '2 lun entr' '^lun0-data$' \
     '^dd=1$' '^ws=[1-9]' '[Dd]ata protect' '^SCSI-READ-ONLY$' '^0 +0 +iothread1 ' '^0 +1 +iothread1 '
 if [ "$(md5sum < "$work/scsi-ro.raw")" = "$scsi_ro_sum" ] && [ "$(head -c 9 "$work/scsi-a.raw")" = lun0-data ]; then
@@ -312,6 +329,11 @@ refuse iothread-no-group 'iothread= picks threads of the group; add --iothreads 
 refuse iothreads-offline-cpu 'CPU 4000 is not online on this host' run --iothreads 2,affinity=0,4000
 refuse disk-num-queues  'num-queues=0 is not 1-64' run -d "$work/odd.raw,num-queues=0"
 refuse disk-ioprio      "ioprio class 'urgent' is not rt, be or idle" run -d "$work/odd.raw,ioprio=urgent"
+refuse disk-bad-notify  '^lkvm: -d .*odd.raw,notify=port: notify=port is not mmio or pio' run -d "$work/odd.raw,notify=port"
+refuse scsi-notify-shared 'notify= on a disk that shares scsi controller c0; set it on the controller: --scsi-controller c0,notify=mmio.pio' \
+    run -d "$work/odd.raw,bus=scsi,controller=c0,notify=pio"
+refuse scsi-controller-bad-notify 'c0,notify=fast: notify=fast is not mmio or pio' \
+    run -d "$work/odd.raw,bus=scsi,controller=c0" --scsi-controller c0,notify=fast
 refuse scsi-iothread-shared 'iothread= on a disk that shares scsi controller c0; set it on the controller: --scsi-controller c0,iothread=K' \
     run --iothreads 2 -d "$work/odd.raw,bus=scsi,controller=c0,iothread=1"
 refuse scsi-lun-twice   'scsi controller c0 already has a lun 0' run -d "$work/odd.raw,bus=scsi,controller=c0" -d "$work/ro.raw,bus=scsi,controller=c0,ro"

@@ -91,6 +91,30 @@ TEST_CASE("bus: overlapping, empty and wrapping ranges are refused")
     bus.add(0x108, 0x8, a);   // and the freed space is usable again
 }
 
+TEST_CASE("bus: a device may re-register ranges on its own bus while it handles an access")
+{
+    // What a configuration write through port 0xcfc does when it moves an I/O BAR.
+    struct Mover : BusDevice {
+        Bus* bus = nullptr;
+        RecordingDevice moved;
+        void read(uint64_t, std::span<uint8_t>) override {}
+        void write(uint64_t, std::span<const uint8_t>) override
+        {
+            bus->remove(0x200);
+            bus->add(0x300, 0x10, moved);
+        }
+    } mover;
+    Bus bus("test");
+    mover.bus = &bus;
+    bus.add(0x100, 0x10, mover);
+    bus.add(0x200, 0x10, mover.moved);
+    const uint8_t v[] = {1};
+    CHECK(bus.write(0x100, v));
+    CHECK_FALSE(bus.write(0x200, v));
+    CHECK(bus.write(0x305, v));
+    CHECK(mover.moved.last_offset == 5);
+}
+
 TEST_CASE("guest memory: every range is checked whole")
 {
     std::vector<uint8_t> low(0x1000), high(0x1000);
@@ -124,7 +148,7 @@ constexpr uint32_t config_address(unsigned slot, unsigned reg) { return 0x800000
 
 TEST_CASE("pci: configuration mechanism #1 reaches the host bridge and the devices")
 {
-    PciHostBridge bridge(0xc0000000, 0x10000000);
+    PciHostBridge bridge(0xc0000000, 0x10000000, 0x6000, 0xa000);
     TestPciDevice device;
     const unsigned slot = bridge.add_device(device);
     CHECK(slot == 1);
@@ -153,7 +177,7 @@ TEST_CASE("pci: configuration mechanism #1 reaches the host bridge and the devic
 
 TEST_CASE("pci: BARs size, move and report changes; read-only fields stay")
 {
-    PciHostBridge bridge(0xc0000000, 0x10000000);
+    PciHostBridge bridge(0xc0000000, 0x10000000, 0x6000, 0xa000);
     TestPciDevice device;
     bridge.add_device(device);
     CHECK(device.bar_address(0) == 0xc0000000);
@@ -178,6 +202,63 @@ TEST_CASE("pci: BARs size, move and report changes; read-only fields stay")
     CHECK((device.config_read(0x06, 2) & 0x10) != 0);
     CHECK(device.config_read(0x34, 1) == 0x40);
     CHECK(device.config_read(0x40, 4) == 0xbbaa0009u);
+}
+
+namespace {
+struct IoBarDevice : PciDevice {
+    IoBarDevice() : PciDevice(0x1af4, 0x1042, 0x010000, 1, 0x1af4, 2)
+    {
+        add_bar(0, 0x4000, BarKind::kMem64);
+        add_bar(2, 0x40, BarKind::kIo);
+        add_bar(3, 4, BarKind::kIo);
+    }
+};
+struct BadBar : PciDevice {
+    BadBar(unsigned index, uint64_t size, BarKind kind) : PciDevice(0x1af4, 0x1042, 0x010000, 1, 0x1af4, 2)
+    {
+        add_bar(index, size, kind);
+    }
+};
+}  // namespace
+
+TEST_CASE("pci: I/O BARs: bit 0 set, ports from the I/O window, sizing, 16-bit decode, I/O enable")
+{
+    PciHostBridge bridge(0xc0000000, 0x10000000, 0x6000, 0xa000);
+    IoBarDevice a, b;
+    bridge.add_device(a);
+    bridge.add_device(b);
+    CHECK(a.bar_address(0) == 0xc0000000);          // memory BARs as before
+    CHECK(a.config_read(0x18, 4) == (0x6000u | 1));  // I/O space indicator
+    CHECK(a.bar_address(2) == 0x6000);
+    CHECK(a.bar_address(3) == 0x6040);
+    CHECK(b.bar_address(2) == 0x6080);               // aligned to its size, after a's
+    CHECK(b.bar_address(3) == 0x60c0);
+    CHECK_FALSE(a.io_enabled());
+    a.config_write(0x04, 2, 0x1);
+    CHECK(a.io_enabled());
+    CHECK_FALSE(a.memory_enabled());
+
+    // Sizing: all ones reads back the size mask, bit 0 stays; the upper 16 bits are hardwired to zero.
+    a.config_write(0x18, 4, 0xffffffff);
+    CHECK(a.config_read(0x18, 4) == 0xffc1u);
+    a.config_write(0x1c, 4, 0xffffffff);
+    CHECK(a.config_read(0x1c, 4) == 0xfffdu);
+    // A guest's value keeps only what decodes: aligned, below 64K.
+    a.config_write(0x18, 4, 0x12347fff);
+    CHECK(a.bar_address(2) == 0x7fc0);
+    a.config_write(0x18, 1, 0x00);                   // byte writes too
+    CHECK(a.config_read(0x18, 4) == (0x7f00u | 1));
+
+    CHECK_THROWS_AS(BadBar(2, 2, PciDevice::BarKind::kIo), Error);    // below 4 bytes
+    CHECK_THROWS_AS(BadBar(2, 12, PciDevice::BarKind::kIo), Error);   // not a power of two
+    CHECK_THROWS_AS(BadBar(2, 512, PciDevice::BarKind::kIo), Error);  // beyond PCI's 256
+    CHECK_THROWS_AS(PciHostBridge(0xc0000000, 0x1000, 0xf000, 0x2000), Error);  // past 64K ports
+
+    // The window runs out: an error, not an overlap.
+    PciHostBridge small(0xc0000000, 0x10000000, 0x6000, 0x80);
+    IoBarDevice c, d;
+    small.add_device(c);
+    CHECK_THROWS_AS(small.add_device(d), Error);
 }
 
 namespace {

@@ -214,6 +214,14 @@ TEST_CASE("ACPI: RSDP -> XSDT -> FADT (hardware-reduced) and MADT, DSDT with the
     CHECK(aml.find("COM1") != std::string::npos);
     CHECK(aml.find("_PRT") != std::string::npos);
     CHECK(aml.find(std::string("\x0c\x41\xd0\x0a\x03", 5)) != std::string::npos);  // EisaId("PNP0A03")
+    // The I/O window the host bridge gives I/O BARs from is one the _CRS forwards (WordIO descriptors).
+    bool io_window_forwarded = false;
+    for (size_t w = aml.find(std::string("\x88\x0d\x00\x01", 4)); w != std::string::npos;
+         w = aml.find(std::string("\x88\x0d\x00\x01", 4), w + 1)) {
+        const auto min = at<uint16_t>(t, dsdt + w + 8), max = at<uint16_t>(t, dsdt + w + 10);
+        io_window_forwarded |= min <= layout::kPciIoBase && max >= layout::kPciIoBase + layout::kPciIoSize - 1;
+    }
+    CHECK(io_window_forwarded);
 
     table_ok(madt, "APIC");
     size_t p = madt + 44, lapics = 0, ioapics = 0;
@@ -361,6 +369,45 @@ TEST_CASE("cli: -d options, and what is refused")
     CHECK(error_of([] { parse_disk_spec("a,fast"); }).find("unknown disk option 'fast'") != std::string::npos);
     CHECK(error_of([] { parse_disk_spec("a,aio=x"); }).find("aio=x is not an engine") != std::string::npos);
     CHECK(error_of([] { parse_disk_spec("a,serial=123456789012345678901"); }).find("20 bytes") != std::string::npos);
+}
+
+TEST_CASE("cli: notify=mmio|pio on disks and shared SCSI controllers; one named default")
+{
+    CHECK_FALSE(parse_disk_spec("a.raw").notify.has_value());
+    CHECK(parse_disk_spec("a.raw,notify=pio").notify == AddressSpace::kPort);
+    CHECK(parse_disk_spec("a.raw,notify=mmio").notify == AddressSpace::kMemory);
+    CHECK(parse_disk_spec("a.raw,bus=scsi,notify=pio").notify == AddressSpace::kPort);
+    const auto run = parse_command_line({"run", "-d", "a.raw,notify=pio", "-d", "b.raw", "-d",
+                                         "c.raw,bus=scsi,controller=c0", "-d", "d.raw,bus=scsi,controller=c1,lun=1",
+                                         "--scsi-controller", "c0,notify=pio,num-queues=2", "-d",
+                                         "e.raw,bus=scsi,notify=mmio"})
+                         .run;
+    REQUIRE(run.scsi_controllers.size() == 1);
+    CHECK(run.scsi_controllers[0].notify == AddressSpace::kPort);
+    const auto plans = plan_disk_devices(run);
+    REQUIRE(plans.size() == 5);
+    CHECK(plans[0].notify == AddressSpace::kPort);
+    CHECK(plans[1].notify == kDefaultNotify);  // neither disk nor controller says
+    CHECK(plans[2].notify == AddressSpace::kPort);
+    CHECK(plans[2].num_queues == 2);
+    CHECK(plans[3].notify == kDefaultNotify);  // a controller without --scsi-controller
+    CHECK(plans[4].notify == AddressSpace::kMemory);
+    CHECK(run_usage().find(std::string("notify=mmio|pio (default ") +
+                           (kDefaultNotify == AddressSpace::kPort ? "pio" : "mmio") + ")") != std::string::npos);
+
+    auto refused = [](std::vector<std::string> args) {
+        return error_of([&] { parse_command_line(args); });
+    };
+    const std::string bad = refused({"run", "-d", "a.raw,notify=port"});
+    CHECK(bad.find("-d a.raw,notify=port: notify=port is not mmio or pio") != std::string::npos);
+    CHECK(bad.find('\n') == std::string::npos);
+    CHECK(refused({"run", "-d", "a.raw,notify="}).find("notify= is not mmio or pio") != std::string::npos);
+    CHECK(refused({"run", "-d", "a.raw,notify=PIO"}).find("is not mmio or pio") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,controller=c0", "--scsi-controller", "c0,notify=io"})
+              .find("--scsi-controller c0,notify=io: notify=io is not mmio or pio") != std::string::npos);
+    CHECK(refused({"run", "-d", "a,bus=scsi,controller=c0,notify=pio"})
+              .find("notify= on a disk that shares scsi controller c0; set it on the controller: --scsi-controller "
+                    "c0,notify=mmio|pio") != std::string::npos);
 }
 
 TEST_CASE("cli: --iothreads and the disk options that map queues to threads")
