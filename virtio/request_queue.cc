@@ -272,8 +272,8 @@ void RequestQueue::round_end()
     if (used_dirty_) {
         used_dirty_ = false;
         if (ring_.needs_interrupt()) {
+            stats_.interrupted();  // first: whoever took the interrupt sees it counted
             interrupt_->raise();
-            stats_.interrupted();
         }
     }
 }
