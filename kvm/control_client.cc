@@ -385,6 +385,8 @@ std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& a
                         s.iops, static_cast<unsigned long long>(s.now.poll_ns),
                         s.poll_hit_rate ? line("%.1f", *s.poll_hit_rate * 100).c_str() : "-");
     }
+    if (which.vcpus && after.vcpus.empty())
+        out += "no vCPU exit counters: this guest's KVM has no binary statistics fd\n";
     if (show_vcpus(which) && !after.vcpus.empty()) {
         if (!out.empty())
             out += "\n";

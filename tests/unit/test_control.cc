@@ -607,6 +607,12 @@ TEST_CASE("control client: the stat tables show rates over the interval")
     CHECK(contains(both, "exits per disk request: 3.50\n"));  // 3500 exits for 1000 requests
     CHECK_FALSE(contains(format_stat_tables(before, after, {true, false}), "exits/s"));
     CHECK(format_stat_tables(before, after, {false, false, true}).starts_with("vcpu "));
+    StatSnapshot without_counters = after;
+    without_counters.vcpus.clear();
+    CHECK(format_stat_tables(before, without_counters, {false, false, true}) ==
+          "no vCPU exit counters: this guest's KVM has no binary statistics fd\n");
+    CHECK_FALSE(contains(format_stat_tables(before, without_counters, {}), "vCPU"));
+    CHECK(contains(format_stat_json(before, without_counters, {}, 0), "\"vcpus\":[],\"exits_per_request\":null}"));
     CHECK(contains(both, "thread            tid  cpu      IOPS   poll-ns poll-hit%\n"));
     CHECK(contains(both, "iothread0        4242    1       500     32768      75.0\n"));
     CHECK(contains(both, "disk1-io         4243    -         0         0         -\n"));
