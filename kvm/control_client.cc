@@ -114,9 +114,12 @@ std::vector<VcpuSample> vcpu_samples(const StatSnapshot& before, const StatSnaps
         const auto then = std::ranges::find(before.vcpus, now.index, &StatSnapshot::Vcpu::index);
         const auto& base = then == before.vcpus.end() ? now : *then;
         VcpuSample& sample = samples.emplace_back(VcpuSample{now, {}});
-        for (size_t c = 0; c < kVcpuCounterNames.size(); ++c)
-            if (now.counters[c])
-                sample.per_s[c] = seconds > 0 ? static_cast<double>(growth(*now.counters[c], base.counters[c].value_or(0))) / seconds : 0;
+        for (size_t c = 0; c < kVcpuCounterNames.size(); ++c) {
+            if (!now.counters[c])
+                continue;
+            const uint64_t count = growth(*now.counters[c], base.counters[c].value_or(0));
+            sample.per_s[c] = seconds > 0 ? static_cast<double>(count) / seconds : 0;
+        }
     }
     return samples;
 }
