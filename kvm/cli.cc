@@ -201,7 +201,7 @@ double parse_watch(const std::string& text)
     return seconds;
 }
 
-// list | stop NAME|--all | pause NAME | resume NAME | stat NAME [--disks] [--iothreads] [--json] [--watch SECS]
+// list | stop NAME|--all | pause NAME | resume NAME | stat NAME [--disks] [--iothreads] [--vcpus] [--json] [--watch SECS]
 constexpr std::pair<const char*, Command::Kind> kControlCommands[] = {{"list", Command::Kind::kList},
                                                                       {"stop", Command::Kind::kStop},
                                                                       {"pause", Command::Kind::kPause},
@@ -225,6 +225,8 @@ Command parse_control(const std::vector<std::string>& args, Command::Kind kind)
             control.disks = true;
         } else if (cmd.kind == Kind::kStat && arg == "--iothreads") {
             control.iothreads = true;
+        } else if (cmd.kind == Kind::kStat && arg == "--vcpus") {
+            control.vcpus = true;
         } else if (cmd.kind == Kind::kStat && arg == "--json") {
             control.json = true;
         } else if (cmd.kind == Kind::kStat && arg.starts_with("--watch=")) {
@@ -559,11 +561,13 @@ std::string usage()
            "  stop NAME | --all   power a guest (or every one) off\n"
            "  pause NAME          stop a guest's vCPUs where they are\n"
            "  resume NAME         let a paused guest's vCPUs run again\n"
-           "  stat NAME [--disks] [--iothreads] [--json] [--watch SECS]\n"
+           "  stat NAME [--disks] [--iothreads] [--vcpus] [--json] [--watch SECS]\n"
            "                      a guest's I/O over one second: per disk queue IOPS, MiB/s,\n"
-           "                      requests in flight and p50/p99 latency of that second;\n"
-           "                      per I/O thread IOPS and polling. --disks or --iothreads:\n"
-           "                      that table only; --json: one JSON object per sample and\n"
+           "                      requests in flight, p50/p99 latency, kicks and interrupts\n"
+           "                      of that second; per I/O thread IOPS and polling; per vCPU\n"
+           "                      KVM's exits by reason, and exits per disk request.\n"
+           "                      --disks, --iothreads or --vcpus: those tables only;\n"
+           "                      --json: one JSON object per sample and\n"
            "                      line; --watch SECS: a new sample (and interval) every\n"
            "                      SECS (up to 3600) until interrupted\n"
            "  version             print the version\n"

@@ -103,11 +103,11 @@ struct RunOptions {
     std::vector<std::string> command;  // after "--": what the guest init runs
 };
 
-// lkvm list | stop NAME|--all | pause NAME | resume NAME | stat NAME [--disks] [--iothreads] [--json] [--watch SECS]
+// lkvm list | stop NAME|--all | pause NAME | resume NAME | stat NAME [--disks] [--iothreads] [--vcpus] [--json] [--watch SECS]
 struct ControlCommand {
     std::string name;         // the guest (its --name, or guest-<pid>); empty for list and stop --all
     bool all = false;         // stop --all
-    bool disks = false, iothreads = false;  // stat: which tables (neither: both)
+    bool disks = false, iothreads = false, vcpus = false;  // stat: which tables (none: all)
     bool json = false;        // stat: JSON lines instead of a table
     double watch_s = 0;       // stat --watch SECS: redraw every SECS; 0: print once
 };

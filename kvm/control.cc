@@ -208,6 +208,14 @@ public:
             return *number;
         throw Error("malformed reply from the guest: " + std::string(key) + "= is not a number");
     }
+    // For a field an older lkvm does not send: none when absent, an error when not a number.
+    template <typename T>
+    std::optional<T> number_if_present(std::string_view key) const
+    {
+        if (!find(key))
+            return std::nullopt;
+        return number<T>(key);
+    }
 
 private:
     const PayloadRecord& record_;
@@ -530,7 +538,15 @@ std::string format_stat_payload(const StatSnapshot& snapshot)
                            {"requests", format_number(q.requests)},
                            {"bytes", format_number(q.bytes)},
                            {"in_flight", format_number(q.in_flight)},
-                           {"latency", format_latency(q.latency)}});
+                           {"latency", format_latency(q.latency)},
+                           {"kicks", format_number(q.kicks)},
+                           {"interrupts", format_number(q.interrupts)}});
+    for (const auto& v : snapshot.vcpus) {
+        PayloadRecord& record = records.emplace_back(PayloadRecord{{"vcpu", format_number(v.index)}});
+        for (size_t i = 0; i < kVcpuCounterNames.size(); ++i)
+            if (v.counters[i])  // a counter this kernel lacks is left out
+                record.emplace_back(kVcpuCounterNames[i], format_number(*v.counters[i]));
+    }
     return format_records(records);
 }
 
@@ -553,7 +569,15 @@ StatSnapshot parse_stat_payload(std::string_view payload)
             snapshot.queues.push_back({r.number<unsigned>("disk"), r.number<unsigned>("queue"), r.text("thread"),
                                        r.text("image"), r.number<int>("cpu"), r.number<uint64_t>("requests"),
                                        r.number<uint64_t>("bytes"), r.number<uint64_t>("in_flight"),
-                                       parse_latency(r.text("latency"))});
+                                       parse_latency(r.text("latency")),
+                                       r.number_if_present<uint64_t>("kicks").value_or(0),
+                                       r.number_if_present<uint64_t>("interrupts").value_or(0)});
+        else if (kind == "vcpu") {
+            StatSnapshot::Vcpu& vcpu = snapshot.vcpus.emplace_back();
+            vcpu.index = r.number<unsigned>("vcpu");
+            for (size_t c = 0; c < kVcpuCounterNames.size(); ++c)
+                vcpu.counters[c] = r.number_if_present<uint64_t>(kVcpuCounterNames[c]);
+        }
         // Other kinds come from a newer lkvm: skipped.
     }
     return snapshot;

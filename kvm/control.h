@@ -9,7 +9,7 @@
 // every value percent-encoded, so paths with spaces, ';' or '=' survive:
 //
 //   info  "name=g state=running pid=42 vcpus=2 mem_mib=512 disk=a.raw disk=b%20c.raw"
-//   stat  "time_ns=N;thread=iothread0 tid=.. cpu=..;disk=0 queue=0 thread=iothread0 ..."
+//   stat  "time_ns=N;thread=iothread0 tid=.. cpu=..;disk=0 queue=0 thread=iothread0 ...;vcpu=0 exits=.. ..."
 //
 // Readers ignore keys and record kinds they do not know, so LKVM/1 can grow
 // fields; anything else that changes bumps the version.

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <thread>
 
@@ -23,6 +24,11 @@ std::string line(const char* format, auto... values)
 }
 
 std::string cpu_text(int cpu) { return cpu < 0 ? "-" : std::to_string(cpu); }
+// A value with `decimals` decimals, or "-" for none.
+std::string decimal(std::optional<double> value, int decimals)
+{
+    return value ? line("%.*f", decimals, *value) : std::string("-");
+}
 
 // ---- Rates over the interval between two samples.
 
@@ -36,8 +42,10 @@ uint64_t growth(uint64_t now, uint64_t then) { return now > then ? now - then : 
 
 struct QueueSample {
     const StatSnapshot::Queue& now;
-    double iops, mib_s;
+    uint64_t requests;  // completed in the interval
+    double iops, mib_s, kicks_s, interrupts_s;
     std::optional<double> p50_us, p99_us;  // of the requests completed in the interval; none: no request
+    std::optional<double> per_kick, per_interrupt;  // requests per kick, per interrupt; none: no kick, no interrupt
 };
 
 // The requests a histogram gained between two samples. A bucket that lost
@@ -74,7 +82,9 @@ std::vector<QueueSample> queue_samples(const StatSnapshot& before, const StatSna
         const auto then = std::ranges::find_if(
             before.queues, [&](const auto& q) { return q.disk == now.disk && q.queue == now.queue; });
         const auto& base = then == before.queues.end() ? now : *then;
-        const double requests = static_cast<double>(growth(now.requests, base.requests));
+        const uint64_t requests = growth(now.requests, base.requests);
+        const uint64_t kicks = growth(now.kicks, base.kicks);
+        const uint64_t interrupts = growth(now.interrupts, base.interrupts);
         const double mib = static_cast<double>(growth(now.bytes, base.bytes)) / (1 << 20);
         const LatencyBuckets latency = latency_growth(now.latency, base.latency);
         auto percentile_us = [&](double p) -> std::optional<double> {
@@ -82,10 +92,50 @@ std::vector<QueueSample> queue_samples(const StatSnapshot& before, const StatSna
                 return std::nullopt;
             return static_cast<double>(LatencyHistogram::percentile(latency, p)) / 1000;
         };
-        samples.push_back({now, seconds > 0 ? requests / seconds : 0, seconds > 0 ? mib / seconds : 0,
-                           percentile_us(0.5), percentile_us(0.99)});
+        auto rate = [&](double count) { return seconds > 0 ? count / seconds : 0; };
+        samples.push_back({now, requests, rate(static_cast<double>(requests)), rate(mib),
+                           rate(static_cast<double>(kicks)), rate(static_cast<double>(interrupts)),
+                           percentile_us(0.5), percentile_us(0.99), ratio(requests, kicks),
+                           ratio(requests, interrupts)});
     }
     return samples;
+}
+
+struct VcpuSample {
+    const StatSnapshot::Vcpu& now;
+    std::array<std::optional<double>, kVcpuCounterNames.size()> per_s;  // none: a counter this kernel lacks
+};
+
+std::vector<VcpuSample> vcpu_samples(const StatSnapshot& before, const StatSnapshot& after)
+{
+    const double seconds = seconds_between(before, after);
+    std::vector<VcpuSample> samples;
+    for (const auto& now : after.vcpus) {
+        const auto then = std::ranges::find(before.vcpus, now.index, &StatSnapshot::Vcpu::index);
+        const auto& base = then == before.vcpus.end() ? now : *then;
+        VcpuSample& sample = samples.emplace_back(VcpuSample{now, {}});
+        for (size_t c = 0; c < kVcpuCounterNames.size(); ++c) {
+            if (!now.counters[c])
+                continue;
+            const uint64_t count = growth(*now.counters[c], base.counters[c].value_or(0));
+            sample.per_s[c] = seconds > 0 ? static_cast<double>(count) / seconds : 0;
+        }
+    }
+    return samples;
+}
+
+// All vCPUs' exits per disk request completed in the interval; none: no counters, or no request.
+std::optional<double> exits_per_request(const StatSnapshot& before, const StatSnapshot& after,
+                                        const std::vector<QueueSample>& queues)
+{
+    const auto exits_now = total_exits(after.vcpus);
+    const auto exits_then = total_exits(before.vcpus);
+    if (!exits_now || !exits_then)
+        return std::nullopt;
+    uint64_t requests = 0;
+    for (const auto& q : queues)
+        requests += q.requests;
+    return ratio(growth(*exits_now, *exits_then), requests);
 }
 
 std::vector<ThreadSample> thread_samples(const StatSnapshot& before, const StatSnapshot& after)
@@ -106,12 +156,18 @@ std::vector<ThreadSample> thread_samples(const StatSnapshot& before, const StatS
     return samples;
 }
 
-bool show_disks(StatTables which) { return which.disks || !which.iothreads; }
-bool show_iothreads(StatTables which) { return which.iothreads || !which.disks; }
+bool show_all(StatTables which) { return !which.disks && !which.iothreads && !which.vcpus; }
+bool show_disks(StatTables which) { return which.disks || show_all(which); }
+bool show_iothreads(StatTables which) { return which.iothreads || show_all(which); }
+bool show_vcpus(StatTables which) { return which.vcpus || show_all(which); }
 
 // ---- JSON, by hand: numbers and strings are all it needs.
 
 std::string json_number(double value, int decimals) { return line("%.*f", decimals, value); }
+std::string optional_number(std::optional<double> value, int decimals)
+{
+    return value ? json_number(*value, decimals) : "null";
+}
 
 // The length of the valid UTF-8 sequence at text[i], or 0 when there is none.
 size_t utf8_length(std::string_view text, size_t i)
@@ -194,7 +250,7 @@ int tell_every_guest(const std::string& dir, ControlVerb verb)
 int show_stats(const std::string& dir, const ControlCommand& command, std::FILE* out)
 {
     ControlConnection connection = connect_to(dir, command.name);
-    const StatTables which{command.disks, command.iothreads};
+    const StatTables which{command.disks, command.iothreads, command.vcpus};
     const bool watch = command.watch_s > 0;
     const bool redraw = watch && !command.json && ::isatty(::fileno(out));
     const std::chrono::duration<double> interval(watch ? command.watch_s : 1.0);
@@ -312,14 +368,15 @@ std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& a
 {
     std::string out;
     if (show_disks(which)) {
-        out += line("%-4s %5s %-12s %4s %9s %8s %9s %8s %8s  %s\n", "disk", "queue", "thread", "cpu", "IOPS", "MiB/s",
-                    "in-flight", "p50-us", "p99-us", "image");
-        auto us = [](std::optional<double> value) { return value ? line("%.1f", *value) : std::string("-"); };
+        out += line("%-4s %5s %-12s %4s %9s %8s %9s %8s %8s %8s %8s %8s %8s  %s\n", "disk", "queue", "thread", "cpu",
+                    "IOPS", "MiB/s", "in-flight", "p50-us", "p99-us", "kicks/s", "irqs/s", "req/kick", "req/irq",
+                    "image");
         for (const auto& s : queue_samples(before, after))
-            out += line("%-4u %5u %-12s %4s %9.0f %8.1f %9llu %8s %8s  ", s.now.disk, s.now.queue,
+            out += line("%-4u %5u %-12s %4s %9.0f %8.1f %9llu %8s %8s %8.0f %8.0f %8s %8s  ", s.now.disk, s.now.queue,
                         s.now.thread.c_str(), cpu_text(s.now.cpu).c_str(), s.iops, s.mib_s,
-                        static_cast<unsigned long long>(s.now.in_flight), us(s.p50_us).c_str(),
-                        us(s.p99_us).c_str()) +
+                        static_cast<unsigned long long>(s.now.in_flight), decimal(s.p50_us, 1).c_str(),
+                        decimal(s.p99_us, 1).c_str(), s.kicks_s, s.interrupts_s, decimal(s.per_kick, 2).c_str(),
+                        decimal(s.per_interrupt, 2).c_str()) +
                    s.now.image + "\n";
     }
     if (show_iothreads(which)) {
@@ -330,6 +387,24 @@ std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& a
             out += line("%-12s %8d %4s %9.0f %9llu %9s\n", s.now.name.c_str(), s.now.tid, cpu_text(s.now.cpu).c_str(),
                         s.iops, static_cast<unsigned long long>(s.now.poll_ns),
                         s.poll_hit_rate ? line("%.1f", *s.poll_hit_rate * 100).c_str() : "-");
+    }
+    if (which.vcpus && after.vcpus.empty())
+        out += "no vCPU exit counters: this guest's KVM has no binary statistics fd\n";
+    if (show_vcpus(which) && !after.vcpus.empty()) {
+        if (!out.empty())
+            out += "\n";
+        out += line("%-5s", "vcpu");
+        for (const auto column : kVcpuCounterColumns)
+            out += line(" %10s", (std::string(column) + "/s").c_str());
+        out += "\n";
+        for (const auto& s : vcpu_samples(before, after)) {
+            out += line("%-5u", s.now.index);
+            for (const auto& rate : s.per_s)
+                out += line(" %10s", decimal(rate, 0).c_str());
+            out += "\n";
+        }
+        out += "exits per disk request: " +
+               decimal(exits_per_request(before, after, queue_samples(before, after)), 2) + "\n";
     }
     return out;
 }
@@ -364,7 +439,7 @@ std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& aft
                              double wall_time_s)
 {
     auto cpu = [](int c) { return c < 0 ? std::string("null") : std::to_string(c); };
-    auto us = [](std::optional<double> value) { return value ? json_number(*value, 3) : std::string("null"); };
+    auto us = [](std::optional<double> value) { return optional_number(value, 3); };
     std::string out = "{\"time\":" + json_number(wall_time_s, 3) +
                       ",\"interval_s\":" + json_number(seconds_between(before, after), 6);
     if (show_disks(which)) {
@@ -377,7 +452,10 @@ std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& aft
                    ",\"requests\":" + std::to_string(s.now.requests) + ",\"bytes\":" + std::to_string(s.now.bytes) +
                    ",\"iops\":" + json_number(s.iops, 1) + ",\"mib_s\":" + json_number(s.mib_s, 3) +
                    ",\"in_flight\":" + std::to_string(s.now.in_flight) + ",\"p50_us\":" + us(s.p50_us) +
-                   ",\"p99_us\":" + us(s.p99_us) + "}";
+                   ",\"p99_us\":" + us(s.p99_us) + ",\"kicks\":" + std::to_string(s.now.kicks) +
+                   ",\"interrupts\":" + std::to_string(s.now.interrupts) +
+                   ",\"requests_per_kick\":" + optional_number(s.per_kick, 3) +
+                   ",\"requests_per_interrupt\":" + optional_number(s.per_interrupt, 3) + "}";
             comma = ",";
         }
         out += "]";
@@ -395,6 +473,21 @@ std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& aft
             comma = ",";
         }
         out += "]";
+    }
+    if (show_vcpus(which)) {
+        // Cumulative counters under KVM's own names, null where this kernel lacks one.
+        out += ",\"vcpus\":[";
+        const char* comma = "";
+        for (const auto& s : vcpu_samples(before, after)) {
+            out += std::string(comma) + "{\"vcpu\":" + std::to_string(s.now.index);
+            for (size_t c = 0; c < kVcpuCounterNames.size(); ++c)
+                out += ",\"" + std::string(kVcpuCounterNames[c]) + "\":" +
+                       (s.now.counters[c] ? std::to_string(*s.now.counters[c]) : "null");
+            out += ",\"exits_s\":" + optional_number(s.per_s[kVcpuExits], 1) + "}";
+            comma = ",";
+        }
+        out += "],\"exits_per_request\":" +
+               optional_number(exits_per_request(before, after, queue_samples(before, after)), 4);
     }
     return out + "}\n";
 }

@@ -41,9 +41,9 @@ private:
 // NAME PID STATE VCPUS MEM DISKS, a header and one row per guest.
 std::string format_guest_table(const std::vector<GuestInfo>& guests);
 
-// Rates over the interval between two samples of the same guest. Both false: both tables.
+// Rates over the interval between two samples of the same guest. All false: every table.
 struct StatTables {
-    bool disks = false, iothreads = false;
+    bool disks = false, iothreads = false, vcpus = false;
 };
 std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& after, StatTables which);
 // One JSON object on one line, '\n' included: cumulative counters and rates.

@@ -17,10 +17,31 @@ std::string line(const char* format, auto... values)
 
 double mib(uint64_t bytes) { return static_cast<double>(bytes) / (1 << 20); }
 double us(uint64_t ns) { return static_cast<double>(ns) / 1000; }
+std::string ratio_text(std::optional<double> value) { return value ? line("%.2f", *value) : "-"; }
+std::string count_text(std::optional<uint64_t> value) { return value ? std::to_string(*value) : "-"; }
 }  // namespace
 
+std::optional<double> ratio(uint64_t part, uint64_t whole)
+{
+    if (whole == 0)
+        return std::nullopt;
+    return static_cast<double>(part) / static_cast<double>(whole);
+}
+
+std::optional<uint64_t> total_exits(std::span<const StatSnapshot::Vcpu> vcpus)
+{
+    uint64_t sum = 0;
+    for (const auto& vcpu : vcpus) {
+        if (!vcpu.counters[kVcpuExits])
+            return std::nullopt;
+        sum += *vcpu.counters[kVcpuExits];
+    }
+    return vcpus.empty() ? std::nullopt : std::optional(sum);
+}
+
 std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
-                            const std::vector<std::unique_ptr<DiskDevice>>& disks)
+                            const std::vector<std::unique_ptr<DiskDevice>>& disks,
+                            std::span<const StatSnapshot::Vcpu> vcpus)
 {
     std::string out = line("%-12s %4s %10s %10s %9s %9s %9s %8s %8s %8s\n", "thread", "cpu", "requests", "MiB",
                            "batches", "wakeups", "poll-hits", "poll-us", "p50-us", "p99-us");
@@ -34,19 +55,38 @@ std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& thread
                     (unsigned long long)s.poll_hits.load(), us(s.poll_ns.load()), us(s.io.latency().percentile(0.5)),
                     us(s.io.latency().percentile(0.99)));
     }
-    out += line("%-5s %5s %-12s %10s %10s %8s %8s  %s\n", "disk", "queue", "thread", "requests", "MiB", "p50-us",
-                "p99-us", "image");
+    out += line("%-5s %5s %-12s %10s %10s %8s %8s %10s %10s %8s %8s  %s\n", "disk", "queue", "thread", "requests",
+                "MiB", "p50-us", "p99-us", "kicks", "interrupts", "req/kick", "req/irq", "image");
+    uint64_t requests = 0;
     for (size_t d = 0; d < disks.size(); ++d) {
         const DiskDevice& disk = *disks[d];
         for (unsigned q = 0; q < disk.request_queues(); ++q) {
             const QueueStats& s = disk.queue_stats(q);
             const IoCounters io = s.counters();
-            out += line("%-5zu %5u %-12s %10llu %10.1f %8.1f %8.1f  %s\n", d, q, disk.queue_thread(q).name().c_str(),
-                        (unsigned long long)io.requests, mib(io.bytes), us(s.latency().percentile(0.5)),
-                        us(s.latency().percentile(0.99)), disk.describe().c_str());
+            requests += io.requests;
+            out += line("%-5zu %5u %-12s %10llu %10.1f %8.1f %8.1f %10llu %10llu %8s %8s  ", d, q,
+                        disk.queue_thread(q).name().c_str(), (unsigned long long)io.requests, mib(io.bytes),
+                        us(s.latency().percentile(0.5)), us(s.latency().percentile(0.99)),
+                        (unsigned long long)s.kicks(), (unsigned long long)s.interrupts(),
+                        ratio_text(ratio(io.requests, s.kicks())).c_str(),
+                        ratio_text(ratio(io.requests, s.interrupts())).c_str()) +
+                   disk.describe() + "\n";
         }
     }
-    return out;
+    if (vcpus.empty())
+        return out;
+    out += line("%-5s", "vcpu");
+    for (const auto column : kVcpuCounterColumns)
+        out += line(" %12s", std::string(column).c_str());
+    out += "\n";
+    for (const auto& vcpu : vcpus) {
+        out += line("%-5u", vcpu.index);
+        for (const auto& counter : vcpu.counters)
+            out += line(" %12s", count_text(counter).c_str());
+        out += "\n";
+    }
+    const auto exits = total_exits(vcpus);
+    return out + "exits per disk request: " + ratio_text(exits ? ratio(*exits, requests) : std::nullopt) + "\n";
 }
 
 StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
@@ -86,7 +126,9 @@ StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threa
                                      .requests = io.requests,
                                      .bytes = io.bytes,
                                      .in_flight = s.in_flight(),
-                                     .latency = s.latency().nonzero_buckets()});
+                                     .latency = s.latency().nonzero_buckets(),
+                                     .kicks = s.kicks(),
+                                     .interrupts = s.interrupts()});
         }
     }
     return sample;

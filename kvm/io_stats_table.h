@@ -9,17 +9,16 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "kvm/vcpu_stats.h"
 #include "virtio/io_thread.h"
 #include "virtio/request_queue.h"
 
 namespace lkvm {
-
-std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
-                            const std::vector<std::unique_ptr<DiskDevice>>& disks);
 
 // Everything at one moment, as plain values. Counters and latency histograms
 // count from the start: rates and percentiles over an interval come from two
@@ -42,13 +41,34 @@ struct StatSnapshot {
         int cpu = -1;        // where that thread last ran; -1: unknown
         uint64_t requests = 0, bytes = 0, in_flight = 0;
         LatencyBuckets latency;  // of the requests completed so far
+        uint64_t kicks = 0, interrupts = 0;
         bool operator==(const Queue&) const = default;
+    };
+    struct Vcpu {
+        unsigned index = 0;
+        VcpuCounters counters{};
+        bool operator==(const Vcpu&) const = default;
     };
     uint64_t time_ns = 0;  // monotonic_ns() when taken
     std::vector<Thread> threads;
     std::vector<Queue> queues;
+    std::vector<Vcpu> vcpus;  // empty where KVM has no statistics fd
     bool operator==(const StatSnapshot&) const = default;
 };
+
+// The --stats table: per I/O thread, per disk queue and, given their
+// counters, per vCPU; everything counted since the guest started.
+std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
+                            const std::vector<std::unique_ptr<DiskDevice>>& disks,
+                            std::span<const StatSnapshot::Vcpu> vcpus = {});
+
+// How the tables head the vCPU counters, one per kVcpuCounterNames entry.
+inline constexpr std::array<std::string_view, kVcpuCounterNames.size()> kVcpuCounterColumns{
+    "exits", "io", "mmio", "halt", "irq", "irq-win", "signal", "irq-inj", "emul"};
+// part / whole; none when whole is 0 (no requests, no kicks: no ratio).
+std::optional<double> ratio(uint64_t part, uint64_t whole);
+// Every vCPU's exits added up; none when there are no vCPU counters.
+std::optional<uint64_t> total_exits(std::span<const StatSnapshot::Vcpu> vcpus);
 
 StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
                               const std::vector<std::unique_ptr<DiskDevice>>& disks);

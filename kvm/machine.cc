@@ -262,6 +262,7 @@ Machine::Machine(const RunOptions& options)
         vcpu->init_local_apic();
         vcpus_.push_back(std::move(vcpu));
     }
+    open_vcpu_stats();
 
     // Firmware tables, then the kernel, its command line and initrd.
     const auto mp = build_mp_tables(layout::kMpTables, platform);
@@ -425,9 +426,37 @@ std::string Machine::name() const
     return options_.name.empty() ? "guest-" + std::to_string(::getpid()) : options_.name;
 }
 
+void Machine::open_vcpu_stats()
+{
+    // All vCPUs or none: exits per request must count every vCPU's exits.
+    std::string why_not = "this kernel has no KVM_CAP_BINARY_STATS_FD (Linux 5.14+)";
+    if (kvm_.check_extension(KVM_CAP_BINARY_STATS_FD) > 0) {
+        for (const auto& vcpu : vcpus_) {
+            auto stats = VcpuStats::open(vcpu->fd(), why_not);
+            if (!stats)
+                break;
+            vcpu_stats_.push_back(std::move(*stats));
+        }
+    }
+    if (vcpu_stats_.size() != vcpus_.size()) {
+        vcpu_stats_.clear();
+        log_info("no vCPU exit counters in the statistics: " + why_not);
+    }
+}
+
+std::vector<StatSnapshot::Vcpu> Machine::sample_vcpus() const
+{
+    std::vector<StatSnapshot::Vcpu> vcpus;
+    for (size_t i = 0; i < vcpu_stats_.size(); ++i)
+        vcpus.push_back({vcpus_[i]->index(), vcpu_stats_[i].sample()});
+    return vcpus;
+}
+
 StatSnapshot Machine::sample_io_stats() const
 {
-    return lkvm::sample_io_stats(io_threads_, disks_);
+    StatSnapshot snapshot = lkvm::sample_io_stats(io_threads_, disks_);
+    snapshot.vcpus = sample_vcpus();
+    return snapshot;
 }
 
 std::string Machine::answer_control(ControlVerb verb)
@@ -537,7 +566,7 @@ int Machine::run()
     console_.restore();
     if (options_.stats) {
         log_info("I/O statistics");
-        std::fputs(format_io_stats(io_threads_, disks_).c_str(), stderr);  // asked for: shown at any log level
+        std::fputs(format_io_stats(io_threads_, disks_, sample_vcpus()).c_str(), stderr);  // asked for: shown at any log level
     }
 
     std::lock_guard lock(outcome_mutex_);

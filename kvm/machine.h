@@ -28,6 +28,7 @@
 #include "kvm/control.h"
 #include "kvm/io_stats_table.h"
 #include "kvm/kvm.h"
+#include "kvm/vcpu_stats.h"
 #include "kvm/vcpu_gate.h"
 #include "kvm/virtio_host.h"
 #include "virtio/blk.h"
@@ -64,7 +65,7 @@ public:
     const char* state() const { return vcpu_gate_.paused() ? "paused" : "running"; }
     // Ends the guest with exit status 0, saying "stopped by lkvm stop" (info level).
     void request_stop();
-    // The I/O threads' and disk queues' counters now.
+    // The I/O threads', disk queues' and vCPUs' counters now.
     StatSnapshot sample_io_stats() const;
     GuestInfo info() const;
 
@@ -96,6 +97,8 @@ private:
     static BootFiles load_boot_files(const RunOptions& options);
     static std::vector<DiskImage> open_disks(const RunOptions& options);
     void add_disks();
+    void open_vcpu_stats();
+    std::vector<StatSnapshot::Vcpu> sample_vcpus() const;
 
     RunOptions options_;
     BootFiles boot_;
@@ -115,6 +118,7 @@ private:
     PowerControl power_;
     PciHostBridge pci_;
     std::vector<std::unique_ptr<Vcpu>> vcpus_;
+    std::vector<VcpuStats> vcpu_stats_;  // one per vCPU, or none at all
 
     // Destroyed in reverse: transports reset their devices, devices drain into
     // their I/O threads, and only then do the threads go.

@@ -65,6 +65,13 @@ public:
     uint64_t in_flight() const { return in_flight_.load(std::memory_order_relaxed); }
     const LatencyHistogram& latency() const { return latency_; }
 
+    // Guest notifications read from the queue's eventfd (`kicks` that KVM
+    // coalesced into one read count as that many), and interrupts raised.
+    void kicked(uint64_t kicks) { bump(kicks_, kicks); }
+    void interrupted() { bump(interrupts_); }
+    uint64_t kicks() const { return kicks_.load(std::memory_order_relaxed); }
+    uint64_t interrupts() const { return interrupts_.load(std::memory_order_relaxed); }
+
     // The kernel thread id that serves this queue, and whether another one
     // ever did: each queue belongs to exactly one I/O thread.
     void served_by(int tid)
@@ -77,7 +84,14 @@ public:
     bool moved() const { return moved_.load(std::memory_order_relaxed); }
 
 private:
+    // Only the queue's own thread writes these: a plain add, stored whole for readers.
+    static void bump(std::atomic<uint64_t>& counter, uint64_t n = 1)
+    {
+        counter.store(counter.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+    }
+
     std::atomic<uint64_t> requests_{0}, bytes_{0}, in_flight_{0};
+    std::atomic<uint64_t> kicks_{0}, interrupts_{0};
     std::atomic<int> served_by_{0};
     std::atomic<bool> moved_{false};
     LatencyHistogram latency_;

@@ -135,7 +135,8 @@ void RequestQueue::wait_notify()
                            if (error || !queue || queue->stopping_)
                                return;  // stopped since: the kick is for nobody
                            uint64_t kicks;
-                           [[maybe_unused]] ssize_t n = ::read(queue->notify_.native_handle(), &kicks, sizeof(kicks));
+                           if (::read(queue->notify_.native_handle(), &kicks, sizeof(kicks)) == sizeof(kicks))
+                               queue->stats_.kicked(kicks);
                            queue->process();
                            if (!queue->broken_ring_)
                                queue->wait_notify();
@@ -270,8 +271,10 @@ void RequestQueue::round_end()
     signal_queued_ = false;
     if (used_dirty_) {
         used_dirty_ = false;
-        if (ring_.needs_interrupt())
+        if (ring_.needs_interrupt()) {
+            stats_.interrupted();  // first: whoever took the interrupt sees it counted
             interrupt_->raise();
+        }
     }
 }
 

@@ -103,6 +103,19 @@ wait $pid; echo "status=$?"
 cat group.out'
 job iothreads-over-cpus run --iothreads 3 -- true
 
+# What a request costs, from lkvm's own --stats: each queue's kicks and
+# interrupts (at most one of each per request) and KVM's exits per vCPU.
+truncate -s 64M "$work/exits.raw"
+script stats-exits '"$LKVM" run -c 2 -i '"$top"'/build/guest/initramfs-fio.cpio.gz -d exits.raw --stats -- fio --name=r --filename=/dev/vda --rw=randread --bs=4k --ioengine=libaio --direct=1 --iodepth=16 --size=16M --eta=never > exits.out 2>&1 < /dev/null
+echo status=$?
+cat exits.out
+# Queue rows: disk queue thread requests MiB p50 p99 kicks interrupts ...; vCPU rows: vcpu exits ...
+awk "/^disk +queue/ { q = 1; next } /^vcpu / { q = 0; v = 1; next } /^exits per/ { v = 0 }
+     q && \$1 ~ /^[0-9]+\$/ { rows++; requests += \$4; if (\$8 > \$4 || \$9 > \$4) over++ }
+     v && \$1 ~ /^[0-9]+\$/ { vcpus++; if (\$2 > 0) counted++ }
+     END { print (rows && requests > 0 && !over ? \"kicks-irqs-within-requests\" : \"kicks-irqs-off\"), rows, requests
+           print (vcpus && counted == vcpus ? \"exits-counted\" : \"no-exits\"), vcpus }" exits.out'
+
 # SCSI disks on virtio-scsi controllers.
 truncate -s 64M "$work/scsi-marker.raw" "$work/scsi-write.raw" "$work/scsi-a.raw"
 printf 'SCSI-MARKER-77c1' | dd of="$work/scsi-marker.raw" conv=notrunc status=none
@@ -183,6 +196,12 @@ python3 -c "
 d = __import__(\"json\").loads(open(\"s1.json\").readline())[\"disks\"]
 busy = [q for q in d if q[\"iops\"] > 0]
 print(\"interval-latency\" if busy and all(0 < q[\"p50_us\"] <= q[\"p99_us\"] for q in busy) else \"no-latency\", d)"
+# Kicks, interrupts and the exits KVM counted per vCPU are in the JSON too.
+python3 -c "
+j = __import__(\"json\").loads(open(\"s1.json\").readline())
+queues = all(k in q for q in j[\"disks\"] for k in (\"kicks\", \"interrupts\", \"requests_per_kick\", \"requests_per_interrupt\"))
+vcpus = len(j[\"vcpus\"]) == 2 and all(v[\"exits\"] > 0 for v in j[\"vcpus\"])
+print(\"json-kicks-exits\" if queues and vcpus and \"exits_per_request\" in j else \"json-lacks\", j[\"vcpus\"])"
 python3 -c "
 import socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b\"HELLO there\n\")
@@ -256,6 +275,8 @@ else fail disk-direct-pio-verified "the host file does not hold the pattern the 
 expect disk-in-use 0 'inuse.raw: in use by another lkvm' '^second=1$'
 expect iothreads-group 0 '^threads: iothread0 iothread1 $' '^status=0$' '^mq=2$' '^fio=0$' \
     '^iothread0 +- +[1-9][0-9]* ' '^iothread1 +- +[1-9][0-9]* ' '^0 +0 +iothread0 ' '^0 +1 +iothread1 '
+expect stats-exits 0 '^status=0$' '^kicks-irqs-within-requests [0-9]+ [1-9][0-9]*$' '^exits-counted 2$' \
+    '^vcpu +exits +io +mmio +halt +irq +irq-win +signal +irq-inj +emul$' '^exits per disk request: [0-9]+\.[0-9]{2}$'
 expect iothreads-over-cpus 0 '^lkvm: --iothreads 3: more I/O threads than the host.s 2 online CPUs; they will share CPUs$'
 expect scsi-marker 0 '^SCSI-MARKER-77c1$' '^[0-9]+:0:0:0 rot=0 ro=0 size=131072$' 'Vendor identification: LKVM' \
     'Unit serial number: scsi-marker' 'scsi-marker' 'Maximum transfer length: 65536' '[Nn]on-rotating medium' \
@@ -273,7 +294,7 @@ if [ "$(md5sum < "$work/scsi-ro.raw")" = "$scsi_ro_sum" ] && [ "$(head -c 9 "$wo
 else fail scsi-two-luns-host-files "LUN 0 lacks the guest's write or the read-only LUN changed" "$(result scsi-two-luns out)"; fi
 expect scsi-discard 0 '^status=0$' '^blkdiscard=0$' '^[1-9][0-9]*$' '^sparse$' '^zeroes$' '^head-kept$'
 expect control-socket 0 'fioguest +[0-9]+ +running +2 ' '^pause=0$' '^listed-paused$' '^paused-moved=0$' '^resume=0$' \
-    '^counted-from-idle$' '^resumed-moves$' '^two-clients$' '^interval-latency ' '^bogus-reply: LKVM/1 error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
+    '^counted-from-idle$' '^resumed-moves$' '^two-clients$' '^interval-latency ' '^json-kicks-exits ' '^bogus-reply: LKVM/1 error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
     '^socket-gone$' '^pause-gone=1$'
 expect control-timeout 124 '--timeout'
 expect control-console-log 0 'hello-console-log'

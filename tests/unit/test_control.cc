@@ -62,9 +62,12 @@ StatSnapshot sample_snapshot()
     s.threads = {{"iothread0", 4242, 1, 1000, 4096000, 300, 10, 30, 32768},
                  {"disk1-io", 4243, -1, 0, 0, 0, 0, 0, 0}};
     // Bucket 90 holds 10240-11263 ns, 113 holds 73728-81919 ns, 327 is the last one.
-    s.queues = {{0, 0, "iothread0", "/tmp/my disk;1=2%.raw", 1, 600, 2457600, 3, {{90, 590}, {113, 10}}},
-                {0, 1, "iothread0", "/tmp/my disk;1=2%.raw", 1, 400, 1638400, 0, {{0, 1}, {327, 399}}},
-                {1, 0, "disk1-io", "b.raw", -1, 0, 0, 0, {}}};
+    s.queues = {{0, 0, "iothread0", "/tmp/my disk;1=2%.raw", 1, 600, 2457600, 3, {{90, 590}, {113, 10}}, 300, 200},
+                {0, 1, "iothread0", "/tmp/my disk;1=2%.raw", 1, 400, 1638400, 0, {{0, 1}, {327, 399}}, 400, 400},
+                {1, 0, "disk1-io", "b.raw", -1, 0, 0, 0, {}, 0, 0}};
+    // vCPU 1's kernel lacks mmio_exits and insn_emulation.
+    s.vcpus = {{0, {9000, 100, 2000, 500, 300, 50, 7, 1200, 2100}},
+               {1, {1000, 10, std::nullopt, 50, 30, 5, 0, 120, std::nullopt}}};
     return s;
 }
 
@@ -115,7 +118,9 @@ struct FakeGuest {
             // Of each 100, 90 took 10.24-11.26 us (bucket 90), 10 took 73.7-81.9 us (bucket 113).
             s.threads = {{"iothread0", 77, 0, 100 * n, 409600 * n, n, 3 * n, n, 500}};
             s.queues = {{0, 0, "iothread0", "a.raw", 0, 100 * n, 409600 * n, 1,
-                         n ? LatencyBuckets{{90, 90 * n}, {113, 10 * n}} : LatencyBuckets{}}};
+                         n ? LatencyBuckets{{90, 90 * n}, {113, 10 * n}} : LatencyBuckets{}, 50 * n, 25 * n}};
+            // 150 exits a second, of which 40 for I/O; no instruction emulation counter.
+            s.vcpus = {{0, {150 * n, 40 * n, 0, 60 * n, 20 * n, 5 * n, 0, 30 * n, std::nullopt}}};
             return format_stat_payload(s);
         }
         default:
@@ -274,7 +279,7 @@ TEST_CASE("control: stat snapshots round-trip; malformed ones are refused")
     CHECK(payload.starts_with("time_ns=123456789012345;thread=iothread0 tid=4242 cpu=1 requests=1000"));
     CHECK(payload.find('\n') == std::string::npos);
     CHECK(parse_stat_payload(payload) == snapshot);
-    CHECK(parse_stat_payload("time_ns=5") == StatSnapshot{5, {}, {}});
+    CHECK(parse_stat_payload("time_ns=5") == StatSnapshot{5, {}, {}, {}});
     CHECK(parse_stat_payload("time_ns=5;future=1 x=2").threads.empty());  // a newer lkvm's records are skipped
 
     CHECK(contains(error_of([] { parse_stat_payload(""); }), "without time_ns= first"));
@@ -282,14 +287,27 @@ TEST_CASE("control: stat snapshots round-trip; malformed ones are refused")
     CHECK(contains(error_of([] { parse_stat_payload("time_ns=abc"); }), "time_ns= is not a number"));
     CHECK(contains(error_of([] { parse_stat_payload("time_ns=1;thread=a tid=1"); }), "no cpu="));
     CHECK(contains(error_of([] { parse_stat_payload("time_ns=1;disk=0 queue=0"); }), "no thread="));
-    CHECK(contains(payload, "in_flight=3 latency=90:590,113:10;"));
-    CHECK(payload.ends_with("in_flight=0 latency="));  // an empty histogram
+    CHECK(contains(payload, "in_flight=3 latency=90:590,113:10 kicks=300 interrupts=200;"));
+    CHECK(contains(payload, "in_flight=0 latency= kicks=0 interrupts=0;"));  // an empty histogram
+    CHECK(payload.ends_with(";vcpu=0 exits=9000 io_exits=100 mmio_exits=2000 halt_exits=500 irq_exits=300 "
+                            "irq_window_exits=50 signal_exits=7 irq_injections=1200 insn_emulation=2100;"
+                            "vcpu=1 exits=1000 io_exits=10 halt_exits=50 irq_exits=30 irq_window_exits=5 "
+                            "signal_exits=0 irq_injections=120"));  // counters the kernel lacks are left out
     const std::string good = "time_ns=1;disk=0 queue=0 thread=t image=i cpu=0 requests=1 bytes=1 in_flight=0 latency=";
     CHECK(parse_stat_payload(good + "5:1,7:2").queues.at(0).latency == LatencyBuckets{{5, 1}, {7, 2}});
     for (const std::string bad : {"5", "5:", ":1", "5:1,", ",5:1", "5:1,5:1", "7:1,5:1", "5:0", "328:1", "5:x",
                                   "5:1:2", "-1:1", "5:1,,7:1"})
         CHECK_MESSAGE(contains(error_of([&] { parse_stat_payload(good + bad); }), "latency= is not a list"), bad);
     CHECK(contains(error_of([&] { parse_stat_payload(good.substr(0, good.find(" latency="))); }), "no latency="));
+    // An older lkvm sends neither kicks nor interrupts: zero, not an error; a bad one is.
+    CHECK(parse_stat_payload(good).queues.at(0).kicks == 0);
+    CHECK(parse_stat_payload(good + " kicks=3 interrupts=2").queues.at(0).interrupts == 2);
+    CHECK(contains(error_of([&] { parse_stat_payload(good + " kicks=x"); }), "kicks= is not a number"));
+    CHECK(contains(error_of([&] { parse_stat_payload("time_ns=1;vcpu=0 exits=-1"); }), "exits= is not a number"));
+    CHECK(contains(error_of([&] { parse_stat_payload("time_ns=1;vcpu=x"); }), "vcpu= is not a number"));
+    const StatSnapshot::Vcpu bare = parse_stat_payload("time_ns=1;vcpu=3 future_exits=1").vcpus.at(0);
+    CHECK(bare.index == 3);
+    CHECK(bare.counters == VcpuCounters{});
 }
 
 TEST_CASE("control: guest names become file names, so only safe ones are taken")
@@ -543,9 +561,13 @@ TEST_CASE("control client: stat --json takes two samples a second apart")
     CHECK(std::count(json.begin(), json.end(), '\n') == 1);
     CHECK(contains(json, "\"interval_s\":1.000000,\"disks\":[{\"disk\":0,\"queue\":0,\"thread\":\"iothread0\",\"cpu\":0,"
                          "\"image\":\"a.raw\",\"requests\":100,\"bytes\":409600,\"iops\":100.0,\"mib_s\":0.391,"
-                         "\"in_flight\":1,\"p50_us\":11.263,\"p99_us\":81.919}]"));
+                         "\"in_flight\":1,\"p50_us\":11.263,\"p99_us\":81.919,\"kicks\":50,\"interrupts\":25,"
+                         "\"requests_per_kick\":2.000,\"requests_per_interrupt\":4.000}]"));
     CHECK(contains(json, "\"iothreads\":[{\"name\":\"iothread0\",\"tid\":77,\"cpu\":0,\"requests\":100,"));
-    CHECK(contains(json, "\"poll_hit_rate\":0.2500}]}"));
+    CHECK(contains(json, "\"poll_hit_rate\":0.2500}],\"vcpus\":[{\"vcpu\":0,\"exits\":150,\"io_exits\":40,"
+                         "\"mmio_exits\":0,\"halt_exits\":60,\"irq_exits\":20,\"irq_window_exits\":5,"
+                         "\"signal_exits\":0,\"irq_injections\":30,\"insn_emulation\":null,\"exits_s\":150.0}],"
+                         "\"exits_per_request\":1.5000}\n"));
 }
 
 TEST_CASE("control client: the stat tables show rates over the interval")
@@ -558,16 +580,39 @@ TEST_CASE("control client: the stat tables show rates over the interval")
     after.threads[0].requests += 1000;
     after.threads[0].poll_hits += 30;
     after.threads[0].wakeups += 10;
+    after.queues[0].kicks += 500;
+    after.queues[0].interrupts += 250;
+    after.vcpus[0].counters = {9000 + 3000, 200, 3000, 700, 600, 100, 17, 1800, 3100};
+    after.vcpus[1].counters = {1000 + 500, 20, std::nullopt, 100, 60, 15, 0, 180, std::nullopt};
     // Over the interval: 900 fast ones, 100 slow ones, so p99 is a slow one
     // (over all requests so far it would still be a fast one).
     after.queues[0].latency = {{90, 590 + 900}, {113, 10 + 100}};
 
     const std::string both = format_stat_tables(before, after, {});
-    CHECK(contains(both, "disk queue thread        cpu      IOPS    MiB/s in-flight   p50-us   p99-us  image\n"));
-    CHECK(contains(both, "0        0 iothread0       1       500      2.0         3     11.3     81.9  /tmp/my disk;1=2%.raw\n"));
-    // No request completed in the interval: no percentiles, whatever came before.
-    CHECK(contains(both, "0        1 iothread0       1         0      0.0         0        -        -  /tmp/my disk;1=2%.raw\n"));
-    CHECK(contains(both, "1        0 disk1-io        -         0      0.0         0        -        -  b.raw\n"));
+    CHECK(contains(both, "disk queue thread        cpu      IOPS    MiB/s in-flight   p50-us   p99-us  kicks/s   "
+                         "irqs/s req/kick  req/irq  image\n"));
+    CHECK(contains(both, "0        0 iothread0       1       500      2.0         3     11.3     81.9      250      "
+                         "125     2.00     4.00  /tmp/my disk;1=2%.raw\n"));
+    // No request completed in the interval: no percentiles, whatever came before; no kick: no ratio.
+    CHECK(contains(both, "0        1 iothread0       1         0      0.0         0        -        -        0        "
+                         "0        -        -  /tmp/my disk;1=2%.raw\n"));
+    CHECK(contains(both, "1        0 disk1-io        -         0      0.0         0        -        -        0        "
+                         "0        -        -  b.raw\n"));
+    CHECK(contains(both, "vcpu     exits/s       io/s     mmio/s     halt/s      irq/s  irq-win/s   signal/s  "
+                         "irq-inj/s     emul/s\n"));
+    CHECK(contains(both, "0           1500         50        500        100        150         25          5        "
+                         "300        500\n"));
+    CHECK(contains(both, "1            250          5          -         25         15          5          0         "
+                         "30          -\n"));
+    CHECK(contains(both, "exits per disk request: 3.50\n"));  // 3500 exits for 1000 requests
+    CHECK_FALSE(contains(format_stat_tables(before, after, {true, false}), "exits/s"));
+    CHECK(format_stat_tables(before, after, {false, false, true}).starts_with("vcpu "));
+    StatSnapshot without_counters = after;
+    without_counters.vcpus.clear();
+    CHECK(format_stat_tables(before, without_counters, {false, false, true}) ==
+          "no vCPU exit counters: this guest's KVM has no binary statistics fd\n");
+    CHECK_FALSE(contains(format_stat_tables(before, without_counters, {}), "vCPU"));
+    CHECK(contains(format_stat_json(before, without_counters, {}, 0), "\"vcpus\":[],\"exits_per_request\":null}"));
     CHECK(contains(both, "thread            tid  cpu      IOPS   poll-ns poll-hit%\n"));
     CHECK(contains(both, "iothread0        4242    1       500     32768      75.0\n"));
     CHECK(contains(both, "disk1-io         4243    -         0         0         -\n"));
@@ -581,14 +626,17 @@ TEST_CASE("control client: the stat tables show rates over the interval")
     // Counts that went down started over (a device reset): all of them are the interval's.
     StatSnapshot reset = after;
     reset.queues[0].latency = {{90, 5}};
-    CHECK(contains(format_stat_tables(after, reset, {true, false}), "  11.3     11.3  /tmp/my disk"));
+    CHECK(contains(format_stat_tables(after, reset, {true, false}), "  11.3     11.3        0        0"));
     reset.queues[0].latency = {{113, 200}};  // more slow ones than before, but the fast ones are gone
-    CHECK(contains(format_stat_tables(after, reset, {true, false}), "  81.9     81.9  /tmp/my disk"));
+    CHECK(contains(format_stat_tables(after, reset, {true, false}), "  81.9     81.9        0        0"));
 
     const std::string json = format_stat_json(before, after, {true, false}, 1700000000.5);
     CHECK(json.starts_with("{\"time\":1700000000.500,\"interval_s\":2.000000,\"disks\":["));
-    CHECK(contains(json, "\"p50_us\":11.263,\"p99_us\":81.919}"));
-    CHECK(contains(json, "\"p50_us\":null,\"p99_us\":null}"));
+    CHECK(contains(json, "\"p50_us\":11.263,\"p99_us\":81.919,\"kicks\":800,\"interrupts\":450,"
+                         "\"requests_per_kick\":2.000,\"requests_per_interrupt\":4.000}"));
+    CHECK(contains(json, "\"p50_us\":null,\"p99_us\":null,\"kicks\":400,\"interrupts\":400,"
+                         "\"requests_per_kick\":null,\"requests_per_interrupt\":null}"));
+    CHECK_FALSE(contains(json, "vcpus"));
     CHECK(contains(json, "\"image\":\"/tmp/my disk;1=2%.raw\",\"requests\":1600,\"bytes\":6553600,\"iops\":500.0"));
     CHECK(contains(json, "\"cpu\":null"));
     CHECK_FALSE(contains(json, "iothreads"));
