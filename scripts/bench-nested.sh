@@ -33,7 +33,7 @@ kernel=$top/build/kernel/vmlinuz
 initrd=$top/build/guest/initramfs-fio.cpio.gz
 work=$(mktemp -d /tmp/lkvm-bench-nested.XXXXXX)
 # Where the jobs ran on this host (hardware KVM) the tmpfs is mounted here too.
-trap 'umount "$work/ram" 2> /dev/null || true; rm -rf "$work"' EXIT
+trap 'umount "$work/ram" 2> /dev/null || true; [ -n "${BENCH_KEEP:-}" ] && cp -r "$work" "$BENCH_KEEP"; rm -rf "$work"' EXIT
 
 # The guest command, the same for every VMM. fio's status is the job's status
 # (lkvm hands it back; QEMU loses it, hence the error field in the terse line).
@@ -116,6 +116,8 @@ lkvm_job() {  # lkvm_job NAME DISK-OPTIONS [LKVM-OPTIONS...]
       (($#)) && printf ' %q' "$@"; printf ' -- sh -c "%s"\n' "$command"; } > "$work/$(printf '%02d' ${#configs[@]})-$name.sh"
 }
 lkvm_job dedicated ",num-queues=2"
+lkvm_job dedicated-notify-mmio ",num-queues=2,notify=mmio"
+lkvm_job dedicated-notify-pio ",num-queues=2,notify=pio"
 for n in 1 2 4; do lkvm_job "iothreads-$n" ",num-queues=2" --iothreads "$n"; done
 lkvm_job iothreads-2-sched-other ",num-queues=2" --iothreads 2,sched=other
 lkvm_job iothreads-2-notify-mmio ",num-queues=2,notify=mmio" --iothreads 2
@@ -205,6 +207,8 @@ result() {
         }
         /^KVM-COUNTERS;/ && ok && end > start {
             split($0, c, ";"); split(c[2], b, " "); split(c[3], a, " ")
+            # L1 sums over live VMs: one that went away between the samples makes them useless.
+            if (a[1] < b[1] || a[2] < b[2] || a[3] < b[3]) next
             exits = exits " " (a[1] - b[1]) / (end - start)
             irqs = irqs " " (a[2] - b[2]) / (end - start)
             emulated = emulated " " (a[3] - b[3]) / (end - start)

@@ -70,18 +70,20 @@ printf 'HOST-MARKER-4f2a' | dd of="$work/marker.raw" conv=notrunc status=none
 truncate -s 16M "$work/ro.raw"
 printf 'READ-ONLY-CONTENT' | dd of="$work/ro.raw" conv=notrunc status=none
 ro_sum=$(md5sum < "$work/ro.raw")
-job disk-marker       run -d "$work/marker.raw,serial=marker-disk" -- sh -c 'head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size'
+# The default notify=pio: the guest's driver claims the port BAR its notify capability names.
+job disk-marker       run -d "$work/marker.raw,serial=marker-disk" -- sh -c 'head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size; grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"'
 job disk-direct-write run -d "$work/direct.raw" -- sh -c 'yes LKVM-PATTERN-0123456789 | head -c 4194304 | dd of=/dev/vda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync'
 job disk-read-only    run -d "$work/ro.raw,ro" -- sh -c 'cat /sys/block/vda/ro; echo overwrite | dd of=/dev/vda conv=fsync 2>&1; head -c 17 /dev/vda; echo'
 job disk-two          run -d "$work/marker.raw,ro" -d "$work/second.raw,aio=sync" -- sh -c 'ls /sys/block | grep vd | tr "\n" " "; echo; echo second-disk-data | dd of=/dev/vdb conv=fsync status=none; head -c 16 /dev/vdb; echo'
 job disk-intx         run -p pci=nomsi -d "$work/marker.raw,ro" -- sh -c 'head -c 16 /dev/vda; echo; grep -c "IO-APIC.*virtio" /proc/interrupts'
-# notify=pio: the same data through queue notify ports in an I/O BAR. The guest's
-# /proc/ioports shows the driver claimed that BAR (it claims only the BARs its
+# notify=mmio: the same data through queue notify registers in the memory BAR
+# (the default, pio, is what the jobs above use). The guest's /proc/ioports shows
+# whether the driver claimed an I/O BAR (it claims only the BARs its
 # capabilities name, and the notify structure is the only thing there).
-truncate -s 64M "$work/direct-pio.raw"
-ioports='grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"'
-job disk-marker-pio   run -d "$work/marker.raw,serial=marker-disk,notify=pio" -- sh -c "head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size; $ioports"
-job disk-direct-write-pio run -c 2 -d "$work/direct-pio.raw,notify=pio" -- sh -c "yes LKVM-PIO-PATTERN-98765 | head -c 4194304 | dd of=/dev/vda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
+truncate -s 64M "$work/direct-mmio.raw"
+ioports='grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"; echo ioports=\$(grep -c virtio-pci-modern /proc/ioports)'
+job disk-marker-mmio  run -d "$work/marker.raw,serial=marker-disk,notify=mmio" -- sh -c "head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size; $ioports"
+job disk-direct-write-mmio run -c 2 -d "$work/direct-mmio.raw,notify=mmio" -- sh -c "yes LKVM-MMIO-PATTERN-98765 | head -c 4194304 | dd of=/dev/vda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
 script disk-in-use    '"$LKVM" run -d inuse.raw -- sh -c "echo first-up; sleep 60" > first.out 2>&1 < /dev/null &
 first=$!
 for i in $(seq 1 60); do grep -q "^first-up" first.out 2>/dev/null && break; sleep 1; done
@@ -130,9 +132,9 @@ reported() { echo \$1=\$(dmesg | grep -c 'Power-on or device reset occurred'); }
 reported resets-before; sg_reset -d /dev/sda; echo sg_reset=\$?
 echo after-reset=\$(dd if=/dev/sda bs=512 count=1 iflag=direct status=none | head -c 16); reported resets-after"
 job scsi-write run -d "$work/scsi-write.raw,bus=scsi" -- sh -c 'yes LKVM-SCSI-PATTERN-42 | head -c 4194304 | dd of=/dev/sda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync'
-# notify=pio set on a shared controller, as its disks cannot say it themselves.
-truncate -s 64M "$work/scsi-pio.raw"
-job scsi-write-pio run -c 2 -d "$work/scsi-pio.raw,bus=scsi,controller=c0,lun=0" --scsi-controller c0,notify=pio,num-queues=2 -- sh -c "yes LKVM-SCSI-PIO-PATTERN | head -c 4194304 | dd of=/dev/sda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
+# notify=mmio set on a shared controller, as its disks cannot say it themselves.
+truncate -s 64M "$work/scsi-mmio.raw"
+job scsi-write-mmio run -c 2 -d "$work/scsi-mmio.raw,bus=scsi,controller=c0,lun=0" --scsi-controller c0,notify=mmio,num-queues=2 -- sh -c "yes LKVM-SCSI-MMIO-PATTERN | head -c 4194304 | dd of=/dev/sda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
 job scsi-two-luns run -c 2 --iothreads 2 --stats -d "$work/scsi-a.raw,bus=scsi,controller=c0,lun=0" \
     -d "$work/scsi-ro.raw,bus=scsi,controller=c0,lun=1,ro" --scsi-controller c0,iothread=1,num-queues=2 -- sh -c "$scsi_list
 rw=\$(ls /sys/bus/scsi/devices/*:0:0:0/block); ro=\$(ls /sys/bus/scsi/devices/*:0:0:1/block)
@@ -259,7 +261,7 @@ expect panic 121 '^lkvm: guest kernel panic: Kernel panic - not syncing: sysrq t
 expect triple-fault 122 '^lkvm: vCPU 0: triple fault \(KVM_EXIT_SHUTDOWN\) at RIP 0x[0-9a-f]+'
 expect too-many-cpus 1 '^lkvm: -c 254000: more vCPUs than KVM allows'
 expect fio-image 0 '^fio-[0-9]'
-expect disk-marker 0 '^HOST-MARKER-4f2a$' '^marker-disk$' '^131072$'
+expect disk-marker 0 '^HOST-MARKER-4f2a$' '^marker-disk$' '^131072$' '^ioport [0-9a-f]+-[0-9a-f]+ : virtio-pci-modern$'
 expect disk-direct-write 0 '^64\+0 records out'
 if cmp -s -n 4194304 "$work/direct.raw" <(yes LKVM-PATTERN-0123456789 | head -c 4194304); then pass disk-direct-verified
 else fail disk-direct-verified "the host file does not hold the pattern the guest wrote with O_DIRECT" "$(result disk-direct-write out)"; fi
@@ -268,10 +270,10 @@ if [ "$(md5sum < "$work/ro.raw")" = "$ro_sum" ]; then pass disk-read-only-unchan
 else fail disk-read-only-unchanged "the read-only image changed" "$(result disk-read-only out)"; fi
 expect disk-intx 0 '^HOST-MARKER-4f2a$' '^[1-9]$'
 expect disk-two 0 '^vda vdb $' '^second-disk-data$'
-expect disk-marker-pio 0 '^HOST-MARKER-4f2a$' '^marker-disk$' '^131072$' '^ioport [0-9a-f]+-[0-9a-f]+ : virtio-pci-modern$'
-expect disk-direct-write-pio 0 '^64\+0 records out' '^ioport [0-9a-f]+-[0-9a-f]+ : virtio-pci-modern$'
-if cmp -s -n 4194304 "$work/direct-pio.raw" <(yes LKVM-PIO-PATTERN-98765 | head -c 4194304); then pass disk-direct-pio-verified
-else fail disk-direct-pio-verified "the host file does not hold the pattern the guest wrote with notify=pio" "$(result disk-direct-write-pio out)"; fi
+expect disk-marker-mmio 0 '^HOST-MARKER-4f2a$' '^marker-disk$' '^131072$' '^ioports=0$'
+expect disk-direct-write-mmio 0 '^64\+0 records out' '^ioports=0$'
+if cmp -s -n 4194304 "$work/direct-mmio.raw" <(yes LKVM-MMIO-PATTERN-98765 | head -c 4194304); then pass disk-direct-mmio-verified
+else fail disk-direct-mmio-verified "the host file does not hold the pattern the guest wrote with notify=mmio" "$(result disk-direct-write-mmio out)"; fi
 expect disk-in-use 0 'inuse.raw: in use by another lkvm' '^second=1$'
 expect iothreads-group 0 '^threads: iothread0 iothread1 $' '^status=0$' '^mq=2$' '^fio=0$' \
     '^iothread0 +- +[1-9][0-9]* ' '^iothread1 +- +[1-9][0-9]* ' '^0 +0 +iothread0 ' '^0 +1 +iothread1 '
@@ -284,9 +286,9 @@ expect scsi-marker 0 '^SCSI-MARKER-77c1$' '^[0-9]+:0:0:0 rot=0 ro=0 size=131072$
 expect scsi-write 0 '^64\+0 records out'
 if cmp -s -n 4194304 "$work/scsi-write.raw" <(yes LKVM-SCSI-PATTERN-42 | head -c 4194304); then pass scsi-write-verified
 else fail scsi-write-verified "the host file does not hold the pattern the guest wrote to /dev/sda" "$(result scsi-write out)"; fi
-expect scsi-write-pio 0 '^64\+0 records out' '^ioport [0-9a-f]+-[0-9a-f]+ : virtio-pci-modern$'
-if cmp -s -n 4194304 "$work/scsi-pio.raw" <(yes LKVM-SCSI-PIO-PATTERN | head -c 4194304); then pass scsi-write-pio-verified
-else fail scsi-write-pio-verified "the host file does not hold the pattern the guest wrote with notify=pio" "$(result scsi-write-pio out)"; fi
+expect scsi-write-mmio 0 '^64\+0 records out' '^ioports=0$'
+if cmp -s -n 4194304 "$work/scsi-mmio.raw" <(yes LKVM-SCSI-MMIO-PATTERN | head -c 4194304); then pass scsi-write-mmio-verified
+else fail scsi-write-mmio-verified "the host file does not hold the pattern the guest wrote with notify=mmio" "$(result scsi-write-mmio out)"; fi
 expect scsi-two-luns 0 '^[0-9]+:0:0:0 rot=1 ro=0 size=131072$' '^[0-9]+:0:0:1 rot=1 ro=1 size=32768$' '2 lun entr' '^lun0-data$' \
     '^dd=1$' '^ws=[1-9]' '[Dd]ata protect' '^SCSI-READ-ONLY$' '^0 +0 +iothread1 ' '^0 +1 +iothread1 '
 if [ "$(md5sum < "$work/scsi-ro.raw")" = "$scsi_ro_sum" ] && [ "$(head -c 9 "$work/scsi-a.raw")" = lun0-data ]; then
