@@ -117,11 +117,10 @@ lkvm_job() {  # lkvm_job NAME DISK-OPTIONS [LKVM-OPTIONS...]
 }
 lkvm_job dedicated ",num-queues=2"
 lkvm_job dedicated-notify-mmio ",num-queues=2,notify=mmio"
-lkvm_job dedicated-notify-pio ",num-queues=2,notify=pio"
 for n in 1 2 4; do lkvm_job "iothreads-$n" ",num-queues=2" --iothreads "$n"; done
 lkvm_job iothreads-2-sched-other ",num-queues=2" --iothreads 2,sched=other
 lkvm_job iothreads-2-notify-mmio ",num-queues=2,notify=mmio" --iothreads 2
-lkvm_job iothreads-2-notify-pio ",num-queues=2,notify=pio" --iothreads 2
+
 qemu_job() {  # qemu_job NAME GUEST-VARIABLE DEVICE-OPTIONS...: QEMU with one iothread, same image and guest
     local name=$1 command=$2; shift 2
     configs+=("$name")
