@@ -12,8 +12,8 @@
 # O_DIRECT, so both VMMs read through L1's page cache: QEMU cache=writeback
 # aio=io_uring, lkvm without ",direct" (its default engine: io_uring).
 # Rows: lkvm with its dedicated thread and with --iothreads 1, 2, 4 (num-queues=2,
-# the I/O threads' default policy, and --iothreads 2 under SCHED_OTHER for
-# comparison), and QEMU with one iothread and num-queues=2; then virtio-scsi:
+# the defaults: SCHED_BATCH, notify=pio), --iothreads 2 under SCHED_OTHER and
+# SCHED_IDLE and with notify=mmio for comparison, and QEMU with one iothread and num-queues=2; then virtio-scsi:
 # lkvm --iothreads 1 and 2 (its own controller, num-queues=2) and QEMU's
 # virtio-scsi-pci with one iothread and num_queues=2 (scsi rows compare with
 # QEMU's scsi). BENCH_CONFIGS="NAME ..." runs only those rows (plus the QEMU
@@ -116,9 +116,9 @@ lkvm_job() {  # lkvm_job NAME DISK-OPTIONS [LKVM-OPTIONS...]
       (($#)) && printf ' %q' "$@"; printf ' -- sh -c "%s"\n' "$command"; } > "$work/$(printf '%02d' ${#configs[@]})-$name.sh"
 }
 lkvm_job dedicated ",num-queues=2"
-lkvm_job dedicated-notify-mmio ",num-queues=2,notify=mmio"
 for n in 1 2 4; do lkvm_job "iothreads-$n" ",num-queues=2" --iothreads "$n"; done
 lkvm_job iothreads-2-sched-other ",num-queues=2" --iothreads 2,sched=other
+lkvm_job iothreads-2-sched-idle ",num-queues=2" --iothreads 2,sched=idle
 lkvm_job iothreads-2-notify-mmio ",num-queues=2,notify=mmio" --iothreads 2
 
 qemu_job() {  # qemu_job NAME GUEST-VARIABLE DEVICE-OPTIONS...: QEMU with one iothread, same image and guest
