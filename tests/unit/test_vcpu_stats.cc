@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -60,7 +61,8 @@ struct Blob {
         Fd fd(::memfd_create("kvm-stats", MFD_CLOEXEC));
         REQUIRE(fd.valid());
         std::vector<uint8_t> whole = bytes;
-        std::memcpy(whole.data(), &header, sizeof(header));
+        // A blob cut shorter than a header keeps only what fits of it.
+        std::memcpy(whole.data(), &header, std::min(sizeof(header), whole.size()));
         REQUIRE(::pwrite(fd.get(), whole.data(), whole.size(), 0) == static_cast<ssize_t>(whole.size()));
         return fd;
     }
