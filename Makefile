@@ -21,6 +21,9 @@ UNIT_OBJS := $(UNIT_SRCS:%.cc=$(BUILD)/obj/%.o)
 DEVICE_SRCS := $(wildcard tests/device/*.cc)
 DEVICE_OBJS := $(DEVICE_SRCS:%.cc=$(BUILD)/obj/%.o)
 
+# make test, demo and bench build with every CPU.
+JOBS      ?= $(shell nproc)
+
 LKVM      := $(BUILD)/lkvm
 UNIT      := $(BUILD)/unit-tests
 DEVICE    := $(BUILD)/device-tests
@@ -72,7 +75,7 @@ $(INITRD_FIO): guest/init guest/mkinitramfs.sh $(KERNEL)
 
 # Everything, from a fresh Debian 12: dependencies, build, then every tier.
 test: deps
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory -j$(JOBS) all
 	@bash tests/run-all.sh $(BUILD)
 
 system: all
@@ -82,12 +85,12 @@ unit: $(UNIT)
 	$(UNIT)
 
 demo: deps
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory -j$(JOBS) all
 	@bash scripts/demo.sh
 
 # Benchmarks print tables; nothing in them is asserted.
 bench: deps
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory -j$(JOBS) all
 	@bash scripts/bench.sh $(BUILD)
 
 # make uapi-check UAPI=DIR: every translation unit of every binary through the

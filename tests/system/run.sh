@@ -81,7 +81,7 @@ job disk-intx         run -p pci=nomsi -d "$work/marker.raw,ro" -- sh -c 'head -
 # whether the driver claimed an I/O BAR (it claims only the BARs its
 # capabilities name, and the notify structure is the only thing there).
 truncate -s 64M "$work/direct-mmio.raw"
-ioports='grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"; echo ioports=\$(grep -c virtio-pci-modern /proc/ioports)'
+ioports='grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"; echo ioports=$(grep -c virtio-pci-modern /proc/ioports)'
 job disk-marker-mmio  run -d "$work/marker.raw,serial=marker-disk,notify=mmio" -- sh -c "head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size; $ioports"
 job disk-direct-write-mmio run -c 2 -d "$work/direct-mmio.raw,notify=mmio" -- sh -c "yes LKVM-MMIO-PATTERN-98765 | head -c 4194304 | dd of=/dev/vda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
 script disk-in-use    '"$LKVM" run -d inuse.raw -- sh -c "echo first-up; sleep 60" > first.out 2>&1 < /dev/null &
