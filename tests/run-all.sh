@@ -25,23 +25,22 @@ doctest_tier() {
 doctest_tier "unit tests (doctest)" "$build/unit-tests"
 doctest_tier "device tests (virtio devices through the test guest driver, no KVM)" "$build/device-tests"
 
-echo "== uapi headers (the whole build against every Debian 12 linux-libc-dev)"
-uapi_log=$(mktemp) uapi_start=$SECONDS
-bash tests/uapi/run.sh "$build" 2>&1 | tee "$uapi_log"
-read -r up uf < <(sed -n 's/^uapi: \([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$uapi_log")
-if [ -z "${up:-}" ]; then echo "uapi header tests did not report"; up=0 uf=1; fi
-add "$up" "$uf"
-rm -f "$uapi_log"
-echo "   ($((SECONDS - uapi_start)) s)"
+# script_tier TITLE NAME SCRIPT...: runs a test script that ends with "NAME: N passed, N failed" and adds its counts.
+script_tier() {
+    echo "== $1"
+    local name=$2 log passed failed start=$SECONDS
+    shift 2
+    log=$(mktemp)
+    "$@" 2>&1 | tee "$log"
+    read -r passed failed < <(sed -n "s/^$name: \([0-9]*\) passed, \([0-9]*\) failed\$/\1 \2/p" "$log")
+    if [ -z "${passed:-}" ]; then echo "$name tests did not report"; passed=0 failed=1; fi
+    add "$passed" "$failed"
+    rm -f "$log"
+    echo "   ($((SECONDS - start)) s)"
+}
 
-echo "== system tests (real guests through scripts/nested-run.sh)"
-sys_log=$(mktemp) sys_start=$SECONDS
-LKVM_BUILD=$build bash tests/system/run.sh 2>&1 | tee "$sys_log"
-read -r sp sf < <(sed -n 's/^system: \([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' "$sys_log")
-if [ -z "${sp:-}" ]; then echo "system tests did not report"; sp=0 sf=1; fi
-add "$sp" "$sf"
-rm -f "$sys_log"
-echo "   ($((SECONDS - sys_start)) s)"
+script_tier "uapi headers (the whole build against every Debian 12 linux-libc-dev)" uapi bash tests/uapi/run.sh "$build"
+script_tier "system tests (real guests through scripts/nested-run.sh)" system env LKVM_BUILD="$build" bash tests/system/run.sh
 
 echo "$total_passed passed, $total_failed failed"
 [ "$total_failed" = 0 ]
