@@ -2,6 +2,7 @@
 // through the whole device stack (--mode device: the test guest driver, the
 // transport, the device and its I/O threads) or against the same engine on the
 // same file directly (--mode engine: the limit). Last line: IOPS=... p50_us=... p99_us=...
+// cpu_us_per_req=... (the CPU the I/O threads, or the engine threads, spent per request).
 #include <fcntl.h>
 #include <poll.h>
 #include <unistd.h>
@@ -36,10 +37,19 @@ struct Options {
     unsigned iothreads = 0;  // device mode: 0 is a dedicated thread; engine mode: threads each with an engine
     uint64_t poll_max_ns = 32768;
     unsigned max_batch = 0;
+    IoThreadPolicy sched = IoThreadPolicy::kBatch;
     uint32_t bs = 4096;
     double seconds = 5;
     bool direct = false;
 };
+
+IoThreadPolicy parse_sched(const std::string& name)
+{
+    for (const auto policy : {IoThreadPolicy::kBatch, IoThreadPolicy::kOther, IoThreadPolicy::kIdle})
+        if (name == io_thread_policy_name(policy))
+            return policy;
+    throw Error("--sched batch|other|idle");
+}
 
 Options parse(int argc, char** argv)
 {
@@ -64,8 +74,9 @@ Options parse(int argc, char** argv)
         else if (a == "--iothreads") o.iothreads = static_cast<unsigned>(std::stoul(next()));
         else if (a == "--poll-max-ns") o.poll_max_ns = std::stoull(next());
         else if (a == "--aio-max-batch") o.max_batch = static_cast<unsigned>(std::stoul(next()));
+        else if (a == "--sched") o.sched = parse_sched(next());
         else throw Error("unknown option " + a + " (--engine --queues --qd --bs --rw --seconds --file --direct --mode"
-                         " --device --iothreads --poll-max-ns --aio-max-batch)");
+                         " --device --iothreads --poll-max-ns --aio-max-batch --sched)");
     }
     if (o.rw != "randread" && o.rw != "randwrite")
         throw Error("--rw randread|randwrite");
@@ -80,6 +91,7 @@ Options parse(int argc, char** argv)
 
 struct Stats {
     uint64_t done = 0;
+    double io_cpu_seconds = 0;  // of the threads doing the I/O (the engine's, or the device's I/O threads)
     std::vector<double> latencies_us;
     void add(Clock::time_point start, Clock::time_point end)
     {
@@ -90,32 +102,30 @@ struct Stats {
     void merge(const Stats& other)
     {
         done += other.done;
+        io_cpu_seconds += other.io_cpu_seconds;
         latencies_us.insert(latencies_us.end(), other.latencies_us.begin(), other.latencies_us.end());
     }
     void print(double seconds)
     {
         std::sort(latencies_us.begin(), latencies_us.end());
         auto pct = [&](double p) { return latencies_us.empty() ? 0.0 : latencies_us[static_cast<size_t>(p * (latencies_us.size() - 1))]; };
-        std::printf("IOPS=%.0f p50_us=%.1f p99_us=%.1f\n", done / seconds, pct(0.50), pct(0.99));
+        std::printf("IOPS=%.0f p50_us=%.1f p99_us=%.1f cpu_us_per_req=%.3f\n", done / seconds, pct(0.50), pct(0.99),
+                    done ? 1e6 * io_cpu_seconds / static_cast<double>(done) : 0.0);
     }
 };
 
-// CPU time (user + system) a thread of this process has used so far.
+// CPU time a thread of this process has run so far, to the nanosecond
+// (schedstat's first field; /proc's stat counts only clock ticks).
 double cpu_seconds(pid_t tid)
 {
-    std::FILE* f = std::fopen(("/proc/self/task/" + std::to_string(tid) + "/stat").c_str(), "r");
+    std::FILE* f = std::fopen(("/proc/self/task/" + std::to_string(tid) + "/schedstat").c_str(), "r");
     if (!f)
         return 0;
-    char text[1024] = {};
-    const size_t n = std::fread(text, 1, sizeof(text) - 1, f);
+    unsigned long long ns = 0;
+    if (std::fscanf(f, "%llu", &ns) != 1)
+        ns = 0;
     std::fclose(f);
-    // Fields after the ")" that ends the name: state is 3, utime 14, stime 15.
-    const char* p = std::strrchr(text, ')');
-    if (!p || n == 0)
-        return 0;
-    unsigned long utime = 0, stime = 0;
-    std::sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime);
-    return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+    return static_cast<double>(ns) / 1e9;
 }
 
 // One engine driven at --qd on the file from the calling thread.
@@ -142,6 +152,7 @@ double run_engine_thread(const Options& o, DiskImage& image, Stats& stats, unsig
         batch.push_back(request(s));
     const auto begin = Clock::now();
     const auto end = begin + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
+    const double cpu_begin = cpu_seconds(::gettid());
     engine->submit(batch);
     std::vector<IoCompletion> done;
     while (Clock::now() < end) {
@@ -160,6 +171,7 @@ double run_engine_thread(const Options& o, DiskImage& image, Stats& stats, unsig
         engine->submit(batch);
     }
     const double elapsed = std::chrono::duration<double>(Clock::now() - begin).count();
+    stats.io_cpu_seconds = cpu_seconds(::gettid()) - cpu_begin;
     while (engine->in_flight()) {
         pollfd p{engine->event_fd(), POLLIN, 0};
         ::poll(&p, 1, 100);
@@ -204,12 +216,12 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
     std::vector<std::unique_ptr<IoThread>> threads;
     std::vector<IoThread*> queue_threads;
     if (o.iothreads == 0) {
-        threads.push_back(std::make_unique<IoThread>(IoThreadOptions{"disk0-io", poll, o.max_batch, -1}));
+        threads.push_back(std::make_unique<IoThread>(IoThreadOptions{"disk0-io", poll, o.max_batch, -1, o.sched}));
         queue_threads.assign(o.queues, threads.back().get());
     } else {
         for (unsigned k = 0; k < o.iothreads; ++k)
             threads.push_back(
-                std::make_unique<IoThread>(IoThreadOptions{"iothread" + std::to_string(k), poll, o.max_batch, -1}));
+                std::make_unique<IoThread>(IoThreadOptions{"iothread" + std::to_string(k), poll, o.max_batch, -1, o.sched}));
         const auto map = map_queues(o.iothreads, {{o.queues, {}}});
         for (const unsigned k : map[0])
             queue_threads.push_back(threads[k].get());
@@ -295,6 +307,13 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
         elapsed[q] = std::chrono::duration<double>(Clock::now() - begin).count();
         driver_cpu[q] = cpu_seconds(::gettid());
     };
+    auto io_cpu = [&] {
+        double total = 0;
+        for (const auto& t : threads)
+            total += cpu_seconds(t->tid());
+        return total;
+    };
+    const double io_cpu_begin = io_cpu();
     std::vector<std::thread> drivers;
     for (unsigned q = 0; q < o.queues; ++q)
         drivers.emplace_back(drive, q);
@@ -302,6 +321,7 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
         d.join();
     for (auto& p : per)
         stats.merge(p);
+    stats.io_cpu_seconds = io_cpu() - io_cpu_begin;
     // Where the CPU time went, as a share of the run.
     const double seconds = *std::max_element(elapsed.begin(), elapsed.end());
     std::string cpu = "cpu:";

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "base/mapping.h"
 #include "hw/guest_memory.h"
 #include "hw/pci.h"
 #include "virtio/virtio_pci.h"
@@ -88,7 +89,7 @@ public:
     static constexpr uint64_t kIoBase = 0x6000, kIoSize = 0xa000;
 
     explicit GuestDriver(uint64_t mmio_base = 0xc0000000)
-        : ram_(kRamSize), memory_({{0, kRamSize, ram_.data()}}), bridge_(mmio_base, 0x10000000, kIoBase, kIoSize) {}
+        : ram_(map_ram()), memory_({{0, kRamSize, ram_.data()}}), bridge_(mmio_base, 0x10000000, kIoBase, kIoSize) {}
 
     GuestMemory& memory() { return memory_; }
     uint8_t* host(uint64_t gpa) { return ram_.data() + gpa; }
@@ -138,7 +139,16 @@ private:
     void common_write(unsigned offset, unsigned size, uint64_t v) { bar_write(common_ + offset, size, v); }
     void find_capabilities();
 
-    std::vector<uint8_t> ram_;
+    // Page-aligned anonymous memory, zeroed, as lkvm maps guest RAM: where a
+    // guest buffer is aligned for O_DIRECT here, it is in lkvm too.
+    static Mapping map_ram()
+    {
+        void* ram = ::mmap(nullptr, kRamSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (ram == MAP_FAILED)
+            throw std::runtime_error("cannot map the test guest's RAM");
+        return Mapping(ram, kRamSize);
+    }
+    Mapping ram_;
     GuestMemory memory_;
     PciHostBridge bridge_;
     FakeHost host_;
