@@ -1,6 +1,7 @@
 #include "disk/io_engine.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <libaio.h>
 #include <liburing.h>
 #include <sys/eventfd.h>
@@ -11,6 +12,7 @@
 #include <array>
 #include <atomic>
 #include <bit>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 
@@ -25,16 +27,25 @@ IoEngine::IoEngine(size_t capacity) : event_(::eventfd(0, EFD_CLOEXEC | EFD_NONB
         throw sys_error("eventfd for an I/O engine");
 }
 
-void IoEngine::signal()
-{
-    const uint64_t one = 1;
-    [[maybe_unused]] ssize_t n = ::write(event_.get(), &one, sizeof(one));
-}
-
-void IoEngine::clear_signal()
+void IoEngine::clear_event()
 {
     uint64_t value;
     [[maybe_unused]] ssize_t n = ::read(event_.get(), &value, sizeof(value));
+}
+
+bool IoEngine::wait_for_completions(int timeout_ms)
+{
+    // The eventfd may still count completions already reaped: a wakeup is a
+    // hint to look, and the wait goes on until one is there or time is up.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (!has_completions()) {
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+        pollfd p{event_.get(), POLLIN, 0};
+        if (left.count() < 0 || ::poll(&p, 1, static_cast<int>(left.count()) + 1) == 0)
+            return has_completions();
+        clear_event();
+    }
+    return true;
 }
 
 namespace {
@@ -89,14 +100,13 @@ int64_t perform_allocation(const IoRequest& r)
 bool is_allocation(IoOp op) { return op == IoOp::kDiscard || op == IoOp::kWriteZeroes; }
 
 // Base for the engines that finish requests inside submit(): completions wait
-// in a list until reaped, announced through the eventfd.
+// in a list until reaped (has_completions() tells; the eventfd stays quiet).
 class ImmediateEngine : public IoEngine {
 public:
     explicit ImmediateEngine(size_t capacity) : IoEngine(capacity) {}
     bool has_completions() const override { return !done_.empty(); }
     size_t reap(std::vector<IoCompletion>& out) override
     {
-        clear_signal();
         const size_t n = done_.size();
         out.insert(out.end(), done_.begin(), done_.end());
         done_.clear();
@@ -109,12 +119,7 @@ protected:
     {
         done_.push_back({cookie, result});
     }
-    void submitted(size_t n)
-    {
-        in_flight_ += n;
-        if (n)
-            signal();
-    }
+    void submitted(size_t n) { in_flight_ += n; }
     std::vector<IoCompletion> done_;
 };
 
@@ -261,7 +266,6 @@ public:
             if (is_allocation(r.op)) {
                 immediate_.push_back({r.cookie, perform_allocation(r)});
                 ++in_flight_;
-                signal();
                 continue;
             }
             iocb& cb = iocbs_[pointers_.size()];
@@ -300,13 +304,11 @@ public:
             immediate_.push_back({reinterpret_cast<uint64_t>(pointers_[done]->data), n == 0 ? -EAGAIN : n});
             ++done;
             ++in_flight_;
-            signal();
         }
     }
 
     size_t reap(std::vector<IoCompletion>& out) override
     {
-        clear_signal();
         size_t total = immediate_.size();
         out.insert(out.end(), immediate_.begin(), immediate_.end());
         in_flight_ -= immediate_.size();
@@ -390,7 +392,6 @@ public:
             ++in_flight_;
             if (is_allocation(r.op)) {
                 immediate_.push_back({r.cookie, perform_allocation(r)});
-                signal();
                 continue;
             }
             io_uring_sqe* sqe = io_uring_get_sqe(ring_.get());
@@ -403,7 +404,6 @@ public:
                 prepare(*sqe, r);
             } else {
                 immediate_.push_back({r.cookie, err ? err : -EAGAIN});
-                signal();
             }
         }
         flush();
@@ -411,7 +411,6 @@ public:
 
     size_t reap(std::vector<IoCompletion>& out) override
     {
-        clear_signal();
         flush();
         size_t total = immediate_.size();
         out.insert(out.end(), immediate_.begin(), immediate_.end());
@@ -501,17 +500,15 @@ private:
     // Hands the queued requests to the kernel; returns 0 or -errno. A request
     // the kernel rejects still completes, with its error, through the ring. A
     // failed call (no memory, a completion backlog) leaves the requests queued
-    // for the next submit() or reap(), which the eventfd prompts.
+    // for the next submit() or reap(): has_completions() says so.
     int flush()
     {
         while (io_uring_sq_ready(ring_.get()) > 0) {
             const int n = io_uring_submit(ring_.get());
             if (n == -EINTR)
                 continue;
-            if (n <= 0) {
-                signal();
+            if (n <= 0)
                 return n < 0 ? n : -EAGAIN;
-            }
         }
         return 0;
     }

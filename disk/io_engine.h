@@ -1,8 +1,7 @@
 // The asynchronous I/O engine interface every backend implements the same
-// way: submit a batch of requests, each with a cookie; one eventfd becomes
-// readable when completions are ready; reap them. Even the synchronous engine
-// completes through the eventfd, so its caller has one code path. One engine
-// instance belongs to one I/O thread and is not shared.
+// way: submit a batch of requests, each with a cookie; poll for completions
+// or sleep on one eventfd; reap them. One engine instance belongs to one I/O
+// thread and is not shared.
 #pragma once
 
 #include <sys/uio.h>
@@ -43,8 +42,6 @@ class IoEngine {
 public:
     virtual ~IoEngine() = default;
     virtual const char* name() const = 0;
-    // Readable whenever completions are waiting to be reaped.
-    int event_fd() const { return event_.get(); }
     // Requests in flight at most; submit() takes no more than capacity() - in_flight().
     size_t capacity() const { return capacity_; }
     size_t in_flight() const { return in_flight_; }
@@ -56,6 +53,22 @@ public:
     // Whether reap() would find something: cheap enough to busy-poll (no
     // system call where the backend shares its completion ring with us).
     virtual bool has_completions() const = 0;
+
+    // Sleeping until completions come. event_fd() becomes readable when the
+    // kernel completes a request, but completions that submit() made itself
+    // (sync, null, refused requests) are not signalled: a caller checks
+    // has_completions() before it sleeps on the fd, and drains the fd with
+    // clear_event() once per wakeup (reap() does not read it, so completions
+    // found by polling cost no system call).
+    int event_fd() const { return event_.get(); }
+    void clear_event();
+    // has_completions(), or else sleeps on event_fd() for up to timeout_ms.
+    bool wait_for_completions(int timeout_ms);
+    // Off while the caller busy-polls has_completions(): backends that can
+    // (io_uring) stop signalling event_fd(). Turned back on before the caller
+    // sleeps, after which it must check has_completions() once more.
+    virtual void set_event_notification(bool) {}
+
     // Files the thread will use often: backends that can (io_uring) register
     // them so that each request skips the file table lookup. Optional.
     virtual void register_file(int) {}
@@ -63,8 +76,6 @@ public:
 
 protected:
     explicit IoEngine(size_t capacity);
-    void signal();           // makes event_fd() readable
-    void clear_signal();     // drains it
     Fd event_;
     size_t capacity_;
     size_t in_flight_ = 0;

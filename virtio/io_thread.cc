@@ -1,6 +1,5 @@
 #include "virtio/io_thread.h"
 
-#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
@@ -264,6 +263,7 @@ void IoThread::wait_completions(Engine& e)
         if (error)
             return;
         e.waiting = false;
+        e.engine->clear_event();
         reap(e);
         wait_completions(e);
     });
@@ -298,8 +298,7 @@ void IoThread::drain_until(const std::function<bool()>& done)
             if (!e || (e->engine->in_flight() == 0 && e->pending.empty()))
                 continue;
             busy = true;
-            pollfd p{e->engine->event_fd(), POLLIN, 0};
-            ::poll(&p, 1, 100);
+            e->engine->wait_for_completions(100);
             reap(*e);
         }
         if (!busy)

@@ -4,7 +4,6 @@
 // same file directly (--mode engine: the limit). Last line: IOPS=... p50_us=... p99_us=...
 // cpu_us_per_req=... (the CPU the I/O threads, or the engine threads, spent per request).
 #include <fcntl.h>
-#include <poll.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -156,10 +155,7 @@ double run_engine_thread(const Options& o, DiskImage& image, Stats& stats, unsig
     engine->submit(batch);
     std::vector<IoCompletion> done;
     while (Clock::now() < end) {
-        if (!engine->has_completions()) {
-            pollfd p{engine->event_fd(), POLLIN, 0};
-            ::poll(&p, 1, 100);
-        }
+        engine->wait_for_completions(100);
         done.clear();
         engine->reap(done);
         batch.clear();
@@ -173,8 +169,7 @@ double run_engine_thread(const Options& o, DiskImage& image, Stats& stats, unsig
     const double elapsed = std::chrono::duration<double>(Clock::now() - begin).count();
     stats.io_cpu_seconds = cpu_seconds(::gettid()) - cpu_begin;
     while (engine->in_flight()) {
-        pollfd p{engine->event_fd(), POLLIN, 0};
-        ::poll(&p, 1, 100);
+        engine->wait_for_completions(100);
         done.clear();
         engine->reap(done);
     }

@@ -2,7 +2,6 @@
 #include <doctest/doctest.h>
 
 #include <fcntl.h>
-#include <poll.h>
 #include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -37,15 +36,14 @@ std::string open_error(const DiskImageOptions& options)
     return "(opened)";
 }
 
-// Submits the batch and waits, through the eventfd as the I/O thread does,
-// until all of it has completed.
+// Submits the batch and waits, polling then sleeping on the eventfd as the
+// I/O thread does, until all of it has completed.
 std::vector<IoCompletion> run(IoEngine& engine, const std::vector<IoRequest>& batch)
 {
     engine.submit(batch);
     std::vector<IoCompletion> done;
     while (done.size() < batch.size()) {
-        pollfd p{engine.event_fd(), POLLIN, 0};
-        if (::poll(&p, 1, 5000) != 1)
+        if (!engine.wait_for_completions(5000))
             break;
         engine.reap(done);
     }
@@ -154,8 +152,7 @@ TEST_CASE("io engines: has_completions tells whether reap would find something")
         iovec iov{buf, sizeof(buf)};
         const IoRequest read{IoOp::kRead, image.fd(), 0, &iov, 1, 5};
         engine->submit(std::span(&read, 1));
-        pollfd p{engine->event_fd(), POLLIN, 0};
-        REQUIRE(::poll(&p, 1, 5000) == 1);
+        REQUIRE(engine->wait_for_completions(5000));
         CHECK(engine->has_completions());
         std::vector<IoCompletion> done;
         CHECK(engine->reap(done) == 1);
@@ -322,8 +319,7 @@ TEST_CASE("io_uring engine: a registered image does not keep its lock once the i
         engine->submit(std::span(&read, 1));
         std::vector<IoCompletion> done;
         while (done.empty()) {
-            pollfd p{engine->event_fd(), POLLIN, 0};
-            ::poll(&p, 1, 1000);
+            engine->wait_for_completions(1000);
             engine->reap(done);
         }
         CHECK(done[0].result == 512);
