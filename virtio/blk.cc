@@ -16,16 +16,16 @@ constexpr uint64_t kBlkFFlush = 1ull << 9, kBlkFMq = 1ull << 12;
 constexpr uint64_t kMaxRequestBytes = 64ull << 20;
 }  // namespace
 
-Result<BlkRequest, BlkFrameError> frame_blk_request(const Chain& chain)
+Result<BlkRequest, BlkFrameError> frame_blk_request(Chain& chain)
 {
     if (chain.writable_bytes == 0)
         return fail(BlkFrameError::kNoStatusByte);
     BlkRequest request;
-    std::vector<iovec> writable = chain.writable;
-    iovec& last = writable.back();
+    iovec& last = chain.writable.back();  // walk_chain keeps no empty buffers: the byte is there
     request.status = static_cast<uint8_t*>(last.iov_base) + last.iov_len - 1;
     if (--last.iov_len == 0)
-        writable.pop_back();
+        chain.writable.pop_back();
+    --chain.writable_bytes;
     if (chain.readable_bytes < 16)
         return request;
     request.header_complete = true;
@@ -34,11 +34,13 @@ Result<BlkRequest, BlkFrameError> frame_blk_request(const Chain& chain)
     copy_from_iovecs(chain.readable, header);
     std::memcpy(&request.type, header, 4);
     std::memcpy(&request.sector, header + 8, 8);
-    if (request.type == kBlkTOut)
-        slice_iovecs(chain.readable, sizeof(header), UINT64_MAX, request.data);
-    else
-        request.data = std::move(writable);
-    request.data_bytes = iovecs_bytes(request.data);
+    if (request.type == kBlkTOut) {
+        request.data = skip_iovec_bytes(chain.readable, sizeof(header));
+        request.data_bytes = chain.readable_bytes - sizeof(header);
+    } else {
+        request.data = chain.writable;
+        request.data_bytes = chain.writable_bytes;
+    }
     return request;
 }
 

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -27,7 +28,7 @@ constexpr size_t kBlkIdBytes = 20;
 struct BlkRequest {
     uint32_t type = 0;
     uint64_t sector = 0;
-    std::vector<iovec> data;
+    std::span<const iovec> data;  // in the chain's own storage
     uint64_t data_bytes = 0;
     uint8_t* status = nullptr;
     bool header_complete = false;  // fewer than 16 readable bytes: answered with IOERR
@@ -35,8 +36,10 @@ struct BlkRequest {
 
 enum class BlkFrameError { kNoStatusByte };
 
-// Without a status byte there is no way to answer: the device treats it as a broken ring.
-Result<BlkRequest, BlkFrameError> frame_blk_request(const Chain& chain);
+// Without a status byte there is no way to answer: the device treats it as a
+// broken ring. Frames in place, allocating nothing: the chain's iovecs lose
+// the status byte, and the header where the data is the readable part.
+Result<BlkRequest, BlkFrameError> frame_blk_request(Chain& chain);
 
 // The status an IN or OUT request gets before any I/O: OK when it may go ahead.
 uint8_t check_blk_request(const BlkRequest& request, uint64_t capacity_sectors, bool read_only);

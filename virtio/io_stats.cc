@@ -25,7 +25,7 @@ uint64_t LatencyHistogram::bucket_upper(unsigned bucket)
 
 void LatencyHistogram::record(uint64_t ns)
 {
-    buckets_[bucket_of(ns)].fetch_add(1, std::memory_order_relaxed);
+    single_writer_add(buckets_[bucket_of(ns)]);
 }
 
 uint64_t LatencyHistogram::count() const

@@ -44,19 +44,27 @@ struct IoCounters {
     uint64_t bytes = 0;
 };
 
+// Statistics have one writer each (the I/O thread that owns them) and any
+// number of readers: the writer adds with a relaxed load and store, never a
+// locked read-modify-write, and readers still see each number whole.
+inline void single_writer_add(std::atomic<uint64_t>& counter, uint64_t n = 1)
+{
+    counter.store(counter.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+}
+
 class QueueStats {
 public:
     // A request took a slot: in flight until completed() or dropped().
-    void started() { in_flight_.fetch_add(1, std::memory_order_relaxed); }
+    void started() { single_writer_add(in_flight_); }
     void completed(uint64_t bytes, uint64_t latency_ns)
     {
-        requests_.fetch_add(1, std::memory_order_relaxed);
-        bytes_.fetch_add(bytes, std::memory_order_relaxed);
+        single_writer_add(requests_);
+        single_writer_add(bytes_, bytes);
         latency_.record(latency_ns);
-        in_flight_.fetch_sub(1, std::memory_order_relaxed);
+        single_writer_add(in_flight_, -1ull);
     }
     // A request its queue stopped waiting for (a reset): never answered, not counted.
-    void dropped() { in_flight_.fetch_sub(1, std::memory_order_relaxed); }
+    void dropped() { single_writer_add(in_flight_, -1ull); }
     IoCounters counters() const
     {
         return {requests_.load(std::memory_order_relaxed), bytes_.load(std::memory_order_relaxed)};
@@ -67,8 +75,8 @@ public:
 
     // Guest notifications read from the queue's eventfd (`kicks` that KVM
     // coalesced into one read count as that many), and interrupts raised.
-    void kicked(uint64_t kicks) { bump(kicks_, kicks); }
-    void interrupted() { bump(interrupts_); }
+    void kicked(uint64_t kicks) { single_writer_add(kicks_, kicks); }
+    void interrupted() { single_writer_add(interrupts_); }
     uint64_t kicks() const { return kicks_.load(std::memory_order_relaxed); }
     uint64_t interrupts() const { return interrupts_.load(std::memory_order_relaxed); }
 
@@ -76,20 +84,17 @@ public:
     // ever did: each queue belongs to exactly one I/O thread.
     void served_by(int tid)
     {
-        const int before = served_by_.exchange(tid, std::memory_order_relaxed);
-        if (before != 0 && before != tid)
+        const int before = served_by_.load(std::memory_order_relaxed);
+        if (before == tid)
+            return;
+        if (before != 0)
             moved_.store(true, std::memory_order_relaxed);
+        served_by_.store(tid, std::memory_order_relaxed);
     }
     int server() const { return served_by_.load(std::memory_order_relaxed); }
     bool moved() const { return moved_.load(std::memory_order_relaxed); }
 
 private:
-    // Only the queue's own thread writes these: a plain add, stored whole for readers.
-    static void bump(std::atomic<uint64_t>& counter, uint64_t n = 1)
-    {
-        counter.store(counter.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-    }
-
     std::atomic<uint64_t> requests_{0}, bytes_{0}, in_flight_{0};
     std::atomic<uint64_t> kicks_{0}, interrupts_{0};
     std::atomic<int> served_by_{0};
@@ -105,7 +110,8 @@ struct ThreadStats {
     std::atomic<uint64_t> poll_hits{0};   // work found by busy-polling, no sleep
     std::atomic<uint64_t> poll_ns{0};     // the current poll time
 
-    void add(std::atomic<uint64_t>& counter, uint64_t n = 1) { counter.fetch_add(n, std::memory_order_relaxed); }
+    void add(std::atomic<uint64_t>& counter, uint64_t n = 1) { single_writer_add(counter, n); }
+    void set(std::atomic<uint64_t>& value, uint64_t n) { value.store(n, std::memory_order_relaxed); }
 };
 
 }  // namespace lkvm

@@ -18,6 +18,8 @@ namespace lkvm {
 namespace {
 // Requests each engine may hold at once; more wait in the thread's backlog.
 constexpr size_t kEngineCapacity = 1024;
+// Busy rounds between two runs of Asio's reactor (see loop()).
+constexpr unsigned kReactorEvery = 64;
 }  // namespace
 
 uint64_t monotonic_ns()
@@ -74,7 +76,7 @@ void IoThread::run_and_wait(const std::function<void()>& fn)
         return;
     }
     std::promise<void> done;
-    boost::asio::post(io_, [&] {
+    post([&] {
         try {
             fn();
             done.set_value();
@@ -98,8 +100,18 @@ void IoThread::loop()
     }
     apply_policy(options_.name, options_.policy);
     try {
+        bool busy = false;         // the last round found its work by polling
+        unsigned busy_rounds = 0;  // since the reactor last ran
         while (!io_.stopped()) {
-            io_.poll();
+            // Asio's reactor (an epoll_wait) only when something may wait
+            // there: a round that slept, work posted from another thread, or
+            // every kReactorEvery rounds of a thread that keeps finding its
+            // work by polling (so that nothing ever waits on it for long).
+            if (!busy || take_posted() || ++busy_rounds == kReactorEvery) {
+                busy_rounds = 0;
+                round_ns_ = 0;
+                io_.poll();
+            }
             flush();
             end_round();
             const uint64_t start = monotonic_ns();
@@ -107,30 +119,56 @@ void IoThread::loop()
             if (poll_ns_ > 0) {
                 set_polling(true);
                 const uint64_t deadline = start + poll_ns_;
-                do
+                uint64_t now = start;
+                do {
+                    round_ns_ = now;
                     found = poll_once();
-                while (!found && monotonic_ns() < deadline);
+                } while (!found && (now = monotonic_ns()) < deadline);
             }
+            busy = found;
             if (found) {
                 stats_.add(stats_.poll_hits);
             } else {
-                // Notifications back on, then one more look: a kick that came
-                // while they were off would otherwise wait for the next one.
+                // Notifications back on, then one more look: a kick or a
+                // completion that came while they were off would otherwise
+                // wait for the next one.
                 set_polling(false);
+                round_ns_ = 0;
                 if (!poll_once()) {
+                    round_ns_ = 0;
                     io_.run_one();
                     stats_.add(stats_.wakeups);
                 }
             }
             if (options_.poll.max_ns) {
                 poll_ns_ = next_poll_ns(poll_ns_, monotonic_ns() - start, options_.poll);
-                stats_.poll_ns.store(poll_ns_, std::memory_order_relaxed);
+                stats_.set(stats_.poll_ns, poll_ns_);
             }
         }
     } catch (const std::exception& e) {
         // Nothing a guest does should get here; say so and stop this thread's work.
         log_error(options_.name + ": " + e.what());
     }
+}
+
+uint64_t IoThread::round_ns()
+{
+    if (round_ns_ == 0)
+        round_ns_ = monotonic_ns();
+    return round_ns_;
+}
+
+void IoThread::post(std::function<void()> fn)
+{
+    boost::asio::post(io_, std::move(fn));
+    // After the handler is queued: whoever sees the flag finds the handler.
+    posted_.store(true, std::memory_order_release);
+}
+
+bool IoThread::take_posted()
+{
+    // A locked exchange only when something was posted: rare next to rounds.
+    return posted_.load(std::memory_order_relaxed) && posted_.exchange(false, std::memory_order_acquire);
 }
 
 bool IoThread::poll_once()
@@ -160,6 +198,9 @@ void IoThread::set_polling(bool active)
     polling_ = active;
     for (auto* source : sources_)
         source->set_polling(active);
+    for (auto& e : engines_)
+        if (e)
+            e->engine->set_event_notification(!active);
 }
 
 void IoThread::add_source(PollSource& source)
@@ -182,11 +223,12 @@ void IoThread::interrupt_at_round_end(PollSource& source)
 
 void IoThread::end_round()
 {
-    // round_end() may queue again (for the next round): take the list first.
-    auto sources = std::move(round_end_);
-    round_end_.clear();
-    for (auto* source : sources)
+    // round_end() may queue again (for the next round): take the list first,
+    // swapped with a spare so that both keep their storage.
+    ending_.swap(round_end_);
+    for (auto* source : ending_)
         source->round_end();
+    ending_.clear();
 }
 
 uint32_t IoThread::add_sink(CompletionSink& sink)
@@ -281,12 +323,16 @@ void IoThread::reap(Engine& e)
         if (std::find(touched_sinks_.begin(), touched_sinks_.end(), id) == touched_sinks_.end())
             touched_sinks_.push_back(id);
     }
-    // A sink may submit more from completions_done(): take the list first.
-    auto touched = std::move(touched_sinks_);
-    touched_sinks_.clear();
+    // A sink may submit more, and reap, from completions_done(): take the
+    // list first, swapped with a spare so that both keep their storage.
+    std::vector<uint32_t> touched;
+    touched.swap(spare_sinks_);
+    touched.swap(touched_sinks_);
     for (const uint32_t id : touched)
         if (sinks_[id])
             sinks_[id]->completions_done();
+    touched.clear();
+    spare_sinks_.swap(touched);
 }
 
 void IoThread::drain_until(const std::function<bool()>& done)

@@ -86,9 +86,16 @@ public:
     const ThreadStats& stats() const { return stats_; }
     // Runs fn on this thread and returns when it has run (at once when already on it).
     void run_and_wait(const std::function<void()>& fn);
+    // Runs fn on this thread soon. Other threads hand work to this one only
+    // through these two: a thread busy polling looks for posted work without
+    // a system call.
+    void post(std::function<void()> fn);
 
     // The rest is for code running on this thread.
     ThreadStats& mutable_stats() { return stats_; }
+    // The time of the current loop round (read once per round, when first
+    // asked for): request latencies are measured in rounds.
+    uint64_t round_ns();
     void add_source(PollSource& source);
     void remove_source(PollSource& source);
     // Calls source.round_end() once the current loop round is over, as QEMU's
@@ -122,18 +129,21 @@ private:
     bool poll_once();
     void set_polling(bool active);
     void end_round();
+    bool take_posted();
 
     IoThreadOptions options_;
     boost::asio::io_context io_{1};
     boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
     std::array<std::optional<Engine>, 4> engines_;  // by EngineKind
     std::vector<PollSource*> sources_;
-    std::vector<PollSource*> round_end_;
+    std::vector<PollSource*> round_end_, ending_;
     std::vector<CompletionSink*> sinks_;             // by id; nullptr when free
-    std::vector<uint32_t> touched_sinks_;
+    std::vector<uint32_t> touched_sinks_, spare_sinks_;
     std::vector<IoCompletion> completions_;
     uint64_t poll_ns_ = 0;
+    uint64_t round_ns_ = 0;  // 0: not read yet this round
     bool polling_ = false;
+    std::atomic<bool> posted_{false};
     ThreadStats stats_;
     std::atomic<pid_t> tid_{0};
     std::thread thread_;  // last: starts once everything above exists

@@ -52,6 +52,18 @@ void slice_iovecs(std::span<const iovec> iovs, uint64_t skip, uint64_t max_bytes
     }
 }
 
+std::span<const iovec> skip_iovec_bytes(std::vector<iovec>& iovs, uint64_t skip)
+{
+    size_t first = 0;
+    while (first < iovs.size() && skip >= iovs[first].iov_len)
+        skip -= iovs[first++].iov_len;
+    if (first < iovs.size()) {
+        iovs[first].iov_base = static_cast<uint8_t*>(iovs[first].iov_base) + skip;
+        iovs[first].iov_len -= skip;
+    }
+    return std::span(iovs).subspan(first);
+}
+
 uint64_t iovecs_bytes(std::span<const iovec> iovs)
 {
     uint64_t n = 0;
@@ -89,6 +101,9 @@ RequestQueue::RequestQueue(IoThread& thread, const QueueSetup& setup, bool event
 {
     for (uint32_t i = 0; i < slots_.size(); ++i)
         free_slots_.push_back(static_cast<uint32_t>(slots_.size() - 1 - i));
+    // Every chain is walked into this one, whatever its size: no allocation per request.
+    chain_.readable.reserve(config_.limits.max_segments);
+    chain_.writable.reserve(config_.limits.max_segments);
 }
 
 RequestQueue::~RequestQueue() = default;
@@ -149,12 +164,12 @@ void RequestQueue::process()
     while (!broken_ring_ && !stopping_) {
         ring_.set_notifications(false);
         while (!free_slots_.empty()) {
-            auto popped = ring_.pop();
+            const auto popped = ring_.pop(chain_);
             if (!popped)
+                return mark_broken(describe(popped.error()));
+            if (!popped.value())
                 break;
-            if (!popped->ok())
-                return mark_broken(describe(popped->error()));
-            handle(popped->value());
+            handle(chain_);
             if (broken_ring_)
                 return;
         }
@@ -178,7 +193,7 @@ uint32_t RequestQueue::take_slot(uint16_t head)
     free_slots_.pop_back();
     Slot& slot = slots_[id];
     slot.head = head;
-    slot.started_ns = monotonic_ns();
+    slot.started_ns = thread_.round_ns();
     stats_.started();
     thread_.mutable_stats().io.started();
     return id;
@@ -188,24 +203,29 @@ void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t
                           uint64_t length)
 {
     Slot& slot = slots_[id];
-    slot.bounce.reset();
-    slot.guest.clear();
-    slot.iov.assign(data.begin(), data.end());
+    slot.bounced = false;
+    slot.iov.assign(data.begin(), data.end());  // the slot's storage, kept from request to request
     const uint32_t align = target.alignment;
     const bool moves_data = op == IoOp::kRead || op == IoOp::kWrite;
     if (moves_data && align > 1 && std::ranges::any_of(slot.iov, [&](const iovec& v) {
             return reinterpret_cast<uintptr_t>(v.iov_base) % align || v.iov_len % align;
         })) {
-        // O_DIRECT wants aligned buffers; the guest's are not: go through one that is.
+        // O_DIRECT wants aligned buffers; the guest's are not: go through one
+        // that is, the slot's own, kept for the next request that needs one.
         const uint64_t bytes = iovecs_bytes(slot.iov);
-        void* buffer = nullptr;
-        if (::posix_memalign(&buffer, align, std::max<uint64_t>(bytes, align)) != 0)
-            return io_done(id, -ENOMEM);
-        slot.bounce.reset(static_cast<uint8_t*>(buffer));
+        if (!slot.bounce || slot.bounce_bytes < bytes || slot.bounce_align < align) {
+            void* buffer = nullptr;
+            if (::posix_memalign(&buffer, align, std::max<uint64_t>(bytes, align)) != 0)
+                return io_done(id, -ENOMEM);
+            slot.bounce.reset(static_cast<uint8_t*>(buffer));
+            slot.bounce_bytes = bytes;
+            slot.bounce_align = align;
+        }
         if (op == IoOp::kWrite)
             copy_from_iovecs(slot.iov, {slot.bounce.get(), static_cast<size_t>(bytes)});
         std::swap(slot.guest, slot.iov);
         slot.iov.assign(1, {slot.bounce.get(), static_cast<size_t>(bytes)});
+        slot.bounced = true;
     }
     IoRequest request{op,          target.fd, offset, slot.iov.data(), static_cast<int>(slot.iov.size()),
                       IoThread::cookie(sink_, id), target.ioprio};
@@ -213,17 +233,28 @@ void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t
     thread_.submit(target.engine, request);
 }
 
+void RequestQueue::release(Slot& slot)
+{
+    // A small bounce buffer stays for the slot's next misaligned request; a
+    // large one goes, or a guest could make every slot hold megabytes.
+    constexpr uint64_t kKeptBounceBytes = 128 << 10;
+    if (slot.bounce_bytes > kKeptBounceBytes) {
+        slot.bounce.reset();
+        slot.bounce_bytes = 0;
+    }
+}
+
 void RequestQueue::complete(uint32_t tag, int64_t result)
 {
     Slot& slot = slots_.at(tag);
     if (stopping_) {
-        slot.bounce.reset();
+        release(slot);
         free_slots_.push_back(tag);
         stats_.dropped();
         thread_.mutable_stats().io.dropped();
         return;
     }
-    if (result > 0 && slot.bounce && !slot.guest.empty())
+    if (result > 0 && slot.bounced && !slot.guest.empty())
         copy_to_iovecs(slot.guest, {slot.bounce.get(), static_cast<size_t>(result)});
     io_done(tag, result);
 }
@@ -232,11 +263,11 @@ void RequestQueue::finish_slot(uint32_t id, uint32_t written, uint64_t bytes)
 {
     Slot& slot = slots_[id];
     // Counted before the guest can see the answer: whoever saw it sees the statistics include it.
-    const uint64_t latency = monotonic_ns() - slot.started_ns;
+    const uint64_t latency = thread_.round_ns() - slot.started_ns;
     stats_.completed(bytes, latency);
     thread_.mutable_stats().io.completed(bytes, latency);
     finish(slot.head, written);
-    slot.bounce.reset();
+    release(slot);
     free_slots_.push_back(id);
 }
 

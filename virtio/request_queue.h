@@ -34,6 +34,9 @@ size_t copy_to_iovecs(std::span<const iovec> iovs, std::span<const uint8_t> src)
 // most. Reuses out's storage: the request path allocates nothing here.
 void slice_iovecs(std::span<const iovec> iovs, uint64_t skip, uint64_t max_bytes, std::vector<iovec>& out);
 uint64_t iovecs_bytes(std::span<const iovec> iovs);
+// Drops the first `skip` bytes of iovs in place (whole iovecs, and the front
+// of the one it ends in); returns what is left, a view into iovs.
+std::span<const iovec> skip_iovec_bytes(std::vector<iovec>& iovs, uint64_t skip);
 
 // Says once per device (`reported` is its flag) that a disk I/O failed with
 // `result` (-errno or a short count) and what the guest got instead.
@@ -104,10 +107,14 @@ private:
         uint16_t head = 0;
         uint64_t started_ns = 0;
         std::vector<iovec> iov;    // what the engine moves
+        bool bounced = false;      // iov is the bounce buffer
         std::unique_ptr<uint8_t, void (*)(void*)> bounce{nullptr, ::free};
+        uint64_t bounce_bytes = 0;
+        uint32_t bounce_align = 0;
         std::vector<iovec> guest;  // where a bounced read is copied back to
     };
 
+    void release(Slot& slot);
     void wait_notify();
     void process();
     void signal();
@@ -121,6 +128,7 @@ private:
     std::function<void()> broken_;
     std::vector<Slot> slots_;
     std::vector<uint32_t> free_slots_;
+    Chain chain_;  // the one being handled
     uint32_t sink_ = 0;
     bool used_dirty_ = false;     // pushed used entries not yet considered for an interrupt
     bool signal_queued_ = false;  // round_end() will consider them

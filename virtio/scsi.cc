@@ -321,15 +321,19 @@ private:
     {
         if (stopped_ || broken_ring_)
             return;
-        while (auto popped = ring_.pop()) {
-            if (!popped->ok()) {
+        Chain chain;
+        for (;;) {
+            const auto popped = ring_.pop(chain);
+            if (!popped) {
                 broken_ring_ = true;
                 log_warn("scsi controller (" + device_.describe() + "): the guest driver broke the control queue (" +
-                         describe(popped->error()) + "); device needs a reset");
+                         describe(popped.error()) + "); device needs a reset");
                 broken_();
                 return;
             }
-            handle(popped->value());
+            if (!popped.value())
+                break;
+            handle(chain);
         }
         signal();
     }
@@ -596,7 +600,7 @@ void VirtioScsi::task_management(uint32_t subtype, uint16_t lun, uint64_t tag, s
     auto tally = std::make_shared<Tally>(Tally{queues.size(), 0, std::move(done)});
     for (const auto& queue : queues) {
         std::weak_ptr<ScsiQueue> weak = std::static_pointer_cast<ScsiQueue>(queue);
-        boost::asio::post(queue->thread().context(), [this, weak, match, abort, tally] {
+        queue->thread().post([this, weak, match, abort, tally] {
             auto answer = [this, tally](uint32_t found) {
                 boost::asio::post(control_loop_, [tally, found] {
                     tally->found += found;

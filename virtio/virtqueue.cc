@@ -46,13 +46,15 @@ bool rings_in_memory(const GuestMemory& memory, const RingLayout& l)
            memory.span(l.used, used_bytes(l.size));
 }
 
-Result<Chain, ChainError> walk_chain(const GuestMemory& memory, const RingLayout& layout, uint16_t head,
-                                     const ChainLimits& limits)
+std::optional<ChainError> walk_chain(const GuestMemory& memory, const RingLayout& layout, uint16_t head,
+                                     const ChainLimits& limits, Chain& chain)
 {
-    if (head >= layout.size)
-        return fail(ChainError::kHeadOutOfRange);
-    Chain chain;
     chain.head = head;
+    chain.readable.clear();
+    chain.writable.clear();
+    chain.readable_bytes = chain.writable_bytes = 0;
+    if (head >= layout.size)
+        return ChainError::kHeadOutOfRange;
     uint64_t table = layout.desc;
     uint32_t table_size = layout.size;
     bool in_indirect = false;
@@ -60,18 +62,18 @@ Result<Chain, ChainError> walk_chain(const GuestMemory& memory, const RingLayout
     uint32_t walked = 0;  // descriptors visited in the current table
     for (;;) {
         if (++walked > table_size)
-            return fail(ChainError::kLoop);
+            return ChainError::kLoop;
         VringDesc desc;
         if (!memory.read(table + 16ull * index, &desc, sizeof(desc)))
-            return fail(in_indirect ? ChainError::kBadIndirectTable : ChainError::kRingOutsideMemory);
+            return in_indirect ? ChainError::kBadIndirectTable : ChainError::kRingOutsideMemory;
 
         if (desc.flags & kVringDescIndirect) {
             if (in_indirect)
-                return fail(ChainError::kNestedIndirect);
+                return ChainError::kNestedIndirect;
             if (desc.flags & kVringDescNext)
-                return fail(ChainError::kIndirectWithNext);
+                return ChainError::kIndirectWithNext;
             if (desc.len == 0 || desc.len % 16 != 0 || desc.len / 16 > kMaxQueueSize || !memory.span(desc.addr, desc.len))
-                return fail(ChainError::kBadIndirectTable);
+                return ChainError::kBadIndirectTable;
             table = desc.addr;
             table_size = desc.len / 16;
             in_indirect = true;
@@ -83,28 +85,34 @@ Result<Chain, ChainError> walk_chain(const GuestMemory& memory, const RingLayout
         if (desc.len > 0) {
             auto span = memory.span(desc.addr, desc.len);
             if (!span)
-                return fail(ChainError::kBufferOutsideMemory);
-            const iovec iov{span->data(), desc.len};
-            if (desc.flags & kVringDescWrite) {
-                chain.writable.push_back(iov);
-                chain.writable_bytes += desc.len;
-            } else {
-                if (!chain.writable.empty())
-                    return fail(ChainError::kReadableAfterWritable);
-                chain.readable.push_back(iov);
-                chain.readable_bytes += desc.len;
-            }
-            if (chain.readable.size() + chain.writable.size() > limits.max_segments ||
-                chain.readable_bytes + chain.writable_bytes > limits.max_bytes)
-                return fail(ChainError::kTooLarge);
+                return ChainError::kBufferOutsideMemory;
+            const bool writable = desc.flags & kVringDescWrite;
+            if (!writable && !chain.writable.empty())
+                return ChainError::kReadableAfterWritable;
+            // Checked before the segment is kept, so that storage reserved for
+            // max_segments is never outgrown.
+            if (chain.readable.size() + chain.writable.size() >= limits.max_segments ||
+                chain.readable_bytes + chain.writable_bytes + desc.len > limits.max_bytes)
+                return ChainError::kTooLarge;
+            (writable ? chain.writable : chain.readable).push_back({span->data(), desc.len});
+            (writable ? chain.writable_bytes : chain.readable_bytes) += desc.len;
         }
 
         if (!(desc.flags & kVringDescNext))
-            return chain;
+            return std::nullopt;
         index = desc.next;
         if (index >= table_size)
-            return fail(ChainError::kNextOutOfRange);
+            return ChainError::kNextOutOfRange;
     }
+}
+
+Result<Chain, ChainError> walk_chain(const GuestMemory& memory, const RingLayout& layout, uint16_t head,
+                                     const ChainLimits& limits)
+{
+    Chain chain;
+    if (const auto error = walk_chain(memory, layout, head, limits, chain))
+        return fail(*error);
+    return chain;
 }
 
 SplitQueue::SplitQueue(const GuestMemory& memory, const RingLayout& layout, bool event_idx, ChainLimits limits)
@@ -132,18 +140,20 @@ bool SplitQueue::has_available() const
     return avail_idx() != last_avail_;
 }
 
-std::optional<Result<Chain, ChainError>> SplitQueue::pop()
+Result<bool, ChainError> SplitQueue::pop(Chain& chain)
 {
     const uint16_t avail = avail_idx();
     if (static_cast<uint16_t>(avail - last_avail_) > layout_.size)
-        return Result<Chain, ChainError>(fail(ChainError::kAvailIndexJump));
+        return fail(ChainError::kAvailIndexJump);
     if (avail == last_avail_)
-        return std::nullopt;
+        return false;
     const uint16_t head = load16(reinterpret_cast<uint8_t*>(avail_ring_entry(last_avail_)));
     ++last_avail_;
     if (event_idx_ && notifications_)
         store16(used_ + 4 + 8ull * layout_.size, last_avail_);  // avail_event: kick us for anything newer
-    return walk_chain(memory_, layout_, head, limits_);
+    if (const auto error = walk_chain(memory_, layout_, head, limits_, chain))
+        return fail(*error);
+    return true;
 }
 
 void SplitQueue::push_used(uint16_t head, uint32_t written)

@@ -64,7 +64,12 @@ struct RingLayout {
 // Checks that the descriptor table and both rings of `layout` lie in guest memory.
 bool rings_in_memory(const GuestMemory& memory, const RingLayout& layout);
 
-// Walks the chain starting at `head` of the descriptor table.
+// Walks the chain starting at `head` of the descriptor table into `chain`,
+// reusing its storage: with room for limits.max_segments reserved, walking
+// allocates nothing. Returns the error that makes the chain unusable, if any.
+std::optional<ChainError> walk_chain(const GuestMemory& memory, const RingLayout& layout, uint16_t head,
+                                     const ChainLimits& limits, Chain& chain);
+// The same into a new chain.
 Result<Chain, ChainError> walk_chain(const GuestMemory& memory, const RingLayout& layout, uint16_t head,
                                      const ChainLimits& limits);
 
@@ -73,9 +78,10 @@ public:
     // The layout must have passed rings_in_memory().
     SplitQueue(const GuestMemory& memory, const RingLayout& layout, bool event_idx, ChainLimits limits);
 
-    // The next chain the driver made available, nothing when the ring is
-    // empty, or the error that makes this queue unusable.
-    std::optional<Result<Chain, ChainError>> pop();
+    // Walks the next chain the driver made available into `chain` (its
+    // storage reused): true when there was one, false when the ring is empty,
+    // or the error that makes this queue unusable.
+    Result<bool, ChainError> pop(Chain& chain);
     bool has_available() const;
     // Returns a chain to the driver with `written` bytes written into it.
     void push_used(uint16_t head, uint32_t written);

@@ -561,7 +561,7 @@ private:
     // Each handler posts the next: the loop always has one ready.
     static void spin(IoThread& thread, std::shared_ptr<State> state)
     {
-        boost::asio::post(thread.context(), [&thread, state] {
+        thread.post([&thread, state] {
             state->spinning = true;
             if (state->held)
                 spin(thread, state);

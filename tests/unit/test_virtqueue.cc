@@ -179,14 +179,17 @@ TEST_CASE("split queue: pop, push used, and a driver that jumps the avail index"
 {
     Ring r;
     SplitQueue q(r.mem, r.layout, false, {});
-    CHECK_FALSE(q.pop().has_value());
+    Chain chain;
+    const auto empty = q.pop(chain);
+    REQUIRE(empty.ok());
+    CHECK_FALSE(empty.value());
     r.desc(5, Ring::kData, 512, kVringDescWrite);
     r.offer(5);
     CHECK(q.has_available());
-    auto popped = q.pop();
-    REQUIRE(popped.has_value());
-    REQUIRE(popped->ok());
-    CHECK(popped->value().head == 5);
+    const auto popped = q.pop(chain);
+    REQUIRE(popped.ok());
+    REQUIRE(popped.value());
+    CHECK(chain.head == 5);
     q.push_used(5, 512);
     CHECK(r.used_idx() == 1);
     uint32_t id, len;
@@ -199,9 +202,9 @@ TEST_CASE("split queue: pop, push used, and a driver that jumps the avail index"
 
     const uint16_t jump = 1 + 17;      // 17 new entries in a 16-entry ring
     std::memcpy(&r.ram[Ring::kAvail + 2], &jump, 2);
-    auto broken = q.pop();
-    REQUIRE(broken.has_value());
-    CHECK(broken->error() == ChainError::kAvailIndexJump);
+    const auto broken = q.pop(chain);
+    REQUIRE_FALSE(broken.ok());
+    CHECK(broken.error() == ChainError::kAvailIndexJump);
 }
 
 TEST_CASE("split queue: interrupts follow NO_INTERRUPT, or used_event with EVENT_IDX")
@@ -232,7 +235,8 @@ TEST_CASE("split queue: interrupts follow NO_INTERRUPT, or used_event with EVENT
         q.push_used(0, 8);              // used idx 3 passes used_event 2
         CHECK(q.needs_interrupt());
         r.offer(0);
-        REQUIRE(q.pop().has_value());
+        Chain chain;
+        REQUIRE(q.pop(chain).value());
         uint16_t avail_event;
         std::memcpy(&avail_event, &r.ram[Ring::kUsed + 4 + 8 * 16], 2);
         CHECK(avail_event == 1);
@@ -242,7 +246,7 @@ TEST_CASE("split queue: interrupts follow NO_INTERRUPT, or used_event with EVENT
         std::memcpy(&avail_event, &r.ram[Ring::kUsed + 4 + 8 * 16], 2);
         CHECK(avail_event == 0);
         r.offer(0);
-        REQUIRE(q.pop().has_value());
+        REQUIRE(q.pop(chain).value());
         std::memcpy(&avail_event, &r.ram[Ring::kUsed + 4 + 8 * 16], 2);
         CHECK(avail_event == 0);
         q.set_notifications(true);
