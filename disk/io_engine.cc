@@ -153,15 +153,18 @@ private:
         return 0;
     }
 
-    static int64_t perform(const IoRequest& r)
+    int64_t perform(const IoRequest& r)
     {
         if (r.op == IoOp::kFlush)
             return ::fdatasync(r.fd) < 0 ? -errno : 0;
         if (is_allocation(r.op))
             return perform_allocation(r);
-        // A short transfer is continued until done, end of file, or an error.
+        // A short transfer is continued until done, end of file, or an error,
+        // on a copy of the iovecs (the caller's stay as they are) in storage
+        // kept from request to request.
         int64_t total = 0;
-        std::vector<iovec> iov(r.iov, r.iov + r.iovcnt);
+        std::vector<iovec>& iov = iov_;
+        iov.assign(r.iov, r.iov + r.iovcnt);
         size_t first = 0;
         while (first < iov.size()) {
             const ssize_t n = r.op == IoOp::kRead
@@ -188,6 +191,7 @@ private:
     }
 
     uint16_t thread_ioprio_ = 0;
+    std::vector<iovec> iov_;
 };
 
 // Completes every request at once without touching data: the cost of the

@@ -206,6 +206,10 @@ void IoThread::set_polling(bool active)
 void IoThread::add_source(PollSource& source)
 {
     sources_.push_back(&source);
+    // Each source asks for round_end() once a round at most: room for all of
+    // them now, so that the loop never grows these lists.
+    round_end_.reserve(sources_.size());
+    ending_.reserve(sources_.size());
     if (polling_)
         source.set_polling(true);
 }
@@ -233,6 +237,9 @@ void IoThread::end_round()
 
 uint32_t IoThread::add_sink(CompletionSink& sink)
 {
+    // The same for the sinks a reap touches.
+    touched_sinks_.reserve(sinks_.size() + 1);
+    spare_sinks_.reserve(sinks_.size() + 1);
     for (uint32_t id = 0; id < sinks_.size(); ++id) {
         if (!sinks_[id]) {
             sinks_[id] = &sink;

@@ -175,6 +175,33 @@ uint16_t GuestDriver::add_chain_at(unsigned q, uint16_t first, const std::vector
     return head;
 }
 
+uint64_t GuestDriver::keep_in_flight(unsigned q, unsigned depth, unsigned stride, uint64_t completions,
+                                     const std::function<void(unsigned)>& queue)
+{
+    auto put = [&](unsigned i) {
+        queues_[q].next_desc = static_cast<uint16_t>(stride * i);
+        queue(i);
+    };
+    for (unsigned i = 0; i < depth; ++i)
+        put(i);
+    kick(q);
+    uint64_t submitted = depth, done = 0;
+    while (done < submitted) {
+        const auto used = wait_used(q, 1, 5000);
+        if (used.empty())
+            break;
+        for (const auto& [head, len] : used) {
+            ++done;
+            if (submitted < completions) {
+                put(head / stride);  // a new request in its place
+                ++submitted;
+            }
+        }
+        kick(q);
+    }
+    return done;
+}
+
 void GuestDriver::offer(unsigned q, uint16_t head)
 {
     DriverQueue& dq = queues_[q];

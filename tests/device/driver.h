@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <functional>
 #include <atomic>
 #include <map>
 #include <span>
@@ -110,6 +111,12 @@ public:
     uint16_t add_chain(unsigned q, const std::vector<Buffer>& buffers);
     // The same, in descriptors first..first+n-1 (callers that recycle fixed slots).
     uint16_t add_chain_at(unsigned q, uint16_t first, const std::vector<Buffer>& buffers);
+    // Keeps `depth` requests in flight on queue q until `completions` came
+    // back, then waits for the rest: queue(i) puts request i on the ring (not
+    // kicked), its chain starting at descriptor stride * i. Returns the
+    // completions seen, fewer when the device stopped answering for 5 s.
+    uint64_t keep_in_flight(unsigned q, unsigned depth, unsigned stride, uint64_t completions,
+                            const std::function<void(unsigned)>& queue);
     // Writes a raw descriptor (for hostile tests) and offers `head` as is.
     void write_desc(unsigned q, uint16_t index, const VringDesc& desc);
     void offer(unsigned q, uint16_t head);

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "disk/disk_image.h"
+#include "tests/device/alloc_counter.h"
 #include "tests/device/driver.h"
 #include "virtio/io_thread.h"
 #include "virtio/scsi.h"
@@ -512,4 +513,29 @@ TEST_CASE("scsi device: a reset with commands in flight waits for them and answe
     rig.driver.kick(3);
     rig.driver.reprobe(kAllFeatures, 2 + kRequestQueues);
     CHECK(rig.command(1, 0, cdb10(0x28, 0, 1), 512).status == scsi::kStatusGood);
+}
+
+TEST_CASE("scsi device: in steady state the request path allocates nothing, whatever the engine")
+{
+    for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring, EngineKind::kNull}) {
+        CAPTURE(engine_kind_name(engine));
+        ScsiRig rig(engine);
+        // READ(10) and WRITE(10) of 4 KiB, 64 in flight on request queue 0
+        // (I/O thread io0); command i's descriptors are 3i..3i+2.
+        uint64_t round = 0;
+        auto queue = [&](unsigned i) {
+            const bool write = (i + round++) % 3 == 0;
+            const auto lba = static_cast<uint32_t>(8 * ((i * 37 + round) % (kDiskBytes / 4096)));
+            rig.queue_command(i, 0, 0, cdb10(write ? 0x2a : 0x28, lba, 8), 4096, !write);
+        };
+        constexpr uint64_t kWarmUp = 4000, kCounted = 20000;
+        REQUIRE(rig.driver.keep_in_flight(2, 64, 3, kWarmUp, queue) == kWarmUp);
+        rig.io0.run_and_wait([] { watch_allocations(true); });
+        const uint64_t before = watched_allocations();
+        REQUIRE(rig.driver.keep_in_flight(2, 64, 3, kCounted, queue) == kCounted);
+        const uint64_t allocations = watched_allocations() - before;
+        rig.io0.run_and_wait([] { watch_allocations(false); });
+        CHECK(allocations == 0);
+        CHECK(rig.scsi->queue_stats(0).counters().requests == kWarmUp + kCounted);
+    }
 }
