@@ -110,6 +110,7 @@ uint64_t GuestDriver::reprobe(uint64_t wanted, unsigned queues, uint16_t queue_s
         return f | (uint64_t{common_read(0x04, 4)} << 32);
     }();
     const uint64_t features = offered & wanted;
+    event_idx_ = features & kVirtioFRingEventIdx;
     common_write(0x08, 4, 0);
     common_write(0x0c, 4, static_cast<uint32_t>(features));
     common_write(0x08, 4, 1);
@@ -220,6 +221,29 @@ void GuestDriver::kick(unsigned q)
 {
     const uint64_t one = 1;
     [[maybe_unused]] ssize_t n = ::write(queues_[q].notify_fd, &one, sizeof(one));
+}
+
+bool GuestDriver::kick_if_needed(unsigned q)
+{
+    DriverQueue& dq = queues_[q];
+    // As Linux's virtqueue_kick_prepare(): the new avail idx must be visible
+    // before the device's wish is read, or both sides may decide to wait.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    const uint16_t old = dq.notified_avail, now = dq.avail_idx;
+    dq.notified_avail = now;
+    bool needed;
+    if (event_idx_) {
+        const uint16_t avail_event = std::atomic_ref<uint16_t>(
+            *reinterpret_cast<uint16_t*>(host(dq.rings.used + 4 + 8ull * dq.rings.size))).load(std::memory_order_relaxed);
+        needed = static_cast<uint16_t>(now - avail_event - 1) < static_cast<uint16_t>(now - old);
+    } else {
+        const uint16_t flags = std::atomic_ref<uint16_t>(*reinterpret_cast<uint16_t*>(host(dq.rings.used)))
+                                   .load(std::memory_order_relaxed);
+        needed = !(flags & kVringUsedNoNotify);
+    }
+    if (needed)
+        kick(q);
+    return needed;
 }
 
 uint16_t GuestDriver::used_idx(unsigned q)

@@ -71,6 +71,7 @@ struct DriverQueue {
     uint16_t next_desc = 0;
     uint16_t avail_idx = 0;
     uint16_t used_seen = 0;
+    uint16_t notified_avail = 0;  // avail idx at the last kick decision
     int notify_fd = -1;
     int irq_fd = -1;
 };
@@ -122,6 +123,9 @@ public:
     void offer(unsigned q, uint16_t head);
     void set_avail_idx(unsigned q, uint16_t idx);
     void kick(unsigned q);
+    // Kicks only when the device asked for it (VRING_USED_F_NO_NOTIFY, or
+    // avail_event with EVENT_IDX), as Linux does; returns whether it did.
+    bool kick_if_needed(unsigned q);
     // A kick that no ioeventfd takes (KVM could not bind one, or an odd-sized
     // write): a write of `size` bytes to the queue's notify address reaches
     // the transport through an exit, in whichever BAR the capability named.
@@ -172,6 +176,7 @@ private:
     int config_irq_fd_ = -1;
     uint64_t wanted_ = 0;
     uint16_t queue_size_ = 0;
+    bool event_idx_ = false;
     unsigned num_queues_ = 0;
 };
 

@@ -241,7 +241,7 @@ TEST_CASE("scsi device: writes and reads over request queues on two I/O threads,
 {
     for (const AddressSpace notify : {AddressSpace::kMemory, AddressSpace::kPort})
     for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring}) {
-        CAPTURE(engine_kind_name(engine));
+        CAPTURE(std::string(engine_kind_name(engine)));
         CAPTURE(notify == AddressSpace::kPort ? "notify=pio" : "notify=mmio");
         ScsiRig rig(engine, false, notify);
         constexpr unsigned kPerQueue = 24, kBlocks = 8;
@@ -518,7 +518,7 @@ TEST_CASE("scsi device: a reset with commands in flight waits for them and answe
 TEST_CASE("scsi device: in steady state the request path allocates nothing, whatever the engine")
 {
     for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring, EngineKind::kNull}) {
-        CAPTURE(engine_kind_name(engine));
+        CAPTURE(std::string(engine_kind_name(engine)));
         ScsiRig rig(engine);
         // READ(10) and WRITE(10) of 4 KiB, 64 in flight on request queue 0
         // (I/O thread io0); command i's descriptors are 3i..3i+2.
