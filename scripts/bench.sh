@@ -14,6 +14,8 @@ file=${BENCH_FILE:-/var/tmp/lkvm-blkbench.raw}
 run() { "$bench" "$@" --seconds "$seconds" --file "$file" --bs 4k --rw randread; }
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p" <<< "$2" | tail -n 1; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+us() { awk -v a="$1" 'BEGIN { printf "%.2f", a }'; }
+difference() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.2f", a - b }'; }
 
 # The buffered rows measure the page cache, not the disk: read the file in
 # first, or the first rows pay for whatever evicted it since.
@@ -22,9 +24,11 @@ cat "$file" > /dev/null
 echo "blkbench: 4k randread, 64 in flight per configuration, ${seconds}s per run, file $file ($(nproc) host CPUs)"
 echo "threads: 'dedicated' is the device's own thread; N is a group of N I/O threads (queues spread round robin)"
 echo "blk and scsi: the same engine, file and threads through virtio-blk and through virtio-scsi (one LUN)"
-row='%-8s %-6s %-9s %6s %4s | %9s %7s %7s | %9s %7s %7s | %9s %7s %7s | %7s %8s %9s | %6s %6s | %s\n'
+echo "CPU us/req: the I/O threads' CPU (device) or the engine threads' CPU (eng) per request; own = device - eng, what lkvm adds"
+row='%-8s %-6s %-9s %6s %4s | %9s %7s %7s | %9s %7s %7s | %9s %7s %7s | %7s %8s %9s | %6s %6s | %6s %6s %6s %6s %6s | %s\n'
 printf "$row" engine direct threads queues qd "blk IOPS" "p50us" "p99us" "scsi IOPS" "p50us" "p99us" \
-    "eng IOPS" "p50us" "p99us" blk/eng scsi/eng scsi/blk "blk 2v1" "scsi 2v1" "CPU (blk run)"
+    "eng IOPS" "p50us" "p99us" blk/eng scsi/eng scsi/blk "blk 2v1" "scsi 2v1" \
+    "blk us" "scsi" "eng" "own b" "own s" "CPU (blk run)"
 for spec in "null:" "sync:" "native:" "io_uring:" "native:--direct" "io_uring:--direct"; do
     engine=${spec%%:*} extra=${spec#*:}
     one_blk= one_scsi=
@@ -36,6 +40,7 @@ for spec in "null:" "sync:" "native:" "io_uring:" "native:--direct" "io_uring:--
         scsi=$(device scsi)
         eng=$(run --engine "$engine" --mode engine --iothreads "$limit_threads" --qd $((64 / limit_threads)) $extra)
         bi=$(field IOPS "$blk") si=$(field IOPS "$scsi") ei=$(field IOPS "$eng")
+        bc=$(field cpu_us_per_req "$blk") sc=$(field cpu_us_per_req "$scsi") ec=$(field cpu_us_per_req "$eng")
         blk_scaling=- scsi_scaling=-
         [ "$threads" = 1 ] && one_blk=$bi one_scsi=$si
         [ "$threads" = 2 ] && blk_scaling=$(ratio "$bi" "$one_blk") scsi_scaling=$(ratio "$si" "$one_scsi")
@@ -43,6 +48,7 @@ for spec in "null:" "sync:" "native:" "io_uring:" "native:--direct" "io_uring:--
             "$bi" "$(field p50_us "$blk")" "$(field p99_us "$blk")" "$si" "$(field p50_us "$scsi")" "$(field p99_us "$scsi")" \
             "$ei" "$(field p50_us "$eng")" "$(field p99_us "$eng")" \
             "$(ratio "$bi" "$ei")" "$(ratio "$si" "$ei")" "$(ratio "$si" "$bi")" "$blk_scaling" "$scsi_scaling" \
+            "$(us "$bc")" "$(us "$sc")" "$(us "$ec")" "$(difference "$bc" "$ec")" "$(difference "$sc" "$ec")" \
             "$(sed -n 's/^cpu: //p' <<< "$blk")"
     done
 done

@@ -100,15 +100,14 @@ void IoThread::loop()
     }
     apply_policy(options_.name, options_.policy);
     try {
-        bool busy = false;         // the last round found its work by polling
-        unsigned busy_rounds = 0;  // since the reactor last ran
+        unsigned rounds = 0;  // since the reactor last ran
         while (!io_.stopped()) {
             // Asio's reactor (an epoll_wait) only when something may wait
-            // there: a round that slept, work posted from another thread, or
-            // every kReactorEvery rounds of a thread that keeps finding its
-            // work by polling (so that nothing ever waits on it for long).
-            if (!busy || take_posted() || ++busy_rounds == kReactorEvery) {
-                busy_rounds = 0;
+            // there that polling cannot see: work posted from another thread,
+            // or, every kReactorEvery rounds, whatever else (a kick that came
+            // although notifications were off). A round that slept ran it.
+            if (take_posted() || ++rounds == kReactorEvery) {
+                rounds = 0;
                 round_ns_ = 0;
                 io_.poll();
             }
@@ -117,7 +116,6 @@ void IoThread::loop()
             const uint64_t start = monotonic_ns();
             bool found = false;
             if (poll_ns_ > 0) {
-                set_polling(true);
                 const uint64_t deadline = start + poll_ns_;
                 uint64_t now = start;
                 do {
@@ -125,7 +123,6 @@ void IoThread::loop()
                     found = poll_once();
                 } while (!found && (now = monotonic_ns()) < deadline);
             }
-            busy = found;
             if (found) {
                 stats_.add(stats_.poll_hits);
             } else {
@@ -136,9 +133,14 @@ void IoThread::loop()
                 round_ns_ = 0;
                 if (!poll_once()) {
                     round_ns_ = 0;
+                    rounds = 0;
                     io_.run_one();
                     stats_.add(stats_.wakeups);
                 }
+                // Awake: notifications stay off until the thread is about to
+                // sleep again (as QEMU's), so that the guest's kicks and the
+                // engine's eventfd cost nothing while it works.
+                set_polling(true);
             }
             if (options_.poll.max_ns) {
                 poll_ns_ = next_poll_ns(poll_ns_, monotonic_ns() - start, options_.poll);
@@ -344,6 +346,7 @@ void IoThread::reap(Engine& e)
 
 void IoThread::drain_until(const std::function<bool()>& done)
 {
+    set_polling(false);  // it sleeps on the engines' eventfds: they must signal
     while (!done()) {
         flush();
         bool busy = false;

@@ -336,7 +336,7 @@ TEST_CASE("io engines: discard deallocates and reads back zeroes, write-zeroes z
     TempDir dir;
     constexpr size_t kSize = 1 << 20, kRange = 256 << 10;
     for (const EngineKind kind : kDataEngines) {
-        CAPTURE(engine_kind_name(kind));
+        CAPTURE(std::string(engine_kind_name(kind)));
         const auto path = dir.file(std::string("alloc-") + engine_kind_name(kind) + ".raw", kSize, 'x');
         const auto image = DiskImage::open({path, false, false});
         ::fsync(image.fd());
