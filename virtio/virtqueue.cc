@@ -63,9 +63,10 @@ std::optional<ChainError> walk_chain(const GuestMemory& memory, const RingLayout
     for (;;) {
         if (++walked > table_size)
             return ChainError::kLoop;
-        VringDesc desc;
-        if (!memory.read(table + 16ull * index, &desc, sizeof(desc)))
+        const auto read = memory.read_obj<VringDesc>(table + 16ull * index);
+        if (!read)
             return in_indirect ? ChainError::kBadIndirectTable : ChainError::kRingOutsideMemory;
+        const VringDesc desc = *read;
 
         if (desc.flags & kVringDescIndirect) {
             if (in_indirect)
