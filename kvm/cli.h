@@ -22,6 +22,7 @@ constexpr int kOk = 0;
 constexpr int kError = 1;         // bad command line or setup failure
 constexpr int kGuestPanic = 121;  // the guest kernel panicked
 constexpr int kVcpuFault = 122;   // triple fault or KVM internal error on a vCPU
+constexpr int kIoThreadFailed = 123;  // an I/O thread's loop failed (a bug, or the host failing lkvm)
 constexpr int kTimeout = 124;     // --timeout expired (as timeout(1) says it)
 }  // namespace exit_status
 

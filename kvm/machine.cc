@@ -148,6 +148,8 @@ void Machine::add_disks()
     virtio_host_ = std::make_unique<KvmVirtioHost>(vm_, mmio_, pio_);
     const IoThreadsSpec& group = options_.iothreads;
     const PollParams poll{group.poll_max_ns, group.poll_grow, group.poll_shrink};
+    // A failed I/O thread ends lkvm through the usual way out, with its own status.
+    const auto io_thread_failed = [this](const std::string& what) { finish({exit_status::kIoThreadFailed, what}); };
     const auto plans = plan_disk_devices(options_);
     std::vector<DiskQueues> queues;
     for (const auto& plan : plans)
@@ -157,8 +159,8 @@ void Machine::add_disks()
         map = map_queues(group.count, queues);
         for (unsigned k = 0; k < group.count; ++k) {
             const int cpu = group.affinity.empty() ? -1 : group.affinity[k % group.affinity.size()];
-            io_threads_.push_back(std::make_unique<IoThread>(
-                IoThreadOptions{"iothread" + std::to_string(k), poll, group.aio_max_batch, cpu, group.policy}));
+            io_threads_.push_back(std::make_unique<IoThread>(IoThreadOptions{
+                "iothread" + std::to_string(k), poll, group.aio_max_batch, cpu, group.policy, io_thread_failed}));
         }
     }
     for (size_t p = 0; p < plans.size(); ++p) {
@@ -168,8 +170,8 @@ void Machine::add_disks()
             for (const unsigned k : map[p])
                 threads.push_back(io_threads_[k].get());
         } else {
-            io_threads_.push_back(std::make_unique<IoThread>(
-                IoThreadOptions{"disk" + std::to_string(plan.disks.front()) + "-io", poll, 0, -1, group.policy}));
+            io_threads_.push_back(std::make_unique<IoThread>(IoThreadOptions{
+                "disk" + std::to_string(plan.disks.front()) + "-io", poll, 0, -1, group.policy, io_thread_failed}));
             threads.assign(plan.num_queues, io_threads_.back().get());
         }
         auto engine_of = [](const DiskSpec& spec) {

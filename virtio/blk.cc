@@ -144,6 +144,8 @@ VirtioBlk::VirtioBlk(DiskImage image, BlkOptions options, const GuestMemory& mem
         throw Error("a virtio-blk device needs at least one queue");
     for (size_t q = 0; q < queue_threads_.size(); ++q)
         stats_.push_back(std::make_unique<QueueStats>());
+    for (IoThread* thread : queue_threads_)
+        thread->prepare_engine(options_.engine);
 }
 
 VirtioBlk::~VirtioBlk()

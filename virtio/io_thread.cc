@@ -100,56 +100,74 @@ void IoThread::loop()
     }
     apply_policy(options_.name, options_.policy);
     try {
-        unsigned rounds = 0;  // since the reactor last ran
-        while (!io_.stopped()) {
-            // Asio's reactor (an epoll_wait) only when something may wait
-            // there that polling cannot see: work posted from another thread,
-            // or, every kReactorEvery rounds, whatever else (a kick that came
-            // although notifications were off). A round that slept ran it.
-            if (take_posted() || ++rounds == kReactorEvery) {
-                rounds = 0;
-                round_ns_ = 0;
-                io_.poll();
-            }
-            flush();
-            end_round();
-            const uint64_t start = monotonic_ns();
-            bool found = false;
-            if (poll_ns_ > 0) {
-                const uint64_t deadline = start + poll_ns_;
-                uint64_t now = start;
-                do {
-                    round_ns_ = now;
-                    found = poll_once();
-                } while (!found && (now = monotonic_ns()) < deadline);
-            }
-            if (found) {
-                stats_.add(stats_.poll_hits);
-            } else {
-                // Notifications back on, then one more look: a kick or a
-                // completion that came while they were off would otherwise
-                // wait for the next one.
-                set_polling(false);
-                round_ns_ = 0;
-                if (!poll_once()) {
-                    round_ns_ = 0;
-                    rounds = 0;
-                    io_.run_one();
-                    stats_.add(stats_.wakeups);
-                }
-                // Awake: notifications stay off until the thread is about to
-                // sleep again (as QEMU's), so that the guest's kicks and the
-                // engine's eventfd cost nothing while it works.
-                set_polling(true);
-            }
-            if (options_.poll.max_ns) {
-                poll_ns_ = next_poll_ns(poll_ns_, monotonic_ns() - start, options_.poll);
-                stats_.set(stats_.poll_ns, poll_ns_);
-            }
-        }
+        serve_rounds();
     } catch (const std::exception& e) {
-        // Nothing a guest does should get here; say so and stop this thread's work.
-        log_error(options_.name + ": " + e.what());
+        // Nothing a guest does should get here: a bug, or the host failing us.
+        const std::string what = options_.name + " failed: " + e.what();
+        if (options_.on_failure)
+            options_.on_failure(what);  // its owner says it, as it ends
+        else
+            log_error(what);
+    }
+    // Stopped, or failed: whoever waits on run_and_wait (a reset, lkvm's
+    // exit) must still get its answer, so posted work runs until the end.
+    while (!io_.stopped()) {
+        try {
+            io_.run();
+        } catch (const std::exception& e) {
+            log_error(options_.name + ": " + e.what());
+        }
+    }
+}
+
+void IoThread::serve_rounds()
+{
+    unsigned rounds = 0;  // since the reactor last ran
+    while (!io_.stopped()) {
+        // Asio's reactor (an epoll_wait) only when something may wait
+        // there that polling cannot see: work posted from another thread,
+        // or, every kReactorEvery rounds, whatever else (a kick that came
+        // although notifications were off). A round that slept ran it.
+        if (take_posted() || ++rounds == kReactorEvery) {
+            rounds = 0;
+            round_ns_ = 0;
+            io_.poll();
+        }
+        flush();
+        end_round();
+        const uint64_t start = monotonic_ns();
+        bool found = false;
+        if (poll_ns_ > 0) {
+            const uint64_t deadline = start + poll_ns_;
+            uint64_t now = start;
+            do {
+                round_ns_ = now;
+                found = poll_once();
+            } while (!found && (now = monotonic_ns()) < deadline);
+        }
+        if (found) {
+            stats_.add(stats_.poll_hits);
+        } else {
+            // Notifications back on, then one more look: a kick or a
+            // completion that came while they were off would otherwise
+            // wait for the next one.
+            set_polling(false);
+            round_ns_ = 0;
+            if (!poll_once()) {
+                round_ns_ = 0;
+                rounds = 0;
+                io_.run_one();
+                stats_.add(stats_.wakeups);
+            }
+            // Awake: notifications stay off until the thread is about to
+            // sleep again (as QEMU's), so that the guest's kicks and the
+            // engine's eventfd cost nothing while it works.
+            set_polling(true);
+        }
+        if (options_.poll.max_ns) {
+            poll_ns_ = next_poll_ns(poll_ns_, monotonic_ns() - start, options_.poll);
+            stats_.set(stats_.poll_ns, poll_ns_);
+        }
     }
 }
 
@@ -262,12 +280,17 @@ IoThread::Engine& IoThread::engine(EngineKind kind)
     auto& slot = engines_.at(static_cast<size_t>(kind));
     if (!slot) {
         Engine e;
-        e.engine = make_io_engine(kind, kEngineCapacity);
+        e.engine = options_.make_engine ? options_.make_engine(kind, kEngineCapacity) : make_io_engine(kind, kEngineCapacity);
         e.event = std::make_unique<boost::asio::posix::stream_descriptor>(io_, ::dup(e.engine->event_fd()));
         slot.emplace(std::move(e));
         wait_completions(*slot);
     }
     return *slot;
+}
+
+void IoThread::prepare_engine(EngineKind kind)
+{
+    run_and_wait([&] { engine(kind); });
 }
 
 void IoThread::use_file(EngineKind kind, int fd, bool in_use)

@@ -43,12 +43,20 @@ uint64_t monotonic_ns();
 // polling may ever be, grown when polling a little longer would have.
 uint64_t next_poll_ns(uint64_t poll_ns, uint64_t block_ns, const PollParams& params);
 
+using EngineFactory = std::function<std::unique_ptr<IoEngine>(EngineKind, size_t capacity)>;
+
 struct IoThreadOptions {
     std::string name;
     PollParams poll;
     unsigned max_batch = 0;  // requests per engine submission at most; 0: all that are ready
     int cpu = -1;            // the host CPU to pin to; -1: wherever the scheduler likes
     IoThreadPolicy policy = IoThreadPolicy::kBatch;
+    // Called on the thread, once, if its loop fails (an exception no handler
+    // caught): what failed. The thread serves nothing but posted work after
+    // that, so that resets and exit still complete.
+    std::function<void(const std::string& what)> on_failure{};
+    // Makes the thread's engines; empty: make_io_engine. A seam for tests.
+    EngineFactory make_engine{};
 };
 
 // Something this thread serves that can be checked without blocking: a
@@ -113,6 +121,10 @@ public:
     void drain_until(const std::function<bool()>& done);
     // Registers a file with the engine of that kind (io_uring fixed files).
     void use_file(EngineKind kind, int fd, bool in_use);
+    // From any thread: sets up the engine of that kind now, so that a failure
+    // (no aio contexts left, no memory for a ring) is an error where the
+    // device is made (lkvm's start), not when the guest starts the device.
+    void prepare_engine(EngineKind kind);
 
 private:
     struct Engine {
@@ -123,6 +135,7 @@ private:
     };
     Engine& engine(EngineKind kind);
     void loop();
+    void serve_rounds();
     void wait_completions(Engine& e);
     void reap(Engine& e);
     void flush();

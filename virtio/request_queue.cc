@@ -111,10 +111,11 @@ RequestQueue::~RequestQueue() = default;
 void RequestQueue::start(std::function<void()> broken)
 {
     broken_ = std::move(broken);
-    sink_ = thread_.add_sink(*this);
-    thread_.add_source(*this);
     for (const auto& target : config_.targets)
         thread_.use_file(target.engine, target.fd, true);
+    sink_ = thread_.add_sink(*this);
+    thread_.add_source(*this);
+    registered_ = true;
     wait_notify();
     process();  // the driver may have kicked before DRIVER_OK
 }
@@ -123,9 +124,12 @@ void RequestQueue::stop()
 {
     stopping_ = true;
     notify_.close();
-    thread_.remove_source(*this);
-    thread_.drain_until([this] { return free_slots_.size() == slots_.size(); });
-    thread_.remove_sink(sink_);
+    if (registered_) {
+        thread_.remove_source(*this);
+        thread_.drain_until([this] { return free_slots_.size() == slots_.size(); });
+        thread_.remove_sink(sink_);
+        registered_ = false;
+    }
     for (const auto& target : config_.targets)
         thread_.use_file(target.engine, target.fd, false);
 }
@@ -330,10 +334,25 @@ void RequestQueues::start(std::span<const QueueSetup> setups, std::span<IoThread
         }
         IoThread& thread = *queue_threads[setup.index];
         std::shared_ptr<RequestQueue> queue;
+        std::string failed;
         thread.run_and_wait([&] {
-            queue = make(thread, setup);
-            queue->start(broken);
+            try {
+                queue = make(thread, setup);
+                queue->start(broken);
+            } catch (const std::exception& e) {
+                // The host failed us (no memory, no descriptors): the guest
+                // sees a device that needs a reset, lkvm goes on.
+                failed = e.what();
+                if (queue)
+                    queue->stop();
+                queue.reset();  // here, on its thread
+            }
         });
+        if (!failed.empty()) {
+            log_error("cannot start a disk queue: " + failed + "; the device needs a reset");
+            broken();
+            continue;
+        }
         queues_.push_back(std::move(queue));
     }
 }

@@ -136,6 +136,7 @@ private:
     bool broken_ring_ = false;
     bool polling_ = false;        // the thread polls us: leave notifications off
     bool stopping_ = false;
+    bool registered_ = false;     // a source and sink of the thread
 };
 
 // A virtio device whose request queues run on I/O threads: what the

@@ -454,6 +454,9 @@ VirtioScsi::VirtioScsi(std::vector<ScsiLunSetup> luns, uint16_t queue_size, cons
     std::ranges::sort(lun_ids_);
     for (size_t q = 0; q < queue_threads_.size(); ++q)
         stats_.push_back(std::make_unique<QueueStats>());
+    for (IoThread* thread : queue_threads_)
+        for (const auto& lun : luns_)
+            thread->prepare_engine(lun->target.engine);
 }
 
 VirtioScsi::Lun::Lun(uint16_t id_, DiskImage image_, const scsi::ScsiDiskOptions& options, EngineKind engine,

@@ -18,6 +18,7 @@
 #include <string>
 #include <thread>
 
+#include "base/error.h"
 #include "disk/disk_image.h"
 #include "kvm/io_stats_table.h"
 #include "tests/device/alloc_counter.h"
@@ -699,4 +700,22 @@ TEST_CASE("blk: kicks and completions that race the thread's switch from polling
         CHECK(stalled == 0);
         CHECK(rig.blk->queue_stats(0).counters().requests == 3000);
     }
+}
+
+TEST_CASE("blk: an engine that cannot be set up fails making the device (lkvm's start), not the guest's DRIVER_OK")
+{
+    char tmpl[] = "/tmp/lkvm-device.XXXXXX";
+    const std::filesystem::path dir = ::mkdtemp(tmpl);
+    const std::string path = (dir / "disk.raw").string();
+    std::ofstream(path, std::ios::binary) << std::string(1 << 20, '\0');
+    IoThreadOptions options{"disk0-io", {}, 0, -1};
+    options.make_engine = [](EngineKind, size_t) -> std::unique_ptr<IoEngine> {
+        throw Error("io_setup for the native (libaio) engine: Resource temporarily unavailable");
+    };
+    IoThread thread(std::move(options));
+    GuestDriver driver;
+    CHECK_THROWS_WITH_AS(VirtioBlk(DiskImage::open({path, false, false}), BlkOptions{"s", EngineKind::kNative, 0, 256},
+                                   driver.memory(), {&thread}),
+                         "io_setup for the native (libaio) engine: Resource temporarily unavailable", Error);
+    std::filesystem::remove_all(dir);
 }

@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <future>
+#include <stdexcept>
 #include <memory>
 #include <string>
 #include <thread>
@@ -16,6 +18,7 @@
 #include "virtio/io_stats.h"
 #include "virtio/io_thread.h"
 #include "virtio/queue_mapping.h"
+#include "virtio/request_queue.h"
 
 using namespace lkvm;
 
@@ -199,4 +202,56 @@ TEST_CASE("statistics sample: each I/O thread with its kernel thread id and the 
         CHECK(t.bytes == 0);
     }
     CHECK(sample.queues.empty());
+}
+
+TEST_CASE("I/O threads: a failed loop is reported once, and run_and_wait still answers (resets and exit do not hang)")
+{
+    std::promise<std::string> failure;
+    IoThreadOptions options{"failing-io", {}, 0, -1};
+    options.on_failure = [&](const std::string& what) { failure.set_value(what); };
+    IoThread thread(std::move(options));
+    thread.post([] { throw std::runtime_error("a bug"); });
+    auto reported = failure.get_future();
+    REQUIRE(reported.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+    CHECK(reported.get() == "failing-io failed: a bug");
+    // On a thread of its own, so that a hang fails the check instead of the test run.
+    auto answered = std::make_shared<std::promise<bool>>();
+    std::thread([&thread, answered] {
+        bool ran = false;
+        thread.run_and_wait([&] { ran = true; });
+        answered->set_value(ran);
+    }).detach();
+    auto ran = answered->get_future();
+    REQUIRE(ran.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+    CHECK(ran.get());
+}
+
+TEST_CASE("I/O threads: an engine that cannot be set up is an error where the device is made, not an abort")
+{
+    IoThreadOptions options{"no-aio", {}, 0, -1};
+    options.make_engine = [](EngineKind, size_t) -> std::unique_ptr<IoEngine> {
+        throw Error("io_setup for the native (libaio) engine: Resource temporarily unavailable");
+    };
+    IoThread thread(std::move(options));
+    CHECK_THROWS_WITH_AS(thread.prepare_engine(EngineKind::kNative),
+                         "io_setup for the native (libaio) engine: Resource temporarily unavailable", Error);
+    bool alive = false;
+    thread.run_and_wait([&] { alive = true; });  // the thread goes on
+    CHECK(alive);
+}
+
+TEST_CASE("request queues: a queue the host cannot start leaves the device needing a reset, never an exception")
+{
+    IoThread thread(IoThreadOptions{"queues", {}, 0, -1});
+    RequestQueues queues;
+    const std::vector<QueueSetup> setups{QueueSetup{0, {}, -1, nullptr}};
+    std::vector<IoThread*> threads{&thread};
+    unsigned broken = 0;
+    CHECK_NOTHROW(queues.start(
+        setups, threads, [](const QueueSetup&) { return true; },
+        [](IoThread&, const QueueSetup&) -> std::shared_ptr<RequestQueue> { throw std::runtime_error("EMFILE"); },
+        [&] { ++broken; }));
+    CHECK(broken == 1);
+    CHECK(queues.all().empty());
+    queues.stop();
 }
