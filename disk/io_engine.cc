@@ -103,7 +103,7 @@ bool is_allocation(IoOp op) { return op == IoOp::kDiscard || op == IoOp::kWriteZ
 // in a list until reaped (has_completions() tells; the eventfd stays quiet).
 class ImmediateEngine : public IoEngine {
 public:
-    explicit ImmediateEngine(size_t capacity) : IoEngine(capacity) {}
+    explicit ImmediateEngine(size_t capacity) : IoEngine(capacity) { done_.reserve(capacity); }
     bool has_completions() const override { return !done_.empty(); }
     size_t reap(std::vector<IoCompletion>& out) override
     {
@@ -231,6 +231,7 @@ public:
             throw Error(std::string("io_setup for the native (libaio) engine: ") + std::strerror(-r) +
                         (r == -EAGAIN ? "; raise /proc/sys/fs/aio-max-nr or use aio=sync" : ""));
         pointers_.reserve(capacity);
+        immediate_.reserve(capacity);  // no allocation when many requests fail at once
     }
     ~NativeEngine() override
     {
@@ -376,6 +377,7 @@ public:
         std::vector<int> empty(kFileSlots, -1);
         if (io_uring_register_files(ring_.get(), empty.data(), kFileSlots) == 0)
             slot_fd_ = std::move(empty);
+        immediate_.reserve(capacity);  // no allocation when many requests fail at once
     }
     ~UringEngine() override
     {

@@ -281,6 +281,10 @@ IoThread::Engine& IoThread::engine(EngineKind kind)
     if (!slot) {
         Engine e;
         e.engine = options_.make_engine ? options_.make_engine(kind, kEngineCapacity) : make_io_engine(kind, kEngineCapacity);
+        // Sized for the most a round can hold, so that a burst larger than
+        // any before it does not allocate on the request path.
+        e.pending.reserve(kEngineCapacity);
+        completions_.reserve(kEngineCapacity);
         e.event = std::make_unique<boost::asio::posix::stream_descriptor>(io_, ::dup(e.engine->event_fd()));
         slot.emplace(std::move(e));
         wait_completions(*slot);
