@@ -194,10 +194,10 @@ void ScsiQueue::start_step(uint32_t slot)
     if (step.op == IoOp::kRead || step.op == IoOp::kWrite) {
         if (step.repeat_first_block) {
             if (command.block.empty()) {
-                command.block.resize(scsi::ScsiDisk::kBlockSize);
+                command.block.resize(command.lun->disk.block_size());
                 copy_from_iovecs(command.data, command.block);
             }
-            step_iov_.assign(step.bytes / scsi::ScsiDisk::kBlockSize, iovec{command.block.data(), command.block.size()});
+            step_iov_.assign(step.bytes / command.block.size(), iovec{command.block.data(), command.block.size()});
         } else {
             slice_iovecs(command.data, 0, step.bytes, step_iov_);
         }
@@ -447,8 +447,11 @@ VirtioScsi::VirtioScsi(std::vector<ScsiLunSetup> luns, uint16_t queue_size, cons
                         std::to_string(virtio_scsi::kMaxLun));
         if (find_lun(setup.lun))
             throw Error("scsi lun " + std::to_string(setup.lun) + " is given twice on one controller");
-        max_sectors_ = std::min(max_sectors_, setup.disk.max_transfer_blocks);
         luns_.push_back(std::make_unique<Lun>(setup.lun, std::move(setup.image), setup.disk, setup.engine, setup.ioprio));
+        // Linux takes max_sectors in 512-byte sectors, whatever the units' block size.
+        const uint64_t sectors = uint64_t{setup.disk.max_transfer_blocks} * luns_.back()->disk.block_size() /
+                                 DiskImage::kSectorSize;
+        max_sectors_ = static_cast<uint32_t>(std::min<uint64_t>(max_sectors_, sectors));
         lun_ids_.push_back(setup.lun);
     }
     std::ranges::sort(lun_ids_);

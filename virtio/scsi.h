@@ -97,7 +97,7 @@ private:
 
     std::vector<std::unique_ptr<Lun>> luns_;
     std::vector<uint16_t> lun_ids_;
-    uint32_t max_sectors_ = UINT32_MAX;  // the smallest transfer limit of the units
+    uint32_t max_sectors_ = UINT32_MAX;  // the smallest transfer limit of the units, in 512-byte sectors
     uint16_t queue_size_;
     const GuestMemory& memory_;
     std::vector<IoThread*> queue_threads_;

@@ -14,6 +14,8 @@
 #include <string_view>
 #include <utility>
 
+#include "base/error.h"
+
 namespace lkvm::scsi {
 
 namespace {
@@ -41,14 +43,17 @@ constexpr uint8_t kWce = 0x04;          // caching page, byte 2
 constexpr uint8_t kWriteProtect = 0x80, kDpoFua = 0x10;  // mode parameter header, device-specific byte
 constexpr bool kWriteCacheDefault = true;                // as a ScsiDisk starts
 
-// Block limits (VPD 0xB0). The optimal transfer length is a sizing hint:
-// long enough that per-request costs stay small, short enough not to inflate
-// the guest's readahead (Linux reads ahead up to twice the optimal size).
-constexpr uint32_t kOptimalTransferBlocks = 256;          // 128 KiB
-constexpr uint32_t kMaxUnmapBlocks = (1u << 30) / ScsiDisk::kBlockSize;  // 1 GiB per UNMAP
+constexpr uint32_t kMinBlockSize = DiskImage::kSectorSize, kMaxBlockSize = 64 << 10;
+
+// Block limits (VPD 0xB0), in bytes: each disk reports them in its own
+// blocks. The optimal transfer length is a sizing hint: long enough that
+// per-request costs stay small, short enough not to inflate the guest's
+// readahead (Linux reads ahead up to twice the optimal size).
+constexpr uint64_t kOptimalTransferBytes = 128 << 10;
+constexpr uint64_t kMaxUnmapBytes = 1u << 30;  // per UNMAP
 constexpr uint32_t kMaxUnmapDescriptors = 256;
-constexpr uint32_t kUnmapGranularityBlocks = 4096 / ScsiDisk::kBlockSize;  // host filesystems free whole 4 KiB blocks
-constexpr uint64_t kMaxWriteSameBlocks = (1u << 30) / ScsiDisk::kBlockSize;
+constexpr uint64_t kUnmapGranularityBytes = 4096;  // host filesystems free whole 4 KiB blocks
+constexpr uint64_t kMaxWriteSameBytes = 1u << 30;
 // The transport gives every repeated block of a WRITE SAME its own iovec: at most IOV_MAX.
 constexpr uint64_t kMaxWriteSameBlocksPerStep = 1024;
 
@@ -281,6 +286,9 @@ struct ScsiDisk::Command {
     // The LBA and block count fields at the places SBC-3 gives them in each
     // CDB length. READ(6)/WRITE(6) count 0 as 256 blocks.
     std::pair<uint64_t, uint64_t> lba_and_blocks() const;
+    uint32_t block_size() const { return disk.block_size_; }
+    // A byte limit in this disk's blocks, at least one.
+    uint64_t blocks_in(uint64_t bytes) const { return std::max<uint64_t>(1, bytes / block_size()); }
     bool in_range(uint64_t lba, uint64_t blocks) const
     {
         return lba <= disk.blocks() && blocks <= disk.blocks() - lba;
@@ -337,7 +345,23 @@ const ScsiDisk::Command::Entry* ScsiDisk::Command::find(uint8_t opcode)
     return nullptr;
 }
 
-ScsiDisk::ScsiDisk(const DiskImage& image, ScsiDiskOptions options) : image_(image), options_(std::move(options)) {}
+uint32_t ScsiDisk::block_size_for(const DiskImage& image)
+{
+    return std::max(kMinBlockSize, image.alignment());
+}
+
+ScsiDisk::ScsiDisk(const DiskImage& image, ScsiDiskOptions options)
+    : image_(image),
+      options_(std::move(options)),
+      block_size_(options_.block_size ? options_.block_size : block_size_for(image))
+{
+    // Smaller than the alignment, every I/O of a block would fail with EINVAL.
+    if (!std::has_single_bit(block_size_) || block_size_ < kMinBlockSize || block_size_ > kMaxBlockSize ||
+        block_size_ % image.alignment() != 0)
+        throw Error("disk " + image.path() + ": logical block size " + std::to_string(block_size_) +
+                    " must be a power of two from 512 to 65536 bytes and a multiple of the image's O_DIRECT "
+                    "alignment, " + std::to_string(image.alignment()));
+}
 
 void ScsiDisk::reset()
 {
@@ -460,14 +484,14 @@ std::optional<std::vector<uint8_t>> ScsiDisk::Command::vpd(uint8_t code) const
         auto page = vpd_page(code, 0x3c);
         page[4] = 0x01;  // WSNZ: WRITE SAME must give a block count (we do not write "to the end")
         put_be(page, 8, 4, disk.options_.max_transfer_blocks);
-        put_be(page, 12, 4, std::min(kOptimalTransferBlocks, disk.options_.max_transfer_blocks));
+        put_be(page, 12, 4, std::min<uint64_t>(blocks_in(kOptimalTransferBytes), disk.options_.max_transfer_blocks));
         if (unmap) {
-            put_be(page, 20, 4, kMaxUnmapBlocks);
+            put_be(page, 20, 4, blocks_in(kMaxUnmapBytes));
             put_be(page, 24, 4, kMaxUnmapDescriptors);
-            put_be(page, 28, 4, kUnmapGranularityBlocks);
+            put_be(page, 28, 4, blocks_in(kUnmapGranularityBytes));
             page[32] = 0x80;  // UGAVALID: the granularity is aligned at LBA 0
         }
-        put_be(page, 36, 8, kMaxWriteSameBlocks);
+        put_be(page, 36, 8, blocks_in(kMaxWriteSameBytes));
         return page;
     }
     case 0xb1: {  // block device characteristics
@@ -495,7 +519,7 @@ Execution ScsiDisk::Command::read_capacity_10()
         return fail(sense::kInvalidFieldInCdb);
     std::vector<uint8_t> data(8);
     put_be(data, 0, 4, std::min<uint64_t>(disk.blocks() - 1, 0xffffffff));  // all ones: ask READ CAPACITY(16)
-    put_be(data, 4, 4, kBlockSize);
+    put_be(data, 4, 4, block_size());
     return reply(std::move(data), 8);  // no allocation length: the 8 bytes are the whole answer
 }
 
@@ -507,11 +531,10 @@ Execution ScsiDisk::Command::service_action_in_16()
         return fail(sense::kInvalidFieldInCdb);
     std::vector<uint8_t> data(32);
     put_be(data, 0, 8, disk.blocks() - 1);
-    put_be(data, 8, 4, kBlockSize);
-    // Logical blocks per physical block: a hint to keep I/O aligned as O_DIRECT needs it.
-    const uint32_t alignment = disk.image_.alignment();
-    if (alignment > kBlockSize && std::has_single_bit(alignment))
-        data[13] = static_cast<uint8_t>(std::countr_zero(alignment / kBlockSize));
+    put_be(data, 8, 4, block_size());
+    // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT stays 0: the only physical
+    // unit we know is the O_DIRECT alignment, and a logical block is never
+    // smaller than it (the constructor sees to that).
     if (disk.options_.discard == Discard::kUnmap)
         data[14] = 0x80 | 0x40;  // LBPME, LBPRZ
     return reply(std::move(data), field(10, 4));
@@ -569,10 +592,10 @@ Execution ScsiDisk::Command::mode_sense()
     if (block_descriptor && pc != PageControl::kChangeable) {
         if (long_lba) {
             put_be(descriptor, 0, 8, disk.blocks());
-            put_be(descriptor, 12, 4, kBlockSize);
+            put_be(descriptor, 12, 4, block_size());
         } else {
             put_be(descriptor, 0, 4, std::min<uint64_t>(disk.blocks(), 0xffffffff));
-            put_be(descriptor, 5, 3, kBlockSize);
+            put_be(descriptor, 5, 3, block_size());
         }
     }
 
@@ -630,10 +653,10 @@ std::optional<Sense> ScsiDisk::Command::apply_mode_parameters(std::span<const ui
     if (descriptor_length != 0) {
         const auto descriptor = list.subspan(header, descriptor_length);
         const uint64_t blocks = long_lba ? get_be(descriptor, 0, 8) : get_be(descriptor, 0, 4);
-        const uint64_t block_size = long_lba ? get_be(descriptor, 12, 4) : get_be(descriptor, 5, 3);
+        const uint64_t block_length = long_lba ? get_be(descriptor, 12, 4) : get_be(descriptor, 5, 3);
         const uint64_t our_blocks = long_lba ? disk.blocks() : std::min<uint64_t>(disk.blocks(), 0xffffffff);
         // Zero blocks leaves the capacity as it is (SBC-3); we cannot resize or reformat.
-        if (block_size != kBlockSize || (blocks != 0 && blocks != our_blocks))
+        if (block_length != block_size() || (blocks != 0 && blocks != our_blocks))
             return sense::kInvalidFieldInParameterList;
     }
 
@@ -692,7 +715,7 @@ Execution ScsiDisk::Command::read_write()
         return fail(sense::kInvalidFieldInCdb);
     if (!in_range(lba, blocks))
         return fail(sense::kLbaOutOfRange);
-    const uint64_t bytes = blocks * kBlockSize;
+    const uint64_t bytes = blocks * block_size();
     if ((write ? data_out_bytes : data_in_bytes) < bytes)
         return overrun();
     if (write && disk.image_.read_only())
@@ -700,7 +723,7 @@ Execution ScsiDisk::Command::read_write()
     Execution e = done(bytes);
     if (blocks == 0)
         return e;
-    e.io.push_back({.op = write ? IoOp::kWrite : IoOp::kRead, .offset = lba * kBlockSize, .bytes = bytes});
+    e.io.push_back({.op = write ? IoOp::kWrite : IoOp::kRead, .offset = lba * block_size(), .bytes = bytes});
     if (write)
         make_durable(e, fua);
     return e;
@@ -763,11 +786,11 @@ Execution ScsiDisk::Command::unmap()
             return fail(sense::kLbaOutOfRange);
         total_blocks += blocks;
         if (blocks != 0)
-            e.io.push_back({.op = IoOp::kDiscard, .offset = lba * kBlockSize, .bytes = blocks * kBlockSize});
+            e.io.push_back({.op = IoOp::kDiscard, .offset = lba * block_size(), .bytes = blocks * block_size()});
     }
     if (!unmap)  // discards are only a hint, and this image is not to be deallocated
         e.io.clear();
-    else if (total_blocks > kMaxUnmapBlocks)
+    else if (total_blocks > blocks_in(kMaxUnmapBytes))
         return fail(sense::kInvalidFieldInParameterList);
     return e;
 }
@@ -781,32 +804,32 @@ Execution ScsiDisk::Command::write_same()
         return fail(sense::kInvalidFieldInCdb);
     const auto [lba, blocks] = lba_and_blocks();
     // SBC-3 lets 0 mean "to the last LBA"; we do not (VPD 0xB0 says so with WSNZ).
-    if (blocks == 0 || blocks > kMaxWriteSameBlocks)
+    if (blocks == 0 || blocks > blocks_in(kMaxWriteSameBytes))
         return fail(sense::kInvalidFieldInCdb);
     if (!in_range(lba, blocks))
         return fail(sense::kLbaOutOfRange);
-    if (data_out_bytes < kBlockSize)
+    if (data_out_bytes < block_size())
         return overrun();
     if (disk.image_.read_only())
         return fail(sense::kWriteProtected);
 
-    const auto block = gather(data_out, kBlockSize);
+    const auto block = gather(data_out, block_size());
     const bool zeroes = std::all_of(block.begin(), block.end(), [](uint8_t b) { return b == 0; });
-    Execution e = done(kBlockSize);
-    const uint64_t offset = lba * kBlockSize;
+    Execution e = done(block_size());
+    const uint64_t offset = lba * block_size();
     if (zeroes) {
         // Deallocated blocks read back as zeroes (we advertise LBPRZ), so a
         // zero block may become a discard when the guest allows it.
         const bool deallocate = (cdb[1] & kUnmapBit) && disk.options_.discard == Discard::kUnmap;
         e.io.push_back({.op = deallocate ? IoOp::kDiscard : IoOp::kWriteZeroes,
                         .offset = offset,
-                        .bytes = blocks * kBlockSize});
+                        .bytes = blocks * block_size()});
     } else {
         for (uint64_t done_blocks = 0; done_blocks < blocks; done_blocks += kMaxWriteSameBlocksPerStep) {
             const uint64_t step = std::min(blocks - done_blocks, kMaxWriteSameBlocksPerStep);
             e.io.push_back({.op = IoOp::kWrite,
-                            .offset = offset + done_blocks * kBlockSize,
-                            .bytes = step * kBlockSize,
+                            .offset = offset + done_blocks * block_size(),
+                            .bytes = step * block_size(),
                             .repeat_first_block = true});
         }
     }

@@ -62,6 +62,9 @@ struct ScsiDiskOptions {
     uint16_t rotation_rate = 0;      // VPD 0xB1: 0 not reported, 1 non-rotating (SSD), else RPM
     Discard discard = Discard::kUnmap;
     uint32_t max_transfer_blocks = 1u << 16;  // VPD 0xB0 MAXIMUM TRANSFER LENGTH; more is refused
+    // The logical block size; 0: ScsiDisk::block_size_for(image). Else a power
+    // of two from 512 to 64 KiB that the image's O_DIRECT alignment divides.
+    uint32_t block_size = 0;
 };
 
 // One I/O the command needs. Steps run in order, each once the previous one
@@ -97,7 +100,13 @@ struct Execution {
 // setting) is atomic.
 class ScsiDisk {
 public:
+    // Throws lkvm::Error for a block size the options cannot have.
     ScsiDisk(const DiskImage& image, ScsiDiskOptions options);
+
+    // A logical block must hold whole units of O_DIRECT I/O, as a real 4Kn
+    // disk's do: the image's alignment where that is more than 512 bytes (a
+    // 4 KiB-sector host device opened `direct`), else 512.
+    static uint32_t block_size_for(const DiskImage& image);
 
     // cdb: the command as the driver sent it (the transport may pass more
     // bytes than the opcode's CDB length). data_out: the data-out buffers
@@ -112,9 +121,10 @@ public:
     // I_T NEXUS RESET (SAM-5 6.3.5): only the unit attention.
     void nexus_lost() { raise_unit_attention(sense::kItNexusLossOccurred); }
 
-    uint64_t blocks() const { return image_.size() / kBlockSize; }
+    uint32_t block_size() const { return block_size_; }
+    // Bytes past the last whole block (an image that is not a multiple of the block size) are not addressable.
+    uint64_t blocks() const { return image_.size() / block_size_; }
     bool write_cache() const { return write_cache_.load(std::memory_order_relaxed); }
-    static constexpr uint32_t kBlockSize = DiskImage::kSectorSize;
 
 private:
     struct Command;  // one CDB being executed, and the handler of each opcode (scsi_disk.cc)
@@ -123,6 +133,7 @@ private:
 
     const DiskImage& image_;
     ScsiDiskOptions options_;
+    uint32_t block_size_;
     std::atomic<bool> write_cache_{true};  // WCE; MODE SELECT may clear it: then every write is followed by a flush
     // The pending unit attention (SAM-5 5.14) as key << 16 | asc << 8 | ascq; 0: none.
     // One initiator (the driver), so one condition; a newer one replaces it.

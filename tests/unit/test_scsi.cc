@@ -1064,6 +1064,202 @@ TEST_CASE("scsi WRITE SAME 10 and 16")
     CHECK(e.io[2].op == IoOp::kFlush);
 }
 
+// A 4Kn disk: what a LUN over a 4 KiB-sector host device opened `direct`
+// looks like (DiskImage::alignment() 4096), here set through the options
+// since the test host has no such device. Every LBA and length is in 4096-byte blocks.
+namespace {
+constexpr uint64_t kBlock4k = 4096;
+constexpr uint64_t kDiskBlocks4k = kDiskBlocks * kBlock / kBlock4k;  // 256: the same 1 MiB
+
+ScsiDiskOptions options_4k()
+{
+    ScsiDiskOptions o = test_options();
+    o.block_size = kBlock4k;
+    return o;
+}
+}  // namespace
+
+TEST_CASE("scsi 4096-byte logical blocks: capacity, limits and mode pages")
+{
+    TestDisk d(options_4k());
+    CHECK(d.scsi.block_size() == kBlock4k);
+    CHECK(d.scsi.blocks() == kDiskBlocks4k);
+
+    auto e = d.in(Cdb(0x25, 10), 8);
+    CHECK_GOOD(e);
+    CHECK(e.data_in == Bytes{0, 0, 0, 0xff, 0, 0, 0x10, 0x00});  // last LBA 255, 4096-byte blocks
+
+    e = d.in(Cdb(0x9e, 16).set(1, 1, 0x10).set(10, 4, 32), 32);
+    CHECK_GOOD(e);
+    Bytes expected(32);
+    expected[7] = 0xff;
+    expected[10] = 0x10;
+    expected[14] = 0xc0;  // LBPME, LBPRZ; one logical block per physical block (byte 13 is 0)
+    CHECK(e.data_in == expected);
+
+    // Block limits: the maximum transfer length is the options' blocks; the
+    // byte limits (128 KiB optimal, 1 GiB unmap and write same, 4 KiB unmap granularity) in 4096-byte blocks.
+    e = d.in(inquiry(true, 0xb0));
+    REQUIRE(e.data_in.size() == 64);
+    CHECK(be(e.data_in, 8, 4) == 1024);
+    CHECK(be(e.data_in, 12, 4) == 32);
+    CHECK(be(e.data_in, 20, 4) == 262144);
+    CHECK(be(e.data_in, 28, 4) == 1);
+    CHECK(be(e.data_in, 32, 4) == 0x80000000u);
+    CHECK(be(e.data_in, 36, 8) == 262144);
+
+    // Block descriptors, short and long.
+    e = d.in(mode_sense6(0x08));
+    REQUIRE(e.data_in.size() >= 12);
+    CHECK(Bytes(e.data_in.begin() + 4, e.data_in.begin() + 12) == Bytes{0, 0, 0x01, 0x00, 0, 0, 0x10, 0x00});
+    e = d.in(mode_sense10(0x08, 0, 1024, 0x10));  // LLBAA
+    REQUIRE(e.data_in.size() >= 24);
+    CHECK(e.data_in[4] == 0x01);  // LONGLBA
+    CHECK(be(e.data_in, 8, 8) == kDiskBlocks4k);
+    CHECK(be(e.data_in, 20, 4) == kBlock4k);
+
+    // MODE SELECT takes a block descriptor only with our block length.
+    const Bytes caching = caching_page(false);
+    const Bytes ours = mode_list6({0, 0, 0x01, 0x00, 0, 0, 0x10, 0x00}, caching);
+    CHECK_GOOD(d.out(mode_select6(ours.size()), ours));
+    CHECK_FALSE(d.scsi.write_cache());
+    const Bytes sectors = mode_list6({0, 0, 0, 0, 0, 0, 0x02, 0x00}, caching_page(true));  // 0 blocks: any capacity
+    CHECK_REFUSED(d.out(mode_select6(sectors.size()), sectors), sense::kInvalidFieldInParameterList);
+    CHECK_FALSE(d.scsi.write_cache());
+}
+
+TEST_CASE("scsi 4096-byte logical blocks: reads, writes and their buffers")
+{
+    TestDisk d(options_4k());
+    const Bytes data(4 * kBlock4k, 0x5a);
+
+    auto e = d.in(rw10(0x28, 10, 2), 2 * kBlock4k);  // READ(10) of LBA 10: bytes 40960..
+    CHECK_GOOD(e);
+    REQUIRE(e.io.size() == 1);
+    CHECK(e.io[0] == IoStep{IoOp::kRead, 10 * kBlock4k, 2 * kBlock4k});
+    CHECK(e.residual == 0);
+    e = d.in(Cdb(0x08, 6).set(1, 3, 5).set(4, 1, 1), kBlock4k);  // READ(6)
+    REQUIRE(e.io.size() == 1);
+    CHECK(e.io[0] == IoStep{IoOp::kRead, 5 * kBlock4k, kBlock4k});
+    e = d.in(Cdb(0xa8, 12).set(2, 4, 100).set(6, 4, 3), 3 * kBlock4k);  // READ(12)
+    REQUIRE(e.io.size() == 1);
+    CHECK(e.io[0] == IoStep{IoOp::kRead, 100 * kBlock4k, 3 * kBlock4k});
+    e = d.in(rw16(0x88, kDiskBlocks4k - 1, 1), kBlock4k);  // READ(16), the last block
+    REQUIRE(e.io.size() == 1);
+    CHECK(e.io[0] == IoStep{IoOp::kRead, (kDiskBlocks4k - 1) * kBlock4k, kBlock4k});
+
+    e = d.out(rw10(0x2a, 3, 4), data);  // WRITE(10)
+    REQUIRE(e.io.size() == 1);
+    CHECK(e.io[0] == IoStep{IoOp::kWrite, 3 * kBlock4k, 4 * kBlock4k});
+    e = d.out(rw16(0x8a, 7, 1, 0x08), data);  // WRITE(16) FUA
+    REQUIRE(e.io.size() == 2);
+    CHECK(e.io[0] == IoStep{IoOp::kWrite, 7 * kBlock4k, kBlock4k});
+    CHECK(e.io[1] == IoStep{IoOp::kFlush, 0, 0});
+    CHECK(e.residual == 3 * kBlock4k);
+
+    // Buffers that do not hold the whole blocks asked for: overrun, nothing done.
+    CHECK_OVERRUN(d.in(rw10(0x28, 0, 1), 512));                       // a 512-byte read
+    CHECK_OVERRUN(d.in(rw10(0x28, 0, 2), 2 * kBlock4k - 512));
+    CHECK_OVERRUN(d.out(rw10(0x2a, 0, 1), Bytes(kBlock4k - 512)));    // a 512-byte short write
+    CHECK_OVERRUN(d.out(rw10(0x2a, 0, 2), Bytes(kBlock4k + 512)));
+    // Buffers larger than the blocks: the part past them is residual, and no more is moved.
+    e = d.in(rw10(0x28, 0, 1), kBlock4k + 512);
+    REQUIRE(e.io.size() == 1);
+    CHECK(e.io[0] == IoStep{IoOp::kRead, 0, kBlock4k});
+    CHECK(e.residual == 512);
+
+    // Range and transfer limits count 4096-byte blocks.
+    CHECK_REFUSED(d.in(rw10(0x28, kDiskBlocks4k - 1, 2), 2 * kBlock4k), sense::kLbaOutOfRange);
+    CHECK_REFUSED(d.in(rw10(0x28, kDiskBlocks4k, 1), kBlock4k), sense::kLbaOutOfRange);
+    CHECK_REFUSED(d.in(rw10(0x28, 1000, 1), kBlock4k), sense::kLbaOutOfRange);  // an LBA a 512-byte disk has
+    CHECK_GOOD(d.in(rw10(0x28, kDiskBlocks4k, 0), 0));
+    TestDisk big(options_4k(), false, 8 << 20);
+    CHECK_GOOD(big.in(rw10(0x28, 0, 1024), 1024 * kBlock4k));
+    CHECK_REFUSED(big.in(rw10(0x28, 0, 1025), 1025 * kBlock4k), sense::kInvalidFieldInCdb);
+
+    // SYNCHRONIZE CACHE and VERIFY ranges.
+    CHECK(d.in(Cdb(0x91, 16).set(2, 8, kDiskBlocks4k - 1).set(10, 4, 1), 0).io.size() == 1);
+    CHECK_REFUSED(d.in(Cdb(0x35, 10).set(2, 4, kDiskBlocks4k - 1).set(7, 2, 2), 0), sense::kLbaOutOfRange);
+    CHECK_GOOD(d.in(Cdb(0x8f, 16).set(10, 4, kDiskBlocks4k), 0));
+    CHECK_REFUSED(d.in(Cdb(0x2f, 10).set(7, 2, kDiskBlocks4k + 1), 0), sense::kLbaOutOfRange);
+}
+
+TEST_CASE("scsi 4096-byte logical blocks: WRITE SAME and UNMAP")
+{
+    TestDisk d(options_4k(), false, 8 << 20);  // 2048 blocks
+    const Bytes zero(kBlock4k, 0);
+    Bytes pattern(kBlock4k, 0);
+    pattern[kBlock4k - 1] = 0xaa;  // past the first 512 bytes: the whole block is the data
+    auto ws16 = [](uint64_t lba, uint32_t blocks, uint8_t flags = 0) {
+        return Bytes(Cdb(0x93, 16).set(1, 1, flags).set(2, 8, lba).set(10, 4, blocks));
+    };
+
+    auto e = d.out(ws16(8, 100, 0x08), zero);
+    CHECK_GOOD(e);
+    REQUIRE(e.io.size() == 1);
+    CHECK(e.io[0] == IoStep{IoOp::kDiscard, 8 * kBlock4k, 100 * kBlock4k});
+    e = d.out(Cdb(0x41, 10).set(2, 4, 8).set(7, 2, 3), zero);  // WRITE SAME(10), no UNMAP
+    REQUIRE(e.io.size() == 1);
+    CHECK(e.io[0] == IoStep{IoOp::kWriteZeroes, 8 * kBlock4k, 3 * kBlock4k});
+    e = d.out(ws16(1, 2047, 0x08), pattern);  // 1024 repeated blocks at most per step
+    CHECK_GOOD(e);
+    REQUIRE(e.io.size() == 2);
+    CHECK(e.io[0] == IoStep{IoOp::kWrite, kBlock4k, 1024 * kBlock4k, true});
+    CHECK(e.io[1] == IoStep{IoOp::kWrite, 1025 * kBlock4k, 1023 * kBlock4k, true});
+    CHECK(e.residual == 0);
+    Bytes block_and_more = pattern;
+    block_and_more.resize(kBlock4k + 512);
+    CHECK(d.out(ws16(0, 1), block_and_more).residual == 512);
+    // Less than a whole block of data.
+    CHECK_OVERRUN(d.out(ws16(0, 1), Bytes(512, 0)));
+    CHECK_OVERRUN(d.out(ws16(0, 1), Bytes(kBlock4k - 1, 0)));
+    CHECK_REFUSED(d.out(ws16(2047, 2), zero), sense::kLbaOutOfRange);
+    {
+        TestDisk huge(options_4k(), false, 4ull << 30);
+        CHECK_REFUSED(huge.out(ws16(0, 262144 + 1, 0x08), zero), sense::kInvalidFieldInCdb);  // 1 GiB
+        CHECK_GOOD(huge.out(ws16(0, 262144, 0x08), zero));
+    }
+
+    const Bytes list = unmap_list({{1, 2}, {100, 0}, {2040, 8}});
+    e = d.out(unmap_cdb(list.size()), list);
+    CHECK_GOOD(e);
+    REQUIRE(e.io.size() == 2);
+    CHECK(e.io[0] == IoStep{IoOp::kDiscard, kBlock4k, 2 * kBlock4k});
+    CHECK(e.io[1] == IoStep{IoOp::kDiscard, 2040 * kBlock4k, 8 * kBlock4k});
+    const Bytes past_end = unmap_list({{2047, 2}});
+    CHECK_REFUSED(d.out(unmap_cdb(past_end.size()), past_end), sense::kLbaOutOfRange);
+    TestDisk huge(options_4k(), false, 4ull << 30);
+    const Bytes at_limit = unmap_list({{0, 262144}});
+    CHECK_GOOD(huge.out(unmap_cdb(at_limit.size()), at_limit));
+    const Bytes over = unmap_list({{0, 262144}, {262144, 1}});
+    CHECK_REFUSED(huge.out(unmap_cdb(over.size()), over), sense::kInvalidFieldInParameterList);
+}
+
+TEST_CASE("scsi logical block size: from the image, or a valid one from the options")
+{
+    TempDir dir;
+    const auto path = dir.sparse_file("disk.img", 1 << 20);
+    // Buffered, or O_DIRECT with 512-byte alignment (a regular file): 512, as always.
+    for (const bool direct : {false, true}) {
+        const DiskImage image = DiskImage::open({path, false, direct});
+        CHECK(ScsiDisk::block_size_for(image) == 512);
+        CHECK(ScsiDisk(image, test_options()).block_size() == 512);
+    }
+    const DiskImage image = DiskImage::open({path, false, false});
+    for (const uint32_t size : {512u, 1024u, 4096u, 65536u}) {
+        ScsiDiskOptions o = test_options();
+        o.block_size = size;
+        CHECK(ScsiDisk(image, o).block_size() == size);
+    }
+    for (const uint32_t size : {256u, 520u, 3072u, 131072u}) {
+        CAPTURE(size);
+        ScsiDiskOptions o = test_options();
+        o.block_size = size;
+        CHECK(lkvm::test::error_of([&] { [[maybe_unused]] ScsiDisk disk(image, o); }).find("logical block size") !=
+              std::string::npos);
+    }
+}
+
 TEST_CASE("scsi REPORT LUNS")
 {
     const uint16_t luns[] = {0, 1, 255, 256, 0x3fff, 0x4000};
