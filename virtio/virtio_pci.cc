@@ -361,6 +361,15 @@ void VirtioPciDevice::set_status(uint8_t status)
         reset();
         return;
     }
+    // A driver clears status bits only by a reset (virtio 1.x 2.1.2). One that
+    // cleared DRIVER_OK and set it again would start the device a second time
+    // on the same rings: every request served twice, the SCSI control queue
+    // replaced under its loop. Such a write changes nothing but NEEDS_RESET;
+    // the device goes on with the queues it has.
+    if (status_ & ~status) {
+        device_broken();
+        return;
+    }
     if ((status & kStatusFeaturesOk) && !(status_ & kStatusFeaturesOk)) {
         // Only what we offered, and never without VERSION_1: otherwise FEATURES_OK does not stick.
         if ((driver_features_ & ~device_.features()) || !(driver_features_ & kVirtioFVersion1))

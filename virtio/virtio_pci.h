@@ -63,7 +63,8 @@ public:
     AddressSpace notify_space() const { return notify_space_; }
     // INTx fallback: the GSI this slot's INTA# is wired to.
     void use_intx(uint8_t gsi);
-    // The driver broke a ring: NEEDS_RESET, and a configuration interrupt.
+    // The driver broke a ring (or the status protocol): NEEDS_RESET, and a
+    // configuration interrupt. Any thread.
     void device_broken();
 
 protected:
