@@ -1,9 +1,13 @@
 // The virtio-pci transport against a hostile driver (issue 14): status writes
-// that would start a device a second time on the same rings.
+// that would start a device a second time on the same rings, and the interrupt
+// state that vCPU threads write while an I/O thread reads it.
 #include <doctest/doctest.h>
 
+#include <poll.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -209,4 +213,85 @@ TEST_CASE("transport: DRIVER_OK cleared and set again without a reset does not s
     CHECK(rig.task_management() == 1);
     CHECK(rig.read_block() == 1);
     CHECK(served_later(*rig.scsi, 0) == 2);
+}
+
+namespace {
+// Enough of a device for the transport's interrupt state: one queue, never served.
+struct IdleDevice : VirtioDevice {
+    uint16_t device_id() const override { return 2; }
+    uint64_t features() const override { return kVirtioFVersion1; }
+    unsigned num_queues() const override { return 1; }
+    uint16_t max_queue_size() const override { return 256; }
+    void read_config(uint64_t, std::span<uint8_t> data) override { std::fill(data.begin(), data.end(), 0); }
+    void activate(uint64_t, std::vector<QueueSetup>, std::function<void()>) override {}
+    void reset() override {}
+};
+
+void write16(BusDevice& device, uint64_t offset, uint16_t value)
+{
+    device.write(offset, std::span(reinterpret_cast<const uint8_t*>(&value), 2));
+}
+
+void write32(BusDevice& device, uint64_t offset, uint32_t value)
+{
+    device.write(offset, std::span(reinterpret_cast<const uint8_t*>(&value), 4));
+}
+}  // namespace
+
+// What lkvm's threads do at once: one vCPU writes the MSI-X capability through
+// ports 0xcf8/0xcfc (under the host bridge's lock), another the MSI-X table
+// and the config vector in BAR 0 (under the transport's), and an I/O thread
+// reports a broken ring (under neither). Nothing here fails by itself; a
+// ThreadSanitizer build of this binary shows whether the shared state is raced.
+TEST_CASE("transport: MSI-X state written by vCPUs while an I/O thread raises the config interrupt")
+{
+    IdleDevice device;
+    FakeHost host;
+    PciHostBridge bridge(0xc0000000, 0x10000000, 0x6000, 0xa000);
+    VirtioPciDevice transport(device, host);
+    const unsigned slot = bridge.add_device(transport);
+    unsigned msix_cap = bridge.config_read(slot, 0, 0x34, 1);
+    while (msix_cap && bridge.config_read(slot, 0, msix_cap, 1) != 0x11)
+        msix_cap = bridge.config_read(slot, 0, msix_cap + 1, 1);
+    REQUIRE(msix_cap != 0);
+    auto config_write16 = [&](unsigned offset, uint16_t value) {
+        write32(bridge, 0, 0x80000000u | slot << 11 | (offset & 0xfc));
+        write16(bridge, 4 + (offset & 3), value);
+    };
+    config_write16(0x04, 0x6);  // memory decoding and bus mastering
+    // Vector 0 (the config vector) routed and unmasked in the table.
+    write32(transport, VirtioPciDevice::kMsixTableOffset, 0xfee00000);
+    write32(transport, VirtioPciDevice::kMsixTableOffset + 8, 0);
+    write32(transport, VirtioPciDevice::kMsixTableOffset + 12, 0);
+
+    constexpr int kRounds = 2000;
+    std::atomic<bool> done{false};
+    std::thread config_vcpu([&] {
+        for (int i = 0; i < kRounds; ++i)
+            config_write16(msix_cap + 2, i % 2 ? 0x8000 : 0xc000);  // enabled, with and without the function mask
+    });
+    std::thread bar_vcpu([&] {
+        for (int i = 0; i < kRounds; ++i) {
+            write16(transport, 0x10, i % 2 ? 0 : VirtioPciDevice::kNoVector);  // config_msix_vector
+            write32(transport, VirtioPciDevice::kMsixTableOffset + 12, (i + 1) % 2);  // vector 0 masked or not
+        }
+    });
+    std::thread io_thread([&] {
+        while (!done.load())
+            transport.device_broken();
+    });
+    config_vcpu.join();
+    bar_vcpu.join();
+    done = true;
+    io_thread.join();
+
+    // Where the writes ended: MSI-X on, vector 0 unmasked and the config vector; a broken ring now reaches it.
+    const int irq = host.irq_fd_for(0);
+    uint64_t drained;
+    while (::read(irq, &drained, sizeof(drained)) > 0) {
+    }
+    config_write16(msix_cap + 2, 0x8000);
+    transport.device_broken();
+    pollfd p{irq, POLLIN, 0};
+    CHECK(::poll(&p, 1, 5000) == 1);
 }
