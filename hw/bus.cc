@@ -33,10 +33,14 @@ void Bus::add(uint64_t base, uint64_t size, BusDevice& device)
     ranges_.emplace(base, Range{size, &device});
 }
 
-bool Bus::remove(uint64_t base)
+bool Bus::remove(uint64_t base, const BusDevice& device)
 {
     std::unique_lock lock(mutex_);
-    return ranges_.erase(base) == 1;
+    auto it = ranges_.find(base);
+    if (it == ranges_.end() || it->second.device != &device)
+        return false;
+    ranges_.erase(it);
+    return true;
 }
 
 std::pair<BusDevice*, uint64_t> Bus::find(uint64_t addr, uint64_t len) const

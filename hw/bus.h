@@ -32,8 +32,10 @@ public:
 
     // Refuses (throws lkvm::Error) a range that is empty, wraps or overlaps another.
     void add(uint64_t base, uint64_t size, BusDevice& device);
-    // Removes the range starting at base; false if there is none.
-    bool remove(uint64_t base);
+    // Removes device's range starting at base; false if there is none. A range
+    // there of another device stays: a guest can aim a BAR at any address, and
+    // moving it on must not take down what it was placed over.
+    bool remove(uint64_t base, const BusDevice& device);
 
     // An access no device claims whole reads as all ones and is otherwise
     // ignored, as on a real bus; these return whether a device took it.

@@ -118,7 +118,7 @@ bool KvmVirtioHost::map_bar(AddressSpace space, BusDevice& device, uint64_t old_
 {
     Bus& bus = space == AddressSpace::kPort ? pio_ : mmio_;
     if (old_address)
-        bus.remove(old_address);
+        bus.remove(old_address, device);
     if (!new_address)
         return false;
     try {

@@ -123,16 +123,6 @@ VirtioPciDevice::~VirtioPciDevice()
     device_.reset();
 }
 
-bool VirtioPciDevice::msix_enabled() const
-{
-    return config_read(msix_cap_ + 2, 2) & kMsixEnable;
-}
-
-bool VirtioPciDevice::function_masked() const
-{
-    return config_read(msix_cap_ + 2, 2) & kMsixFunctionMask;
-}
-
 void VirtioPciDevice::config_changed()
 {
     // Configuration writes are serialized by the host bridge, so bar_ and
@@ -143,9 +133,14 @@ void VirtioPciDevice::config_changed()
     if (!memory_notify)
         move_bar(AddressSpace::kPort, notify_ports_, io_bar_, io_enabled() ? bar_address(kNotifyIoBar) : 0,
                  io_bar_size_, true);
-    // MSI-X enable and function mask live in config space too.
-    msix_on_.store(msix_enabled());
+    // MSI-X enable and function mask live in config space too, which only
+    // the host bridge's lock guards (we run under it): BAR 0 writes read the
+    // copies under mutex_ instead, the interrupt path msix_on_.
+    const uint16_t control = static_cast<uint16_t>(config_read(msix_cap_ + 2, 2));
     std::lock_guard lock(mutex_);
+    msix_enable_ = control & kMsixEnable;
+    function_mask_ = control & kMsixFunctionMask;
+    msix_on_.store(msix_enable_);
     for (unsigned v = 0; v < msix_.size(); ++v)
         update_vector(v);
 }
@@ -195,7 +190,7 @@ void VirtioPciDevice::NotifyPorts::write(uint64_t offset, std::span<const uint8_
 
 void VirtioPciDevice::update_vector(unsigned v)
 {
-    const bool masked = !msix_enabled() || function_masked() || msix_[v].masked;
+    const bool masked = !msix_enable_ || function_mask_ || msix_[v].masked;
     vector_masked_[v].store(masked);
     if (!masked && vector_pending_[v].exchange(false))
         write_fd(msix_[v].irq.get());
@@ -236,7 +231,7 @@ void VirtioPciDevice::device_broken()
     needs_reset_.store(true);
     if (msix_on_.load()) {
         isr_.fetch_or(2);  // configuration change
-        raise_vector(config_vector_);
+        raise_vector(config_vector_.load(std::memory_order_relaxed));
     } else {
         raise_intx(2);
     }
@@ -292,7 +287,7 @@ uint32_t VirtioPciDevice::read_common(unsigned offset, unsigned size)
     case 0x04: v = device_feature_select_ < 2 ? static_cast<uint32_t>(features >> (32 * device_feature_select_)) : 0; break;
     case 0x08: v = driver_feature_select_; break;
     case 0x0c: v = driver_feature_select_ < 2 ? static_cast<uint32_t>(driver_features_ >> (32 * driver_feature_select_)) : 0; break;
-    case 0x10: v = config_vector_; break;
+    case 0x10: v = config_vector_.load(std::memory_order_relaxed); break;
     case 0x12: v = queues_.size(); break;
     case 0x14: v = status_ | (needs_reset_.load() ? kStatusNeedsReset : 0); break;
     case 0x15: v = config_generation_; break;
@@ -330,7 +325,9 @@ void VirtioPciDevice::write_common(unsigned offset, unsigned, uint32_t v)
                 set_high(driver_features_, v);
         }
         break;
-    case 0x10: config_vector_ = v < msix_.size() ? static_cast<uint16_t>(v) : kNoVector; break;
+    case 0x10:
+        config_vector_.store(v < msix_.size() ? static_cast<uint16_t>(v) : kNoVector, std::memory_order_relaxed);
+        break;
     case 0x14: set_status(static_cast<uint8_t>(v)); break;
     case 0x16: queue_select_ = static_cast<uint16_t>(v); break;
     case 0x18:
@@ -361,6 +358,15 @@ void VirtioPciDevice::set_status(uint8_t status)
         reset();
         return;
     }
+    // A driver clears status bits only by a reset (virtio 1.x 2.1.2). One that
+    // cleared DRIVER_OK and set it again would start the device a second time
+    // on the same rings: every request served twice, the SCSI control queue
+    // replaced under its loop. Such a write changes nothing but NEEDS_RESET;
+    // the device goes on with the queues it has.
+    if (status_ & ~status) {
+        device_broken();
+        return;
+    }
     if ((status & kStatusFeaturesOk) && !(status_ & kStatusFeaturesOk)) {
         // Only what we offered, and never without VERSION_1: otherwise FEATURES_OK does not stick.
         if ((driver_features_ & ~device_.features()) || !(driver_features_ & kVirtioFVersion1))
@@ -387,7 +393,7 @@ void VirtioPciDevice::reset()
     driver_features_ = 0;
     device_feature_select_ = driver_feature_select_ = 0;
     queue_select_ = 0;
-    config_vector_ = kNoVector;
+    config_vector_.store(kNoVector, std::memory_order_relaxed);
     needs_reset_.store(false);
     {
         std::lock_guard intx(intx_mutex_);

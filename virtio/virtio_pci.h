@@ -63,7 +63,8 @@ public:
     AddressSpace notify_space() const { return notify_space_; }
     // INTx fallback: the GSI this slot's INTA# is wired to.
     void use_intx(uint8_t gsi);
-    // The driver broke a ring: NEEDS_RESET, and a configuration interrupt.
+    // The driver broke a ring (or the status protocol): NEEDS_RESET, and a
+    // configuration interrupt. Any thread.
     void device_broken();
 
 protected:
@@ -117,8 +118,6 @@ private:
     void msix_write(uint64_t offset, std::span<const uint8_t> data);
     void msix_read(uint64_t offset, std::span<uint8_t> data);
     void update_vector(unsigned vector);
-    bool msix_enabled() const;
-    bool function_masked() const;
     // Moves a BAR's bus registration and, if it holds the notify structure, the ioeventfds with it.
     void move_bar(AddressSpace space, BusDevice& device, BarMapping& now, uint64_t address, uint64_t size,
                   bool has_notify);
@@ -143,7 +142,10 @@ private:
     uint8_t status_ = 0;
     uint8_t config_generation_ = 0;
     uint16_t queue_select_ = 0;
-    uint16_t config_vector_ = kNoVector;
+    // Written by vCPUs under mutex_, read by the serving thread in
+    // device_broken() without it: atomic, and relaxed is enough, since it only
+    // names the vector to signal and orders nothing else.
+    std::atomic<uint16_t> config_vector_{kNoVector};
     std::vector<Queue> queues_;
     std::vector<MsixEntry> msix_;
     std::unique_ptr<std::atomic<bool>[]> vector_masked_;
@@ -151,6 +153,10 @@ private:
     std::unique_ptr<std::atomic<uint16_t>[]> queue_vector_;  // read by the serving thread
     std::vector<std::unique_ptr<VectorInterrupt>> interrupts_;  // one per queue
     std::atomic<uint8_t> isr_{0};
+    // The MSI-X capability's enable and function mask bits as config_changed()
+    // last saw them, under mutex_; msix_on_ mirrors the enable bit for the
+    // interrupt path, which takes no lock.
+    bool msix_enable_ = false, function_mask_ = false;
     std::atomic<bool> msix_on_{false};
     // INTx: the ISR and the line change together, or a read could clear the
     // ISR between a raise's set and assert and leave the line stuck.

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -24,7 +25,9 @@
 #include "hw/platform.h"
 #include "hw/serial8250.h"
 #include "kvm/console.h"
+#include "kvm/kvm.h"
 #include "kvm/vcpu_gate.h"
+#include "kvm/virtio_host.h"
 #include "tests/unit/test_util.h"
 
 using namespace lkvm;
@@ -87,8 +90,24 @@ TEST_CASE("bus: overlapping, empty and wrapping ranges are refused")
     CHECK_THROWS_AS(bus.add(0x300, 0, a), Error);
     CHECK_THROWS_AS(bus.add(~0ull - 4, 0x10, a), Error);
     bus.add(0x110, 0x10, a);  // adjacent is fine
-    CHECK(bus.remove(0x100));
+    CHECK(bus.remove(0x100, a));
     bus.add(0x108, 0x8, a);   // and the freed space is usable again
+}
+
+TEST_CASE("bus: a range is removed only by the device that owns it")
+{
+    Bus bus("test");
+    RecordingDevice a, b;
+    bus.add(0x100, 0x10, b);
+    CHECK_THROWS_AS(bus.add(0x100, 0x10, a), Error);  // a BAR placed over another: b keeps the range
+    CHECK_FALSE(bus.remove(0x100, a));                 // and a moving on does not take it
+    const uint8_t v[] = {1};
+    CHECK(bus.write(0x104, v));
+    CHECK(b.last_offset == 4);
+    CHECK_FALSE(bus.remove(0x108, b));  // not where b's range starts
+    CHECK(bus.remove(0x100, b));
+    CHECK_FALSE(bus.remove(0x100, b));
+    CHECK_FALSE(bus.write(0x104, v));
 }
 
 TEST_CASE("bus: a device may re-register ranges on its own bus while it handles an access")
@@ -100,7 +119,7 @@ TEST_CASE("bus: a device may re-register ranges on its own bus while it handles 
         void read(uint64_t, std::span<uint8_t>) override {}
         void write(uint64_t, std::span<const uint8_t>) override
         {
-            bus->remove(0x200);
+            bus->remove(0x200, moved);
             bus->add(0x300, 0x10, moved);
         }
     } mover;
@@ -113,6 +132,39 @@ TEST_CASE("bus: a device may re-register ranges on its own bus while it handles 
     CHECK_FALSE(bus.write(0x200, v));
     CHECK(bus.write(0x305, v));
     CHECK(mover.moved.last_offset == 5);
+}
+
+// A guest can place BAR A at BAR B's base; A is then refused (B keeps the
+// range), and when A moves on, the host must not take B's range down with it:
+// the bus removes a range only for the device that owns it.
+TEST_CASE("virtio host: moving a BAR away never unmaps the device it was placed over")
+{
+    std::optional<Kvm> kvm;
+    std::optional<Vm> vm;
+    try {
+        kvm.emplace(Kvm::open());
+        vm.emplace(*kvm);
+    } catch (const Error& e) {
+        MESSAGE("skipped, no usable /dev/kvm here: " << e.what());
+        return;
+    }
+    Bus mmio("mmio"), pio("pio");
+    KvmVirtioHost host(*vm, mmio, pio);
+    RecordingDevice a, b;
+    const uint8_t v[] = {1};
+    CHECK(host.map_bar(AddressSpace::kMemory, b, 0, 0x10000, 0x1000));
+    CHECK_FALSE(host.map_bar(AddressSpace::kMemory, a, 0, 0x10000, 0x1000));  // aliased onto B: refused
+    // A moves on from where it never got a range.
+    CHECK(host.map_bar(AddressSpace::kMemory, a, 0x10000, 0x20000, 0x1000));
+    CHECK(mmio.write(0x10004, v));
+    CHECK(b.last_offset == 4);
+    CHECK(mmio.write(0x20008, v));
+    CHECK(a.last_offset == 8);
+    // The same in port space, and an unmap (new address 0) of a range that is not the device's.
+    CHECK(host.map_bar(AddressSpace::kPort, b, 0, 0x6000, 0x10));
+    CHECK_FALSE(host.map_bar(AddressSpace::kPort, a, 0x6000, 0, 0x10));
+    CHECK(pio.write(0x6002, v));
+    CHECK(b.last_offset == 2);
 }
 
 TEST_CASE("guest memory: every range is checked whole")
