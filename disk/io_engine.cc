@@ -40,7 +40,7 @@ bool IoEngine::wait_for_completions(int timeout_ms)
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     while (!has_completions()) {
         const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-        pollfd p{event_.get(), POLLIN, 0};
+        pollfd p{event_fd(), POLLIN, 0};
         if (left.count() < 0 || ::poll(&p, 1, static_cast<int>(left.count()) + 1) == 0)
             return has_completions();
         clear_event();

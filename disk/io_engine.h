@@ -60,8 +60,8 @@ public:
     // has_completions() before it sleeps on the fd, and drains the fd with
     // clear_event() once per wakeup (reap() does not read it, so completions
     // found by polling cost no system call).
-    int event_fd() const { return event_.get(); }
-    void clear_event();
+    virtual int event_fd() const { return event_.get(); }
+    virtual void clear_event();
     // has_completions(), or else sleeps on event_fd() for up to timeout_ms.
     bool wait_for_completions(int timeout_ms);
     // Off while the caller busy-polls has_completions(): backends that can

@@ -540,7 +540,8 @@ std::string format_stat_payload(const StatSnapshot& snapshot)
                            {"in_flight", format_number(q.in_flight)},
                            {"latency", format_latency(q.latency)},
                            {"kicks", format_number(q.kicks)},
-                           {"interrupts", format_number(q.interrupts)}});
+                           {"interrupts", format_number(q.interrupts)},
+                           {"errors", format_number(q.errors)}});
     for (const auto& v : snapshot.vcpus) {
         PayloadRecord& record = records.emplace_back(PayloadRecord{{"vcpu", format_number(v.index)}});
         for (size_t i = 0; i < kVcpuCounterNames.size(); ++i)
@@ -571,7 +572,8 @@ StatSnapshot parse_stat_payload(std::string_view payload)
                                        r.number<uint64_t>("bytes"), r.number<uint64_t>("in_flight"),
                                        parse_latency(r.text("latency")),
                                        r.number_if_present<uint64_t>("kicks").value_or(0),
-                                       r.number_if_present<uint64_t>("interrupts").value_or(0)});
+                                       r.number_if_present<uint64_t>("interrupts").value_or(0),
+                                       r.number_if_present<uint64_t>("errors").value_or(0)});
         else if (kind == "vcpu") {
             StatSnapshot::Vcpu& vcpu = snapshot.vcpus.emplace_back();
             vcpu.index = r.number<unsigned>("vcpu");

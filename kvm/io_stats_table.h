@@ -42,6 +42,7 @@ struct StatSnapshot {
         uint64_t requests = 0, bytes = 0, in_flight = 0;
         LatencyBuckets latency;  // of the requests completed so far
         uint64_t kicks = 0, interrupts = 0;
+        uint64_t errors = 0;  // requests the disk failed
         bool operator==(const Queue&) const = default;
     };
     struct Vcpu {

@@ -131,8 +131,10 @@ void BlkQueue::io_done(uint32_t slot, int64_t result)
 {
     const Request& request = requests_[slot];
     const bool ok = result >= 0 && static_cast<uint64_t>(result) == request.expected;
-    if (!ok)
+    if (!ok) {
         device_.report_io_error(result);
+        count_error();
+    }
     *request.status = ok ? kBlkSOk : kBlkSIoErr;
     finish_slot(slot, ok ? request.written_on_success : 1, request.expected);
 }

@@ -76,6 +76,9 @@ public:
     // Guest notifications read from the queue's eventfd (`kicks` that KVM
     // coalesced into one read count as that many), and interrupts raised.
     void kicked(uint64_t kicks) { single_writer_add(kicks_, kicks); }
+    // A request the disk failed (an I/O error, a short transfer): the guest got an error status.
+    void failed() { single_writer_add(errors_); }
+    uint64_t errors() const { return errors_.load(std::memory_order_relaxed); }
     void interrupted() { single_writer_add(interrupts_); }
     uint64_t kicks() const { return kicks_.load(std::memory_order_relaxed); }
     uint64_t interrupts() const { return interrupts_.load(std::memory_order_relaxed); }
@@ -96,7 +99,7 @@ public:
 
 private:
     std::atomic<uint64_t> requests_{0}, bytes_{0}, in_flight_{0};
-    std::atomic<uint64_t> kicks_{0}, interrupts_{0};
+    std::atomic<uint64_t> kicks_{0}, interrupts_{0}, errors_{0};
     std::atomic<int> served_by_{0};
     std::atomic<bool> moved_{false};
     LatencyHistogram latency_;

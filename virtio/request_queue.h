@@ -100,6 +100,8 @@ protected:
     // Returns a chain that needed no slot.
     void finish(uint16_t head, uint32_t written);
     void mark_broken(const char* why);
+    // A request the disk failed: counted for the statistics (lkvm stat's errors).
+    void count_error() { stats_.failed(); }
     bool stopping() const { return stopping_; }
 
 private:

@@ -215,6 +215,7 @@ void ScsiQueue::io_done(uint32_t slot, int64_t result)
     const bool ok = result >= 0 && (!moves_data || static_cast<uint64_t>(result) == step.bytes);
     if (!ok) {
         device_.report_io_error(*command.lun, result);
+        count_error();
         return finish_command(slot, virtio_scsi::kOk, scsi::kStatusCheckCondition,
                               scsi::io_error_sense(step.op, result), iovecs_bytes(command.data), 0);
     }

@@ -288,8 +288,9 @@ std::vector<std::pair<uint32_t, uint32_t>> GuestDriver::wait_used(unsigned q, si
             return out;
         // As Linux's virtqueue_enable_cb does with EVENT_IDX: interrupt me after what I have seen,
         // then look once more before sleeping.
-        const uint16_t used_event = dq.used_seen;
-        std::memcpy(host(dq.rings.avail + 4 + 2ull * dq.rings.size), &used_event, 2);
+        // Atomic, as the device reads it (a plain copy is a data race to TSan).
+        std::atomic_ref<uint16_t>(*reinterpret_cast<uint16_t*>(host(dq.rings.avail + 4 + 2ull * dq.rings.size)))
+            .store(dq.used_seen, std::memory_order_relaxed);
         std::atomic_thread_fence(std::memory_order_seq_cst);
         if (used_idx(q) != dq.used_seen)
             continue;

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -23,6 +24,7 @@
 #include "kvm/io_stats_table.h"
 #include "tests/device/alloc_counter.h"
 #include "tests/device/driver.h"
+#include "tests/device/faulty_engine.h"
 #include "virtio/blk.h"
 #include "virtio/io_thread.h"
 #include "virtio/queue_mapping.h"
@@ -38,7 +40,7 @@ struct BlkRig {
     std::filesystem::path dir;
     std::string path;
     GuestDriver driver;
-    IoThread thread{IoThreadOptions{"disk0-io", {}, 0, -1}};
+    IoThread thread;
     std::unique_ptr<VirtioBlk> blk;
     std::unique_ptr<VirtioPciDevice> transport;
     uint64_t features = 0;
@@ -46,7 +48,8 @@ struct BlkRig {
     explicit BlkRig(EngineKind engine = EngineKind::kSync, bool read_only = false, uint64_t size = 8 << 20,
                     std::string serial = "lkvm-serial-0001", unsigned queues = 1, bool msix = true,
                     std::vector<IoThread*> queue_threads = {}, AddressSpace notify = AddressSpace::kMemory,
-                    bool direct = false)
+                    bool direct = false, FaultRule fault = {})
+        : thread(thread_options(std::move(fault)))
     {
         char tmpl[] = "/tmp/lkvm-device.XXXXXX";
         dir = ::mkdtemp(tmpl);
@@ -65,6 +68,14 @@ struct BlkRig {
         transport->use_intx(17);
         features = driver.probe(*transport, kAllFeatures, queues, 256, msix);
         REQUIRE(driver.notify_space() == notify);
+    }
+    // The rig's own I/O thread; with a fault rule, its engines fail what the rule picks.
+    static IoThreadOptions thread_options(FaultRule fault)
+    {
+        IoThreadOptions options{"disk0-io", {}, 0, -1};
+        if (fault)
+            options.make_engine = faulty_engines(std::move(fault));
+        return options;
     }
     ~BlkRig()
     {
@@ -718,4 +729,47 @@ TEST_CASE("blk: an engine that cannot be set up fails making the device (lkvm's 
                                    driver.memory(), {&thread}),
                          "io_setup for the native (libaio) engine: Resource temporarily unavailable", Error);
     std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("blk: a disk that fails one request (EIO, ENOSPC, a short read) fails that request only, and goes on")
+{
+    // Reads of sector 8 fail with EIO, writes of 16 with ENOSPC, reads of 24
+    // come back short. Every other request is served.
+    auto fault = [](const IoRequest& r) -> std::optional<int64_t> {
+        if (r.offset == 8 * 512 && r.op == IoOp::kRead)
+            return -EIO;
+        if (r.offset == 16 * 512 && r.op == IoOp::kWrite)
+            return -ENOSPC;
+        if (r.offset == 24 * 512 && r.op == IoOp::kRead)
+            return 2048;
+        return std::nullopt;
+    };
+    struct Case {
+        uint32_t type;
+        uint64_t sector;
+        uint8_t status;
+    };
+    const Case cases[] = {{kBlkTIn, 0, kBlkSOk},      {kBlkTIn, 8, kBlkSIoErr},  {kBlkTOut, 16, kBlkSIoErr},
+                          {kBlkTIn, 24, kBlkSIoErr}, {kBlkTOut, 32, kBlkSOk},    {kBlkTIn, 40, kBlkSOk}};
+    for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring}) {
+        CAPTURE(std::string(engine_kind_name(engine)));
+        BlkRig rig(engine, false, 8 << 20, "lkvm-serial-0001", 1, true, {}, AddressSpace::kMemory, false, fault);
+        const auto before = rig.file_bytes(0, 64 * 512);
+        for (unsigned i = 0; i < std::size(cases); ++i) {
+            std::memset(rig.driver.host(BlkRig::data_gpa(i)), 0x70 + static_cast<int>(i), 4096);
+            rig.queue_request(i, cases[i].type, cases[i].sector, 4096);
+        }
+        rig.driver.kick(0);
+        REQUIRE(rig.driver.wait_used(0, std::size(cases)).size() == std::size(cases));
+        for (unsigned i = 0; i < std::size(cases); ++i) {
+            CAPTURE(i);
+            CHECK(*rig.driver.host(BlkRig::status_gpa(i)) == cases[i].status);
+        }
+        // The failed write left the image as it was; the good one reached it.
+        CHECK(rig.file_bytes(16 * 512, 4096) == std::vector<uint8_t>(before.begin() + 16 * 512, before.begin() + 24 * 512));
+        CHECK(rig.file_bytes(32 * 512, 4096) == std::vector<uint8_t>(4096, 0x74));
+        // The disk goes on serving, and counts what failed.
+        CHECK(rig.request(kBlkTIn, 48, 4096) == kBlkSOk);
+        CHECK(rig.blk->queue_stats(0).errors() == 3);
+    }
 }
