@@ -12,12 +12,14 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 
 #include "disk/disk_image.h"
 #include "tests/device/alloc_counter.h"
 #include "tests/device/driver.h"
+#include "tests/device/faulty_engine.h"
 #include "virtio/io_thread.h"
 #include "virtio/scsi.h"
 
@@ -65,15 +67,15 @@ struct ScsiRig {
     std::string disk_path, ro_path;
     GuestDriver driver;
     IoThread control{IoThreadOptions{"main-loop", {}, 0, -1}};
-    IoThread io0{IoThreadOptions{"iothread0", {}, 0, -1}};
-    IoThread io1{IoThreadOptions{"iothread1", {}, 0, -1}};
+    IoThread io0, io1;
     std::unique_ptr<VirtioScsi> scsi;
     std::unique_ptr<VirtioPciDevice> transport;
     uint64_t features = 0;
 
     // LUN 0: kDiskBytes with a pattern; LUN 3: kReadOnlyBytes, read-only.
     explicit ScsiRig(EngineKind engine = EngineKind::kSync, bool direct = false,
-                     AddressSpace notify = AddressSpace::kMemory)
+                     AddressSpace notify = AddressSpace::kMemory, const FaultRule& fault = {})
+        : io0(thread_options("iothread0", fault)), io1(thread_options("iothread1", fault))
     {
         char tmpl[] = "/tmp/lkvm-device.XXXXXX";
         dir = ::mkdtemp(tmpl);
@@ -95,6 +97,14 @@ struct ScsiRig {
         transport->use_intx(17);
         features = driver.probe(*transport, kAllFeatures, 2 + kRequestQueues);
         REQUIRE(driver.notify_space() == notify);
+    }
+    // With a fault rule, the I/O threads' engines fail what it picks.
+    static IoThreadOptions thread_options(const char* name, const FaultRule& fault)
+    {
+        IoThreadOptions options{name, {}, 0, -1};
+        if (fault)
+            options.make_engine = faulty_engines(fault);
+        return options;
     }
     ~ScsiRig()
     {
@@ -537,5 +547,43 @@ TEST_CASE("scsi device: in steady state the request path allocates nothing, what
         rig.io0.run_and_wait([] { watch_allocations(false); });
         CHECK(allocations == 0);
         CHECK(rig.scsi->queue_stats(0).counters().requests == kWarmUp + kCounted);
+    }
+}
+
+TEST_CASE("scsi device: a disk that fails one command answers it CHECK CONDITION with the right sense, and goes on")
+{
+    // LUN 0's reads of LBA 8 fail with EIO, its writes of LBA 16 with ENOSPC, its reads of LBA 24 come back short.
+    auto fault = [](const IoRequest& r) -> std::optional<int64_t> {
+        if (r.offset == 8 * 512 && r.op == IoOp::kRead)
+            return -EIO;
+        if (r.offset == 16 * 512 && r.op == IoOp::kWrite)
+            return -ENOSPC;
+        if (r.offset == 24 * 512 && r.op == IoOp::kRead)
+            return 1024;
+        return std::nullopt;
+    };
+    for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring}) {
+        CAPTURE(std::string(engine_kind_name(engine)));
+        ScsiRig rig(engine, false, AddressSpace::kMemory, fault);
+        const Reply read_error = rig.command(0, 0, cdb10(0x28, 8, 8), 4096);
+        CHECK(read_error.status == scsi::kStatusCheckCondition);
+        REQUIRE(read_error.sense.size() >= 14);
+        CHECK(read_error.sense[2] == 0x03);   // MEDIUM ERROR
+        CHECK(read_error.sense[12] == 0x11);  // UNRECOVERED READ ERROR
+        const Reply full = rig.command(0, 0, cdb10(0x2a, 16, 8), 4096, false);
+        CHECK(full.status == scsi::kStatusCheckCondition);
+        REQUIRE(full.sense.size() >= 14);
+        CHECK(full.sense[2] == 0x07);   // DATA PROTECT
+        CHECK(full.sense[12] == 0x27);  // SPACE ALLOCATION FAILED WRITE PROTECT
+        CHECK(full.sense[13] == 0x07);
+        const Reply short_read = rig.command(0, 0, cdb10(0x28, 24, 8), 4096);
+        CHECK(short_read.status == scsi::kStatusCheckCondition);
+        REQUIRE(short_read.sense.size() >= 14);
+        CHECK(short_read.sense[2] == 0x03);
+        // Its neighbours, and the other queue, are served.
+        CHECK(rig.command(0, 0, cdb10(0x28, 0, 8), 4096).status == scsi::kStatusGood);
+        CHECK(rig.command(1, 0, cdb10(0x28, 32, 8), 4096).status == scsi::kStatusGood);
+        CHECK(rig.scsi->queue_stats(0).errors() == 3);
+        CHECK(rig.scsi->queue_stats(1).errors() == 0);
     }
 }
