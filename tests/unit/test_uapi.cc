@@ -12,6 +12,8 @@
 
 #include <asm/bootparam.h>
 #include <linux/kvm.h>
+// The device tests' 4 KiB-sector loop device:
+#include <linux/loop.h>
 
 // The libraries whose headers pull in more of them.
 #include <libaio.h>
@@ -34,4 +36,6 @@ TEST_CASE("uapi: the ABI lkvm relies on is what these headers say")
     static_assert(BLKSSZGET == 0x1268);
     // The submission entries lkvm fills in.
     static_assert(sizeof(io_uring_sqe) == 64 && sizeof(iocb) == 64);
+    // LOOP_CONFIGURE (5.8) and the loop_config it takes.
+    static_assert(LOOP_CONFIGURE == 0x4C0A && sizeof(loop_config) == 304);
 }
