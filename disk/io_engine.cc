@@ -425,6 +425,25 @@ public:
         return total + drain([&](const io_uring_cqe& c) { out.push_back({c.user_data, c.res}); });
     }
 
+    void set_event_notification(bool on) override
+    {
+        if (on == notify_)
+            return;
+        notify_ = on;
+        // Fails only where the kernel has no CQ ring flags (before 5.8): the
+        // eventfd then simply stays on.
+        io_uring_cq_eventfd_toggle(ring_.get(), on);
+        // Dekker: the kernel stores a completion's CQ tail and then reads the
+        // flag; we clear the flag and then the caller reads the tail. Each
+        // side needs a full barrier between its store and its load, or both
+        // may read the old value and the completion goes unsignalled and
+        // unseen while the caller sleeps. The kernel's side: 6.1 takes
+        // completion_lock (a locked instruction) before io_eventfd_signal()
+        // reads cq_flags. This is ours.
+        if (on)
+            std::atomic_thread_fence(std::memory_order_seq_cst);
+    }
+
     bool has_completions() const override
     {
         // Requests a failed submission left queued count too: reap() retries them.
@@ -538,6 +557,7 @@ private:
     }
 
     Uring ring_;
+    bool notify_ = true;  // the CQ eventfd is signalled
     std::vector<IoCompletion> immediate_;  // refused, or done at once (discard, write-zeroes)
     std::vector<int> slot_fd_;  // registered file slot -> the caller's fd, -1 when free
     std::array<Fd, kFileSlots> own_fds_;  // slot -> the ring's own description of that file
