@@ -14,7 +14,7 @@ namespace lkvm {
 namespace {
 constexpr uint8_t kCapVendor = 0x09, kCapMsix = 0x11;
 enum : uint8_t { kCfgCommon = 1, kCfgNotify = 2, kCfgIsr = 3, kCfgDevice = 4 };
-constexpr uint8_t kStatusAcknowledge = 1, kStatusDriver = 2, kStatusDriverOk = 4, kStatusFeaturesOk = 8;
+constexpr uint8_t kStatusDriverOk = 4, kStatusFeaturesOk = 8;
 constexpr uint8_t kStatusNeedsReset = 0x40;
 constexpr unsigned kCommonSize = 0x40;
 constexpr uint16_t kMsixEnable = 0x8000, kMsixFunctionMask = 0x4000;
