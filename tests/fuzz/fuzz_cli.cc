@@ -1,11 +1,12 @@
 // The option parsers of `lkvm run`: -d, --iothreads and --scsi-controller
 // on the input as one value, then the whole command line with the input's
-// lines as arguments, and the disk devices planned from what it accepted.
+// lines as arguments (`run ...`, or `stat ...` and the other control
+// commands), and the disk devices planned from what it accepted.
 // A bad value must be refused with lkvm::Error (one line for the user),
 // never another exception, and what is accepted must keep the limits the
 // rest of lkvm relies on.
 //
-// Input: text; its lines are the arguments after `lkvm run`.
+// Input: text; its lines are the arguments after `lkvm`.
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -50,7 +51,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size)
         FUZZ_CHECK(!controller.name.empty() && controller.num_queues <= kMaxDiskQueues);
     });
 
-    std::vector<std::string> args{"run"};
+    std::vector<std::string> args;
     for (size_t start = 0; start <= text.size();) {
         const size_t end = std::min(text.find('\n', start), text.size());
         args.push_back(text.substr(start, end - start));

@@ -140,12 +140,13 @@ seed("control", "reply-stat",
      "interrupts=1;vcpu=0 exits=9 io_exits=1 insn_emulation=2")
 seed("control", "reply-error", "LKVM/1 error no such guest")
 
-# ---- cli: a -d or --iothreads value, or `lkvm run` arguments one per line.
+# ---- cli: a -d or --iothreads value, or lkvm's arguments one per line.
 seed("cli", "disk", "disk.raw,ro,direct,aio=io_uring,serial=S1,num-queues=2,iothread=0+1,ioprio=be/3,notify=mmio")
 seed("cli", "iothreads", "2,affinity=0-1,3,poll-max-ns=0,poll-grow=2,poll-shrink=0,aio-max-batch=32,sched=idle")
-seed("cli", "run", "-c\n2\n--iothreads\n2\n-d\na.raw,bus=scsi,controller=c0,lun=0,rotation-rate=1\n"
+seed("cli", "run", "run\n-c\n2\n--iothreads\n2\n-d\na.raw,bus=scsi,controller=c0,lun=0,rotation-rate=1\n"
      "-d\nb.raw,bus=scsi,controller=c0,lun=1,ro,discard=ignore\n--scsi-controller\nc0,num-queues=2,iothread=1\n"
      "-d\nc.raw,num-queues=4,notify=pio\n--\nsh\n-c\ntrue")
+seed("cli", "stat", "stat\nguest-1\n--disks\n--json\n--watch\n0.5")
 
 # ---- bzimage: a kernel image; the setup header at 0x1f1.
 
