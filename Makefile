@@ -109,7 +109,39 @@ $(UAPI)/checked/%.ok: %.cc
 -include $(UAPI_CHECKED:=.d)
 endif
 
-clean:
-	rm -rf build/obj build/lkvm build/unit-tests build/liblkvm.a build-san build/guest build/rig
+# make fuzz [FUZZ_SECONDS=N]: the libFuzzer targets (tests/fuzz/fuzz_*.cc),
+# built with clang under ASan and UBSan in build-fuzz/ against the library
+# compiled there by clang, each run for N seconds in turn (scripts/fuzz.sh).
+# Nothing here touches the g++ build above.
+FUZZ_SECONDS  ?= 60
+FUZZ_BUILD    := build-fuzz
+FUZZ_CXX      ?= clang++
+FUZZ_SAN      := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+# The library gets coverage instrumentation without libFuzzer's main; only the targets link it.
+FUZZ_CXXFLAGS := -O1 -g -std=c++20 -Wall -Wextra -Werror -pthread -I. -MMD -MP $(FUZZ_SAN)
+FUZZ_LIB_OBJS := $(LIB_SRCS:%.cc=$(FUZZ_BUILD)/obj/%.o)
+FUZZ_SRCS     := $(wildcard tests/fuzz/fuzz_*.cc)
+FUZZ_TARGETS  := $(FUZZ_SRCS:tests/fuzz/%.cc=$(FUZZ_BUILD)/%)
 
+.PHONY: fuzz fuzz-build
+fuzz:
+	@bash scripts/fuzz.sh $(FUZZ_SECONDS)
+fuzz-build: $(FUZZ_TARGETS)
+# Kept, so that a rebuild after a library change compiles no target again.
+.SECONDARY: $(FUZZ_SRCS:tests/fuzz/%.cc=$(FUZZ_BUILD)/obj/tests/fuzz/%.o)
+
+$(FUZZ_BUILD)/obj/%.o: %.cc
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FUZZ_BUILD)/liblkvm.a: $(FUZZ_LIB_OBJS)
+	ar rcs $@ $^
+
+$(FUZZ_BUILD)/fuzz_%: $(FUZZ_BUILD)/obj/tests/fuzz/fuzz_%.o $(FUZZ_BUILD)/liblkvm.a
+	$(FUZZ_CXX) -fsanitize=fuzzer $(FUZZ_SAN) -pthread -o $@ $^ $(LDLIBS)
+
+clean:
+	rm -rf build/obj build/lkvm build/unit-tests build/liblkvm.a build-san build-fuzz build/guest build/rig
+
+-include $(FUZZ_LIB_OBJS:.o=.d) $(FUZZ_SRCS:tests/fuzz/%.cc=$(FUZZ_BUILD)/obj/tests/fuzz/%.d)
 -include $(LIB_OBJS:.o=.d) $(UNIT_OBJS:.o=.d) $(DEVICE_OBJS:.o=.d) $(BUILD)/obj/tests/bench/blkbench.d $(BUILD)/obj/kvm/main.d

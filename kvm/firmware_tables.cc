@@ -133,7 +133,6 @@ std::vector<uint8_t> build_mp_tables(uint64_t base, const PlatformInfo& platform
 namespace {
 
 // ---------------------------------------------------------------- ACPI
-constexpr size_t kAcpiHeaderSize = 36;
 
 void acpi_header(Bytes& t, std::string_view signature, uint8_t revision)
 {

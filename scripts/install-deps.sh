@@ -7,7 +7,10 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 
 packages=(g++ make pkg-config libboost-dev libaio-dev liburing-dev doctest-dev
           qemu-system-x86 busybox-static cpio fio kmod xz-utils zstd procps
-          sg3-utils util-linux python3)
+          sg3-utils util-linux python3
+          # make fuzz: clang and its libFuzzer runtime (Debian 12's default clang is 14;
+          # libclang-rt-dev is what -fsanitize=fuzzer links, and only a recommend of clang)
+          clang libclang-rt-dev)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -14,7 +14,7 @@ namespace lkvm {
 namespace {
 constexpr uint8_t kCapVendor = 0x09, kCapMsix = 0x11;
 enum : uint8_t { kCfgCommon = 1, kCfgNotify = 2, kCfgIsr = 3, kCfgDevice = 4 };
-constexpr uint8_t kStatusAcknowledge = 1, kStatusDriver = 2, kStatusDriverOk = 4, kStatusFeaturesOk = 8;
+constexpr uint8_t kStatusDriverOk = 4, kStatusFeaturesOk = 8;
 constexpr uint8_t kStatusNeedsReset = 0x40;
 constexpr unsigned kCommonSize = 0x40;
 constexpr uint16_t kMsixEnable = 0x8000, kMsixFunctionMask = 0x4000;
@@ -254,7 +254,7 @@ void VirtioPciDevice::read(uint64_t offset, std::span<uint8_t> data)
         }
     } else if (offset >= kDeviceOffset && offset < kNotifyOffset) {
         device_.read_config(offset - kDeviceOffset, data);
-    } else if (offset >= kMsixTableOffset && offset < kMsixPbaOffset + 8) {
+    } else if (offset >= kMsixTableOffset && offset < kMsixPbaOffset + pba_bytes()) {
         msix_read(offset, data);
     }
 }
@@ -419,12 +419,15 @@ void VirtioPciDevice::reset()
 void VirtioPciDevice::msix_read(uint64_t offset, std::span<uint8_t> data)
 {
     if (offset >= kMsixPbaOffset) {
-        uint64_t bits = 0;
-        for (unsigned v = 0; v < msix_.size() && v < 64; ++v)
-            bits |= uint64_t{vector_pending_[v].load()} << v;
+        // A bit per vector, all of them: past 64 vectors the PBA is more than one
+        // qword. Only the bits that are set are written: read() zeroed data.
         const uint64_t at = offset - kMsixPbaOffset;
-        for (size_t i = 0; i < data.size() && at + i < 8; ++i)
-            data[i] = static_cast<uint8_t>(bits >> (8 * (at + i)));
+        for (size_t i = 0; i < data.size(); ++i)
+            for (unsigned bit = 0; bit < 8; ++bit) {
+                const uint64_t v = 8 * (at + i) + bit;
+                if (v < msix_.size() && vector_pending_[v].load())
+                    data[i] |= static_cast<uint8_t>(1u << bit);
+            }
         return;
     }
     const uint64_t index = (offset - kMsixTableOffset) / 16, field = (offset - kMsixTableOffset) % 16;

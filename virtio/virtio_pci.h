@@ -117,6 +117,8 @@ private:
     void reset();
     void msix_write(uint64_t offset, std::span<const uint8_t> data);
     void msix_read(uint64_t offset, std::span<uint8_t> data);
+    // Whole qwords, one bit per vector (PCI 3.0 6.8.2.10).
+    uint64_t pba_bytes() const { return 8 * ((msix_.size() + 63) / 64); }
     void update_vector(unsigned vector);
     // Moves a BAR's bus registration and, if it holds the notify structure, the ioeventfds with it.
     void move_bar(AddressSpace space, BusDevice& device, BarMapping& now, uint64_t address, uint64_t size,

@@ -361,6 +361,11 @@ ScsiDisk::ScsiDisk(const DiskImage& image, ScsiDiskOptions options)
         throw Error("disk " + image.path() + ": logical block size " + std::to_string(block_size_) +
                     " must be a power of two from 512 to 65536 bytes and a multiple of the image's O_DIRECT "
                     "alignment, " + std::to_string(image.alignment()));
+    // No block at all: READ CAPACITY's "last LBA" would be blocks() - 1, wrapped around.
+    if (blocks() == 0)
+        throw Error("disk " + image.path() + ": " + std::to_string(image.size()) +
+                    " bytes is less than one logical block of " + std::to_string(block_size_) +
+                    " bytes; make the image larger");
 }
 
 void ScsiDisk::reset()

@@ -1260,6 +1260,24 @@ TEST_CASE("scsi logical block size: from the image, or a valid one from the opti
     }
 }
 
+// Found by tests/fuzz/fuzz_scsi.cc: a 1 KiB image with 4 KiB blocks (a small
+// file opened `direct` on a 4 KiB-sector host) had no block, and READ
+// CAPACITY(10) answered 0xffffffff ("ask READ CAPACITY(16)"), which then gave
+// 2^64 - 1 as the last LBA.
+TEST_CASE("scsi a disk smaller than one logical block is refused")
+{
+    TempDir dir;
+    const DiskImage image = DiskImage::open({dir.sparse_file("tiny.img", 1024), false, false});
+    ScsiDiskOptions o = test_options();
+    o.block_size = 4096;
+    CHECK(lkvm::test::error_of([&] { [[maybe_unused]] ScsiDisk disk(image, o); }).find("less than one logical block") !=
+          std::string::npos);
+    o.block_size = 1024;  // exactly one block: LBA 0 is the last
+    ScsiDisk disk(image, o);
+    CHECK(disk.execute(std::vector<uint8_t>{0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0}, {}, 8).data_in ==
+          Bytes{0, 0, 0, 0, 0, 0, 0x04, 0x00});
+}
+
 TEST_CASE("scsi REPORT LUNS")
 {
     const uint16_t luns[] = {0, 1, 255, 256, 0x3fff, 0x4000};
