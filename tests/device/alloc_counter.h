@@ -4,6 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+
+#include "virtio/io_thread.h"
 
 namespace lkvm::test {
 
@@ -11,5 +14,16 @@ namespace lkvm::test {
 void watch_allocations(bool on);
 // Allocations counted so far, over every watched thread.
 uint64_t watched_allocations();
+
+// The allocations `thread` made while `work` ran (on the calling thread).
+inline uint64_t allocations_on(IoThread& thread, const std::function<void()>& work)
+{
+    thread.run_and_wait([] { watch_allocations(true); });
+    const uint64_t before = watched_allocations();
+    work();
+    const uint64_t made = watched_allocations() - before;
+    thread.run_and_wait([] { watch_allocations(false); });
+    return made;
+}
 
 }  // namespace lkvm::test

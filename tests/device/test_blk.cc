@@ -677,12 +677,9 @@ TEST_CASE("blk: in steady state the request path allocates nothing, whatever the
         };
         constexpr uint64_t kWarmUp = 4000, kCounted = 20000;
         REQUIRE(rig.driver.keep_in_flight(0, 64, 3, kWarmUp, queue) == kWarmUp);
-        rig.thread.run_and_wait([] { watch_allocations(true); });
-        const uint64_t before = watched_allocations();
-        REQUIRE(rig.driver.keep_in_flight(0, 64, 3, kCounted, queue) == kCounted);
-        const uint64_t allocations = watched_allocations() - before;
-        rig.thread.run_and_wait([] { watch_allocations(false); });
-        CHECK(allocations == 0);
+        uint64_t counted = 0;
+        CHECK(allocations_on(rig.thread, [&] { counted = rig.driver.keep_in_flight(0, 64, 3, kCounted, queue); }) == 0);
+        CHECK(counted == kCounted);
         CHECK(rig.blk->queue_stats(0).counters().requests == kWarmUp + kCounted);
     }
 }

@@ -540,12 +540,9 @@ TEST_CASE("scsi device: in steady state the request path allocates nothing, what
         };
         constexpr uint64_t kWarmUp = 4000, kCounted = 20000;
         REQUIRE(rig.driver.keep_in_flight(2, 64, 3, kWarmUp, queue) == kWarmUp);
-        rig.io0.run_and_wait([] { watch_allocations(true); });
-        const uint64_t before = watched_allocations();
-        REQUIRE(rig.driver.keep_in_flight(2, 64, 3, kCounted, queue) == kCounted);
-        const uint64_t allocations = watched_allocations() - before;
-        rig.io0.run_and_wait([] { watch_allocations(false); });
-        CHECK(allocations == 0);
+        uint64_t counted = 0;
+        CHECK(allocations_on(rig.io0, [&] { counted = rig.driver.keep_in_flight(2, 64, 3, kCounted, queue); }) == 0);
+        CHECK(counted == kCounted);
         CHECK(rig.scsi->queue_stats(0).counters().requests == kWarmUp + kCounted);
     }
 }
