@@ -185,7 +185,7 @@ uint64_t GuestDriver::keep_in_flight(unsigned q, unsigned depth, unsigned stride
     };
     for (unsigned i = 0; i < depth; ++i)
         put(i);
-    kick(q);
+    kick_if_needed(q);
     uint64_t submitted = depth, done = 0;
     while (done < submitted) {
         const auto used = wait_used(q, 1, 5000);
@@ -198,7 +198,7 @@ uint64_t GuestDriver::keep_in_flight(unsigned q, unsigned depth, unsigned stride
                 ++submitted;
             }
         }
-        kick(q);
+        kick_if_needed(q);  // as Linux: only when the device asks to be kicked
     }
     return done;
 }

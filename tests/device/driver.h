@@ -114,7 +114,8 @@ public:
     uint16_t add_chain_at(unsigned q, uint16_t first, const std::vector<Buffer>& buffers);
     // Keeps `depth` requests in flight on queue q until `completions` came
     // back, then waits for the rest: queue(i) puts request i on the ring (not
-    // kicked), its chain starting at descriptor stride * i. Returns the
+    // kicked), its chain starting at descriptor stride * i; kicks only when
+    // the device asks for them, as Linux does. Returns the
     // completions seen, fewer when the device stopped answering for 5 s.
     uint64_t keep_in_flight(unsigned q, unsigned depth, unsigned stride, uint64_t completions,
                             const std::function<void(unsigned)>& queue);
