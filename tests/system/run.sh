@@ -190,7 +190,7 @@ exec 3<> $XDG_RUNTIME_DIR/console
 "$LKVM" run --name enospc -d full-blk/disk.raw -d full-scsi/disk.raw,bus=scsi -- sh -c "$(cat enospc-guest.sh)" \
     < $XDG_RUNTIME_DIR/console > enospc.out 2>&1 &
 pid=$!
-for i in $(seq 240); do grep -q "^guest-waiting" enospc.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
+for i in $(seq 240); do grep -qs "^guest-waiting" enospc.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
 "$LKVM" stat enospc --disks > stat.txt; echo stat=$?
 cat stat.txt
 # Errors per image, from the table (its errors column) and from the JSON.
