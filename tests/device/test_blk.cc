@@ -778,23 +778,12 @@ TEST_CASE("blk: in steady state the request path allocates nothing, whatever the
             constexpr uint64_t kWarmUp = 4000, kCounted = 20000;
             REQUIRE(rig.driver.keep_in_flight(0, 64, 3, kWarmUp, queue) == kWarmUp);
             uint64_t counted = 0;
-            // Meanwhile another thread hands the I/O thread work now and
-            // then, as lkvm stat and resets do: the memory of those
-            // operations is freed on the I/O thread, into the cache Asio
-            // would have taken the next wait's operation from.
-            std::atomic<bool> done{false};
-            std::thread poster([&] {
-                while (!done) {
-                    thread.post([] {});
-                    std::this_thread::sleep_for(std::chrono::microseconds(200));
-                }
-            });
-            CHECK(allocations_on(thread, [&] { counted = rig.driver.keep_in_flight(0, 64, 3, kCounted, queue); }) == 0);
-            done = true;
-            poster.join();
+            {
+                PostsMeanwhile posts(thread);
+                CHECK(allocations_on(thread, [&] { counted = rig.driver.keep_in_flight(0, 64, 3, kCounted, queue); }) == 0);
+            }
             CHECK(counted == kCounted);
             CHECK(rig.blk->queue_stats(0).counters().requests == kWarmUp + kCounted);
-            MESSAGE(std::string(engine_kind_name(engine)) << " poll " << poll_ns << ": " << thread.stats().wakeups.load() << " wakeups");
         }
     }
 }
