@@ -2,7 +2,8 @@
 # Runs every test tier and ends with one line summing them: "N passed, N failed".
 # Usage: tests/run-all.sh [BUILD_DIR] [--san DIR] [--tsan DIR] [--fuzz SECONDS]
 #   --san DIR, --tsan DIR: also the unit and device tiers of that tree, built
-#     with ASan+UBSan (build-san) or ThreadSanitizer (build-tsan);
+#     with ASan+UBSan (make test: build-fuzz, clang) or ThreadSanitizer
+#     (build-tsan, g++);
 #   --fuzz SECONDS: also every libFuzzer target (build-fuzz), all at once,
 #     SECONDS of wall time each; one pass or fail per target.
 # Plain `make test` passes all three; each tier prints its seconds.
