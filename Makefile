@@ -145,10 +145,12 @@ uapi-check: $(UAPI_CHECKED)
 # -MD, not -MMD: the installed headers are what this depends on.
 $(UAPI_BASE)/%.sha: %.cc
 	@mkdir -p $(dir $@)
-	$(CXX) $(UAPI_CXXFLAGS) -E -P -MD -MP -MF $@.d -MT $@ $< | sha256sum > $@
+	$(CXX) $(UAPI_CXXFLAGS) -E -P -MD -MP -MF $@.d -MT $@ $< -o $@.i
+	sha256sum < $@.i > $@ && rm -f $@.i
 $(UAPI)/checked/%.ok: %.cc $(UAPI_BASE)/%.sha
 	@mkdir -p $(dir $@)
-	$(CXX) $(UAPI_CXXFLAGS) $(UAPI_FLAGS) -E -P -MMD -MP -MF $@.d -MT $@ $< | sha256sum > $@.sha
+	$(CXX) $(UAPI_CXXFLAGS) $(UAPI_FLAGS) -E -P -MMD -MP -MF $@.d -MT $@ $< -o $@.i
+	sha256sum < $@.i > $@.sha && rm -f $@.i
 	if cmp -s $@.sha $(UAPI_BASE)/$*.sha; then echo same > $@.tmp; \
 	else $(CXX) $(UAPI_CXXFLAGS) $(UAPI_FLAGS) -fsyntax-only $< && echo compiled > $@.tmp; fi
 	@rm -f $@.sha && mv $@.tmp $@
