@@ -5,6 +5,9 @@
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 
+# make test's sanitizer tiers need nothing more: g++ brings its ASan, UBSan and
+# TSan runtimes (libgcc-12-dev depends on libasan8, libubsan1, libtsan2), and
+# the clang ASan+UBSan tier uses clang's runtime from libclang-rt-dev below.
 packages=(g++ make pkg-config libboost-dev libaio-dev liburing-dev doctest-dev
           qemu-system-x86 busybox-static cpio fio kmod xz-utils zstd procps
           sg3-utils util-linux python3

@@ -97,16 +97,24 @@ void IoThread::run_and_wait(const std::function<void()>& fn)
         fn();
         return;
     }
+    // An exception comes back through `error`, set before `done` is: this
+    // thread then holds the exception's last reference and frees it. Through
+    // promise::set_exception that thread could drop the last one after this
+    // one had read it, ordered only by libsupc++'s (uninstrumented) atomic
+    // count, which ThreadSanitizer reported as a race.
+    std::exception_ptr error;
     std::promise<void> done;
     post([&] {
         try {
             fn();
-            done.set_value();
         } catch (...) {
-            done.set_exception(std::current_exception());
+            error = std::current_exception();
         }
+        done.set_value();
     });
     done.get_future().get();
+    if (error)
+        std::rethrow_exception(error);
 }
 
 void IoThread::loop()

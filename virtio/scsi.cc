@@ -275,12 +275,18 @@ void ScsiQueue::task_management(const TaskMatch& match, bool abort, std::functio
 
 // The control queue, on the control loop. Every touch of its ring happens
 // with the device's control mutex held, so that reset() (on a vCPU thread)
-// never races a request being answered.
+// never races a request being answered. It holds that mutex (shared) and the
+// loop itself, both of which outlive the device, and touches the device only
+// with the mutex held and stopped_ still false: reset(), which the device's
+// destructor runs, sets stopped_ under it, and a start, kick or task
+// management answer posted earlier may still run after the device is gone.
 class ScsiControlQueue : public std::enable_shared_from_this<ScsiControlQueue> {
 public:
     ScsiControlQueue(VirtioScsi& device, const QueueSetup& setup, bool event_idx, std::function<void()> broken)
         : device_(device),
           ring_(device.memory_, setup.rings, event_idx, {64, 4096}),
+          mutex_(device.control_mutex_),
+          loop_(device.control_loop_),
           notify_fd_(::dup(setup.notify_fd)),
           interrupt_(setup.interrupt),
           broken_(std::move(broken))
@@ -290,9 +296,11 @@ public:
     // On the control loop.
     void start()
     {
-        notify_.emplace(device_.control_loop_, notify_fd_.release());
+        std::lock_guard lock(*mutex_);
+        if (stopped_)
+            return;
+        notify_.emplace(loop_, notify_fd_.release());
         wait_notify();
-        std::lock_guard lock(device_.control_mutex_);
         process();
     }
     // With the control mutex held: answers nothing more.
@@ -310,7 +318,7 @@ private:
                                     return;
                                 uint64_t kicks;
                                 [[maybe_unused]] ssize_t n = ::read(queue->notify_->native_handle(), &kicks, sizeof(kicks));
-                                std::lock_guard lock(queue->device_.control_mutex_);
+                                std::lock_guard lock(*queue->mutex_);
                                 if (queue->stopped_)
                                     return;
                                 queue->process();
@@ -408,6 +416,9 @@ private:
                 auto queue = self.lock();
                 if (!queue)
                     return;
+                std::lock_guard lock(*queue->mutex_);
+                if (queue->stopped_)
+                    return;
                 // Only now, with every command it aborted answered: one of
                 // those must not take the unit attention the reset raises.
                 if (subtype == kTmfLogicalUnitReset)
@@ -415,9 +426,6 @@ private:
                 if (subtype == kTmfItNexusReset)
                     for (const auto& each : queue->device_.luns_)
                         each->disk.nexus_lost();
-                std::lock_guard lock(queue->device_.control_mutex_);
-                if (queue->stopped_)
-                    return;
                 const bool query = subtype == kTmfQueryTask || subtype == kTmfQueryTaskSet;
                 const uint8_t response = query && found ? kFunctionSucceeded : kFunctionComplete;
                 queue->answer(head, writable, std::span(&response, 1));
@@ -427,6 +435,8 @@ private:
 
     VirtioScsi& device_;
     SplitQueue ring_;
+    std::shared_ptr<std::mutex> mutex_;  // the device's control mutex
+    boost::asio::io_context& loop_;
     Fd notify_fd_;
     std::optional<boost::asio::posix::stream_descriptor> notify_;
     Interrupt* interrupt_;
@@ -553,7 +563,7 @@ void VirtioScsi::activate(uint64_t features, std::vector<QueueSetup> setups, std
         }
         // The event queue (1) is left alone: we raise no events.
     }
-    std::lock_guard lock(control_mutex_);
+    std::lock_guard lock(*control_mutex_);
     queues_.start(
         request_setups, queue_threads_,
         [&](const QueueSetup& setup) {
@@ -572,7 +582,7 @@ void VirtioScsi::reset()
 {
     std::shared_ptr<ScsiControlQueue> control;
     {
-        std::lock_guard lock(control_mutex_);
+        std::lock_guard lock(*control_mutex_);
         control = std::move(control_);
         if (control)
             control->stop_answering();

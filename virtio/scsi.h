@@ -107,7 +107,8 @@ private:
 
     // activate() and reset() run on vCPU threads, control requests on the
     // control loop: this keeps them apart. The request path never takes it.
-    std::mutex control_mutex_;
+    // Shared with the control queue, which may outlive the device (scsi.cc).
+    std::shared_ptr<std::mutex> control_mutex_ = std::make_shared<std::mutex>();
     RequestQueues queues_;
     std::shared_ptr<ScsiControlQueue> control_;
     std::atomic<bool> reported_error_{false};

@@ -170,7 +170,10 @@ TEST_CASE("I/O threads: run with the host scheduling policy they were given")
     for (auto [policy, native] : {std::pair{IoThreadPolicy::kBatch, SCHED_BATCH},
                                   std::pair{IoThreadPolicy::kOther, SCHED_OTHER},
                                   std::pair{IoThreadPolicy::kIdle, SCHED_IDLE}}) {
-        CAPTURE(io_thread_policy_name(policy));
+        // A variable of its own: CAPTURE is a lambda, and clang 14 (the
+        // ASan+UBSan tier's compiler) cannot capture a structured binding.
+        const std::string name = io_thread_policy_name(policy);
+        CAPTURE(name);
         IoThread thread(IoThreadOptions{"policy-test", {}, 0, -1, policy});
         int seen = -1;
         thread.run_and_wait([&] { seen = ::sched_getscheduler(0); });
