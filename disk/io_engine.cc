@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "base/error.h"
+#include "base/log.h"
 #include "disk/ioprio.h"
 
 namespace lkvm {
@@ -341,12 +342,88 @@ private:
     std::vector<IoCompletion> immediate_;  // refused by io_submit, or done at once (discard, write-zeroes)
 };
 
+// Setup flags newer than some liburing headers; the values are the kernel's ABI.
+#ifndef IORING_SETUP_COOP_TASKRUN
+#define IORING_SETUP_COOP_TASKRUN (1U << 8)  // Linux 5.19
+#endif
+#ifndef IORING_SETUP_TASKRUN_FLAG
+#define IORING_SETUP_TASKRUN_FLAG (1U << 9)  // Linux 5.19
+#endif
+#ifndef IORING_SETUP_SINGLE_ISSUER
+#define IORING_SETUP_SINGLE_ISSUER (1U << 12)  // Linux 6.0
+#endif
+#ifndef IORING_SETUP_DEFER_TASKRUN
+#define IORING_SETUP_DEFER_TASKRUN (1U << 13)  // Linux 6.1
+#endif
+#ifndef IORING_SQ_TASKRUN
+#define IORING_SQ_TASKRUN (1U << 2)
+#endif
+
+// What the kernel offers, found once per process: whether io_uring works at
+// all (kernels can lack it or forbid it: kernel.io_uring_disabled, seccomp),
+// and which setup flags it takes. An unknown flag is refused with EINVAL, so
+// each is tried on its own (with what it needs), on a one-entry ring: four
+// io_uring_setup calls in all.
+struct UringProbe {
+    bool available = false;
+    unsigned setup_flags = 0;
+};
+
+const UringProbe& uring_probe()
+{
+    static const UringProbe probe = [] {
+        const auto takes = [](unsigned flags) {
+            io_uring ring;
+            io_uring_params params{};
+            params.flags = flags;
+            if (io_uring_queue_init_params(1, &ring, &params) < 0)
+                return false;
+            io_uring_queue_exit(&ring);
+            return true;
+        };
+        UringProbe p;
+        p.available = takes(0);
+        if (!p.available)
+            return p;
+        if (takes(IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG))
+            p.setup_flags |= IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+        if (takes(IORING_SETUP_SINGLE_ISSUER)) {
+            p.setup_flags |= IORING_SETUP_SINGLE_ISSUER;
+            if (takes(IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG))
+                p.setup_flags |= IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+        }
+        return p;
+    }();
+    return probe;
+}
+
+// The flags of `wanted` that this kernel takes, made consistent: task run
+// modes always with TASKRUN_FLAG (has_completions() reads it), which alone is
+// invalid; DEFER_TASKRUN only with SINGLE_ISSUER, as the kernel requires.
+unsigned usable_setup_flags(unsigned wanted)
+{
+    unsigned flags = wanted & uring_probe().setup_flags;
+    if (!(flags & IORING_SETUP_SINGLE_ISSUER))
+        flags &= ~IORING_SETUP_DEFER_TASKRUN;
+    if (flags & (IORING_SETUP_COOP_TASKRUN | IORING_SETUP_DEFER_TASKRUN))
+        flags |= IORING_SETUP_TASKRUN_FLAG;
+    else
+        flags &= ~IORING_SETUP_TASKRUN_FLAG;
+    return flags;
+}
+
+// What blkbench measured best here (see README: io_uring setup flags).
+constexpr unsigned kDefaultUringSetup = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+constexpr bool kDefaultUringFixedBuffers = true;
+
 // Owns one io_uring instance.
 class Uring {
 public:
-    explicit Uring(unsigned entries)
+    Uring(unsigned entries, unsigned setup_flags)
     {
-        if (const int r = io_uring_queue_init(entries, &ring_, 0); r < 0)
+        io_uring_params params{};
+        params.flags = setup_flags;
+        if (const int r = io_uring_queue_init_params(entries, &ring_, &params); r < 0)
             throw Error(std::string("io_uring_queue_init for the io_uring engine: ") + std::strerror(-r) +
                         "; use aio=native");
     }
@@ -360,14 +437,28 @@ private:
     io_uring ring_;
 };
 
+// The kernel's limit for one registered buffer.
+constexpr size_t kMaxFixedBuffer = size_t{1} << 30;
+
 // io_uring: a batch goes to the kernel in one system call, completions are
 // read straight from the shared ring and announced through our eventfd.
+//
+// Setup flags (those asked for and taken): COOP_TASKRUN leaves completions
+// that need this thread (task work) until it enters the kernel anyway
+// instead of interrupting it; DEFER_TASKRUN leaves them until it asks for
+// them. With either, TASKRUN_FLAG marks the SQ ring while some wait, so
+// has_completions() stays free of system calls and reap() asks only then.
+// SINGLE_ISSUER: only the thread that made the ring may submit to it or
+// register with it (others get EEXIST); an I/O thread's engine is made, used
+// and given its files and memory there, and only destroyed elsewhere.
 class UringEngine final : public IoEngine {
 public:
     // The kernel sizes the completion ring at twice the submission ring, so
     // it cannot overflow while callers keep to capacity().
-    explicit UringEngine(size_t capacity)
-        : IoEngine(capacity), ring_(static_cast<unsigned>(std::bit_ceil(std::max<size_t>(capacity, 1))))
+    UringEngine(size_t capacity, unsigned setup_flags, bool fixed_buffers)
+        : IoEngine(capacity),
+          ring_(static_cast<unsigned>(std::bit_ceil(std::max<size_t>(capacity, 1))), usable_setup_flags(setup_flags)),
+          fixed_buffers_(fixed_buffers)
     {
         if (const int r = io_uring_register_eventfd(ring_.get(), event_.get()); r < 0)
             throw Error(std::string("io_uring_register_eventfd for the io_uring engine: ") + std::strerror(-r) +
@@ -383,8 +474,16 @@ public:
     {
         // Wait for what the kernel still holds: its buffers belong to the guest.
         in_flight_ -= immediate_.size();
+        // Another thread than the ring's may get here: a single-issuer ring
+        // then takes no submission, and what is still queued holds nothing.
+        if (flush() < 0)
+            in_flight_ -= io_uring_sq_ready(ring_.get());
         while (in_flight_ > 0) {
-            const int r = io_uring_submit_and_wait(ring_.get(), 1);
+            io_uring_cqe* cqe = nullptr;
+            const int r = io_uring_wait_cqe(ring_.get(), &cqe);
+            // EEXIST: a DEFER_TASKRUN ring, off its thread, whose completions
+            // only that thread may post. Closing the ring leaves the requests
+            // to the kernel, which cancels or finishes them.
             if (r < 0 && r != -EINTR)
                 break;
             drain([](const io_uring_cqe&) {});
@@ -418,6 +517,9 @@ public:
     size_t reap(std::vector<IoCompletion>& out) override
     {
         flush();
+        // Completions waiting as task work reach the ring when we enter the kernel.
+        if (taskrun_pending())
+            io_uring_get_events(ring_.get());
         size_t total = immediate_.size();
         out.insert(out.end(), immediate_.begin(), immediate_.end());
         in_flight_ -= immediate_.size();
@@ -433,8 +535,9 @@ public:
         // Fails only where the kernel has no CQ ring flags (before 5.8): the
         // eventfd then simply stays on.
         io_uring_cq_eventfd_toggle(ring_.get(), on);
-        // Dekker: the kernel stores a completion's CQ tail and then reads the
-        // flag; we clear the flag and then the caller reads the tail. Each
+        // Dekker: the kernel stores a completion's CQ tail (or, with task run
+        // flags, sets IORING_SQ_TASKRUN) and then reads the flag; we clear
+        // the flag and then the caller reads the tail (and IORING_SQ_TASKRUN). Each
         // side needs a full barrier between its store and its load, or both
         // may read the old value and the completion goes unsignalled and
         // unseen while the caller sleeps. The kernel's side: 6.1 takes
@@ -447,7 +550,8 @@ public:
     bool has_completions() const override
     {
         // Requests a failed submission left queued count too: reap() retries them.
-        return io_uring_cq_ready(ring_.get()) > 0 || !immediate_.empty() || io_uring_sq_ready(ring_.get()) > 0;
+        return io_uring_cq_ready(ring_.get()) > 0 || !immediate_.empty() || io_uring_sq_ready(ring_.get()) > 0 ||
+               taskrun_pending();
     }
 
     // The ring gets an open file description of its own for the file: the
@@ -476,6 +580,36 @@ public:
         fd_slot_[static_cast<size_t>(fd)] = static_cast<int>(slot);
     }
 
+    void register_memory(std::span<const iovec> regions) override
+    {
+        if (!fixed_.empty()) {
+            io_uring_unregister_buffers(ring_.get());
+            fixed_.clear();
+        }
+        if (!fixed_buffers_)
+            return;
+        std::vector<iovec> buffers;
+        std::vector<FixedRegion> fixed;
+        for (const iovec& r : regions) {
+            if (r.iov_len == 0)
+                continue;
+            fixed.push_back({reinterpret_cast<uintptr_t>(r.iov_base), r.iov_len, static_cast<unsigned>(buffers.size())});
+            for (size_t at = 0; at < r.iov_len; at += kMaxFixedBuffer)
+                buffers.push_back({static_cast<char*>(r.iov_base) + at, std::min(kMaxFixedBuffer, r.iov_len - at)});
+        }
+        if (buffers.empty())
+            return;
+        // RLIMIT_MEMLOCK (without CAP_IPC_LOCK), memory the kernel cannot pin,
+        // another thread than a single-issuer ring's: requests then pin their
+        // pages one by one, as without registration.
+        if (const int r = io_uring_register_buffers(ring_.get(), buffers.data(), static_cast<unsigned>(buffers.size()));
+            r < 0) {
+            log_debug(std::string("io_uring: guest memory not registered as fixed buffers: ") + std::strerror(-r));
+            return;
+        }
+        fixed_ = std::move(fixed);
+    }
+
     void unregister_file(int fd) override
     {
         const int slot = slot_of(fd);
@@ -492,9 +626,40 @@ public:
 private:
     static constexpr unsigned kFileSlots = 64;
 
+    // Registered memory: buffers first, first + 1, ... of kMaxFixedBuffer
+    // bytes each (the last one shorter) from base on.
+    struct FixedRegion {
+        uintptr_t base;
+        size_t length;
+        unsigned first;
+    };
+
     int slot_of(int fd) const
     {
         return fd >= 0 && static_cast<size_t>(fd) < fd_slot_.size() ? fd_slot_[static_cast<size_t>(fd)] : -1;
+    }
+
+    // The registered buffer that holds all of [address, address + length), or -1.
+    int fixed_buffer(const void* address, size_t length) const
+    {
+        const auto a = reinterpret_cast<uintptr_t>(address);
+        for (const FixedRegion& f : fixed_) {
+            const uintptr_t at = a - f.base;  // below base it wraps, and so is too large
+            if (at >= f.length || length == 0 || length > f.length - at)
+                continue;
+            const size_t index = at / kMaxFixedBuffer;
+            if ((at + length - 1) / kMaxFixedBuffer != index)
+                return -1;  // across two buffers of one region
+            return static_cast<int>(f.first + index);
+        }
+        return -1;
+    }
+
+    // Completions wait as task work until this thread enters the kernel (only
+    // rings with TASKRUN_FLAG say so).
+    bool taskrun_pending() const
+    {
+        return (IO_URING_READ_ONCE(*ring_.get()->sq.kflags) & IORING_SQ_TASKRUN) != 0;
     }
 
     void prepare(io_uring_sqe& sqe, const IoRequest& r)
@@ -502,12 +667,24 @@ private:
         const int slot = slot_of(r.fd);
         const int fd = slot >= 0 ? slot : r.fd;
         const auto iovcnt = static_cast<unsigned>(r.iovcnt);
+        // One buffer within registered memory: READ_FIXED/WRITE_FIXED, which
+        // take one contiguous buffer. Requests with more (rare: a guest's
+        // pages are seldom contiguous) go as vectors.
+        const int buffer = !fixed_.empty() && r.iovcnt == 1 ? fixed_buffer(r.iov[0].iov_base, r.iov[0].iov_len) : -1;
         switch (r.op) {
         case IoOp::kRead:
-            io_uring_prep_readv(&sqe, fd, r.iov, iovcnt, r.offset);
+            if (buffer >= 0)
+                io_uring_prep_read_fixed(&sqe, fd, r.iov[0].iov_base, static_cast<unsigned>(r.iov[0].iov_len), r.offset,
+                                         buffer);
+            else
+                io_uring_prep_readv(&sqe, fd, r.iov, iovcnt, r.offset);
             break;
         case IoOp::kWrite:
-            io_uring_prep_writev(&sqe, fd, r.iov, iovcnt, r.offset);
+            if (buffer >= 0)
+                io_uring_prep_write_fixed(&sqe, fd, r.iov[0].iov_base, static_cast<unsigned>(r.iov[0].iov_len),
+                                          r.offset, buffer);
+            else
+                io_uring_prep_writev(&sqe, fd, r.iov, iovcnt, r.offset);
             break;
         case IoOp::kFlush:
         default:  // allocations never get here
@@ -557,6 +734,8 @@ private:
     }
 
     Uring ring_;
+    bool fixed_buffers_;  // register_memory() registers
+    std::vector<FixedRegion> fixed_;  // registered memory
     bool notify_ = true;  // the CQ eventfd is signalled
     std::vector<IoCompletion> immediate_;  // refused, or done at once (discard, write-zeroes)
     std::vector<int> slot_fd_;  // registered file slot -> the caller's fd, -1 when free
@@ -566,13 +745,34 @@ private:
 
 }  // namespace
 
+unsigned uring_setup_flags_supported()
+{
+    return uring_probe().setup_flags;
+}
+
+unsigned default_uring_setup_flags()
+{
+    return kDefaultUringSetup;
+}
+
+bool default_uring_fixed_buffers()
+{
+    return kDefaultUringFixedBuffers;
+}
+
+std::unique_ptr<IoEngine> make_uring_engine(size_t capacity, unsigned setup_flags, bool fixed_buffers)
+{
+    return std::make_unique<UringEngine>(capacity, setup_flags, fixed_buffers);
+}
+
 std::unique_ptr<IoEngine> make_io_engine(EngineKind kind, size_t capacity)
 {
     switch (kind) {
     case EngineKind::kSync: return std::make_unique<SyncEngine>(capacity);
     case EngineKind::kNull: return std::make_unique<NullEngine>(capacity);
     case EngineKind::kNative: return std::make_unique<NativeEngine>(capacity);
-    case EngineKind::kIoUring: return std::make_unique<UringEngine>(capacity);
+    case EngineKind::kIoUring:
+        return std::make_unique<UringEngine>(capacity, kDefaultUringSetup, kDefaultUringFixedBuffers);
     }
     throw Error("unknown I/O engine");
 }
@@ -599,15 +799,7 @@ const char* engine_kind_name(EngineKind kind)
 
 EngineKind default_engine_kind()
 {
-    // Kernels can lack io_uring or forbid it (kernel.io_uring_disabled, seccomp).
-    static const EngineKind kind = [] {
-        io_uring probe;
-        if (io_uring_queue_init(4, &probe, 0) < 0)
-            return EngineKind::kNative;
-        io_uring_queue_exit(&probe);
-        return EngineKind::kIoUring;
-    }();
-    return kind;
+    return uring_probe().available ? EngineKind::kIoUring : EngineKind::kNative;
 }
 
 }  // namespace lkvm
