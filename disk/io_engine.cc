@@ -549,7 +549,9 @@ public:
 
     bool has_completions() const override
     {
-        // Requests a failed submission left queued count too: reap() retries them.
+        // Requests a failed submission left queued count too: reap() retries
+        // them. Task work may post nothing (a request a kernel worker did is
+        // freed that way): reap() then finds nothing, and the flag is gone.
         return io_uring_cq_ready(ring_.get()) > 0 || !immediate_.empty() || io_uring_sq_ready(ring_.get()) > 0 ||
                taskrun_pending();
     }

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -469,7 +470,9 @@ TEST_CASE("io_uring engine: the setup flag probe")
           ((taken & (IORING_SETUP_COOP_TASKRUN | IORING_SETUP_DEFER_TASKRUN)) != 0));
     if (taken & IORING_SETUP_DEFER_TASKRUN)
         CHECK((taken & IORING_SETUP_SINGLE_ISSUER) != 0);
-    MESSAGE("this kernel takes io_uring setup flags 0x", std::hex, taken);
+    char text[16];
+    std::snprintf(text, sizeof(text), "0x%x", taken);
+    MESSAGE("this kernel takes io_uring setup flags ", text);
 }
 
 TEST_CASE("io_uring engine: each setup flag set moves data, buffered and direct")
@@ -479,11 +482,13 @@ TEST_CASE("io_uring engine: each setup flag set moves data, buffered and direct"
     AnonMemory memory(64 << 10);  // aligned, for O_DIRECT
     for (const unsigned setup : uring_setups()) {
         CAPTURE(setup);
-        auto image = DiskImage::open({path, false, false});
         auto engine = make_uring_engine(16, setup, false);
-        engine->register_file(image.fd());
-        write_and_read_back(*engine, image.fd());
-        engine->unregister_file(image.fd());
+        {
+            auto image = DiskImage::open({path, false, false});
+            engine->register_file(image.fd());
+            write_and_read_back(*engine, image.fd());
+            engine->unregister_file(image.fd());
+        }
 
         // Direct: completions come from the device's interrupt as task work
         // (which COOP_TASKRUN and DEFER_TASKRUN leave for us to ask for).
@@ -529,13 +534,19 @@ TEST_CASE("io_uring engine: no completion is lost around turning the eventfd bac
             for (volatile unsigned spin = 0; spin < (round * 7919) % 4096;)
                 spin = spin + 1;
             engine->set_event_notification(true);
-            while (!engine->has_completions()) {
-                pollfd p{engine->event_fd(), POLLIN, 0};
-                REQUIRE(::poll(&p, 1, 5000) == 1);
-                engine->clear_event();
-            }
+            // With a task run mode has_completions() may also say yes for
+            // task work that posts nothing (a kernel worker's request being
+            // freed): reap() then finds nothing, and the wait goes on.
             done.clear();
-            REQUIRE(engine->reap(done) == 1);
+            while (done.empty()) {
+                while (!engine->has_completions()) {
+                    pollfd p{engine->event_fd(), POLLIN, 0};
+                    REQUIRE(::poll(&p, 1, 5000) == 1);
+                    engine->clear_event();
+                }
+                engine->reap(done);
+            }
+            REQUIRE(done.size() == 1);
             CHECK(done[0].cookie == round);
             CHECK(done[0].result == (round % 4 == 3 ? 512 : 0));
         }
