@@ -577,6 +577,7 @@ public:
             return;
         *free = fd;
         own_fds_[slot] = std::move(own);
+        slot_direct_[slot] = (flags & O_DIRECT) != 0;
         if (static_cast<size_t>(fd) >= fd_slot_.size())
             fd_slot_.resize(static_cast<size_t>(fd) + 1, -1);
         fd_slot_[static_cast<size_t>(fd)] = static_cast<int>(slot);
@@ -669,10 +670,15 @@ private:
         const int slot = slot_of(r.fd);
         const int fd = slot >= 0 ? slot : r.fd;
         const auto iovcnt = static_cast<unsigned>(r.iovcnt);
-        // One buffer within registered memory: READ_FIXED/WRITE_FIXED, which
-        // take one contiguous buffer. Requests with more (rare: a guest's
-        // pages are seldom contiguous) go as vectors.
-        const int buffer = !fixed_.empty() && r.iovcnt == 1 ? fixed_buffer(r.iov[0].iov_base, r.iov[0].iov_len) : -1;
+        // A registered O_DIRECT file and one buffer within registered memory:
+        // READ_FIXED/WRITE_FIXED (one contiguous buffer), which spare the
+        // request pinning its pages. Requests with more buffers (a guest's
+        // pages are seldom contiguous) go as vectors; so do those of page
+        // cache files, which pin nothing, and whose copy a fixed buffer made
+        // slower (blkbench: 1.15 -> 1.40 us of CPU per 4k read).
+        const int buffer = !fixed_.empty() && slot >= 0 && slot_direct_[static_cast<size_t>(slot)] && r.iovcnt == 1
+                               ? fixed_buffer(r.iov[0].iov_base, r.iov[0].iov_len)
+                               : -1;
         switch (r.op) {
         case IoOp::kRead:
             if (buffer >= 0)
@@ -742,6 +748,7 @@ private:
     std::vector<IoCompletion> immediate_;  // refused, or done at once (discard, write-zeroes)
     std::vector<int> slot_fd_;  // registered file slot -> the caller's fd, -1 when free
     std::array<Fd, kFileSlots> own_fds_;  // slot -> the ring's own description of that file
+    std::array<bool, kFileSlots> slot_direct_{};  // slot -> the file is O_DIRECT
     std::vector<int> fd_slot_;  // fd -> its slot, -1 when not registered
 };
 

@@ -579,7 +579,7 @@ TEST_CASE("io_uring engine: made and used on one thread, destroyed on another")
     }
 }
 
-TEST_CASE("io_uring engine: requests within registered memory use it, others go as before")
+TEST_CASE("io_uring engine: direct requests within registered memory use it, others go as before")
 {
     TempDir dir;
     const auto path = dir.file("fixed.raw", 1 << 20, 'f');
@@ -644,36 +644,43 @@ TEST_CASE("io_uring engine: requests within registered memory use it, others go 
         }
     }
 
-    // Proof that the fixed path is taken (and the caveat register_memory()
+    // Proof of which path a request takes (and the caveat register_memory()
     // states): a fixed request uses the pages pinned at registration, so a
-    // page discarded since still writes its old contents (it reads as zeroes
-    // to us).
-    auto image = DiskImage::open({path, false, false});
-    auto engine = make_uring_engine(4, default_uring_setup_flags(), true);
-    engine->register_memory(std::span(&registered, 1));
-    std::memset(area, 'p', 4096);
-    ::madvise(area, 4096, MADV_DONTNEED);
-    REQUIRE(area[0] == 0);
+    // page discarded since still writes its old contents ('p'), where any
+    // other request writes what we see now (zeroes).
+    const Fd reader(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     const iovec pinned{area, 4096};
-    CHECK(run(*engine, {{IoOp::kWrite, image.fd(), 0, &pinned, 1, 1}})[0].result == 4096);
-    char back[4096];
-    REQUIRE(::pread(image.fd(), back, sizeof(back), 0) == 4096);
-    CHECK(back[0] == 'p');
-    CHECK(back[4095] == 'p');
-
-    // With fixed buffers off, or registration undone by an empty one, the
-    // same request writes what we see (zeroes).
-    for (const bool fixed : {false, true}) {
-        CAPTURE(fixed);
-        auto plain = make_uring_engine(4, default_uring_setup_flags(), fixed);
-        plain->register_memory(std::span(&registered, 1));
-        if (fixed)
-            plain->register_memory({});
+    auto written = [&](IoEngine& engine, int fd) {
         std::memset(area, 'p', 4096);
         ::madvise(area, 4096, MADV_DONTNEED);
-        CHECK(run(*plain, {{IoOp::kWrite, image.fd(), 0, &pinned, 1, 1}})[0].result == 4096);
-        REQUIRE(::pread(image.fd(), back, sizeof(back), 0) == 4096);
-        CHECK(back[0] == 0);
+        REQUIRE(area[0] == 0);
+        CHECK(run(engine, {{IoOp::kWrite, fd, 0, &pinned, 1, 1}})[0].result == 4096);
+        char back[4096];
+        REQUIRE(::pread(reader.get(), back, sizeof(back), 0) == 4096);
+        CHECK(back[0] == back[4095]);
+        return back[0];
+    };
+    {
+        auto direct = DiskImage::open({path, false, true});
+        auto engine = make_uring_engine(4, default_uring_setup_flags(), true);
+        engine->register_memory(std::span(&registered, 1));
+        CHECK(written(*engine, direct.fd()) == 0);  // a file not registered
+        engine->register_file(direct.fd());
+        CHECK(written(*engine, direct.fd()) == 'p');
+        engine->register_memory({});  // registration undone
+        CHECK(written(*engine, direct.fd()) == 0);
+        auto off = make_uring_engine(4, default_uring_setup_flags(), false);
+        off->register_file(direct.fd());
+        off->register_memory(std::span(&registered, 1));
+        CHECK(written(*off, direct.fd()) == 0);  // fixed buffers off
+    }
+    {
+        // Through the page cache a fixed buffer pins nothing and copies slower.
+        auto buffered = DiskImage::open({path, false, false});
+        auto engine = make_uring_engine(4, default_uring_setup_flags(), true);
+        engine->register_file(buffered.fd());
+        engine->register_memory(std::span(&registered, 1));
+        CHECK(written(*engine, buffered.fd()) == 0);
     }
 
     // Engines without registration take the call and ignore it.
