@@ -19,6 +19,7 @@
 #include "base/error.h"
 #include "base/log.h"
 #include "disk/ioprio.h"
+#include "disk/offload.h"
 
 namespace lkvm {
 
@@ -32,6 +33,35 @@ void IoEngine::clear_event()
 {
     uint64_t value;
     [[maybe_unused]] ssize_t n = ::read(event_.get(), &value, sizeof(value));
+}
+
+IoEngine::~IoEngine() = default;
+
+void IoEngine::start_allocation(const IoRequest& request)
+{
+    if (!allocations_)
+        allocations_ = std::make_unique<AllocationWorker>(event_.get());
+    allocations_->start(request);
+    ++allocations_in_flight_;
+    ++in_flight_;
+}
+
+size_t IoEngine::reap_allocations(std::vector<IoCompletion>& out)
+{
+    if (!allocations_ready())
+        return 0;
+    const size_t n = allocations_->reap(out);
+    allocations_in_flight_ -= n;
+    in_flight_ -= n;
+    return n;
+}
+
+bool IoEngine::allocations_ready() const { return allocations_ && allocations_->has_completions(); }
+
+void IoEngine::cancel_allocations(const std::function<bool(uint64_t)>& which)
+{
+    if (allocations_)
+        allocations_->cancel(which);
 }
 
 bool IoEngine::wait_for_completions(int timeout_ms)
@@ -51,53 +81,6 @@ bool IoEngine::wait_for_completions(int timeout_ms)
 
 namespace {
 
-int64_t fallocate_range(int fd, int mode, uint64_t offset, uint64_t length)
-{
-    while (::fallocate(fd, mode, static_cast<off_t>(offset), static_cast<off_t>(length)) < 0)
-        if (errno != EINTR)
-            return -errno;
-    return 0;
-}
-
-int64_t write_zeroes_by_hand(int fd, uint64_t offset, uint64_t length)
-{
-    // Aligned, so that it works on O_DIRECT files too.
-    constexpr size_t kChunk = 1 << 20;
-    void* raw = nullptr;
-    if (::posix_memalign(&raw, 4096, kChunk) != 0)
-        return -ENOMEM;
-    std::unique_ptr<void, void (*)(void*)> zeroes(raw, ::free);
-    std::memset(raw, 0, kChunk);
-    for (uint64_t done = 0; done < length;) {
-        const ssize_t n = ::pwrite(fd, raw, std::min<uint64_t>(kChunk, length - done), static_cast<off_t>(offset + done));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return n < 0 ? -errno : -EIO;
-        done += static_cast<uint64_t>(n);
-    }
-    return 0;
-}
-
-// Discard and write-zeroes, done on the calling thread by every engine: libaio
-// has no fallocate, and both are rare next to reads and writes. A discarded
-// range must read back as zeroes (the SCSI disk advertises LBPRZ), so where
-// the file system cannot punch holes, zeroes are written instead.
-int64_t perform_allocation(const IoRequest& r)
-{
-    const int fd = r.fd;
-    if (r.op == IoOp::kDiscard) {
-        const int64_t punched = fallocate_range(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, r.offset, r.length);
-        if (punched != -EOPNOTSUPP)
-            return punched;
-        return write_zeroes_by_hand(fd, r.offset, r.length);
-    }
-    const int64_t zeroed = fallocate_range(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, r.offset, r.length);
-    if (zeroed != -EOPNOTSUPP)
-        return zeroed;
-    return write_zeroes_by_hand(fd, r.offset, r.length);
-}
-
 bool is_allocation(IoOp op) { return op == IoOp::kDiscard || op == IoOp::kWriteZeroes; }
 
 // Base for the engines that finish requests inside submit(): completions wait
@@ -105,14 +88,14 @@ bool is_allocation(IoOp op) { return op == IoOp::kDiscard || op == IoOp::kWriteZ
 class ImmediateEngine : public IoEngine {
 public:
     explicit ImmediateEngine(size_t capacity) : IoEngine(capacity) { done_.reserve(capacity); }
-    bool has_completions() const override { return !done_.empty(); }
+    bool has_completions() const override { return !done_.empty() || allocations_ready(); }
     size_t reap(std::vector<IoCompletion>& out) override
     {
         const size_t n = done_.size();
         out.insert(out.end(), done_.begin(), done_.end());
         done_.clear();
         in_flight_ -= n;
-        return n;
+        return n + reap_allocations(out);
     }
 
 protected:
@@ -132,12 +115,16 @@ public:
     void submit(std::span<const IoRequest> batch) override
     {
         for (const auto& r : batch) {
+            if (is_allocation(r.op)) {
+                start_allocation(r);
+                continue;
+            }
             if (const int err = apply_ioprio(r.ioprio))
                 complete(r.cookie, -err);
             else
                 complete(r.cookie, perform(r));
+            submitted(1);
         }
-        submitted(batch.size());
     }
 
 private:
@@ -158,8 +145,6 @@ private:
     {
         if (r.op == IoOp::kFlush)
             return ::fdatasync(r.fd) < 0 ? -errno : 0;
-        if (is_allocation(r.op))
-            return perform_allocation(r);
         // A short transfer is continued until done, end of file, or an error,
         // on a copy of the iovecs (the caller's stay as they are) in storage
         // kept from request to request.
@@ -237,13 +222,12 @@ public:
     ~NativeEngine() override
     {
         // Wait for what the kernel still holds: its buffers belong to the guest.
-        in_flight_ -= immediate_.size();
-        while (in_flight_ > 0) {
+        for (size_t waiting = kernel_in_flight(immediate_.size()); waiting > 0;) {
             const int n = io_getevents(ctx_, 1, static_cast<long>(events_.size()), events_.data(), nullptr);
             if (n < 0 && n != -EINTR)
                 break;
             if (n > 0)
-                in_flight_ -= static_cast<size_t>(n);
+                waiting -= std::min(waiting, static_cast<size_t>(n));
         }
         io_destroy(ctx_);
     }
@@ -251,7 +235,7 @@ public:
 
     bool has_completions() const override
     {
-        if (!immediate_.empty())
+        if (!immediate_.empty() || allocations_ready())
             return true;
         auto* ring = reinterpret_cast<AioRingHeader*>(ctx_);
         if (ring->magic != kAioRingMagic)
@@ -270,8 +254,7 @@ public:
         for (size_t i = 0; i < batch.size(); ++i) {
             const IoRequest& r = batch[i];
             if (is_allocation(r.op)) {
-                immediate_.push_back({r.cookie, perform_allocation(r)});
-                ++in_flight_;
+                start_allocation(r);
                 continue;
             }
             iocb& cb = iocbs_[pointers_.size()];
@@ -331,7 +314,7 @@ public:
             if (static_cast<size_t>(n) < events_.size())
                 break;
         }
-        return total;
+        return total + reap_allocations(out);
     }
 
 private:
@@ -339,7 +322,7 @@ private:
     std::vector<iocb> iocbs_;
     std::vector<io_event> events_;
     std::vector<iocb*> pointers_;
-    std::vector<IoCompletion> immediate_;  // refused by io_submit, or done at once (discard, write-zeroes)
+    std::vector<IoCompletion> immediate_;  // refused by io_submit
 };
 
 // Setup flags newer than some liburing headers; the values are the kernel's ABI.
@@ -473,12 +456,12 @@ public:
     ~UringEngine() override
     {
         // Wait for what the kernel still holds: its buffers belong to the guest.
-        in_flight_ -= immediate_.size();
+        size_t waiting = kernel_in_flight(immediate_.size());
         // Another thread than the ring's may get here: a single-issuer ring
         // then takes no submission, and what is still queued holds nothing.
         if (flush() < 0)
-            in_flight_ -= io_uring_sq_ready(ring_.get());
-        while (in_flight_ > 0) {
+            waiting -= std::min<size_t>(waiting, io_uring_sq_ready(ring_.get()));
+        while (waiting > 0) {
             io_uring_cqe* cqe = nullptr;
             const int r = io_uring_wait_cqe(ring_.get(), &cqe);
             // EEXIST: a DEFER_TASKRUN ring, off its thread, whose completions
@@ -486,7 +469,7 @@ public:
             // to the kernel, which cancels or finishes them.
             if (r < 0 && r != -EINTR)
                 break;
-            drain([](const io_uring_cqe&) {});
+            waiting -= std::min(waiting, drain([](const io_uring_cqe&) {}));
         }
     }
     const char* name() const override { return "io_uring"; }
@@ -494,11 +477,11 @@ public:
     void submit(std::span<const IoRequest> batch) override
     {
         for (const IoRequest& r : batch) {
-            ++in_flight_;
             if (is_allocation(r.op)) {
-                immediate_.push_back({r.cookie, perform_allocation(r)});
+                start_allocation(r);
                 continue;
             }
+            ++in_flight_;
             io_uring_sqe* sqe = io_uring_get_sqe(ring_.get());
             int err = 0;
             if (!sqe) {  // more than capacity() asked for: make room
@@ -524,6 +507,7 @@ public:
         out.insert(out.end(), immediate_.begin(), immediate_.end());
         in_flight_ -= immediate_.size();
         immediate_.clear();
+        total += reap_allocations(out);
         return total + drain([&](const io_uring_cqe& c) { out.push_back({c.user_data, c.res}); });
     }
 
@@ -553,7 +537,7 @@ public:
         // them. Task work may post nothing (a request a kernel worker did is
         // freed that way): reap() then finds nothing, and the flag is gone.
         return io_uring_cq_ready(ring_.get()) > 0 || !immediate_.empty() || io_uring_sq_ready(ring_.get()) > 0 ||
-               taskrun_pending();
+               taskrun_pending() || allocations_ready();
     }
 
     // The ring gets an open file description of its own for the file: the
@@ -745,7 +729,7 @@ private:
     bool fixed_buffers_;  // register_memory() registers
     std::vector<FixedRegion> fixed_;  // registered memory
     bool notify_ = true;  // the CQ eventfd is signalled
-    std::vector<IoCompletion> immediate_;  // refused, or done at once (discard, write-zeroes)
+    std::vector<IoCompletion> immediate_;  // refused by the kernel
     std::vector<int> slot_fd_;  // registered file slot -> the caller's fd, -1 when free
     std::array<Fd, kFileSlots> own_fds_;  // slot -> the ring's own description of that file
     std::array<bool, kFileSlots> slot_direct_{};  // slot -> the file is O_DIRECT

@@ -7,6 +7,7 @@
 #include <sys/uio.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -38,9 +39,11 @@ struct IoCompletion {
 
 enum class EngineKind { kSync, kNative, kIoUring, kNull };
 
+class AllocationWorker;
+
 class IoEngine {
 public:
-    virtual ~IoEngine() = default;
+    virtual ~IoEngine();
     virtual const char* name() const = 0;
     // Requests in flight at most; submit() takes no more than capacity() - in_flight().
     size_t capacity() const { return capacity_; }
@@ -74,21 +77,43 @@ public:
     virtual void register_file(int) {}
     virtual void unregister_file(int) {}
 
+    // Discards and write-zeroes whose cookie `which` picks end soon, with
+    // -ECANCELED, rather than when their range is done: for a queue that
+    // stops and waits for what it has in flight.
+    void cancel_allocations(const std::function<bool(uint64_t cookie)>& which);
+
     // Memory (host ranges: the guest's RAM) that requests will move data to
     // and from: backends that can (io_uring) register it, so that a request
     // to a registered O_DIRECT file whose data lies in one registered piece
-    // skips pinning its pages each time. That pins, and so commits, all of it while the engine lives, and
-    // requests use the pages pinned here: the ranges must not be unmapped or
-    // discarded (MADV_DONTNEED) meanwhile. A second call replaces the first.
-    // Optional; where registration fails (RLIMIT_MEMLOCK) requests simply go
-    // as before. Call it on the thread that uses the engine.
+    // skips pinning its pages each time. That pins, and so commits, all of
+    // it while the engine lives, and requests use the pages pinned here: the
+    // ranges must not be unmapped or discarded (MADV_DONTNEED) meanwhile. A
+    // second call replaces the first. Optional; where registration fails
+    // (RLIMIT_MEMLOCK) requests simply go as before. Call it on the thread
+    // that uses the engine.
     virtual void register_memory(std::span<const iovec>) {}
 
 protected:
     explicit IoEngine(size_t capacity);
+    // Discard and write-zeroes run on a worker thread of the engine's
+    // (disk/offload.h), started with the first; they count in in_flight_
+    // until reaped, and are announced on event_.
+    void start_allocation(const IoRequest& request);
+    size_t reap_allocations(std::vector<IoCompletion>& out);
+    bool allocations_ready() const;
+    // What the kernel holds: what an engine waits for before it goes.
+    size_t kernel_in_flight(size_t done_but_not_reaped) const
+    {
+        return in_flight_ - done_but_not_reaped - allocations_in_flight_;
+    }
+
     Fd event_;
     size_t capacity_;
     size_t in_flight_ = 0;
+
+private:
+    size_t allocations_in_flight_ = 0;
+    std::unique_ptr<AllocationWorker> allocations_;  // after event_, which it signals
 };
 
 // Throws lkvm::Error when the backend cannot be set up (e.g. no io_setup slots).

@@ -387,7 +387,6 @@ DiskSpec parse_disk_spec(const std::string& text)
             if (*v != "unmap" && *v != "ignore")
                 throw Error(where + ": discard=" + *v + " is not unmap or ignore" + kRunHint);
             disk.discard = *v == "unmap";
-            scsi_only.push_back("discard=");
         } else {
             throw Error(where + ": unknown disk option '" + item +
                         "' (ro, direct, aio=, serial=, num-queues=, iothread=, ioprio=, notify=, bus=, controller=, "
@@ -604,7 +603,9 @@ std::string run_usage()
            "                         bus=scsi makes it a SCSI disk (/dev/sdX) on a virtio-scsi\n"
            "                         controller of its own, or with controller=C[,lun=L] on\n"
            "                         controller C shared with other disks; SCSI disks also take\n"
-           "                         rotation-rate=N (1: SSD) and discard=unmap|ignore\n"
+           "                         rotation-rate=N (1: SSD)\n"
+           "                         discard=unmap|ignore (default unmap): whether the guest's\n"
+           "                         discards punch holes in the image\n"
            "      --scsi-controller C[,num-queues=Q][,iothread=K[+K...]][,notify=mmio|pio]\n"
            "                         queues, I/O threads and notify of the shared controller C\n"
            "      --iothreads N[,affinity=CPUS][,poll-max-ns=NS][,poll-grow=G][,poll-shrink=S][,aio-max-batch=B]\n"

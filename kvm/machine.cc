@@ -179,7 +179,7 @@ void Machine::add_disks()
         };
         if (plan.bus == DiskBus::kBlk) {
             const DiskSpec& spec = options_.disks[plan.disks.front()];
-            BlkOptions blk{spec.serial, engine_of(spec), spec.ioprio, 256};
+            BlkOptions blk{spec.serial, engine_of(spec), spec.ioprio, 256, spec.discard};
             disks_.push_back(std::make_unique<VirtioBlk>(std::move(disk_images_[plan.disks.front()]), blk, *memory_,
                                                           std::move(threads)));
         } else {

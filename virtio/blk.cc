@@ -12,7 +12,8 @@ namespace lkvm {
 
 namespace {
 constexpr uint64_t kBlkFSegMax = 1ull << 2, kBlkFRo = 1ull << 5, kBlkFBlkSize = 1ull << 6;
-constexpr uint64_t kBlkFFlush = 1ull << 9, kBlkFMq = 1ull << 12;
+constexpr uint64_t kBlkFFlush = 1ull << 9, kBlkFMq = 1ull << 12, kBlkFDiscard = 1ull << 13;
+constexpr uint64_t kBlkFWriteZeroes = 1ull << 14;
 constexpr uint64_t kMaxRequestBytes = 64ull << 20;
 }  // namespace
 
@@ -34,7 +35,7 @@ Result<BlkRequest, BlkFrameError> frame_blk_request(Chain& chain)
     copy_from_iovecs(chain.readable, header);
     std::memcpy(&request.type, header, 4);
     std::memcpy(&request.sector, header + 8, 8);
-    if (request.type == kBlkTOut) {
+    if (request.type == kBlkTOut || request.type == kBlkTDiscard || request.type == kBlkTWriteZeroes) {
         request.data = skip_iovec_bytes(chain.readable, sizeof(header));
         request.data_bytes = chain.readable_bytes - sizeof(header);
     } else {
@@ -52,6 +53,23 @@ uint8_t check_blk_request(const BlkRequest& request, uint64_t capacity_sectors, 
         return kBlkSIoErr;
     const uint64_t sectors = request.data_bytes / DiskImage::kSectorSize;
     if (request.sector > capacity_sectors || sectors > capacity_sectors - request.sector)
+        return kBlkSIoErr;
+    return kBlkSOk;
+}
+
+uint8_t check_blk_range(const BlkRequest& request, uint64_t capacity_sectors, bool read_only, BlkRange& range)
+{
+    uint8_t bytes[16];
+    if (request.data_bytes != sizeof(bytes))
+        return kBlkSUnsupp;  // max_discard_seg and max_write_zeroes_seg are 1
+    copy_from_iovecs(request.data, bytes);
+    std::memcpy(&range.sector, bytes, 8);
+    std::memcpy(&range.sectors, bytes + 8, 4);
+    std::memcpy(&range.flags, bytes + 12, 4);
+    if ((range.flags & ~kBlkDwzUnmap) || (request.type == kBlkTDiscard && range.flags))
+        return kBlkSUnsupp;
+    if (read_only || range.sectors > kBlkMaxAllocationSectors || range.sector > capacity_sectors ||
+        range.sectors > capacity_sectors - range.sector)
         return kBlkSIoErr;
     return kBlkSOk;
 }
@@ -79,6 +97,7 @@ private:
     };
 
     void handle(Chain& chain) override;
+    void allocate(uint16_t head, const BlkRequest& request);
     void io_done(uint32_t slot, int64_t result) override;
     void answer(uint16_t head, uint8_t* status, uint8_t value, uint32_t written)
     {
@@ -122,9 +141,34 @@ void BlkQueue::handle(Chain& chain)
         const size_t copied = copy_to_iovecs(request.data, id);
         return answer(chain.head, request.status, kBlkSOk, static_cast<uint32_t>(copied + 1));
     }
+    case kBlkTDiscard:
+    case kBlkTWriteZeroes:
+        return allocate(chain.head, request);
     default:
         return answer(chain.head, request.status, kBlkSUnsupp, 1);
     }
+}
+
+// DISCARD and WRITE_ZEROES: run off the I/O thread by the engine (they may
+// take seconds), answered like any other request.
+void BlkQueue::allocate(uint16_t head, const BlkRequest& request)
+{
+    const DiskImage& image = device_.image_;
+    BlkRange range;
+    const uint8_t status = check_blk_range(request, image.size() / DiskImage::kSectorSize, image.read_only(), range);
+    if (status != kBlkSOk)
+        return answer(head, request.status, status, 1);
+    // A discard is a hint: with discard=ignore, or for no sectors, there is nothing to do.
+    const bool unmap = device_.options_.discard;
+    if (range.sectors == 0 || (request.type == kBlkTDiscard && !unmap))
+        return answer(head, request.status, kBlkSOk, 1);
+    // Deallocated ranges read back as zeroes (holes), so a write-zeroes the
+    // driver lets unmap may punch one.
+    const bool deallocate = request.type == kBlkTDiscard || (range.flags & kBlkDwzUnmap && unmap);
+    const uint32_t slot = take_slot(head);
+    requests_[slot] = {request.status, 1u, 0};
+    submit(slot, device_.io_target(), deallocate ? IoOp::kDiscard : IoOp::kWriteZeroes,
+           range.sector * DiskImage::kSectorSize, {}, uint64_t{range.sectors} * DiskImage::kSectorSize);
 }
 
 void BlkQueue::io_done(uint32_t slot, int64_t result)
@@ -165,6 +209,8 @@ uint64_t VirtioBlk::features() const
                  kBlkFFlush;
     if (image_.read_only())
         f |= kBlkFRo;
+    else
+        f |= kBlkFDiscard | kBlkFWriteZeroes;
     if (num_queues() > 1)
         f |= kBlkFMq;
     return f;
@@ -181,6 +227,14 @@ void VirtioBlk::read_config(uint64_t offset, std::span<uint8_t> data)
     std::memcpy(&config[12], &seg_max, 4);
     std::memcpy(&config[20], &blk_size, 4);
     std::memcpy(&config[34], &queues, 2);
+    // DISCARD and WRITE_ZEROES: one range, aligned to what the host frees (4 KiB blocks).
+    const uint32_t one_range = 1, alignment = std::max<uint32_t>(blk_size, 4096) / DiskImage::kSectorSize;
+    std::memcpy(&config[36], &kBlkMaxAllocationSectors, 4);
+    std::memcpy(&config[40], &one_range, 4);
+    std::memcpy(&config[44], &alignment, 4);
+    std::memcpy(&config[48], &kBlkMaxAllocationSectors, 4);
+    std::memcpy(&config[52], &one_range, 4);
+    config[56] = options_.discard ? 1 : 0;  // write_zeroes_may_unmap
     for (size_t i = 0; i < data.size(); ++i)
         data[i] = offset + i < sizeof(config) ? config[offset + i] : 0;
 }

@@ -19,12 +19,18 @@
 
 namespace lkvm {
 
-constexpr uint32_t kBlkTIn = 0, kBlkTOut = 1, kBlkTFlush = 4, kBlkTGetId = 8;
+constexpr uint32_t kBlkTIn = 0, kBlkTOut = 1, kBlkTFlush = 4, kBlkTGetId = 8, kBlkTDiscard = 11, kBlkTWriteZeroes = 13;
 constexpr uint8_t kBlkSOk = 0, kBlkSIoErr = 1, kBlkSUnsupp = 2;
 constexpr size_t kBlkIdBytes = 20;
+// DISCARD and WRITE_ZEROES: at most this many sectors in one request, of one
+// segment (as QEMU: Linux sends one range per request then, and there is no
+// host call that takes several).
+constexpr uint32_t kBlkMaxAllocationSectors = (1u << 30) / 512;
+constexpr uint32_t kBlkDwzUnmap = 1;  // virtio_blk_discard_write_zeroes.flags
 
 // A request as the chain frames it: the 16-byte header from the first
-// readable bytes, the status byte as the last writable byte, the data between.
+// readable bytes, the status byte as the last writable byte, the data between
+// (the readable bytes after the header for OUT, DISCARD and WRITE_ZEROES).
 struct BlkRequest {
     uint32_t type = 0;
     uint64_t sector = 0;
@@ -44,6 +50,16 @@ Result<BlkRequest, BlkFrameError> frame_blk_request(Chain& chain);
 // The status an IN or OUT request gets before any I/O: OK when it may go ahead.
 uint8_t check_blk_request(const BlkRequest& request, uint64_t capacity_sectors, bool read_only);
 
+// The one range of a DISCARD or WRITE_ZEROES request.
+struct BlkRange {
+    uint64_t sector = 0;
+    uint32_t sectors = 0;
+    uint32_t flags = 0;
+};
+// Reads and checks it: OK, UNSUPP (more than one range, unknown flags,
+// DISCARD with UNMAP) or IOERR (out of the disk, too long, read-only).
+uint8_t check_blk_range(const BlkRequest& request, uint64_t capacity_sectors, bool read_only, BlkRange& range);
+
 class BlkQueue;
 
 struct BlkOptions {
@@ -51,6 +67,7 @@ struct BlkOptions {
     EngineKind engine = EngineKind::kNative;
     uint16_t ioprio = 0;  // ioprio::value() on every request; 0: the thread's own
     uint16_t queue_size = 256;
+    bool discard = true;  // discard=unmap: DISCARD punches holes; false (ignore): it does nothing
 };
 
 // The device model: configuration, features, and one BlkQueue per virtqueue

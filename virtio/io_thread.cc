@@ -312,6 +312,23 @@ void IoThread::use_file(EngineKind kind, int fd, bool in_use)
         e.unregister_file(fd);
 }
 
+void IoThread::cancel_allocations(uint32_t sink)
+{
+    const auto of_sink = [sink](uint64_t cookie) { return cookie >> 32 == sink; };
+    for (auto& e : engines_) {
+        if (!e)
+            continue;
+        e->engine->cancel_allocations(of_sink);
+        // Those still waiting for room in the engine never start.
+        std::erase_if(e->pending, [&](const IoRequest& r) {
+            if ((r.op != IoOp::kDiscard && r.op != IoOp::kWriteZeroes) || !of_sink(r.cookie))
+                return false;
+            sinks_[sink]->complete(static_cast<uint32_t>(r.cookie), -ECANCELED);
+            return true;
+        });
+    }
+}
+
 void IoThread::submit(EngineKind kind, const IoRequest& request)
 {
     engine(kind).pending.push_back(request);

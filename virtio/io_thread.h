@@ -117,6 +117,9 @@ public:
     // Queues a request for the engine of that kind; it goes to the kernel
     // with the others of this round, in batches of at most max_batch.
     void submit(EngineKind kind, const IoRequest& request);
+    // The sink's discards and write-zeroes end soon with -ECANCELED, not
+    // when their range is done: a queue that stops cancels them first.
+    void cancel_allocations(uint32_t sink);
     // Runs this thread's I/O (and nothing else) until done() holds: for a
     // queue that must wait for its requests in flight before it goes.
     void drain_until(const std::function<bool()>& done);

@@ -126,6 +126,9 @@ void RequestQueue::stop()
     notify_.close();
     if (registered_) {
         thread_.remove_source(*this);
+        // A reset must not wait for a GiB of zeroes: what the guest asked
+        // of a device it resets may be left half done.
+        thread_.cancel_allocations(sink_);
         thread_.drain_until([this] { return free_slots_.size() == slots_.size(); });
         thread_.remove_sink(sink_);
         registered_ = false;

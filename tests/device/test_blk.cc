@@ -4,10 +4,13 @@
 #include <doctest/doctest.h>
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <boost/asio/post.hpp>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -48,7 +51,7 @@ struct BlkRig {
     explicit BlkRig(EngineKind engine = EngineKind::kSync, bool read_only = false, uint64_t size = 8 << 20,
                     std::string serial = "lkvm-serial-0001", unsigned queues = 1, bool msix = true,
                     std::vector<IoThread*> queue_threads = {}, AddressSpace notify = AddressSpace::kMemory,
-                    bool direct = false, FaultRule fault = {})
+                    bool direct = false, FaultRule fault = {}, bool discard = true)
         : thread(thread_options(std::move(fault)))
     {
         char tmpl[] = "/tmp/lkvm-device.XXXXXX";
@@ -61,7 +64,7 @@ struct BlkRig {
             data[i] = static_cast<uint8_t>(i / 512 + i % 512);
         std::ofstream(path, std::ios::binary).write(reinterpret_cast<char*>(data.data()), static_cast<long>(size));
         blk = std::make_unique<VirtioBlk>(DiskImage::open({path, read_only, direct}),
-                                          BlkOptions{serial, engine, 0, 256}, driver.memory(),
+                                          BlkOptions{serial, engine, 0, 256, discard}, driver.memory(),
                                           queue_threads.empty() ? std::vector<IoThread*>(queues, &thread)
                                                                 : queue_threads);
         transport = std::make_unique<VirtioPciDevice>(*blk, driver.host_interface(), notify);
@@ -98,7 +101,7 @@ struct BlkRig {
         *driver.host(status_gpa(i)) = 0xee;
         std::vector<Buffer> chain = {{header_gpa(i), 16, false}};
         if (len)
-            chain.push_back({data_gpa(i), len, type != kBlkTOut});
+            chain.push_back({data_gpa(i), len, type == kBlkTIn || type == kBlkTGetId});
         chain.push_back({status_gpa(i), 1, true});
         return driver.add_chain(q, chain);
     }
@@ -131,6 +134,14 @@ TEST_CASE("blk: features and configuration space")
     CHECK(rig.driver.device_config64(0) == (8 << 20) / 512);
     CHECK(rig.driver.device_config32(12) == 254);  // seg_max
     CHECK(rig.driver.device_config32(20) == 512);  // blk_size
+    CHECK((rig.features & (1ull << 13)) != 0);  // DISCARD
+    CHECK((rig.features & (1ull << 14)) != 0);  // WRITE_ZEROES
+    CHECK(rig.driver.device_config32(36) == (1u << 30) / 512);  // max_discard_sectors
+    CHECK(rig.driver.device_config32(40) == 1);                 // max_discard_seg
+    CHECK(rig.driver.device_config32(44) == 8);                 // discard_sector_alignment: 4 KiB
+    CHECK(rig.driver.device_config32(48) == (1u << 30) / 512);  // max_write_zeroes_sectors
+    CHECK(rig.driver.device_config32(52) == 1);                 // max_write_zeroes_seg
+    CHECK((rig.driver.device_config32(56) & 0xff) == 1);        // write_zeroes_may_unmap
 }
 
 const char* notify_name(AddressSpace space) { return space == AddressSpace::kPort ? "notify=pio" : "notify=mmio"; }
@@ -196,8 +207,91 @@ TEST_CASE("blk: FLUSH, GET_ID and unsupported types")
     CHECK(rig.request(kBlkTFlush, 0, 0) == kBlkSOk);
     CHECK(rig.request(kBlkTGetId, 0, 20) == kBlkSOk);
     CHECK(std::string(reinterpret_cast<char*>(rig.driver.host(BlkRig::data_gpa(0))), 16) == "lkvm-serial-0001");
-    CHECK(rig.request(11 /* DISCARD: not offered */, 0, 16) == kBlkSUnsupp);
+    CHECK(rig.request(14 /* SECURE_ERASE: not offered */, 0, 16) == kBlkSUnsupp);
     CHECK(rig.request(0x1234, 0, 0) == kBlkSUnsupp);
+}
+
+namespace {
+// A DISCARD or WRITE_ZEROES with these 16-byte ranges (sector, sectors, flags); its status.
+uint8_t allocation_request(BlkRig& rig, uint32_t type, const std::vector<std::array<uint64_t, 3>>& ranges)
+{
+    uint8_t* data = rig.driver.host(BlkRig::data_gpa(0));
+    for (size_t i = 0; i < ranges.size(); ++i) {
+        const uint64_t sector = ranges[i][0];
+        const auto sectors = static_cast<uint32_t>(ranges[i][1]), flags = static_cast<uint32_t>(ranges[i][2]);
+        std::memcpy(data + 16 * i, &sector, 8);
+        std::memcpy(data + 16 * i + 8, &sectors, 4);
+        std::memcpy(data + 16 * i + 12, &flags, 4);
+    }
+    return rig.request(type, 0, static_cast<uint32_t>(16 * ranges.size()));
+}
+
+uint64_t allocated_bytes(const std::string& path)
+{
+    struct stat st {};
+    REQUIRE(::stat(path.c_str(), &st) == 0);
+    return static_cast<uint64_t>(st.st_blocks) * 512;
+}
+
+bool all_zero(const std::vector<uint8_t>& bytes)
+{
+    return std::ranges::all_of(bytes, [](uint8_t b) { return b == 0; });
+}
+}  // namespace
+
+TEST_CASE("blk: DISCARD punches a hole, WRITE_ZEROES zeroes (with UNMAP, a hole too), the data around stays")
+{
+    for (const EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring}) {
+        CAPTURE(std::string(engine_kind_name(engine)));
+        BlkRig rig(engine);
+        const uint64_t before = allocated_bytes(rig.path);
+        CHECK(allocation_request(rig, kBlkTDiscard, {{2048, 2048, 0}}) == kBlkSOk);  // 1 MiB at 1 MiB
+        CHECK(all_zero(rig.file_bytes(1 << 20, 1 << 20)));
+        // Holes free the range, less what the file system may take for its own
+        // metadata (ext4 splits an extent: a 4 KiB block).
+        constexpr uint64_t kMetadata = 64 << 10;
+        CHECK(allocated_bytes(rig.path) <= before - (1 << 20) + kMetadata);
+        CHECK(allocation_request(rig, kBlkTWriteZeroes, {{8192, 8, 0}}) == kBlkSOk);  // 4 KiB at 4 MiB, kept allocated
+        CHECK(all_zero(rig.file_bytes(4 << 20, 4096)));
+        CHECK(allocation_request(rig, kBlkTWriteZeroes, {{10240, 2048, kBlkDwzUnmap}}) == kBlkSOk);  // 1 MiB at 5 MiB
+        CHECK(all_zero(rig.file_bytes(5 << 20, 1 << 20)));
+        CHECK(allocated_bytes(rig.path) <= before - (2 << 20) + kMetadata);  // the UNMAP punched it
+        // The sectors next to each range are untouched: byte i of sector s is (s + i) & 0xff.
+        for (const uint64_t sector : {2047ull, 4096ull, 8191ull, 8200ull, 10239ull, 12288ull}) {
+            const auto bytes = rig.file_bytes(sector * 512, 512);
+            CHECK(bytes[1] == static_cast<uint8_t>(sector + 1));
+        }
+        CHECK(rig.request(kBlkTIn, 2048, 4096) == kBlkSOk);  // and the guest reads the zeroes
+        CHECK(all_zero({rig.driver.host(BlkRig::data_gpa(0)), rig.driver.host(BlkRig::data_gpa(0)) + 4096}));
+    }
+}
+
+TEST_CASE("blk: DISCARD and WRITE_ZEROES out of the rules get UNSUPP or IOERR and change nothing")
+{
+    BlkRig rig;
+    const auto image = rig.file_bytes(0, 8 << 20);
+    constexpr uint64_t kSectors = (8 << 20) / 512;
+    CHECK(allocation_request(rig, kBlkTDiscard, {{0, 8, 0}, {16, 8, 0}}) == kBlkSUnsupp);  // one range at most
+    CHECK(allocation_request(rig, kBlkTDiscard, {}) == kBlkSUnsupp);                       // none
+    CHECK(rig.request(kBlkTWriteZeroes, 0, 8) == kBlkSUnsupp);                              // half a range
+    CHECK(allocation_request(rig, kBlkTDiscard, {{0, 8, kBlkDwzUnmap}}) == kBlkSUnsupp);  // UNMAP is for WRITE_ZEROES
+    CHECK(allocation_request(rig, kBlkTWriteZeroes, {{0, 8, 2}}) == kBlkSUnsupp);         // unknown flag
+    CHECK(allocation_request(rig, kBlkTDiscard, {{kSectors - 8, 9, 0}}) == kBlkSIoErr);   // past the end
+    CHECK(allocation_request(rig, kBlkTWriteZeroes, {{~0ull - 3, 8, 0}}) == kBlkSIoErr);  // wraps around
+    CHECK(allocation_request(rig, kBlkTWriteZeroes, {{0, kBlkMaxAllocationSectors + 1, 0}}) == kBlkSIoErr);
+    CHECK(allocation_request(rig, kBlkTDiscard, {{kSectors, 0, 0}}) == kBlkSOk);  // nothing, at the end
+    CHECK(rig.file_bytes(0, 8 << 20) == image);
+
+    BlkRig read_only(EngineKind::kSync, true);
+    CHECK((read_only.features & (3ull << 13)) == 0);  // neither offered
+    CHECK(allocation_request(read_only, kBlkTWriteZeroes, {{0, 8, 0}}) == kBlkSIoErr);
+    CHECK(allocation_request(read_only, kBlkTDiscard, {{0, 8, 0}}) == kBlkSIoErr);
+
+    BlkRig ignoring(EngineKind::kSync, false, 8 << 20, "", 1, true, {}, AddressSpace::kMemory, false, {}, false);
+    CHECK((ignoring.driver.device_config32(56) & 0xff) == 0);  // write_zeroes_may_unmap
+    const auto kept = ignoring.file_bytes(0, 1 << 20);
+    CHECK(allocation_request(ignoring, kBlkTDiscard, {{0, 2048, 0}}) == kBlkSOk);  // a hint, not taken
+    CHECK(ignoring.file_bytes(0, 1 << 20) == kept);
 }
 
 TEST_CASE("blk: a read-only disk offers RO and refuses writes, the image stays as it was")

@@ -3,11 +3,15 @@
 // checked against the image files themselves.
 #include <doctest/doctest.h>
 
+#include <linux/magic.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -15,6 +19,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 
 #include "disk/disk_image.h"
 #include "tests/device/alloc_counter.h"
@@ -62,6 +67,13 @@ std::array<uint8_t, 8> lun_bytes(unsigned lun, uint8_t target = 0)
     return {1, target, uint8_t(0x40 | lun >> 8), uint8_t(lun), 0, 0, 0, 0};
 }
 
+// Where LUN 0 lives and how big it is, and which threads serve the request queues.
+struct ScsiRigLayout {
+    uint64_t disk_bytes = kDiskBytes;  // the pattern covers kDiskBytes at most; the rest is a hole
+    const char* dir = "/tmp";
+    bool one_thread = false;  // both request queues on iothread0
+};
+
 struct ScsiRig {
     std::filesystem::path dir;
     std::string disk_path, ro_path;
@@ -75,24 +87,25 @@ struct ScsiRig {
     // LUN 0: kDiskBytes with a pattern; LUN 3: kReadOnlyBytes, read-only.
     explicit ScsiRig(EngineKind engine = EngineKind::kSync, bool direct = false,
                      AddressSpace notify = AddressSpace::kMemory, const FaultRule& fault = {},
-                     const PollParams& poll = {})
+                     const PollParams& poll = {}, const ScsiRigLayout& layout = {})
         : io0(thread_options("iothread0", fault, poll)), io1(thread_options("iothread1", fault, poll))
     {
-        char tmpl[] = "/tmp/lkvm-device.XXXXXX";
-        dir = ::mkdtemp(tmpl);
+        std::string tmpl = std::string(layout.dir) + "/lkvm-device.XXXXXX";
+        dir = ::mkdtemp(tmpl.data());
         disk_path = (dir / "disk.raw").string();
         ro_path = (dir / "ro.raw").string();
-        std::vector<uint8_t> data(kDiskBytes);
+        std::vector<uint8_t> data(std::min(layout.disk_bytes, kDiskBytes));
         for (uint64_t i = 0; i < data.size(); ++i)
             data[i] = static_cast<uint8_t>(i / 512 + i % 512);
-        std::ofstream(disk_path, std::ios::binary).write(reinterpret_cast<char*>(data.data()), kDiskBytes);
+        std::ofstream(disk_path, std::ios::binary).write(reinterpret_cast<char*>(data.data()), static_cast<long>(data.size()));
+        std::filesystem::resize_file(disk_path, layout.disk_bytes);
         std::ofstream(ro_path, std::ios::binary) << std::string(kReadOnlyBytes, 'r');
         std::vector<ScsiLunSetup> luns;
         luns.push_back({0, DiskImage::open({disk_path, false, direct}), {"disk-serial-0", 1, scsi::Discard::kUnmap},
                         engine, 0});
         luns.push_back({3, DiskImage::open({ro_path, true, false}), {"ro-serial-3", 7200, scsi::Discard::kUnmap},
                         engine, 0});
-        scsi = std::make_unique<VirtioScsi>(std::move(luns), 256, driver.memory(), std::vector<IoThread*>{&io0, &io1},
+        scsi = std::make_unique<VirtioScsi>(std::move(luns), 256, driver.memory(), std::vector<IoThread*>{&io0, layout.one_thread ? &io0 : &io1},
                                             control.context());
         transport = std::make_unique<VirtioPciDevice>(*scsi, driver.host_interface(), notify);
         transport->use_intx(17);
@@ -354,6 +367,85 @@ TEST_CASE("scsi device: UNMAP and WRITE SAME leave zeroes in the image, other da
         for (size_t i = 0; i < 512; ++i)
             CHECK(after[i] == static_cast<uint8_t>(610 + i));
     }
+}
+
+namespace {
+constexpr uint64_t kGiB = 1ull << 30;
+
+bool on_tmpfs(const char* dir)
+{
+    struct statfs fs {};
+    return ::statfs(dir, &fs) == 0 && fs.f_type == TMPFS_MAGIC;
+}
+
+// WRITE SAME(16) of a zero block, without UNMAP, over the GiB after the
+// pattern: a write-zeroes, which tmpfs has no fallocate mode for, so lkvm
+// writes the zeroes itself. Command 0 on request queue 0, not kicked.
+void queue_gib_of_zeroes(ScsiRig& rig)
+{
+    std::memset(rig.driver.host(ScsiRig::data_gpa(0)), 0, 512);
+    rig.queue_command(0, 0, 0, cdb16(0x93, kDiskBytes / 512, kGiB / 512), 512, false);
+}
+}  // namespace
+
+TEST_CASE("scsi device: a GiB of WRITE SAME zeroes does not hold up reads on another queue of its thread")
+{
+    REQUIRE_MESSAGE(on_tmpfs("/dev/shm"), "the test needs /dev/shm on tmpfs (no ZERO_RANGE: zeroes written by hand)");
+    for (const EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring}) {
+        CAPTURE(engine_kind_name(engine));
+        ScsiRig rig(engine, false, AddressSpace::kMemory, {}, {}, {kDiskBytes + kGiB, "/dev/shm", true});
+        queue_gib_of_zeroes(rig);
+        rig.driver.kick(2);
+        // Reads on request queue 1, served by the same I/O thread, one at a
+        // time, for as long as the zeroes are being written.
+        std::vector<double> latency_us;
+        while (rig.driver.used_idx(2) == 0) {
+            const auto start = std::chrono::steady_clock::now();
+            rig.queue_command(1, 1, 0, cdb10(0x28, static_cast<uint32_t>(latency_us.size() % 64), 1), 512, true);
+            rig.driver.kick(3);
+            const bool answered = rig.driver.wait_used(3, 1).size() == 1;
+            latency_us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count());
+            if (!answered || rig.reply(1).status != scsi::kStatusGood)
+                FAIL("read " << latency_us.size() << " was not answered GOOD");
+        }
+        REQUIRE(rig.driver.wait_used(2, 1).size() == 1);
+        CHECK(rig.reply(0).status == scsi::kStatusGood);
+        // Done on the I/O thread, the zeroes held the reads back until they
+        // were all written: a read or two at most slipped in before.
+        CHECK(latency_us.size() >= 8);
+        std::ranges::sort(latency_us);
+        if (!latency_us.empty())
+            MESSAGE(std::string(engine_kind_name(engine)) << ": " << latency_us.size() << " reads while a GiB was zeroed, p99 "
+                                             << latency_us[latency_us.size() * 99 / 100] << " us, max "
+                                             << latency_us.back() << " us");
+        CHECK(rig.file_bytes(rig.disk_path, kDiskBytes + kGiB - 4096, 4096) == std::vector<uint8_t>(4096, 0));
+        const auto before = rig.file_bytes(rig.disk_path, kDiskBytes - 512, 512);
+        CHECK(before[0] == static_cast<uint8_t>((kDiskBytes - 512) / 512));
+    }
+}
+
+TEST_CASE("scsi device: a reset does not wait for a GiB of zeroes: it cancels them, and the device starts over")
+{
+    REQUIRE(on_tmpfs("/dev/shm"));
+    ScsiRig rig(EngineKind::kIoUring, false, AddressSpace::kMemory, {}, {}, {kDiskBytes + kGiB, "/dev/shm", true});
+    queue_gib_of_zeroes(rig);
+    rig.driver.kick(2);
+    const QueueStats& queue = rig.scsi->queue_stats(0);
+    for (int waited = 0; queue.in_flight() == 0 && waited < 5000; ++waited)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    REQUIRE(queue.in_flight() == 1);  // the zeroes are being written
+    rig.driver.reprobe(kAllFeatures, 2 + kRequestQueues);  // returns once nothing is in flight
+    CHECK(rig.driver.used_idx(2) == 0);  // and the WRITE SAME was never answered
+    CHECK(rig.command(1, 0, cdb10(0x28, 0, 1), 512).status == scsi::kStatusGood);
+    // The zeroes stopped at the next MiB: the GiB is not all allocated. (The
+    // reset came microseconds after they started; writing a GiB takes a
+    // tenth of a second on the fastest host, and a reset that waited for
+    // them, as before, would find it all written.)
+    struct stat st {};
+    REQUIRE(::stat(rig.disk_path.c_str(), &st) == 0);
+    const uint64_t allocated = static_cast<uint64_t>(st.st_blocks) * 512;
+    MESSAGE("after the reset, " << allocated / (1 << 20) << " MiB of the image were allocated");
+    CHECK(allocated < kDiskBytes + kGiB);
 }
 
 TEST_CASE("scsi device: data buffers that do not match the command: overrun, residuals")

@@ -1,5 +1,5 @@
 // virtio-blk request framing and checks (frame_blk_request,
-// check_blk_request) on chains built from the input, each buffer a heap
+// check_blk_request, check_blk_range) on chains built from the input, each buffer a heap
 // block of its own so that ASan sees any byte taken from outside them.
 //
 // Input: u64 capacity in sectors, u8 read-only (bit 0), u8 readable and u8
@@ -73,7 +73,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size)
         data_bytes += v.iov_len;
     }
     FUZZ_CHECK(data_bytes == request.data_bytes);
-    FUZZ_CHECK(request.data_bytes == (request.type == kBlkTOut ? original.readable_bytes - 16 : original.writable_bytes - 1));
+    const bool device_reads = request.type == kBlkTOut || request.type == kBlkTDiscard || request.type == kBlkTWriteZeroes;
+    FUZZ_CHECK(request.data_bytes == (device_reads ? original.readable_bytes - 16 : original.writable_bytes - 1));
     std::vector<uint8_t> copy(request.data_bytes);
     FUZZ_CHECK(copy_from_iovecs(request.data, copy) == copy.size());
 
@@ -82,6 +83,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size)
         FUZZ_CHECK(request.data_bytes % DiskImage::kSectorSize == 0);
         const uint64_t sectors = request.data_bytes / DiskImage::kSectorSize;
         FUZZ_CHECK(request.sector <= capacity && sectors <= capacity - request.sector);
+    }
+    BlkRange range;
+    if (check_blk_range(request, capacity, read_only, range) == kBlkSOk) {
+        FUZZ_CHECK(!read_only && request.data_bytes == 16);
+        FUZZ_CHECK(range.sectors <= kBlkMaxAllocationSectors);
+        FUZZ_CHECK(range.sector <= capacity && range.sectors <= capacity - range.sector);
+        FUZZ_CHECK(range.flags == 0 || (range.flags == kBlkDwzUnmap && request.type != kBlkTDiscard));
     }
     return 0;
 }

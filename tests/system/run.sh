@@ -159,6 +159,30 @@ for i in $(seq 20); do umount tmpfs 2> /dev/null && break; sleep 0.5; done
 mountpoint -q tmpfs && umount -l tmpfs
 true'
 
+# The same on virtio-blk: DISCARD punches the hole, WRITE_ZEROES (blkdiscard
+# -z, which lets the device unmap) zeroes another range, and discard=ignore
+# leaves the image as it was.
+script blk-discard '
+mkdir -p tmpfs-blk && mount -t tmpfs -o size=64m lkvm-blk-discard tmpfs-blk || exit 1
+img=tmpfs-blk/blk-discard.raw
+yes DISCARD-ME | head -c 16777216 > $img
+before=$(stat -c %b $img)
+"$LKVM" run -d $img -- sh -c "cat /sys/block/vda/queue/discard_max_bytes /sys/block/vda/queue/write_zeroes_max_bytes; /usr/sbin/blkdiscard -o 1048576 -l 4194304 /dev/vda; echo blkdiscard=\$?; /usr/sbin/blkdiscard -z -o 8388608 -l 1048576 /dev/vda; echo zeroout=\$?" < /dev/null
+echo status=$?
+after=$(stat -c %b $img)
+echo "blocks before=$before after=$after"
+[ $after -lt $before ] && echo sparse
+cmp -s -n 4194304 -i 1048576:0 $img /dev/zero && echo zeroes
+cmp -s -n 1048576 -i 8388608:0 $img /dev/zero && echo zeroed-out
+yes DISCARD-ME | head -c 1048576 > tmpfs-blk/head
+cmp -s -n 1048576 $img tmpfs-blk/head && echo head-kept
+cp $img tmpfs-blk/copy.raw
+"$LKVM" run -d tmpfs-blk/copy.raw,discard=ignore -- sh -c "blkdiscard /dev/vda; echo ignored=\$?" < /dev/null
+cmp -s $img tmpfs-blk/copy.raw && echo unchanged
+for i in $(seq 20); do umount tmpfs-blk 2> /dev/null && break; sleep 0.5; done
+mountpoint -q tmpfs-blk && umount -l tmpfs-blk
+true'
+
 # The control socket: lkvm list/stat/pause/resume/stop against a guest running fio.
 truncate -s 64M "$work/ctl.raw"
 script control-socket '
@@ -290,6 +314,7 @@ if [ "$(md5sum < "$work/scsi-ro.raw")" = "$scsi_ro_sum" ] && [ "$(head -c 9 "$wo
     pass scsi-two-luns-host-files
 else fail scsi-two-luns-host-files "LUN 0 lacks the guest's write or the read-only LUN changed" "$(result scsi-two-luns out)"; fi
 expect scsi-discard 0 '^status=0$' '^blkdiscard=0$' '^[1-9][0-9]*$' '^sparse$' '^zeroes$' '^head-kept$'
+expect blk-discard 0 '^status=0$' '^blkdiscard=0$' '^zeroout=0$' '^1073741824$' '^sparse$' '^zeroes$' '^zeroed-out$' '^head-kept$' '^ignored=0$' '^unchanged$'
 expect control-socket 0 'fioguest +[0-9]+ +running +2 ' '^pause=0$' '^listed-paused$' '^paused-moved=0$' '^resume=0$' \
     '^counted-from-idle$' '^resumed-moves$' '^two-clients$' '^interval-latency ' '^json-kicks-exits ' '^bogus-reply: LKVM/1 error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
     '^socket-gone$' '^pause-gone=1$'

@@ -482,6 +482,8 @@ TEST_CASE("cli: SCSI disks, shared controllers and what is refused")
     CHECK_FALSE(own.discard);
     CHECK(own.serial.size() == 25);  // SCSI serials may be longer than virtio-blk's 20 bytes
     CHECK(parse_disk_spec("a.raw,bus=scsi").discard);
+    CHECK_FALSE(parse_disk_spec("a.raw,discard=ignore").discard);  // virtio-blk too
+    CHECK(parse_disk_spec("a.raw,discard=unmap").discard);
     CHECK(parse_disk_spec("a.raw").bus == DiskBus::kBlk);
 
     const auto run = parse_command_line({"run", "-c", "3", "--iothreads", "2", "-d", "blk.raw", "-d",
