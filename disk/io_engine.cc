@@ -420,8 +420,11 @@ private:
     io_uring ring_;
 };
 
-// The kernel's limit for one registered buffer.
-constexpr size_t kMaxFixedBuffer = size_t{1} << 30;
+// Memory given to register_memory() is registered in pieces of 2 MiB (more
+// where that would take more than the kernel's 16384 buffers), each when a
+// request first uses it.
+constexpr size_t kFixedPiece = size_t{2} << 20;
+constexpr size_t kMaxFixedBuffers = 16384;
 
 // io_uring: a batch goes to the kernel in one system call, completions are
 // read straight from the shared ring and announced through our eventfd.
@@ -569,32 +572,36 @@ public:
 
     void register_memory(std::span<const iovec> regions) override
     {
-        if (!fixed_.empty()) {
+        // Nothing is pinned yet: registering all of the guest's RAM at once
+        // would fault in and pin every page of it (2 GiB: seconds) before
+        // the guest boots. A piece is registered when a request first lies
+        // in it, so only memory the guest does I/O from is pinned, and a
+        // system call is paid once per piece.
+        if (!pieces_.empty())
             io_uring_unregister_buffers(ring_.get());
-            fixed_.clear();
-        }
+        fixed_.clear();
+        pieces_.clear();
         if (!fixed_buffers_)
             return;
-        std::vector<iovec> buffers;
+        size_t total = 0;
+        for (const iovec& r : regions)
+            total += r.iov_len;
+        piece_ = kFixedPiece;
+        while ((total + piece_ - 1) / piece_ + regions.size() > kMaxFixedBuffers)
+            piece_ *= 2;
         std::vector<FixedRegion> fixed;
+        size_t count = 0;
         for (const iovec& r : regions) {
             if (r.iov_len == 0)
                 continue;
-            fixed.push_back({reinterpret_cast<uintptr_t>(r.iov_base), r.iov_len, static_cast<unsigned>(buffers.size())});
-            for (size_t at = 0; at < r.iov_len; at += kMaxFixedBuffer)
-                buffers.push_back({static_cast<char*>(r.iov_base) + at, std::min(kMaxFixedBuffer, r.iov_len - at)});
+            fixed.push_back({reinterpret_cast<uintptr_t>(r.iov_base), r.iov_len, static_cast<unsigned>(count)});
+            count += (r.iov_len + piece_ - 1) / piece_;
         }
-        if (buffers.empty())
+        // A table of empty slots. Refused (an old kernel): no fixed buffers.
+        if (count == 0 || io_uring_register_buffers_sparse(ring_.get(), static_cast<unsigned>(count)) < 0)
             return;
-        // RLIMIT_MEMLOCK (without CAP_IPC_LOCK), memory the kernel cannot pin,
-        // another thread than a single-issuer ring's: requests then pin their
-        // pages one by one, as without registration.
-        if (const int r = io_uring_register_buffers(ring_.get(), buffers.data(), static_cast<unsigned>(buffers.size()));
-            r < 0) {
-            log_debug(std::string("io_uring: guest memory not registered as fixed buffers: ") + std::strerror(-r));
-            return;
-        }
         fixed_ = std::move(fixed);
+        pieces_.assign(count, kPieceEmpty);
     }
 
     void unregister_file(int fd) override
@@ -613,31 +620,44 @@ public:
 private:
     static constexpr unsigned kFileSlots = 64;
 
-    // Registered memory: buffers first, first + 1, ... of kMaxFixedBuffer
-    // bytes each (the last one shorter) from base on.
+    // Memory for fixed buffers: pieces first, first + 1, ... of piece_ bytes
+    // from base on (the last one shorter).
     struct FixedRegion {
         uintptr_t base;
         size_t length;
         unsigned first;
     };
+    enum PieceState : uint8_t { kPieceEmpty, kPieceRegistered };
 
     int slot_of(int fd) const
     {
         return fd >= 0 && static_cast<size_t>(fd) < fd_slot_.size() ? fd_slot_[static_cast<size_t>(fd)] : -1;
     }
 
-    // The registered buffer that holds all of [address, address + length), or -1.
-    int fixed_buffer(const void* address, size_t length) const
+    // The registered buffer that holds all of [address, address + length),
+    // registered now if need be; -1 when there is none.
+    int fixed_buffer(const void* address, size_t length)
     {
         const auto a = reinterpret_cast<uintptr_t>(address);
         for (const FixedRegion& f : fixed_) {
             const uintptr_t at = a - f.base;  // below base it wraps, and so is too large
             if (at >= f.length || length == 0 || length > f.length - at)
                 continue;
-            const size_t index = at / kMaxFixedBuffer;
-            if ((at + length - 1) / kMaxFixedBuffer != index)
-                return -1;  // across two buffers of one region
-            return static_cast<int>(f.first + index);
+            const size_t index = at / piece_;
+            if ((at + length - 1) / piece_ != index)
+                return -1;  // across two pieces
+            const unsigned buffer = f.first + static_cast<unsigned>(index);
+            if (pieces_[buffer] == kPieceRegistered)
+                return static_cast<int>(buffer);
+            iovec piece{reinterpret_cast<void*>(f.base + index * piece_), std::min(piece_, f.length - index * piece_)};
+            if (io_uring_register_buffers_update_tag(ring_.get(), buffer, &piece, nullptr, 1) == 1) {
+                pieces_[buffer] = kPieceRegistered;
+                return static_cast<int>(buffer);
+            }
+            // RLIMIT_MEMLOCK (without CAP_IPC_LOCK), memory the kernel cannot
+            // pin: requests go as before, and no more is tried.
+            fixed_.clear();
+            return -1;
         }
         return -1;
     }
@@ -727,7 +747,9 @@ private:
 
     Uring ring_;
     bool fixed_buffers_;  // register_memory() registers
-    std::vector<FixedRegion> fixed_;  // registered memory
+    std::vector<FixedRegion> fixed_;  // memory for fixed buffers; empty: none
+    std::vector<PieceState> pieces_;  // buffer index -> whether registered yet
+    size_t piece_ = kFixedPiece;
     bool notify_ = true;  // the CQ eventfd is signalled
     std::vector<IoCompletion> immediate_;  // refused by the kernel
     std::vector<int> slot_fd_;  // registered file slot -> the caller's fd, -1 when free

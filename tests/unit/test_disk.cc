@@ -645,16 +645,18 @@ TEST_CASE("io_uring engine: direct requests within registered memory use it, oth
     }
 
     // Proof of which path a request takes (and the caveat register_memory()
-    // states): a fixed request uses the pages pinned at registration, so a
-    // page discarded since still writes its old contents ('p'), where any
-    // other request writes what we see now (zeroes).
+    // states): a fixed request uses the pages pinned when its piece was
+    // registered (by the first request in it), so a page discarded since
+    // still writes its old contents ('p'), where any other request writes
+    // what we see now (zeroes).
     const Fd reader(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     const iovec pinned{area, 4096};
     auto written = [&](IoEngine& engine, int fd) {
         std::memset(area, 'p', 4096);
+        CHECK(run(engine, {{IoOp::kWrite, fd, 0, &pinned, 1, 1}})[0].result == 4096);
         ::madvise(area, 4096, MADV_DONTNEED);
         REQUIRE(area[0] == 0);
-        CHECK(run(engine, {{IoOp::kWrite, fd, 0, &pinned, 1, 1}})[0].result == 4096);
+        CHECK(run(engine, {{IoOp::kWrite, fd, 0, &pinned, 1, 2}})[0].result == 4096);
         char back[4096];
         REQUIRE(::pread(reader.get(), back, sizeof(back), 0) == 4096);
         CHECK(back[0] == back[4095]);
@@ -681,6 +683,41 @@ TEST_CASE("io_uring engine: direct requests within registered memory use it, oth
         engine->register_file(buffered.fd());
         engine->register_memory(std::span(&registered, 1));
         CHECK(written(*engine, buffered.fd()) == 0);
+    }
+
+    {
+        // Memory of several pieces (2 MiB each, the last shorter): a request
+        // in any one of them is fixed, one across two goes as before.
+        AnonMemory big(5 << 20);
+        const iovec whole{big.bytes, big.size};
+        auto direct = DiskImage::open({path, false, true});
+        auto engine = make_uring_engine(8, default_uring_setup_flags(), true);
+        engine->register_file(direct.fd());
+        engine->register_memory(std::span(&whole, 1));
+        const iovec first{big.bytes + 4096, 4096}, across{big.bytes + (2 << 20) - 4096, 8192},
+            last{big.bytes + big.size - 4096, 4096};
+        std::memset(big.bytes, 0, big.size);
+        const auto done = run(*engine, {{IoOp::kRead, direct.fd(), 0, &first, 1, 1},
+                                        {IoOp::kRead, direct.fd(), 4096, &across, 1, 2},
+                                        {IoOp::kRead, direct.fd(), 8192, &last, 1, 3}});
+        REQUIRE(done.size() == 3);
+        std::vector<char> expected(3 * 4096);
+        REQUIRE(::pread(reader.get(), expected.data(), expected.size(), 0) == 3 * 4096);
+        for (const auto& c : done) {
+            CAPTURE(c.cookie);
+            CHECK(c.result == (c.cookie == 2 ? 8192 : 4096));
+        }
+        CHECK(std::memcmp(first.iov_base, expected.data(), 4096) == 0);
+        CHECK(std::memcmp(across.iov_base, expected.data() + 4096, 8192) == 0);
+        CHECK(std::memcmp(last.iov_base, expected.data() + 8192, 4096) == 0);
+        // The last piece is registered (its first request pinned its page).
+        std::memset(last.iov_base, 'l', 4096);
+        CHECK(run(*engine, {{IoOp::kWrite, direct.fd(), 0, &last, 1, 4}})[0].result == 4096);
+        ::madvise(last.iov_base, 4096, MADV_DONTNEED);
+        CHECK(run(*engine, {{IoOp::kWrite, direct.fd(), 0, &last, 1, 5}})[0].result == 4096);
+        char back[4096];
+        REQUIRE(::pread(reader.get(), back, sizeof(back), 0) == 4096);
+        CHECK(back[0] == 'l');
     }
 
     // Engines without registration take the call and ignore it.
