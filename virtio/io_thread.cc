@@ -69,6 +69,28 @@ IoThread::~IoThread()
         thread_.join();
 }
 
+void* WaitMemory::allocate(size_t bytes)
+{
+    if (bytes > sizeof(Block))
+        return ::operator new(bytes);
+    if (free_.empty()) {
+        blocks_.push_back(std::make_unique<Block>());
+        free_.reserve(blocks_.size());  // deallocate() never allocates
+        return blocks_.back().get();
+    }
+    void* block = free_.back();
+    free_.pop_back();
+    return block;
+}
+
+void WaitMemory::deallocate(void* block, size_t bytes)
+{
+    if (bytes > sizeof(Block))
+        ::operator delete(block);
+    else
+        free_.push_back(block);
+}
+
 void IoThread::run_and_wait(const std::function<void()>& fn)
 {
     if (is_current()) {
@@ -360,14 +382,15 @@ void IoThread::wait_completions(Engine& e)
     if (e.waiting)
         return;
     e.waiting = true;
-    e.event->async_wait(boost::asio::posix::stream_descriptor::wait_read, [this, &e](const boost::system::error_code& error) {
-        if (error)
-            return;
-        e.waiting = false;
-        e.engine->clear_event();
-        reap(e);
-        wait_completions(e);
-    });
+    e.event->async_wait(boost::asio::posix::stream_descriptor::wait_read,
+                        wait_handler([this, &e](const boost::system::error_code& error) {
+                            if (error)
+                                return;
+                            e.waiting = false;
+                            e.engine->clear_event();
+                            reap(e);
+                            wait_completions(e);
+                        }));
 }
 
 void IoThread::reap(Engine& e)

@@ -12,6 +12,7 @@
 #include <boost/asio/posix/stream_descriptor.hpp>
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -43,6 +44,47 @@ uint64_t monotonic_ns();
 // when polling would have caught it, shrunk when the wait was longer than
 // polling may ever be, grown when polling a little longer would have.
 uint64_t next_poll_ns(uint64_t poll_ns, uint64_t block_ns, const PollParams& params);
+
+// Memory for the operations of a thread's waits (a queue's kick eventfd, an
+// engine's eventfd), kept for the next wait: Asio's own per-thread cache
+// keeps one block, so a round that re-armed several waits allocated. Used
+// on its thread only, and by the io_context's destructor once that is gone.
+class WaitMemory {
+public:
+    void* allocate(size_t bytes);
+    void deallocate(void* block, size_t bytes);
+
+private:
+    struct Block {
+        alignas(std::max_align_t) std::byte bytes[512];
+    };
+    std::vector<std::unique_ptr<Block>> blocks_;
+    std::vector<void*> free_;
+};
+
+template <class T>
+struct WaitAllocator {
+    using value_type = T;
+    WaitMemory* memory;
+    explicit WaitAllocator(WaitMemory& m) : memory(&m) {}
+    template <class U>
+    WaitAllocator(const WaitAllocator<U>& other) : memory(other.memory) {}
+    T* allocate(size_t n) { return static_cast<T*>(memory->allocate(n * sizeof(T))); }
+    void deallocate(T* p, size_t n) { memory->deallocate(p, n * sizeof(T)); }
+    template <class U>
+    bool operator==(const WaitAllocator<U>& other) const { return memory == other.memory; }
+};
+
+// A wait's completion handler whose operation Asio allocates from WaitMemory
+// (Asio asks a handler for its allocator_type).
+template <class Handler>
+struct WaitHandler {
+    using allocator_type = WaitAllocator<void>;
+    allocator_type get_allocator() const { return allocator; }
+    void operator()(const boost::system::error_code& error) { handler(error); }
+    Handler handler;
+    allocator_type allocator;
+};
 
 using EngineFactory = std::function<std::unique_ptr<IoEngine>(EngineKind, size_t capacity)>;
 
@@ -101,6 +143,13 @@ public:
     void post(std::function<void()> fn);
 
     // The rest is for code running on this thread.
+    // Handler for an async_wait on this thread's io_context: its operation
+    // takes memory kept for it, not the heap.
+    template <class Handler>
+    WaitHandler<Handler> wait_handler(Handler handler)
+    {
+        return {std::move(handler), WaitAllocator<void>(wait_memory_)};
+    }
     ThreadStats& mutable_stats() { return stats_; }
     // The time of the current loop round (read once per round, when first
     // asked for): request latencies are measured in rounds.
@@ -153,6 +202,7 @@ private:
     bool take_posted();
 
     IoThreadOptions options_;
+    WaitMemory wait_memory_;  // before io_: its destructor frees operations into it
     boost::asio::io_context io_{1};
     boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
     std::array<std::optional<Engine>, 4> engines_;  // by EngineKind

@@ -152,7 +152,7 @@ void RequestQueue::set_polling(bool active)
 void RequestQueue::wait_notify()
 {
     notify_.async_wait(boost::asio::posix::stream_descriptor::wait_read,
-                       [self = weak_from_this()](const boost::system::error_code& error) {
+                       thread_.wait_handler([self = weak_from_this()](const boost::system::error_code& error) {
                            auto queue = self.lock();
                            if (error || !queue || queue->stopping_)
                                return;  // stopped since: the kick is for nobody
@@ -162,7 +162,7 @@ void RequestQueue::wait_notify()
                            queue->process();
                            if (!queue->broken_ring_)
                                queue->wait_notify();
-                       });
+                       }));
 }
 
 void RequestQueue::process()

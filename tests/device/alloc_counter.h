@@ -3,7 +3,10 @@
 // allocates nothing in steady state.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <stop_token>
+#include <thread>
 #include <functional>
 
 #include "virtio/io_thread.h"
@@ -25,5 +28,24 @@ inline uint64_t allocations_on(IoThread& thread, const std::function<void()>& wo
     thread.run_and_wait([] { watch_allocations(false); });
     return made;
 }
+
+// Another thread hands `thread` empty work every 200 us while this lives, as
+// lkvm stat and resets do: the memory of those operations is freed on the
+// I/O thread, into whatever cache its next allocation would come from.
+class PostsMeanwhile {
+public:
+    explicit PostsMeanwhile(IoThread& thread)
+        : poster_([&thread](std::stop_token stop) {
+              while (!stop.stop_requested()) {
+                  thread.post([] {});
+                  std::this_thread::sleep_for(std::chrono::microseconds(200));
+              }
+          })
+    {
+    }
+
+private:
+    std::jthread poster_;
+};
 
 }  // namespace lkvm::test

@@ -618,28 +618,32 @@ TEST_CASE("scsi device: a reset with commands in flight waits for them and answe
     CHECK(rig.command(1, 0, cdb10(0x28, 0, 1), 512).status == scsi::kStatusGood);
 }
 
-TEST_CASE("scsi device: in steady state the request path allocates nothing, whatever the engine")
+TEST_CASE("scsi device: in steady state the request path allocates nothing, whatever the engine, polling or sleeping")
 {
     for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring, EngineKind::kNull}) {
-        CAPTURE(std::string(engine_kind_name(engine)));
-        // Polling for up to a second: the window below is the busy steady
-        // state, where the thread never sleeps (a sleep's Asio wait is
-        // allocated by Asio's own two-block cache, which can miss).
-        ScsiRig rig(engine, false, AddressSpace::kMemory, {}, PollParams{1'000'000'000, 0, 0});
-        // READ(10) and WRITE(10) of 4 KiB, 64 in flight on request queue 0
-        // (I/O thread io0); command i's descriptors are 3i..3i+2.
-        uint64_t round = 0;
-        auto queue = [&](unsigned i) {
-            const bool write = (i + round++) % 3 == 0;
-            const auto lba = static_cast<uint32_t>(8 * ((i * 37 + round) % (kDiskBytes / 4096)));
-            rig.queue_command(i, 0, 0, cdb10(write ? 0x2a : 0x28, lba, 8), 4096, !write);
-        };
-        constexpr uint64_t kWarmUp = 4000, kCounted = 20000;
-        REQUIRE(rig.driver.keep_in_flight(2, 64, 3, kWarmUp, queue) == kWarmUp);
-        uint64_t counted = 0;
-        CHECK(allocations_on(rig.io0, [&] { counted = rig.driver.keep_in_flight(2, 64, 3, kCounted, queue); }) == 0);
-        CHECK(counted == kCounted);
-        CHECK(rig.scsi->queue_stats(0).counters().requests == kWarmUp + kCounted);
+        // As for blk: never sleeping in the window, or sleeping whenever idle.
+        for (const uint64_t poll_ns : {1'000'000'000ull, 0ull}) {
+            CAPTURE(std::string(engine_kind_name(engine)));
+            CAPTURE(poll_ns);
+            ScsiRig rig(engine, false, AddressSpace::kMemory, {}, PollParams{poll_ns, 0, 0});
+            // READ(10) and WRITE(10) of 4 KiB, 64 in flight on request queue 0
+            // (I/O thread io0); command i's descriptors are 3i..3i+2.
+            uint64_t round = 0;
+            auto queue = [&](unsigned i) {
+                const bool write = (i + round++) % 3 == 0;
+                const auto lba = static_cast<uint32_t>(8 * ((i * 37 + round) % (kDiskBytes / 4096)));
+                rig.queue_command(i, 0, 0, cdb10(write ? 0x2a : 0x28, lba, 8), 4096, !write);
+            };
+            constexpr uint64_t kWarmUp = 4000, kCounted = 20000;
+            REQUIRE(rig.driver.keep_in_flight(2, 64, 3, kWarmUp, queue) == kWarmUp);
+            uint64_t counted = 0;
+            {
+                PostsMeanwhile posts(rig.io0);
+                CHECK(allocations_on(rig.io0, [&] { counted = rig.driver.keep_in_flight(2, 64, 3, kCounted, queue); }) == 0);
+            }
+            CHECK(counted == kCounted);
+            CHECK(rig.scsi->queue_stats(0).counters().requests == kWarmUp + kCounted);
+        }
     }
 }
 

@@ -183,6 +183,61 @@ for i in $(seq 20); do umount tmpfs-blk 2> /dev/null && break; sleep 0.5; done
 mountpoint -q tmpfs-blk && umount -l tmpfs-blk
 true'
 
+# A disk that fills up under the guest: each image is sparse, 8 MiB on a
+# 2 MiB tmpfs of L1's own. The guest writes past what fits with O_DIRECT
+# (its page cache cannot hide the error), sees it, reads back what was
+# written and keeps using the disk; lkvm keeps running, says so once per
+# disk, and `lkvm stat` counts the errors while the guest waits on its
+# console for the go-ahead.
+script disk-enospc '
+for d in blk scsi; do
+    mkdir -p full-$d && mount -t tmpfs -o size=2m lkvm-enospc-$d full-$d || exit 1
+    truncate -s 8M full-$d/disk.raw
+done
+cat > enospc-guest.sh << "EOF"
+p() { yes LKVM-ENOSPC | head -c $1; }
+for d in vda sda; do
+p 4194304 | dd of=/dev/$d bs=256k iflag=fullblock oflag=direct 2> /tmp/e; echo "$d dd=$? $(grep -v records /tmp/e)"
+n=$(sed -n "s/^\([0-9]*\)+0 records out/\1/p" /tmp/e); echo "$d written=$n"
+[ "$(dd if=/dev/$d bs=256k count=$n iflag=direct status=none | md5sum)" = "$(p $((n << 18)) | md5sum)" ] && echo "$d readback-ok"
+done
+echo "kernel vda=$(dmesg | grep -c "I/O error, dev vda") sda=$(dmesg | grep -cE "(critical space allocation|I/O) error, dev sda")"
+echo guest-waiting
+read -r go; echo "guest-got=$go"
+p 262144 | dd of=/dev/vda bs=256k oflag=direct status=none && echo rewrite-ok
+exit 42
+EOF
+# The guest waits on its console: lkvm reads its input from a FIFO that this script holds open.
+export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-enospc.XXXXXX")
+mkfifo $XDG_RUNTIME_DIR/console
+exec 3<> $XDG_RUNTIME_DIR/console
+"$LKVM" run --name enospc -d full-blk/disk.raw -d full-scsi/disk.raw,bus=scsi -- sh -c "$(cat enospc-guest.sh)" \
+    < $XDG_RUNTIME_DIR/console > enospc.out 2>&1 &
+pid=$!
+for i in $(seq 240); do grep -qs "^guest-waiting" enospc.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
+"$LKVM" stat enospc --disks > stat.txt; echo stat=$?
+cat stat.txt
+# Errors per image, from the table (its errors column) and from the JSON.
+awk "NR == 1 { for (i = 1; i <= NF; i++) if (\$i == \"errors\") c = i; next }
+     c && /full-blk\/disk.raw/ { blk += \$c } c && /full-scsi\/disk.raw/ { scsi += \$c }
+     END { print \"table-errors blk=\" blk + 0, \"scsi=\" scsi + 0 }" stat.txt
+"$LKVM" stat enospc --disks --json | head -n 1 | python3 -c "
+import json, sys
+d = json.loads(sys.stdin.readline())[\"disks\"]
+n = lambda image: sum(q[\"errors\"] for q in d if q[\"image\"].startswith(image))
+print(\"json-errors blk=%d scsi=%d\" % (n(\"full-blk/disk.raw\"), n(\"full-scsi/disk.raw\")))"
+"$LKVM" list | grep -q "^enospc .*running" && echo still-running
+echo go >&3
+wait $pid; echo status=$?
+exec 3>&-
+tr -d "\r" < enospc.out
+for d in blk scsi; do echo "lkvm-reports $d=$(grep -c "^lkvm: .*full-$d/disk.raw: I/O error" enospc.out)"; done
+for d in blk scsi; do
+    for i in $(seq 20); do umount full-$d 2> /dev/null && break; sleep 0.5; done
+    mountpoint -q full-$d && umount -l full-$d
+done
+true'
+
 # The control socket: lkvm list/stat/pause/resume/stop against a guest running fio.
 truncate -s 64M "$work/ctl.raw"
 script control-socket '
@@ -315,6 +370,13 @@ if [ "$(md5sum < "$work/scsi-ro.raw")" = "$scsi_ro_sum" ] && [ "$(head -c 9 "$wo
 else fail scsi-two-luns-host-files "LUN 0 lacks the guest's write or the read-only LUN changed" "$(result scsi-two-luns out)"; fi
 expect scsi-discard 0 '^status=0$' '^blkdiscard=0$' '^[1-9][0-9]*$' '^sparse$' '^zeroes$' '^head-kept$'
 expect blk-discard 0 '^status=0$' '^blkdiscard=0$' '^zeroout=0$' '^1073741824$' '^sparse$' '^zeroes$' '^zeroed-out$' '^head-kept$' '^ignored=0$' '^unchanged$'
+expect disk-enospc 0 '^vda dd=1 dd: .*/dev/vda.*: (Input/output|I/O) error$' '^vda written=[1-9][0-9]*$' '^vda readback-ok$' \
+    '^sda dd=1 dd: .*/dev/sda.*: No space left on device$' '^sda written=[1-9][0-9]*$' '^sda readback-ok$' \
+    '^kernel vda=[1-9][0-9]* sda=[1-9][0-9]*$' '^stat=0$' '^table-errors blk=[1-9][0-9]* scsi=[1-9][0-9]*$' \
+    '^json-errors blk=[1-9][0-9]* scsi=[1-9][0-9]*$' '^still-running$' '^guest-got=go$' '^rewrite-ok$' '^status=42$' \
+    '^lkvm: disk full-blk/disk.raw: I/O error \(No space left on device\); the guest gets IOERR' \
+    '^lkvm: disk full-scsi/disk.raw: I/O error \(No space left on device\); the guest gets a CHECK CONDITION' \
+    '^lkvm-reports blk=1$' '^lkvm-reports scsi=1$'
 expect control-socket 0 'fioguest +[0-9]+ +running +2 ' '^pause=0$' '^listed-paused$' '^paused-moved=0$' '^resume=0$' \
     '^counted-from-idle$' '^resumed-moves$' '^two-clients$' '^interval-latency ' '^json-kicks-exits ' '^bogus-reply: LKVM/1 error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
     '^socket-gone$' '^pause-gone=1$'
