@@ -82,6 +82,17 @@ public:
     // stops and waits for what it has in flight.
     void cancel_allocations(const std::function<bool(uint64_t cookie)>& which);
 
+    // Memory (host ranges: the guest's RAM) that requests will move data to
+    // and from: backends that can (io_uring) register it, so that a request
+    // to a registered O_DIRECT file whose data lies in one registered piece
+    // skips pinning its pages each time. That pins, and so commits, all of
+    // it while the engine lives, and requests use the pages pinned here: the
+    // ranges must not be unmapped or discarded (MADV_DONTNEED) meanwhile. A
+    // second call replaces the first. Optional; where registration fails
+    // (RLIMIT_MEMLOCK) requests simply go as before. Call it on the thread
+    // that uses the engine.
+    virtual void register_memory(std::span<const iovec>) {}
+
 protected:
     explicit IoEngine(size_t capacity);
     // Discard and write-zeroes run on a worker thread of the engine's
@@ -107,6 +118,16 @@ private:
 
 // Throws lkvm::Error when the backend cannot be set up (e.g. no io_setup slots).
 std::unique_ptr<IoEngine> make_io_engine(EngineKind kind, size_t capacity);
+
+// io_uring's IORING_SETUP_* flags: those this kernel takes (probed once per
+// process, flag by flag), and those engines ask for by default (where taken).
+unsigned uring_setup_flags_supported();
+unsigned default_uring_setup_flags();
+// Whether io_uring engines register memory given to register_memory() by default.
+bool default_uring_fixed_buffers();
+// An io_uring engine with these setup flags (less what the kernel does not
+// take) and fixed buffers on or off: for tests and benchmarks.
+std::unique_ptr<IoEngine> make_uring_engine(size_t capacity, unsigned setup_flags, bool fixed_buffers);
 
 EngineKind parse_engine_kind(const std::string& name);  // throws lkvm::Error
 const char* engine_kind_name(EngineKind kind);

@@ -4,6 +4,8 @@
 // region is refused, never clipped.
 #pragma once
 
+#include <sys/uio.h>
+
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -24,6 +26,14 @@ public:
     explicit GuestMemory(std::vector<MemoryRegion> regions);
 
     const std::vector<MemoryRegion>& regions() const { return regions_; }
+    // The host ranges of all regions.
+    std::vector<iovec> host_ranges() const
+    {
+        std::vector<iovec> ranges;
+        for (const MemoryRegion& r : regions_)
+            ranges.push_back({r.host, r.size});
+        return ranges;
+    }
 
     // Host view of [gpa, gpa + len), or empty when any byte of it is outside RAM.
     std::optional<std::span<uint8_t>> span(uint64_t gpa, uint64_t len) const;

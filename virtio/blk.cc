@@ -190,8 +190,9 @@ VirtioBlk::VirtioBlk(DiskImage image, BlkOptions options, const GuestMemory& mem
         throw Error("a virtio-blk device needs at least one queue");
     for (size_t q = 0; q < queue_threads_.size(); ++q)
         stats_.push_back(std::make_unique<QueueStats>());
+    const std::vector<iovec> fixed = image_.direct() ? memory_.host_ranges() : std::vector<iovec>();
     for (IoThread* thread : queue_threads_)
-        thread->prepare_engine(options_.engine);
+        thread->prepare_engine(options_.engine, fixed);
 }
 
 VirtioBlk::~VirtioBlk()

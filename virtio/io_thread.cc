@@ -322,9 +322,15 @@ IoThread::Engine& IoThread::engine(EngineKind kind)
     return *slot;
 }
 
-void IoThread::prepare_engine(EngineKind kind)
+void IoThread::prepare_engine(EngineKind kind, std::span<const iovec> memory)
 {
-    run_and_wait([&] { engine(kind); });
+    run_and_wait([&] {
+        Engine& e = engine(kind);
+        if (!memory.empty() && !e.memory_registered) {
+            e.engine->register_memory(memory);
+            e.memory_registered = true;
+        }
+    });
 }
 
 void IoThread::use_file(EngineKind kind, int fd, bool in_use)

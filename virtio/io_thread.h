@@ -17,6 +17,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -176,7 +177,10 @@ public:
     // From any thread: sets up the engine of that kind now, so that a failure
     // (no aio contexts left, no memory for a ring) is an error where the
     // device is made (lkvm's start), not when the guest starts the device.
-    void prepare_engine(EngineKind kind);
+    // memory: host ranges (the guest's RAM) for the engine to register
+    // (io_uring fixed buffers), once per engine; given for direct disks,
+    // where it spares each request pinning its pages.
+    void prepare_engine(EngineKind kind, std::span<const iovec> memory = {});
 
 private:
     struct Engine {
@@ -184,6 +188,7 @@ private:
         std::unique_ptr<boost::asio::posix::stream_descriptor> event;
         std::vector<IoRequest> pending;  // waiting for room in the engine
         bool waiting = false;
+        bool memory_registered = false;
     };
     Engine& engine(EngineKind kind);
     void loop();

@@ -468,9 +468,11 @@ VirtioScsi::VirtioScsi(std::vector<ScsiLunSetup> luns, uint16_t queue_size, cons
     std::ranges::sort(lun_ids_);
     for (size_t q = 0; q < queue_threads_.size(); ++q)
         stats_.push_back(std::make_unique<QueueStats>());
+    const std::vector<iovec> ram = memory_.host_ranges();
     for (IoThread* thread : queue_threads_)
         for (const auto& lun : luns_)
-            thread->prepare_engine(lun->target.engine);
+            thread->prepare_engine(lun->target.engine, lun->image.direct() ? std::span<const iovec>(ram)
+                                                                           : std::span<const iovec>());
 }
 
 VirtioScsi::Lun::Lun(uint16_t id_, DiskImage image_, const scsi::ScsiDiskOptions& options, EngineKind engine,

@@ -40,6 +40,11 @@ struct Options {
     uint32_t bs = 4096;
     double seconds = 5;
     bool direct = false;
+    // io_uring: IORING_SETUP_* flags asked for, and whether memory is
+    // registered as fixed buffers (the device registers it for direct disks;
+    // the engine mode for direct files, or always with --fixed-buffers on).
+    unsigned uring_setup = default_uring_setup_flags();
+    int fixed_buffers = -1;  // -1: as lkvm does
 };
 
 IoThreadPolicy parse_sched(const std::string& name)
@@ -74,8 +79,10 @@ Options parse(int argc, char** argv)
         else if (a == "--poll-max-ns") o.poll_max_ns = std::stoull(next());
         else if (a == "--aio-max-batch") o.max_batch = static_cast<unsigned>(std::stoul(next()));
         else if (a == "--sched") o.sched = parse_sched(next());
+        else if (a == "--uring-setup") o.uring_setup = static_cast<unsigned>(std::stoul(next(), nullptr, 0));
+        else if (a == "--fixed-buffers") { auto v = next(); o.fixed_buffers = v == "on" ? 1 : v == "off" ? 0 : throw Error("--fixed-buffers on|off"); }
         else throw Error("unknown option " + a + " (--engine --queues --qd --bs --rw --seconds --file --direct --mode"
-                         " --device --iothreads --poll-max-ns --aio-max-batch --sched)");
+                         " --device --iothreads --poll-max-ns --aio-max-batch --sched --uring-setup --fixed-buffers)");
     }
     if (o.rw != "randread" && o.rw != "randwrite")
         throw Error("--rw randread|randwrite");
@@ -127,10 +134,18 @@ double cpu_seconds(pid_t tid)
     return static_cast<double>(ns) / 1e9;
 }
 
+// Engines as --uring-setup and --fixed-buffers say.
+std::unique_ptr<IoEngine> make_engine(const Options& o, EngineKind kind, size_t capacity)
+{
+    if (kind != EngineKind::kIoUring)
+        return make_io_engine(kind, capacity);
+    return make_uring_engine(capacity, o.uring_setup, o.fixed_buffers < 0 ? default_uring_fixed_buffers() : o.fixed_buffers);
+}
+
 // One engine driven at --qd on the file from the calling thread.
 double run_engine_thread(const Options& o, DiskImage& image, Stats& stats, unsigned seed)
 {
-    auto engine = make_io_engine(parse_engine_kind(o.engine), o.qd);
+    auto engine = make_engine(o, parse_engine_kind(o.engine), o.qd);
     engine->register_file(image.fd());
     std::mt19937_64 rng(seed);
     const uint64_t blocks = image.size() / o.bs;
@@ -138,6 +153,10 @@ double run_engine_thread(const Options& o, DiskImage& image, Stats& stats, unsig
     if (::posix_memalign(&raw, 4096, size_t{o.qd} * o.bs) != 0)
         throw Error("out of memory");
     std::unique_ptr<uint8_t, void (*)(void*)> buffers(static_cast<uint8_t*>(raw), ::free);
+    if (o.fixed_buffers > 0 || (o.fixed_buffers < 0 && o.direct)) {
+        const iovec area{buffers.get(), size_t{o.qd} * o.bs};
+        engine->register_memory(std::span(&area, 1));
+    }
     std::vector<iovec> iov(o.qd);
     std::vector<Clock::time_point> started(o.qd);
     const IoOp op = o.rw == "randread" ? IoOp::kRead : IoOp::kWrite;
@@ -210,13 +229,15 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
     const PollParams poll{o.poll_max_ns, 0, 0};
     std::vector<std::unique_ptr<IoThread>> threads;
     std::vector<IoThread*> queue_threads;
+    const EngineFactory factory = [&o](EngineKind kind, size_t capacity) { return make_engine(o, kind, capacity); };
     if (o.iothreads == 0) {
-        threads.push_back(std::make_unique<IoThread>(IoThreadOptions{"disk0-io", poll, o.max_batch, -1, o.sched}));
+        threads.push_back(
+            std::make_unique<IoThread>(IoThreadOptions{"disk0-io", poll, o.max_batch, -1, o.sched, {}, factory}));
         queue_threads.assign(o.queues, threads.back().get());
     } else {
         for (unsigned k = 0; k < o.iothreads; ++k)
-            threads.push_back(
-                std::make_unique<IoThread>(IoThreadOptions{"iothread" + std::to_string(k), poll, o.max_batch, -1, o.sched}));
+            threads.push_back(std::make_unique<IoThread>(
+                IoThreadOptions{"iothread" + std::to_string(k), poll, o.max_batch, -1, o.sched, {}, factory}));
         const auto map = map_queues(o.iothreads, {{o.queues, {}}});
         for (const unsigned k : map[0])
             queue_threads.push_back(threads[k].get());
@@ -355,6 +376,11 @@ int main(int argc, char** argv)
             ::close(fd);
         }
         DiskImage image = DiskImage::open({o.file, false, o.direct});
+        if (o.engine == "io_uring")
+            std::printf("io_uring: setup flags 0x%x (asked 0x%x, kernel takes 0x%x), fixed buffers %s\n",
+                        o.uring_setup & uring_setup_flags_supported(), o.uring_setup, uring_setup_flags_supported(),
+                        o.fixed_buffers < 0 ? (default_uring_fixed_buffers() ? "default (on)" : "default (off)")
+                                            : o.fixed_buffers ? "on" : "off");
         Stats stats;
         const double elapsed = o.mode == "engine" ? run_engine(o, image, stats) : run_device(o, std::move(image), stats);
         stats.print(elapsed);
