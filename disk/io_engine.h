@@ -85,12 +85,12 @@ public:
     // Memory (host ranges: the guest's RAM) that requests will move data to
     // and from: backends that can (io_uring) register it, so that a request
     // to a registered O_DIRECT file whose data lies in one registered piece
-    // skips pinning its pages each time. That pins, and so commits, all of
-    // it while the engine lives, and requests use the pages pinned here: the
-    // ranges must not be unmapped or discarded (MADV_DONTNEED) meanwhile. A
-    // second call replaces the first. Optional; where registration fails
-    // (RLIMIT_MEMLOCK) requests simply go as before. Call it on the thread
-    // that uses the engine.
+    // skips pinning its pages each time. Each piece is pinned, and so
+    // committed, from the first request in it while the engine lives, and
+    // requests use the pages pinned then: the ranges must not be unmapped or
+    // discarded (MADV_DONTNEED) meanwhile. A second call replaces the first.
+    // Optional; where registration fails (RLIMIT_MEMLOCK) requests simply go
+    // as before. Call it on the thread that uses the engine.
     virtual void register_memory(std::span<const iovec>) {}
 
 protected:

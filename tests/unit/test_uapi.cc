@@ -12,8 +12,9 @@
 
 #include <asm/bootparam.h>
 #include <linux/kvm.h>
-// The device tests' 4 KiB-sector loop device:
+// The device tests' 4 KiB-sector loop device, and their check for tmpfs:
 #include <linux/loop.h>
+#include <linux/magic.h>
 
 // The libraries whose headers pull in more of them.
 #include <libaio.h>
