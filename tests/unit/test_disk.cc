@@ -374,41 +374,55 @@ TEST_CASE("io engines: discard deallocates and reads back zeroes, write-zeroes z
     }
 }
 
+namespace {
+// Each round, as the I/O thread does: notification off, a request,
+// notification on, then look, and sleep on the eventfd if nothing is there.
+// A completion posted just as notification came back on must be seen by the
+// look or signalled. Flushes complete from the kernel's workers on another
+// CPU, cached reads within submit(); a varying spin moves where the
+// completion lands. A lost one is a sleep that times out. With a task run
+// mode has_completions() may also say yes for task work that posts nothing
+// (a kernel worker's request being freed): reap() then finds nothing, and
+// the wait goes on.
+void expect_no_completion_lost(IoEngine& engine, int fd, uint64_t rounds)
+{
+    char buf[512];
+    iovec iov{buf, sizeof(buf)};
+    std::vector<IoCompletion> done;
+    for (uint64_t round = 0; round < rounds; ++round) {
+        CAPTURE(round);
+        engine.set_event_notification(false);
+        const IoRequest request = round % 4 == 3 ? IoRequest{IoOp::kRead, fd, 0, &iov, 1, round}
+                                                 : IoRequest{IoOp::kFlush, fd, 0, nullptr, 0, round};
+        engine.submit(std::span(&request, 1));
+        for (volatile unsigned spin = 0; spin < (round * 7919) % 4096;)
+            spin = spin + 1;
+        engine.set_event_notification(true);
+        done.clear();
+        while (done.empty()) {
+            // A readable eventfd may be left from an earlier round: a wakeup is a hint.
+            while (!engine.has_completions()) {
+                pollfd p{engine.event_fd(), POLLIN, 0};
+                REQUIRE(::poll(&p, 1, 5000) == 1);
+                engine.clear_event();
+            }
+            engine.reap(done);
+        }
+        REQUIRE(done.size() == 1);
+        CHECK(done[0].cookie == round);
+        CHECK(done[0].result == (round % 4 == 3 ? 512 : 0));
+    }
+    CHECK(engine.in_flight() == 0);
+}
+}  // namespace
+
 TEST_CASE("io_uring engine: no completion is lost around turning the eventfd back on")
 {
-    // Each round, as the I/O thread does: notification off, a request,
-    // notification on, then look, and sleep on the eventfd if nothing is
-    // there. A completion posted just as notification came back on must be
-    // seen by the look or signalled. Flushes complete from the kernel's
-    // workers on another CPU, cached reads within submit(); a varying spin
-    // moves where the completion lands. A lost one is a sleep that times out.
     TempDir dir;
     const auto path = dir.file("race.raw", 4096, 'r');
     auto image = DiskImage::open({path, false, false});
     auto engine = make_io_engine(EngineKind::kIoUring, 4);
-    char buf[512];
-    iovec iov{buf, sizeof(buf)};
-    std::vector<IoCompletion> done;
-    for (uint64_t round = 0; round < 2000; ++round) {
-        CAPTURE(round);
-        engine->set_event_notification(false);
-        const IoRequest request = round % 4 == 3 ? IoRequest{IoOp::kRead, image.fd(), 0, &iov, 1, round}
-                                                 : IoRequest{IoOp::kFlush, image.fd(), 0, nullptr, 0, round};
-        engine->submit(std::span(&request, 1));
-        for (volatile unsigned spin = 0; spin < (round * 7919) % 4096;)
-            spin = spin + 1;
-        engine->set_event_notification(true);
-        // A readable eventfd may be left from an earlier round: a wakeup is a hint.
-        while (!engine->has_completions()) {
-            pollfd p{engine->event_fd(), POLLIN, 0};
-            REQUIRE(::poll(&p, 1, 5000) == 1);
-            engine->clear_event();
-        }
-        done.clear();
-        REQUIRE(engine->reap(done) == 1);
-        CHECK(done[0].cookie == round);
-    }
-    CHECK(engine->in_flight() == 0);
+    expect_no_completion_lost(*engine, image.fd(), 2000);
 }
 
 TEST_CASE("io_uring engine: while notification is off the eventfd stays quiet")
@@ -513,44 +527,15 @@ TEST_CASE("io_uring engine: each setup flag set moves data, buffered and direct"
 
 TEST_CASE("io_uring engine: no completion is lost around turning the eventfd back on, each setup flag set")
 {
-    // As the test above with the default engine, for every set: with a task
-    // run mode the kernel marks the SQ ring and leaves the completion as task
-    // work, which the look must see as well.
+    // With a task run mode the kernel marks the SQ ring and leaves the
+    // completion as task work, which the look must see as well.
     TempDir dir;
     const auto path = dir.file("race-setup.raw", 4096, 'r');
     auto image = DiskImage::open({path, false, false});
     for (const unsigned setup : uring_setups()) {
         CAPTURE(setup);
         auto engine = make_uring_engine(4, setup, false);
-        char buf[512];
-        iovec iov{buf, sizeof(buf)};
-        std::vector<IoCompletion> done;
-        for (uint64_t round = 0; round < 500; ++round) {
-            CAPTURE(round);
-            engine->set_event_notification(false);
-            const IoRequest request = round % 4 == 3 ? IoRequest{IoOp::kRead, image.fd(), 0, &iov, 1, round}
-                                                     : IoRequest{IoOp::kFlush, image.fd(), 0, nullptr, 0, round};
-            engine->submit(std::span(&request, 1));
-            for (volatile unsigned spin = 0; spin < (round * 7919) % 4096;)
-                spin = spin + 1;
-            engine->set_event_notification(true);
-            // With a task run mode has_completions() may also say yes for
-            // task work that posts nothing (a kernel worker's request being
-            // freed): reap() then finds nothing, and the wait goes on.
-            done.clear();
-            while (done.empty()) {
-                while (!engine->has_completions()) {
-                    pollfd p{engine->event_fd(), POLLIN, 0};
-                    REQUIRE(::poll(&p, 1, 5000) == 1);
-                    engine->clear_event();
-                }
-                engine->reap(done);
-            }
-            REQUIRE(done.size() == 1);
-            CHECK(done[0].cookie == round);
-            CHECK(done[0].result == (round % 4 == 3 ? 512 : 0));
-        }
-        CHECK(engine->in_flight() == 0);
+        expect_no_completion_lost(*engine, image.fd(), 500);
     }
 }
 
