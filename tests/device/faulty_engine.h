@@ -4,6 +4,7 @@
 // Installed through IoThreadOptions::make_engine; not a user option.
 #pragma once
 
+#include <cerrno>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -63,6 +64,21 @@ inline EngineFactory faulty_engines(FaultRule rule)
 {
     return [rule](EngineKind kind, size_t capacity) -> std::unique_ptr<IoEngine> {
         return std::make_unique<FaultyEngine>(make_io_engine(kind, capacity), rule);
+    };
+}
+
+// The device tests' failing disk: reads at byte 8 * 512 fail with EIO,
+// writes at 16 * 512 with ENOSPC, reads at 24 * 512 move only short_bytes.
+inline FaultRule eio_enospc_short_read(int64_t short_bytes)
+{
+    return [short_bytes](const IoRequest& r) -> std::optional<int64_t> {
+        if (r.offset == 8 * 512 && r.op == IoOp::kRead)
+            return -EIO;
+        if (r.offset == 16 * 512 && r.op == IoOp::kWrite)
+            return -ENOSPC;
+        if (r.offset == 24 * 512 && r.op == IoOp::kRead)
+            return short_bytes;
+        return std::nullopt;
     };
 }
 

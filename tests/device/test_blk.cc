@@ -836,15 +836,7 @@ TEST_CASE("blk: a disk that fails one request (EIO, ENOSPC, a short read) fails 
 {
     // Reads of sector 8 fail with EIO, writes of 16 with ENOSPC, reads of 24
     // come back short. Every other request is served.
-    auto fault = [](const IoRequest& r) -> std::optional<int64_t> {
-        if (r.offset == 8 * 512 && r.op == IoOp::kRead)
-            return -EIO;
-        if (r.offset == 16 * 512 && r.op == IoOp::kWrite)
-            return -ENOSPC;
-        if (r.offset == 24 * 512 && r.op == IoOp::kRead)
-            return 2048;
-        return std::nullopt;
-    };
+    const FaultRule fault = eio_enospc_short_read(2048);
     struct Case {
         uint32_t type;
         uint64_t sector;

@@ -650,15 +650,7 @@ TEST_CASE("scsi device: in steady state the request path allocates nothing, what
 TEST_CASE("scsi device: a disk that fails one command answers it CHECK CONDITION with the right sense, and goes on")
 {
     // LUN 0's reads of LBA 8 fail with EIO, its writes of LBA 16 with ENOSPC, its reads of LBA 24 come back short.
-    auto fault = [](const IoRequest& r) -> std::optional<int64_t> {
-        if (r.offset == 8 * 512 && r.op == IoOp::kRead)
-            return -EIO;
-        if (r.offset == 16 * 512 && r.op == IoOp::kWrite)
-            return -ENOSPC;
-        if (r.offset == 24 * 512 && r.op == IoOp::kRead)
-            return 1024;
-        return std::nullopt;
-    };
+    const FaultRule fault = eio_enospc_short_read(1024);
     for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring}) {
         CAPTURE(std::string(engine_kind_name(engine)));
         ScsiRig rig(engine, false, AddressSpace::kMemory, fault);
