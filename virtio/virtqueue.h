@@ -83,10 +83,13 @@ public:
     // or the error that makes this queue unusable.
     Result<bool, ChainError> pop(Chain& chain);
     bool has_available() const;
-    // Returns a chain to the driver with `written` bytes written into it.
+    // Returns a chain to the driver with `written` bytes written into it. The
+    // driver sees it at the next publish_used() (or needs_interrupt()): one
+    // store of used idx per batch, not one per chain.
     void push_used(uint16_t head, uint32_t written);
-    // Whether the driver wants an interrupt for what was pushed since the last
-    // call that said yes (VRING_AVAIL_F_NO_INTERRUPT or used_event).
+    void publish_used();
+    // Publishes, then says whether the driver wants an interrupt for what was
+    // pushed since the last call that said yes (VRING_AVAIL_F_NO_INTERRUPT or used_event).
     bool needs_interrupt();
     // Asks the driver to notify (or not) on new buffers. After enabling, the
     // caller must check has_available() again before it sleeps.
@@ -101,10 +104,13 @@ private:
     RingLayout layout_;
     bool event_idx_;
     ChainLimits limits_;
-    uint8_t* avail_;                 // host views of the rings, validated at construction
+    const uint8_t* desc_;            // host views of the rings, validated at construction
+    uint8_t* avail_;
     uint8_t* used_;
+    mutable uint16_t shadow_avail_ = 0;  // the driver's avail idx when we last read it
     uint16_t last_avail_ = 0;
     uint16_t used_idx_ = 0;
+    uint16_t published_used_ = 0;
     uint16_t signalled_used_ = 0;    // used idx when we last decided about an interrupt
     bool signalled_valid_ = false;
     bool notifications_ = true;

@@ -191,6 +191,8 @@ TEST_CASE("split queue: pop, push used, and a driver that jumps the avail index"
     REQUIRE(popped.value());
     CHECK(chain.head == 5);
     q.push_used(5, 512);
+    CHECK(r.used_idx() == 0);  // pushed, not yet published
+    q.publish_used();
     CHECK(r.used_idx() == 1);
     uint32_t id, len;
     std::memcpy(&id, &r.ram[Ring::kUsed + 4], 4);
