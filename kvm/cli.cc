@@ -49,6 +49,7 @@ struct OptionSpec {
 constexpr OptionSpec kKernel{"-k", "--kernel"}, kInitrd{"-i", "--initrd"}, kParams{"-p", "--params"},
     kCpus{"-c", "--cpus"}, kMem{"-m", "--mem"}, kName{nullptr, "--name"}, kDisk{"-d", "--disk"},
     kIoThreads{nullptr, "--iothreads"}, kScsiController{nullptr, "--scsi-controller"},
+    kThrottleGroup{nullptr, "--throttle-group"},
     kConsoleLog{nullptr, "--console-log"}, kTimeout{nullptr, "--timeout"}, kLogLevel{nullptr, "--loglevel"};
 
 // Matches "-k X", "--kernel X" and "--kernel=X"; advances i past the value.
@@ -100,6 +101,27 @@ void check_scsi_topology(const RunOptions& run)
     }
 }
 
+// Every group named is defined once, and a disk keeps either limits of its
+// own or a group's: both would be two sets of limits for one disk.
+void check_throttle_groups(const RunOptions& run)
+{
+    for (size_t g = 0; g < run.throttle_groups.size(); ++g)
+        for (size_t e = 0; e < g; ++e)
+            if (run.throttle_groups[e].name == run.throttle_groups[g].name)
+                throw Error("--throttle-group " + run.throttle_groups[g].name + " is given twice" + kRunHint);
+    for (const auto& disk : run.disks) {
+        if (disk.throttle_group.empty())
+            continue;
+        const std::string where = "-d " + disk.path + ",throttle-group=" + disk.throttle_group;
+        if (std::ranges::none_of(run.throttle_groups, [&](const auto& g) { return g.name == disk.throttle_group; }))
+            throw Error(where + ": no such group; define it with --throttle-group " + disk.throttle_group +
+                        ",iops=..." + kRunHint);
+        if (disk.throttle.limits_anything() || disk.throttle.iops_size)
+            throw Error(where + ": the disk also has limits of its own; set them on the group (--throttle-group " +
+                        disk.throttle_group + ",...)" + kRunHint);
+    }
+}
+
 RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
 {
     RunOptions run;
@@ -125,6 +147,8 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
             run.disks.push_back(parse_disk_spec(*v));
         } else if (auto v = take_value(args, i, kScsiController)) {
             run.scsi_controllers.push_back(parse_scsi_controller_spec(*v));
+        } else if (auto v = take_value(args, i, kThrottleGroup)) {
+            run.throttle_groups.push_back(parse_throttle_group_spec(*v));
         } else if (auto v = take_value(args, i, kIoThreads)) {
             run.iothreads = parse_iothreads_spec(*v);
         } else if (arg == "--stats") {
@@ -184,6 +208,7 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
     for (const auto& disk : run.disks)
         check_iothreads("-d " + disk.path, disk.iothreads);
     check_scsi_topology(run);
+    check_throttle_groups(run);
     for (const auto& controller : run.scsi_controllers)
         check_iothreads("--scsi-controller " + controller.name, controller.iothreads);
     return run;
@@ -321,6 +346,13 @@ AddressSpace parse_notify(const std::string& where, const std::string& text)
     throw Error(where + ": notify=" + text + " is not mmio or pio" + kRunHint);
 }
 
+std::string parse_throttle_group_name(const std::string& where, const std::string& name)
+{
+    if (name.empty() || !std::ranges::all_of(name, [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_'; }))
+        throw Error(where + ": throttle group '" + name + "': name it with letters, digits, '-' or '_'" + kRunHint);
+    return name;
+}
+
 std::vector<unsigned> parse_iothread_list(const std::string& where, const std::string& text)
 {
     std::vector<unsigned> threads;
@@ -387,10 +419,13 @@ DiskSpec parse_disk_spec(const std::string& text)
             if (*v != "unmap" && *v != "ignore")
                 throw Error(where + ": discard=" + *v + " is not unmap or ignore" + kRunHint);
             disk.discard = *v == "unmap";
+        } else if (auto v = value_of(item, "throttle-group")) {
+            disk.throttle_group = parse_throttle_group_name(where, *v);
+        } else if (parse_throttle_item(where, item, disk.throttle)) {
         } else {
             throw Error(where + ": unknown disk option '" + item +
                         "' (ro, direct, aio=, serial=, num-queues=, iothread=, ioprio=, notify=, bus=, controller=, "
-                        "lun=, rotation-rate=, discard=)" +
+                        "lun=, rotation-rate=, discard=, iops=, bps=, ..., throttle-group=)" +
                         kRunHint);
         }
     }
@@ -402,7 +437,56 @@ DiskSpec parse_disk_spec(const std::string& text)
     }
     if (disk.bus == DiskBus::kScsi && disk.serial.size() > 36)
         throw Error(where + ": serial is longer than 36 bytes" + kRunHint);
+    if (const auto problem = throttle_limits_problem(disk.throttle))
+        throw Error(where + ": " + *problem + kRunHint);
     return disk;
+}
+
+bool parse_throttle_item(const std::string& where, const std::string& item, ThrottleLimits& limits)
+{
+    const auto equals = item.find('=');
+    if (equals == std::string::npos)
+        return false;
+    const std::string key = item.substr(0, equals), text = item.substr(equals + 1);
+    const auto number = [&] { return parse_number(where + ": " + key, text); };
+    if (key == "iops-size") {
+        limits.iops_size = number();
+        return true;
+    }
+    static constexpr std::pair<const char*, ThrottleBucket> kBuckets[] = {
+        {"bps", ThrottleBucket::kBpsTotal},   {"bps-rd", ThrottleBucket::kBpsRead},
+        {"bps-wr", ThrottleBucket::kBpsWrite}, {"iops", ThrottleBucket::kIopsTotal},
+        {"iops-rd", ThrottleBucket::kIopsRead}, {"iops-wr", ThrottleBucket::kIopsWrite}};
+    for (const auto& [name, bucket] : kBuckets) {
+        const std::string base = name;
+        if (key == base)
+            limits[bucket].avg = number();
+        else if (key == base + "-max")
+            limits[bucket].max = number();
+        else if (key == base + "-max-length")
+            limits[bucket].burst_length = number();
+        else
+            continue;
+        return true;
+    }
+    return false;
+}
+
+ThrottleGroupSpec parse_throttle_group_spec(const std::string& text)
+{
+    ThrottleGroupSpec group;
+    const std::string where = "--throttle-group " + text;
+    const auto items = split(text, ',');
+    group.name = parse_throttle_group_name(where, items[0]);
+    for (size_t i = 1; i < items.size(); ++i)
+        if (!parse_throttle_item(where, items[i], group.limits))
+            throw Error(where + ": unknown option '" + items[i] +
+                        "' (iops=, iops-rd=, iops-wr=, bps=, bps-rd=, bps-wr=, each also -max= and -max-length=, "
+                        "iops-size=)" +
+                        kRunHint);
+    if (const auto problem = throttle_limits_problem(group.limits))
+        throw Error(where + ": " + *problem + kRunHint);
+    return group;
 }
 
 ScsiControllerSpec parse_scsi_controller_spec(const std::string& text)
@@ -606,6 +690,12 @@ std::string run_usage()
            "                         rotation-rate=N (1: SSD)\n"
            "                         discard=unmap|ignore (default unmap): whether the guest's\n"
            "                         discards punch holes in the image\n"
+           "                         limits, as QEMU's: iops=, iops-rd=, iops-wr=, bps=, bps-rd=,\n"
+           "                         bps-wr= (per second), each with -max= (burst rate) and\n"
+           "                         -max-length= (burst seconds), iops-size=BYTES;\n"
+           "                         throttle-group=NAME: limits shared with other disks\n"
+           "      --throttle-group NAME[,iops=N][,bps=N]...\n"
+           "                         limits the disks naming it share, taking turns\n"
            "      --scsi-controller C[,num-queues=Q][,iothread=K[+K...]][,notify=mmio|pio]\n"
            "                         queues, I/O threads and notify of the shared controller C\n"
            "      --iothreads N[,affinity=CPUS][,poll-max-ns=NS][,poll-grow=G][,poll-shrink=S][,aio-max-batch=B]\n"

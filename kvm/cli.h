@@ -9,6 +9,7 @@
 
 #include "base/error.h"
 #include "base/log.h"
+#include "disk/throttle.h"
 #include "hw/bus.h"
 #include "virtio/io_thread_policy.h"
 
@@ -53,14 +54,30 @@ struct DiskSpec {
     unsigned lun = 0;
     uint16_t rotation_rate = 0;     // 0: not reported, 1: non-rotating (SSD), else RPM
     bool discard = true;            // discard=unmap (true) or ignore
+    ThrottleLimits throttle;        // iops=, bps-wr=, ...: limits of its own
+    std::string throttle_group;     // throttle-group=NAME: limits it shares (a --throttle-group)
 };
 
 constexpr unsigned kMaxDiskQueues = 64;
 constexpr unsigned kMaxScsiLun = 16383;
 
 // "PATH[,ro][,direct][,aio=ENGINE][,serial=S][,num-queues=Q][,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]]
-//  [,notify=mmio|pio][,bus=blk|scsi][,controller=C][,lun=L][,rotation-rate=N][,discard=unmap|ignore]"
+//  [,notify=mmio|pio][,bus=blk|scsi][,controller=C][,lun=L][,rotation-rate=N][,discard=unmap|ignore]
+//  [,THROTTLE...][,throttle-group=NAME]"
 DiskSpec parse_disk_spec(const std::string& text);
+
+// QEMU's legacy -drive throttling names: iops=, iops-rd=, iops-wr=, bps=,
+// bps-rd=, bps-wr=, each with -max= (burst rate) and -max-length= (burst
+// seconds), and iops-size=. True when `item` is one of them (set in limits);
+// false when it is not a throttle option. Throws for a bad value.
+bool parse_throttle_item(const std::string& where, const std::string& item, ThrottleLimits& limits);
+
+// "--throttle-group NAME[,THROTTLE...]": limits the disks naming it share.
+struct ThrottleGroupSpec {
+    std::string name;
+    ThrottleLimits limits;
+};
+ThrottleGroupSpec parse_throttle_group_spec(const std::string& text);
 
 // "--scsi-controller C[,num-queues=Q][,iothread=K[+K...]][,notify=mmio|pio]": what the disks sharing controller C share.
 struct ScsiControllerSpec {
@@ -98,6 +115,7 @@ struct RunOptions {
     uint64_t mem_mib = 512;
     std::vector<DiskSpec> disks;
     std::vector<ScsiControllerSpec> scsi_controllers;
+    std::vector<ThrottleGroupSpec> throttle_groups;
     IoThreadsSpec iothreads;  // count 0: every disk has its own thread
     bool stats = false;       // print per-thread and per-queue I/O statistics at exit
     std::string console_log;  // --console-log FILE: the guest's console output is also appended there

@@ -163,6 +163,19 @@ void Machine::add_disks()
                 "iothread" + std::to_string(k), poll, group.aio_max_batch, cpu, group.policy, io_thread_failed}));
         }
     }
+    for (const auto& group : options_.throttle_groups)
+        throttle_groups_.push_back(std::make_unique<ThrottleGroup>(group.name, group.limits));
+    std::vector<ThrottleGroup*> throttle_of_disk;
+    for (size_t d = 0; d < options_.disks.size(); ++d) {
+        const DiskSpec& spec = options_.disks[d];
+        const auto named = std::ranges::find(throttle_groups_, spec.throttle_group, &ThrottleGroup::name);
+        if (spec.throttle_group.empty() || named == throttle_groups_.end()) {
+            throttle_groups_.push_back(std::make_unique<ThrottleGroup>(std::to_string(d), spec.throttle));
+            throttle_of_disk.push_back(throttle_groups_.back().get());
+        } else {
+            throttle_of_disk.push_back(named->get());
+        }
+    }
     for (size_t p = 0; p < plans.size(); ++p) {
         const DiskDevicePlan& plan = plans[p];
         std::vector<IoThread*> threads;
@@ -179,7 +192,8 @@ void Machine::add_disks()
         };
         if (plan.bus == DiskBus::kBlk) {
             const DiskSpec& spec = options_.disks[plan.disks.front()];
-            BlkOptions blk{spec.serial, engine_of(spec), spec.ioprio, 256, spec.discard};
+            BlkOptions blk{spec.serial, engine_of(spec), spec.ioprio, 256, spec.discard,
+                           throttle_of_disk[plan.disks.front()]};
             disks_.push_back(std::make_unique<VirtioBlk>(std::move(disk_images_[plan.disks.front()]), blk, *memory_,
                                                           std::move(threads)));
         } else {
@@ -191,7 +205,7 @@ void Machine::add_disks()
                 disk.rotation_rate = spec.rotation_rate;
                 disk.discard = spec.discard ? scsi::Discard::kUnmap : scsi::Discard::kIgnore;
                 luns.push_back({static_cast<uint16_t>(spec.lun), std::move(disk_images_[d]), disk, engine_of(spec),
-                                spec.ioprio});
+                                spec.ioprio, throttle_of_disk[d]});
             }
             disks_.push_back(std::make_unique<VirtioScsi>(std::move(luns), 256, *memory_, std::move(threads), io_));
         }

@@ -124,6 +124,9 @@ private:
     // their I/O threads, and only then do the threads go.
     std::unique_ptr<KvmVirtioHost> virtio_host_;
     std::vector<std::unique_ptr<IoThread>> io_threads_;
+    // The --throttle-groups, then one per disk not in one of them (named by
+    // its index, as lkvm stat shows it): limits a running guest may change.
+    std::vector<std::unique_ptr<ThrottleGroup>> throttle_groups_;
     std::vector<std::unique_ptr<DiskDevice>> disks_;
     std::vector<std::unique_ptr<VirtioPciDevice>> transports_;
 

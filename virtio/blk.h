@@ -68,6 +68,7 @@ struct BlkOptions {
     uint16_t ioprio = 0;  // ioprio::value() on every request; 0: the thread's own
     uint16_t queue_size = 256;
     bool discard = true;  // discard=unmap: DISCARD punches holes; false (ignore): it does nothing
+    ThrottleGroup* throttle = nullptr;  // the limits the disk keeps (shared, outlives the device); null: none
 };
 
 // The device model: configuration, features, and one BlkQueue per virtqueue
@@ -96,7 +97,10 @@ public:
 
 private:
     friend class BlkQueue;
-    IoTarget io_target() const { return {options_.engine, image_.fd(), image_.alignment(), options_.ioprio}; }
+    IoTarget io_target() const
+    {
+        return {options_.engine, image_.fd(), image_.alignment(), options_.ioprio, options_.throttle};
+    }
     void report_io_error(int64_t result);
 
     DiskImage image_;

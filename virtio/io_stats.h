@@ -82,6 +82,9 @@ public:
     void interrupted() { single_writer_add(interrupts_); }
     uint64_t kicks() const { return kicks_.load(std::memory_order_relaxed); }
     uint64_t interrupts() const { return interrupts_.load(std::memory_order_relaxed); }
+    // Time the queue held requests back for its throttle group.
+    void throttled(uint64_t ns) { single_writer_add(throttled_ns_, ns); }
+    uint64_t throttled_ns() const { return throttled_ns_.load(std::memory_order_relaxed); }
 
     // The kernel thread id that serves this queue, and whether another one
     // ever did: each queue belongs to exactly one I/O thread.
@@ -99,7 +102,7 @@ public:
 
 private:
     std::atomic<uint64_t> requests_{0}, bytes_{0}, in_flight_{0};
-    std::atomic<uint64_t> kicks_{0}, interrupts_{0}, errors_{0};
+    std::atomic<uint64_t> kicks_{0}, interrupts_{0}, errors_{0}, throttled_ns_{0};
     std::atomic<int> served_by_{0};
     std::atomic<bool> moved_{false};
     LatencyHistogram latency_;

@@ -2,8 +2,12 @@
 
 #include <unistd.h>
 
+#include <boost/asio/steady_timer.hpp>
+
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <deque>
 
 #include "base/log.h"
 
@@ -89,6 +93,78 @@ int current_tid()
 }
 }  // namespace
 
+// The requests of one throttle group that this queue holds back, in the
+// order the guest made them, and the timer that brings them back.
+class RequestQueue::ThrottleGate final : public ThrottleGroup::Member {
+public:
+    ThrottleGate(RequestQueue& queue, ThrottleGroup& group) : queue_(queue), group_(group), timer_(queue.thread_.context()) {}
+
+    ThrottleGroup& group() const { return group_; }
+    bool holding() const { return !held_.empty(); }
+    void hold(uint32_t slot)
+    {
+        held_.push_back(slot);
+        dispatch();
+    }
+
+    // Submits what the group lets go, in order; arms the timer for the rest.
+    void dispatch()
+    {
+        submit_admitted();
+        queue_.count_throttled_time();
+    }
+
+    // The queue stops: out of the group's line, and what was held is the
+    // guest's no more (a reset answers nothing).
+    std::deque<uint32_t> stop()
+    {
+        group_.leave(*this);
+        timer_.cancel();
+        return std::exchange(held_, {});
+    }
+
+    void resume() override
+    {
+        queue_.thread_.post([queue = queue_.weak_from_this(), this] {
+            if (const auto alive = queue.lock(); alive && !alive->stopping_)
+                dispatch();
+        });
+    }
+
+private:
+    void submit_admitted()
+    {
+        while (!held_.empty()) {
+            const Slot& slot = queue_.slots_[held_.front()];
+            const auto verdict = group_.admit(*this, slot.held.op != IoOp::kRead, slot.held_bytes, held_.size() > 1);
+            if (!verdict.go) {
+                if (verdict.wait_ns)
+                    wait(verdict.wait_ns);
+                return;
+            }
+            held_.pop_front();
+            --queue_.held_;
+            queue_.thread_.submit(slot.held_engine, slot.held);
+        }
+    }
+
+    void wait(uint64_t ns)
+    {
+        timer_.expires_after(std::chrono::nanoseconds(ns));
+        timer_.async_wait(queue_.thread_.wait_handler([queue = queue_.weak_from_this(), this](const boost::system::error_code& error) {
+            const auto alive = queue.lock();
+            if (error || !alive || alive->stopping_)
+                return;  // re-armed or cancelled since
+            dispatch();
+        }));
+    }
+
+    RequestQueue& queue_;
+    ThrottleGroup& group_;
+    boost::asio::steady_timer timer_;
+    std::deque<uint32_t> held_;
+};
+
 RequestQueue::RequestQueue(IoThread& thread, const QueueSetup& setup, bool event_idx, QueueStats& stats,
                            RequestQueueConfig config)
     : thread_(thread),
@@ -104,6 +180,9 @@ RequestQueue::RequestQueue(IoThread& thread, const QueueSetup& setup, bool event
     // Every chain is walked into this one, whatever its size: no allocation per request.
     chain_.readable.reserve(config_.limits.max_segments);
     chain_.writable.reserve(config_.limits.max_segments);
+    for (const auto& target : config_.targets)
+        if (target.throttle && std::ranges::none_of(gates_, [&](const auto& g) { return &g->group() == target.throttle; }))
+            gates_.push_back(std::make_unique<ThrottleGate>(*this, *target.throttle));
 }
 
 RequestQueue::~RequestQueue() = default;
@@ -124,6 +203,15 @@ void RequestQueue::stop()
 {
     stopping_ = true;
     notify_.close();
+    count_throttled_time();
+    for (auto& gate : gates_)
+        for (const uint32_t id : gate->stop()) {
+            release(slots_[id]);
+            free_slots_.push_back(id);
+            stats_.dropped();
+            thread_.mutable_stats().io.dropped();
+        }
+    held_ = 0;
     if (registered_) {
         thread_.remove_source(*this);
         // A reset must not wait for a GiB of zeroes: what the guest asked
@@ -181,7 +269,7 @@ void RequestQueue::process()
                 return;
         }
         if (free_slots_.empty()) {
-            throttled_ = true;  // completions will bring us back
+            out_of_slots_ = true;  // completions will bring us back
             break;
         }
         if (polling_)
@@ -237,7 +325,33 @@ void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t
     IoRequest request{op,          target.fd, offset, slot.iov.data(), static_cast<int>(slot.iov.size()),
                       IoThread::cookie(sink_, id), target.ioprio};
     request.length = length;
+    if (target.throttle && (held_ || target.throttle->active()) &&
+        (op == IoOp::kRead || op == IoOp::kWrite || op == IoOp::kWriteZeroes)) {
+        // As QEMU: reads, writes and write-zeroes count; flushes and discards do not.
+        slot.held = request;
+        slot.held_engine = target.engine;
+        slot.held_bytes = op == IoOp::kWriteZeroes ? length : iovecs_bytes(slot.iov);
+        for (auto& gate : gates_)
+            if (&gate->group() == target.throttle)
+                return hold(*gate, id);
+    }
     thread_.submit(target.engine, request);
+}
+
+void RequestQueue::hold(ThrottleGate& gate, uint32_t slot)
+{
+    if (held_++ == 0)
+        held_since_ns_ = monotonic_ns();
+    gate.hold(slot);
+}
+
+void RequestQueue::count_throttled_time()
+{
+    if (held_since_ns_ == 0)
+        return;
+    const uint64_t now = monotonic_ns();
+    stats_.throttled(now - held_since_ns_);
+    held_since_ns_ = held_ ? now : 0;
 }
 
 void RequestQueue::release(Slot& slot)
@@ -288,8 +402,8 @@ void RequestQueue::completions_done()
 {
     if (stopping_)
         return;
-    if (throttled_ && !free_slots_.empty()) {
-        throttled_ = false;
+    if (out_of_slots_ && !free_slots_.empty()) {
+        out_of_slots_ = false;
         process();  // signals too
         return;
     }

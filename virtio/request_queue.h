@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "disk/io_engine.h"
+#include "disk/throttle.h"
 #include "virtio/device.h"
 #include "virtio/io_stats.h"
 #include "virtio/io_thread.h"
@@ -49,6 +50,7 @@ struct IoTarget {
     int fd;
     uint32_t alignment;  // buffer and length alignment the image needs (O_DIRECT), else 1
     uint16_t ioprio;     // on every request; 0: the thread's own
+    ThrottleGroup* throttle = nullptr;  // the limits its reads and writes keep; null: none ever
 };
 
 struct RequestQueueConfig {
@@ -114,9 +116,17 @@ private:
         uint64_t bounce_bytes = 0;
         uint32_t bounce_align = 0;
         std::vector<iovec> guest;  // where a bounced read is copied back to
+        // A request its throttle group holds back: what to submit when it may go.
+        IoRequest held{};
+        EngineKind held_engine{};
+        uint64_t held_bytes = 0;
     };
 
+    class ThrottleGate;
+
     void release(Slot& slot);
+    void hold(ThrottleGate& gate, uint32_t slot);
+    void count_throttled_time();
     void wait_notify();
     void process();
     void signal();
@@ -131,10 +141,13 @@ private:
     std::vector<Slot> slots_;
     std::vector<uint32_t> free_slots_;
     Chain chain_;  // the one being handled
+    std::vector<std::unique_ptr<ThrottleGate>> gates_;  // one per throttle group of the targets
+    uint32_t held_ = 0;            // requests the gates hold back
+    uint64_t held_since_ns_ = 0;   // throttled time counted up to here
     uint32_t sink_ = 0;
     bool used_dirty_ = false;     // pushed used entries not yet considered for an interrupt
     bool signal_queued_ = false;  // round_end() will consider them
-    bool throttled_ = false;      // stopped popping for lack of slots
+    bool out_of_slots_ = false;   // stopped popping for lack of slots
     bool broken_ring_ = false;
     bool polling_ = false;        // the thread polls us: leave notifications off
     bool stopping_ = false;

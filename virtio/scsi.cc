@@ -458,7 +458,8 @@ VirtioScsi::VirtioScsi(std::vector<ScsiLunSetup> luns, uint16_t queue_size, cons
                         std::to_string(virtio_scsi::kMaxLun));
         if (find_lun(setup.lun))
             throw Error("scsi lun " + std::to_string(setup.lun) + " is given twice on one controller");
-        luns_.push_back(std::make_unique<Lun>(setup.lun, std::move(setup.image), setup.disk, setup.engine, setup.ioprio));
+        luns_.push_back(std::make_unique<Lun>(setup.lun, std::move(setup.image), setup.disk, setup.engine, setup.ioprio,
+                                               setup.throttle));
         // Linux takes max_sectors in 512-byte sectors, whatever the units' block size.
         const uint64_t sectors = uint64_t{setup.disk.max_transfer_blocks} * luns_.back()->disk.block_size() /
                                  DiskImage::kSectorSize;
@@ -476,11 +477,11 @@ VirtioScsi::VirtioScsi(std::vector<ScsiLunSetup> luns, uint16_t queue_size, cons
 }
 
 VirtioScsi::Lun::Lun(uint16_t id_, DiskImage image_, const scsi::ScsiDiskOptions& options, EngineKind engine,
-                     uint16_t ioprio)
+                     uint16_t ioprio, ThrottleGroup* throttle)
     : id(id_),
       image(std::move(image_)),
       disk(image, options),
-      target{engine, image.fd(), image.alignment(), ioprio}
+      target{engine, image.fd(), image.alignment(), ioprio, throttle}
 {
 }
 

@@ -52,6 +52,7 @@ struct ScsiLunSetup {
     scsi::ScsiDiskOptions disk;
     EngineKind engine = EngineKind::kNative;
     uint16_t ioprio = 0;
+    ThrottleGroup* throttle = nullptr;  // the limits the LUN keeps (shared, outlives the device); null: none
 };
 
 class ScsiQueue;
@@ -83,7 +84,8 @@ private:
     friend class ScsiQueue;
     friend class ScsiControlQueue;
     struct Lun {
-        Lun(uint16_t id, DiskImage image, const scsi::ScsiDiskOptions& options, EngineKind engine, uint16_t ioprio);
+        Lun(uint16_t id, DiskImage image, const scsi::ScsiDiskOptions& options, EngineKind engine, uint16_t ioprio,
+            ThrottleGroup* throttle);
         uint16_t id;
         DiskImage image;
         scsi::ScsiDisk disk;  // over image
