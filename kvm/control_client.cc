@@ -46,6 +46,7 @@ struct QueueSample {
     double iops, mib_s, kicks_s, interrupts_s;
     std::optional<double> p50_us, p99_us;  // of the requests completed in the interval; none: no request
     std::optional<double> per_kick, per_interrupt;  // requests per kick, per interrupt; none: no kick, no interrupt
+    double throttled;  // share of the interval its throttle group held requests back, 0-1
 };
 
 // The requests a histogram gained between two samples. A bucket that lost
@@ -87,6 +88,7 @@ std::vector<QueueSample> queue_samples(const StatSnapshot& before, const StatSna
         const uint64_t interrupts = growth(now.interrupts, base.interrupts);
         const double mib = static_cast<double>(growth(now.bytes, base.bytes)) / (1 << 20);
         const LatencyBuckets latency = latency_growth(now.latency, base.latency);
+        const double throttled_s = static_cast<double>(growth(now.throttled_ns, base.throttled_ns)) / 1e9;
         auto percentile_us = [&](double p) -> std::optional<double> {
             if (latency.empty())
                 return std::nullopt;
@@ -96,7 +98,7 @@ std::vector<QueueSample> queue_samples(const StatSnapshot& before, const StatSna
         samples.push_back({now, requests, rate(static_cast<double>(requests)), rate(mib),
                            rate(static_cast<double>(kicks)), rate(static_cast<double>(interrupts)),
                            percentile_us(0.5), percentile_us(0.99), ratio(requests, kicks),
-                           ratio(requests, interrupts)});
+                           ratio(requests, interrupts), seconds > 0 ? std::min(throttled_s / seconds, 1.0) : 0});
     }
     return samples;
 }
@@ -368,15 +370,16 @@ std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& a
 {
     std::string out;
     if (show_disks(which)) {
-        out += line("%-4s %5s %-12s %4s %9s %8s %9s %8s %8s %8s %8s %8s %8s %7s  %s\n", "disk", "queue", "thread",
+        out += line("%-4s %5s %-12s %4s %9s %8s %9s %8s %8s %8s %8s %8s %8s %7s %6s  %s\n", "disk", "queue", "thread",
                     "cpu", "IOPS", "MiB/s", "in-flight", "p50-us", "p99-us", "kicks/s", "irqs/s", "req/kick", "req/irq",
-                    "errors", "image");
+                    "errors", "thr%", "image");
         for (const auto& s : queue_samples(before, after))
-            out += line("%-4u %5u %-12s %4s %9.0f %8.1f %9llu %8s %8s %8.0f %8.0f %8s %8s %7llu  ", s.now.disk, s.now.queue,
+            out += line("%-4u %5u %-12s %4s %9.0f %8.1f %9llu %8s %8s %8.0f %8.0f %8s %8s %7llu %6.1f  ", s.now.disk, s.now.queue,
                         s.now.thread.c_str(), cpu_text(s.now.cpu).c_str(), s.iops, s.mib_s,
                         static_cast<unsigned long long>(s.now.in_flight), decimal(s.p50_us, 1).c_str(),
                         decimal(s.p99_us, 1).c_str(), s.kicks_s, s.interrupts_s, decimal(s.per_kick, 2).c_str(),
-                        decimal(s.per_interrupt, 2).c_str(), static_cast<unsigned long long>(s.now.errors)) +
+                        decimal(s.per_interrupt, 2).c_str(), static_cast<unsigned long long>(s.now.errors),
+                        100 * s.throttled) +
                    s.now.image + "\n";
     }
     if (show_iothreads(which)) {
@@ -454,6 +457,7 @@ std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& aft
                    ",\"in_flight\":" + std::to_string(s.now.in_flight) + ",\"p50_us\":" + us(s.p50_us) +
                    ",\"p99_us\":" + us(s.p99_us) + ",\"kicks\":" + std::to_string(s.now.kicks) +
                    ",\"interrupts\":" + std::to_string(s.now.interrupts) + ",\"errors\":" + std::to_string(s.now.errors) +
+                   ",\"throttled_ns\":" + std::to_string(s.now.throttled_ns) +
                    ",\"requests_per_kick\":" + optional_number(s.per_kick, 3) +
                    ",\"requests_per_interrupt\":" + optional_number(s.per_interrupt, 3) + "}";
             comma = ",";
