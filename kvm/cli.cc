@@ -231,7 +231,8 @@ constexpr std::pair<const char*, Command::Kind> kControlCommands[] = {{"list", C
                                                                       {"stop", Command::Kind::kStop},
                                                                       {"pause", Command::Kind::kPause},
                                                                       {"resume", Command::Kind::kResume},
-                                                                      {"stat", Command::Kind::kStat}};
+                                                                      {"stat", Command::Kind::kStat},
+                                                                      {"throttle", Command::Kind::kThrottle}};
 
 Command parse_control(const std::vector<std::string>& args, Command::Kind kind)
 {
@@ -262,6 +263,11 @@ Command parse_control(const std::vector<std::string>& args, Command::Kind kind)
             control.watch_s = parse_watch(args[++i]);
         } else if (arg.starts_with("-")) {
             throw Error(verb + ": unknown option '" + arg + "'" + kHint);
+        } else if (cmd.kind == Kind::kThrottle && !control.name.empty() && control.target.empty()) {
+            control.target = arg;
+        } else if (cmd.kind == Kind::kThrottle && !control.target.empty() && control.limits.empty()) {
+            control.limits = arg;
+            parse_throttle_limits("throttle " + control.target + " " + arg, arg);
         } else if (cmd.kind == Kind::kList || !control.name.empty()) {
             throw Error(verb + ": unexpected argument '" + arg + "'" +
                         (cmd.kind == Kind::kList ? ": list takes none" : ": one guest at a time") + kHint);
@@ -278,6 +284,10 @@ Command parse_control(const std::vector<std::string>& args, Command::Kind kind)
     if (!control.all && control.name.empty())
         throw Error(verb + ": which guest? give its NAME" + (cmd.kind == Kind::kStop ? " (or --all)" : "") +
                     " as 'lkvm list' shows it");
+    if (cmd.kind == Kind::kThrottle && control.limits.empty())
+        throw Error("throttle " + control.name + ": give a disk (its number in lkvm stat, or its image) or a " +
+                    "--throttle-group name, then the limits, e.g. 'lkvm throttle " + control.name + " 0 iops=500'" +
+                    kHint);
     return cmd;
 }
 
@@ -472,6 +482,20 @@ bool parse_throttle_item(const std::string& where, const std::string& item, Thro
     return false;
 }
 
+ThrottleLimits parse_throttle_limits(const std::string& where, const std::string& text)
+{
+    ThrottleLimits limits;
+    for (const auto& item : split(text, ','))
+        if (!parse_throttle_item(where, item, limits))
+            throw Error(where + ": '" + item +
+                        "' is not a limit (iops=, iops-rd=, iops-wr=, bps=, bps-rd=, bps-wr=, each also -max= and "
+                        "-max-length=, iops-size=; 0: none)" +
+                        kHint);
+    if (const auto problem = throttle_limits_problem(limits))
+        throw Error(where + ": " + *problem + kHint);
+    return limits;
+}
+
 ThrottleGroupSpec parse_throttle_group_spec(const std::string& text)
 {
     ThrottleGroupSpec group;
@@ -653,6 +677,11 @@ std::string usage()
            "                      --json: one JSON object per sample and\n"
            "                      line; --watch SECS: a new sample (and interval) every\n"
            "                      SECS (up to 3600) until interrupted\n"
+           "  throttle NAME DISK|GROUP LIMITS\n"
+           "                      new limits for a disk (its number in lkvm stat, or its\n"
+           "                      image) or a --throttle-group while the guest runs, as\n"
+           "                      QEMU's block_set_io_throttle: LIMITS as -d takes them\n"
+           "                      (iops=500,bps-wr=10485760); those not named become none\n"
            "  version             print the version\n"
            "  help                this text\n"
            "\n"

@@ -78,6 +78,9 @@ struct ThrottleGroupSpec {
     ThrottleLimits limits;
 };
 ThrottleGroupSpec parse_throttle_group_spec(const std::string& text);
+// "iops=500,bps-wr=1048576": the whole set of limits (those not named are
+// none); `where` starts the one line a bad one gets.
+ThrottleLimits parse_throttle_limits(const std::string& where, const std::string& text);
 
 // "--scsi-controller C[,num-queues=Q][,iothread=K[+K...]][,notify=mmio|pio]": what the disks sharing controller C share.
 struct ScsiControllerSpec {
@@ -126,12 +129,15 @@ struct RunOptions {
 };
 
 // lkvm list | stop NAME|--all | pause NAME | resume NAME | stat NAME [--disks] [--iothreads] [--vcpus] [--json] [--watch SECS]
+//      | throttle NAME DISK|GROUP LIMITS
 struct ControlCommand {
     std::string name;         // the guest (its --name, or guest-<pid>); empty for list and stop --all
     bool all = false;         // stop --all
     bool disks = false, iothreads = false, vcpus = false;  // stat: which tables (none: all)
     bool json = false;        // stat: JSON lines instead of a table
     double watch_s = 0;       // stat --watch SECS: redraw every SECS; 0: print once
+    std::string target;       // throttle: a --throttle-group's name, a disk's index (as lkvm stat shows it) or image
+    std::string limits;       // throttle: "iops=500,...", checked with parse_throttle_limits
 };
 
 // A disk device lkvm builds: a virtio-blk disk, or a virtio-scsi controller
@@ -148,7 +154,7 @@ struct DiskDevicePlan {
 std::vector<DiskDevicePlan> plan_disk_devices(const RunOptions& options);
 
 struct Command {
-    enum class Kind { kHelp, kRunHelp, kVersion, kRun, kList, kStop, kPause, kResume, kStat };
+    enum class Kind { kHelp, kRunHelp, kVersion, kRun, kList, kStop, kPause, kResume, kStat, kThrottle };
     Kind kind = Kind::kHelp;
     RunOptions run;
     ControlCommand control;

@@ -28,14 +28,15 @@ namespace lkvm {
 
 namespace {
 
-constexpr std::array<std::pair<ControlVerb, std::string_view>, 5> kVerbs{{
+constexpr std::array<std::pair<ControlVerb, std::string_view>, 6> kVerbs{{
     {ControlVerb::kInfo, "info"},
     {ControlVerb::kStop, "stop"},
     {ControlVerb::kPause, "pause"},
     {ControlVerb::kResume, "resume"},
     {ControlVerb::kStat, "stat"},
+    {ControlVerb::kThrottle, "throttle"},
 }};
-constexpr std::string_view kVerbList = " (verbs: info, stop, pause, resume, stat)";
+constexpr std::string_view kVerbList = " (verbs: info, stop, pause, resume, stat, throttle)";
 
 bool is_control(char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; }
 bool has_control(std::string_view text) { return std::ranges::any_of(text, is_control); }
@@ -316,12 +317,13 @@ std::vector<std::string> running_guests(const std::string& dir)
 
 // ---- The protocol.
 
-std::string format_request(ControlVerb verb)
+std::string format_request(const ControlRequest& request)
 {
-    return std::string(kControlVersion) + " " + std::string(verb_name(verb)) + "\n";
+    const std::string argument = request.argument.empty() ? "" : " " + percent_encode(request.argument);
+    return std::string(kControlVersion) + " " + std::string(verb_name(request.verb)) + argument + "\n";
 }
 
-Result<ControlVerb, std::string> parse_request(std::string_view line)
+Result<ControlRequest, std::string> parse_request(std::string_view line)
 {
     if (line.size() + 1 > kMaxRequestBytes)
         return fail("request longer than " + std::to_string(kMaxRequestBytes) + " bytes");
@@ -336,12 +338,25 @@ Result<ControlVerb, std::string> parse_request(std::string_view line)
         return fail(std::string("malformed request: one space between words, none at the ends"));
     if (words.size() < 2)
         return fail("no verb after " + std::string(kControlVersion) + std::string(kVerbList));
-    if (words.size() > 2)
-        return fail("unexpected '" + std::string(words[2]) + "' after the verb");
-    for (const auto& [verb, name] : kVerbs)
-        if (words[1] == name)
-            return verb;
-    return fail("unknown verb '" + std::string(words[1]) + "'" + std::string(kVerbList));
+    const auto known = std::ranges::find(kVerbs, words[1], &std::pair<ControlVerb, std::string_view>::second);
+    if (known == kVerbs.end())
+        return fail("unknown verb '" + std::string(words[1]) + "'" + std::string(kVerbList));
+    const bool takes_argument = known->first == ControlVerb::kThrottle;
+    if (words.size() > (takes_argument ? 3 : 2))
+        return fail("unexpected '" + std::string(words[takes_argument ? 3 : 2]) + "' after the " +
+                    (takes_argument ? "argument" : "verb"));
+    if (!takes_argument)
+        return ControlRequest{known->first, {}};
+    if (words.size() < 3)
+        return fail(std::string("throttle needs what to throttle and how: 'TARGET LIMITS', percent-encoded"));
+    try {
+        std::string argument = percent_decode(words[2]);
+        if (argument.empty() || has_control(argument))
+            return fail(std::string("throttle: an empty argument, or control characters in it"));
+        return ControlRequest{known->first, std::move(argument)};
+    } catch (const Error& e) {
+        return fail(std::string(e.what()));
+    }
 }
 
 std::string format_ok_reply(std::string_view payload)
@@ -692,11 +707,11 @@ void ControlServer::Listener::accept_next()
 
 std::string ControlServer::Listener::answer(std::string_view line) const
 {
-    const auto verb = parse_request(line);
-    if (!verb)
-        return format_error_reply(verb.error());
+    const auto request = parse_request(line);
+    if (!request)
+        return format_error_reply(request.error());
     try {
-        std::string reply = format_ok_reply(handler(verb.value()));
+        std::string reply = format_ok_reply(handler(request.value()));
         if (reply.size() > kMaxReplyBytes)
             return format_error_reply("the reply would be longer than " + std::to_string(kMaxReplyBytes) + " bytes");
         return reply;

@@ -2,7 +2,8 @@
 // lkvm. Each guest listens on DIR/NAME.sock (DIR: control_dir()) and answers
 // one line per request:
 //
-//   request  "LKVM/1 VERB\n"                  VERB: info, stop, pause, resume, stat
+//   request  "LKVM/1 VERB[ ARGUMENT]\n"       VERB: info, stop, pause, resume, stat, throttle
+//            (throttle's ARGUMENT: "TARGET LIMITS", percent-encoded: one word)
 //   reply    "LKVM/1 ok PAYLOAD\n"  or  "LKVM/1 error MESSAGE\n"
 //
 // A PAYLOAD is records separated by ';', each "key=value key=value ...",
@@ -36,8 +37,14 @@ constexpr size_t kMaxRequestBytes = 4096;    // one request line, '\n' included
 constexpr size_t kMaxReplyBytes = 1 << 20;   // one reply line, '\n' included
 constexpr size_t kMaxGuestNameLength = 64;
 
-enum class ControlVerb { kInfo, kStop, kPause, kResume, kStat };
+enum class ControlVerb { kInfo, kStop, kPause, kResume, kStat, kThrottle };
 std::string_view verb_name(ControlVerb verb);
+
+struct ControlRequest {
+    ControlVerb verb = ControlVerb::kInfo;
+    std::string argument;  // decoded; throttle's only, which must have one
+    bool operator==(const ControlRequest&) const = default;
+};
 
 // ---- Guest names: each becomes a file name, DIR/NAME.sock.
 
@@ -69,9 +76,9 @@ std::vector<std::string> running_guests(const std::string& dir);
 
 // ---- The protocol, pure.
 
-std::string format_request(ControlVerb verb);  // with its '\n'
+std::string format_request(const ControlRequest& request);  // with its '\n'
 // `line` without its '\n'. The error is the message to send back.
-Result<ControlVerb, std::string> parse_request(std::string_view line);
+Result<ControlRequest, std::string> parse_request(std::string_view line);
 
 std::string format_ok_reply(std::string_view payload);     // throws for control characters in the payload
 std::string format_error_reply(std::string_view message);  // control characters become spaces
@@ -130,7 +137,7 @@ public:
 // is never called again.
 class ControlServer {
 public:
-    using Handler = std::function<std::string(ControlVerb)>;
+    using Handler = std::function<std::string(const ControlRequest&)>;
 
     // Throws Error when the name is taken by a live guest ("a guest named NAME
     // is already running (pid N); pick another --name"), or when the directory

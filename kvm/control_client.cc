@@ -339,9 +339,9 @@ std::string ControlConnection::exchange(std::string_view request)
     }
 }
 
-std::string ControlConnection::ask(ControlVerb verb)
+std::string ControlConnection::ask(ControlVerb verb, const std::string& argument)
 {
-    ControlReply reply = parse_reply(exchange(format_request(verb)));
+    ControlReply reply = parse_reply(exchange(format_request({verb, argument})));
     if (!reply.ok)
         throw Error("guest " + name_ + ": " + reply.text);
     return std::move(reply.text);
@@ -515,6 +515,11 @@ int run_control_command(const Command& command, const std::string& dir, std::FIL
         return exit_status::kOk;
     case Command::Kind::kStat:
         return show_stats(dir, control, out);
+    case Command::Kind::kThrottle: {
+        const std::string group = connect_to(dir, control.name).ask(ControlVerb::kThrottle, control.target + " " + control.limits);
+        std::fprintf(out, "%s\n", group.c_str());
+        return exit_status::kOk;
+    }
     default:
         throw Error("internal error: not a control command");
     }

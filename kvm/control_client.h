@@ -26,7 +26,7 @@ public:
                                                  std::chrono::milliseconds timeout = kControlTimeout);
     // The payload of the reply; throws Error with the guest's error message,
     // or when the guest does not answer in time or hangs up.
-    std::string ask(ControlVerb verb);
+    std::string ask(ControlVerb verb, const std::string& argument = {});
     // Sends raw bytes (none: nothing) and returns the next reply line without
     // its '\n'; throws Error on timeout or hang-up. For requests ask() cannot make.
     std::string exchange(std::string_view request);

@@ -475,9 +475,9 @@ StatSnapshot Machine::sample_io_stats() const
     return snapshot;
 }
 
-std::string Machine::answer_control(ControlVerb verb)
+std::string Machine::answer_control(const ControlRequest& request)
 {
-    switch (verb) {
+    switch (request.verb) {
     case ControlVerb::kInfo:
         return format_guest_info(info());
     case ControlVerb::kStop:
@@ -491,8 +491,44 @@ std::string Machine::answer_control(ControlVerb verb)
         return "";
     case ControlVerb::kStat:
         return format_stat_payload(sample_io_stats());
+    case ControlVerb::kThrottle:
+        return set_throttle(request.argument);
     }
     throw Error("unknown control request");
+}
+
+std::string Machine::set_throttle(const std::string& target_and_limits)
+{
+    // The limits never hold a space; an image path may.
+    const auto space = target_and_limits.rfind(' ');
+    if (space == std::string::npos)
+        throw Error("throttle: give a disk or group, then the limits");
+    const std::string target = target_and_limits.substr(0, space);
+    const ThrottleLimits limits = parse_throttle_limits("throttle " + target_and_limits, target_and_limits.substr(space + 1));
+    // A group's name first; then a disk, by its index or image, which names the
+    // group it is in (its own, or a --throttle-group: as QEMU, that one changes).
+    std::string group_name = target;
+    const auto by_name = [&](const std::string& name) {
+        return std::ranges::find_if(throttle_groups_, [&](const auto& g) { return g->name() == name; });
+    };
+    auto group = std::ranges::find_if(options_.throttle_groups, [&](const auto& g) { return g.name == target; }) !=
+                         options_.throttle_groups.end()
+                     ? by_name(target)
+                     : throttle_groups_.end();
+    if (group == throttle_groups_.end()) {
+        for (size_t d = 0; d < options_.disks.size(); ++d) {
+            if (target != std::to_string(d) && target != options_.disks[d].path)
+                continue;
+            const std::string& named = options_.disks[d].throttle_group;
+            group = by_name(named.empty() ? std::to_string(d) : named);
+            break;
+        }
+    }
+    if (group == throttle_groups_.end())
+        throw Error("throttle: no disk or throttle group '" + target + "' (disks: their number in lkvm stat, or image)");
+    (*group)->set_limits(limits);
+    log_info("throttle group " + (*group)->name() + ": new limits from the control socket");
+    return "group=" + (*group)->name();
 }
 
 GuestInfo Machine::info() const
@@ -561,7 +597,7 @@ int Machine::run()
     // line. A place where no socket can be made (a home on 9p or NFS) does
     // not: the guest runs, only unseen by lkvm list.
     try {
-        control_.emplace(io_, control_dir(), name(), [this](ControlVerb verb) { return answer_control(verb); });
+        control_.emplace(io_, control_dir(), name(), [this](const ControlRequest& request) { return answer_control(request); });
     } catch (const GuestNameTaken&) {
         throw;
     } catch (const Error& e) {

@@ -70,7 +70,8 @@ public:
     GuestInfo info() const;
 
 private:
-    std::string answer_control(ControlVerb verb);  // the control socket's handler, on the main loop
+    std::string answer_control(const ControlRequest& request);  // the control socket's handler, on the main loop
+    std::string set_throttle(const std::string& target_and_limits);
     struct Outcome {
         int status;
         std::string message;  // printed as "lkvm: <message>" when not empty

@@ -32,6 +32,7 @@ int main(int argc, char** argv)
         case Command::Kind::kPause:
         case Command::Kind::kResume:
         case Command::Kind::kStat:
+        case Command::Kind::kThrottle:
             return run_control_command(cmd);
         }
     } catch (const Error& e) {

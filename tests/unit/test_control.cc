@@ -100,6 +100,7 @@ struct FakeGuest {
     std::atomic<int> last_verb{-1};
     std::atomic<std::thread::id> thread{};
     std::atomic<uint64_t> stat_calls{0};
+    std::string last_argument{};
 
     std::string operator()(ControlVerb verb)
     {
@@ -131,7 +132,10 @@ struct FakeGuest {
 
 ControlServer::Handler handler_of(FakeGuest& guest)
 {
-    return [&guest](ControlVerb verb) { return guest(verb); };
+    return [&guest](const ControlRequest& request) {
+        guest.last_argument = request.argument;
+        return guest(request.verb);
+    };
 }
 
 std::string run_and_capture(const Command& command, const std::string& dir, int& status)
@@ -156,15 +160,18 @@ std::string run_and_capture(const Command& command, const std::string& dir, int&
 
 TEST_CASE("control: every verb's request parses back")
 {
-    for (const auto verb : {ControlVerb::kInfo, ControlVerb::kStop, ControlVerb::kPause, ControlVerb::kResume,
-                            ControlVerb::kStat}) {
-        const std::string request = format_request(verb);
-        REQUIRE(request.back() == '\n');
-        const auto parsed = parse_request(std::string_view(request).substr(0, request.size() - 1));
+    for (const ControlRequest& request :
+         {ControlRequest{ControlVerb::kInfo, {}}, ControlRequest{ControlVerb::kStop, {}},
+          ControlRequest{ControlVerb::kPause, {}}, ControlRequest{ControlVerb::kResume, {}},
+          ControlRequest{ControlVerb::kStat, {}}, ControlRequest{ControlVerb::kThrottle, "/tmp/my disk.raw iops=5"}}) {
+        const std::string line = format_request(request);
+        REQUIRE(line.back() == '\n');
+        const auto parsed = parse_request(std::string_view(line).substr(0, line.size() - 1));
         REQUIRE(parsed.ok());
-        CHECK(parsed.value() == verb);
+        CHECK(parsed.value() == request);
     }
-    CHECK(format_request(ControlVerb::kStat) == "LKVM/1 stat\n");
+    CHECK(format_request({ControlVerb::kStat, {}}) == "LKVM/1 stat\n");
+    CHECK(format_request({ControlVerb::kThrottle, "0 iops=500"}) == "LKVM/1 throttle 0%20iops%3D500\n");
 }
 
 TEST_CASE("control: a malformed request gets the reason as its error")
@@ -175,10 +182,14 @@ TEST_CASE("control: a malformed request gets the reason as its error")
     CHECK(request_error("info") == version);
     CHECK(request_error("lkvm/1 info") == version);
     CHECK(request_error(" LKVM/1 info") == version);
-    CHECK(request_error("LKVM/1") == "no verb after LKVM/1 (verbs: info, stop, pause, resume, stat)");
-    CHECK(request_error("LKVM/1 fly") == "unknown verb 'fly' (verbs: info, stop, pause, resume, stat)");
-    CHECK(request_error("LKVM/1 INFO") == "unknown verb 'INFO' (verbs: info, stop, pause, resume, stat)");
+    CHECK(request_error("LKVM/1") == "no verb after LKVM/1 (verbs: info, stop, pause, resume, stat, throttle)");
+    CHECK(request_error("LKVM/1 fly") == "unknown verb 'fly' (verbs: info, stop, pause, resume, stat, throttle)");
+    CHECK(request_error("LKVM/1 INFO") == "unknown verb 'INFO' (verbs: info, stop, pause, resume, stat, throttle)");
     CHECK(request_error("LKVM/1 info now") == "unexpected 'now' after the verb");
+    CHECK(contains(request_error("LKVM/1 throttle"), "throttle needs what to throttle and how"));
+    CHECK(request_error("LKVM/1 throttle 0%20iops=5 more") == "unexpected 'more' after the argument");
+    CHECK(contains(request_error("LKVM/1 throttle 0%2"), "%"));
+    CHECK(contains(request_error("LKVM/1 throttle %0A"), "control characters"));
     CHECK(contains(request_error("LKVM/1  info"), "malformed request: one space between words"));
     CHECK(contains(request_error("LKVM/1 info "), "malformed request"));
     CHECK(request_error("LKVM/1 info\r") == "control characters in the request");
@@ -397,6 +408,8 @@ TEST_CASE("control server: the socket is 0600, answers on the loop thread, and g
     CHECK(error_of([&] { client->ask(ControlVerb::kPause); }) == "guest g: the guest is paused already");
     CHECK(client->ask(ControlVerb::kResume).empty());
     CHECK(guest.last_verb == static_cast<int>(ControlVerb::kResume));
+    CHECK(client->ask(ControlVerb::kThrottle, "/tmp/a b.raw iops=5").empty());
+    CHECK(guest.last_argument == "/tmp/a b.raw iops=5");
 
     served.reset();
     CHECK_FALSE(std::filesystem::exists(std::filesystem::symlink_status(path)));
@@ -424,7 +437,7 @@ TEST_CASE("control server: two clients at once, pipelined requests, bogus reques
     CHECK(second->exchange("").starts_with("LKVM/1 ok time_ns="));
 
     // A bogus request gets an error reply; the connection and the guest go on.
-    CHECK(second->exchange("LKVM/1 fly\n") == "LKVM/1 error unknown verb 'fly' (verbs: info, stop, pause, resume, stat)");
+    CHECK(second->exchange("LKVM/1 fly\n") == "LKVM/1 error unknown verb 'fly' (verbs: info, stop, pause, resume, stat, throttle)");
     CHECK(second->exchange("LKVM/9 info\n") == "LKVM/1 error unsupported protocol version, this lkvm speaks LKVM/1");
     CHECK(second->exchange(std::string("LKVM/1 st\x01" "at\n")) == "LKVM/1 error control characters in the request");
     CHECK(second->exchange("\n").starts_with("LKVM/1 error empty request"));
@@ -457,10 +470,10 @@ TEST_CASE("control server: handler failures and oversized replies become error r
 {
     TempDir tmp;
     const std::string dir = tmp.path.string();
-    ServedGuest served(dir, "g", [](ControlVerb verb) -> std::string {
-        if (verb == ControlVerb::kStat)
+    ServedGuest served(dir, "g", [](const ControlRequest& request) -> std::string {
+        if (request.verb == ControlVerb::kStat)
             return std::string(kMaxReplyBytes, 'a');
-        if (verb == ControlVerb::kInfo)
+        if (request.verb == ControlVerb::kInfo)
             throw std::runtime_error("a bug");
         return "two\nlines";
     });

@@ -168,3 +168,20 @@ TEST_CASE("throttle options: bad values, undefined groups and conflicts get one 
     check_line(refused({"run", "--throttle-group", ",iops=5"}), "name it with letters");
     check_line(refused({"run", "-d", "a.raw,throttle-group="}), "name it with letters");
 }
+
+TEST_CASE("lkvm throttle NAME DISK|GROUP LIMITS: the limits are checked before the guest is asked")
+{
+    const Command cmd = parse_command_line({"throttle", "g", "0", "iops=500,bps-wr=1048576"});
+    CHECK(cmd.kind == Command::Kind::kThrottle);
+    CHECK(cmd.control.name == "g");
+    CHECK(cmd.control.target == "0");
+    CHECK(cmd.control.limits == "iops=500,bps-wr=1048576");
+    CHECK(parse_throttle_limits("x", "iops=0") == ThrottleLimits{});  // 0: none
+    auto refused = [](std::vector<std::string> args) { return test::error_of([&] { parse_command_line(args); }); };
+    CHECK(refused({"throttle", "g"}).find("give a disk") != std::string::npos);
+    CHECK(refused({"throttle", "g", "0"}).find("give a disk") != std::string::npos);
+    CHECK(refused({"throttle", "g", "0", "iops=x"}).find("throttle 0 iops=x: iops 'x': not a number") != std::string::npos);
+    CHECK(refused({"throttle", "g", "0", "speed=1"}).find("'speed=1' is not a limit") != std::string::npos);
+    CHECK(refused({"throttle", "g", "0", "iops=1,iops-rd=1"}).find("cannot be used together") != std::string::npos);
+    CHECK(refused({"throttle", "g", "0", "iops=1", "more"}).find("unexpected argument 'more'") != std::string::npos);
+}
