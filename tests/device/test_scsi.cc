@@ -72,6 +72,7 @@ struct ScsiRigLayout {
     uint64_t disk_bytes = kDiskBytes;  // the pattern covers kDiskBytes at most; the rest is a hole
     const char* dir = "/tmp";
     bool one_thread = false;  // both request queues on iothread0
+    ThrottleGroup* throttle = nullptr;  // LUN 0's limits
 };
 
 struct ScsiRig {
@@ -102,7 +103,7 @@ struct ScsiRig {
         std::ofstream(ro_path, std::ios::binary) << std::string(kReadOnlyBytes, 'r');
         std::vector<ScsiLunSetup> luns;
         luns.push_back({0, DiskImage::open({disk_path, false, direct}), {"disk-serial-0", 1, scsi::Discard::kUnmap},
-                        engine, 0});
+                        engine, 0, layout.throttle});
         luns.push_back({3, DiskImage::open({ro_path, true, false}), {"ro-serial-3", 7200, scsi::Discard::kUnmap},
                         engine, 0});
         scsi = std::make_unique<VirtioScsi>(std::move(luns), 256, driver.memory(), std::vector<IoThread*>{&io0, layout.one_thread ? &io0 : &io1},
@@ -675,4 +676,33 @@ TEST_CASE("scsi device: a disk that fails one command answers it CHECK CONDITION
         CHECK(rig.scsi->queue_stats(0).errors() == 3);
         CHECK(rig.scsi->queue_stats(1).errors() == 0);
     }
+}
+
+TEST_CASE("scsi: a throttled LUN holds back its own requests only: another LUN on the same queue goes past them")
+{
+    ThrottleLimits limits;
+    limits[ThrottleBucket::kIopsTotal].avg = 100;  // 10 at once, then one per 10 ms
+    ThrottleGroup group("0", limits);
+    ScsiRig rig(EngineKind::kSync, false, AddressSpace::kMemory, {}, {}, {.throttle = &group});
+    std::vector<uint16_t> heads;
+    for (unsigned i = 0; i < 28; ++i)
+        heads.push_back(rig.queue_command(i, 0, i < 24 ? 0 : 3, cdb10(0x28, i, 1), 512, true));
+    rig.driver.kick(2);
+    std::vector<unsigned> order;  // command indices, as answered
+    while (order.size() < 28) {
+        const auto used = rig.driver.wait_used(2, 1);
+        REQUIRE_FALSE(used.empty());
+        for (const auto& [head, len] : used)
+            order.push_back(static_cast<unsigned>(std::ranges::find(heads, head) - heads.begin()));
+    }
+    for (unsigned i = 0; i < 28; ++i) {
+        CAPTURE(i);
+        CHECK(rig.reply(i).status == 0);
+    }
+    // LUN 3's four were answered before LUN 0's last (first come first served
+    // on the queue would answer them last of all).
+    const auto last_lun0 = std::ranges::find(order, 23u);
+    for (unsigned i = 24; i < 28; ++i)
+        CHECK(std::ranges::find(order, i) < last_lun0);
+    CHECK(rig.scsi->queue_stats(0).throttled_ns() > 0);
 }
