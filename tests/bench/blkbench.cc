@@ -20,6 +20,7 @@
 #include "base/error.h"
 #include "disk/disk_image.h"
 #include "disk/io_engine.h"
+#include "kvm/cli.h"
 #include "tests/device/driver.h"
 #include "virtio/blk.h"
 #include "virtio/io_thread.h"
@@ -45,6 +46,7 @@ struct Options {
     // the engine mode for direct files, or always with --fixed-buffers on).
     unsigned uring_setup = default_uring_setup_flags();
     int fixed_buffers = -1;  // -1: as lkvm does
+    ThrottleLimits limits;   // --limits iops=500,...: the device's (its queues share them)
 };
 
 IoThreadPolicy parse_sched(const std::string& name)
@@ -80,9 +82,10 @@ Options parse(int argc, char** argv)
         else if (a == "--aio-max-batch") o.max_batch = static_cast<unsigned>(std::stoul(next()));
         else if (a == "--sched") o.sched = parse_sched(next());
         else if (a == "--uring-setup") o.uring_setup = static_cast<unsigned>(std::stoul(next(), nullptr, 0));
+        else if (a == "--limits") o.limits = parse_throttle_limits("--limits", next());
         else if (a == "--fixed-buffers") { auto v = next(); o.fixed_buffers = v == "on" ? 1 : v == "off" ? 0 : throw Error("--fixed-buffers on|off"); }
         else throw Error("unknown option " + a + " (--engine --queues --qd --bs --rw --seconds --file --direct --mode"
-                         " --device --iothreads --poll-max-ns --aio-max-batch --sched --uring-setup --fixed-buffers)");
+                         " --device --iothreads --poll-max-ns --aio-max-batch --sched --uring-setup --fixed-buffers --limits)");
     }
     if (o.rw != "randread" && o.rw != "randwrite")
         throw Error("--rw randread|randwrite");
@@ -247,16 +250,17 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
     const bool scsi = o.device == "scsi";
     const uint64_t blocks = image.size() / o.bs;
     const EngineKind engine = parse_engine_kind(o.engine);
+    ThrottleGroup throttle("bench", o.limits);
     std::unique_ptr<IoThread> control_loop;
     std::unique_ptr<DiskDevice> device;
     if (scsi) {
         control_loop = std::make_unique<IoThread>(IoThreadOptions{"main-loop", {}, 0, -1});
         std::vector<ScsiLunSetup> luns;
-        luns.push_back({0, std::move(image), {"bench", 1, scsi::Discard::kUnmap}, engine, 0});
+        luns.push_back({0, std::move(image), {"bench", 1, scsi::Discard::kUnmap}, engine, 0, &throttle});
         device = std::make_unique<VirtioScsi>(std::move(luns), 256, driver.memory(), queue_threads,
                                               control_loop->context());
     } else {
-        device = std::make_unique<VirtioBlk>(std::move(image), BlkOptions{"bench", engine, 0, 256}, driver.memory(),
+        device = std::make_unique<VirtioBlk>(std::move(image), BlkOptions{"bench", engine, 0, 256, true, &throttle}, driver.memory(),
                                              queue_threads);
     }
     const unsigned first_queue = scsi ? 2 : 0;
@@ -358,6 +362,11 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
         driver_total += c;
     cpu += " driver=" + std::to_string(static_cast<int>(100 * driver_total / seconds)) + "%";
     std::printf("%s\n", cpu.c_str());
+    // Each queue's own rate: whether queues sharing limits got even shares.
+    std::string queue_iops = "queue_iops=";
+    for (unsigned q = 0; q < o.queues; ++q)
+        queue_iops += (q ? "," : "") + std::to_string(static_cast<uint64_t>(static_cast<double>(per[q].done) / elapsed[q]));
+    std::printf("%s\n", queue_iops.c_str());
     return seconds;
 }
 }  // namespace

@@ -306,6 +306,37 @@ job control-timeout run --timeout 5 -- sleep 1000
 job control-console-log run --console-log "$work/console.log" -- echo hello-console-log
 job control-quiet run --quiet -- sh -c 'echo quiet-guest; exit 3'
 
+# Throttling: a disk of its own limits, two disks sharing a --throttle-group,
+# and lkvm throttle lowering the first while the guest runs. The limits are
+# low because the nested rig itself does a few hundred IOPS at best.
+for d in 0 1 2; do truncate -s 64M "$work/thr$d.raw"; done
+script throttle '
+export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-control.XXXXXX")
+"$LKVM" run --name thr -c 2 -i '"$top"'/build/guest/initramfs-fio.cpio.gz --throttle-group pair,iops=60 \
+    -d thr0.raw,iops=50 -d thr1.raw,throttle-group=pair -d thr2.raw,throttle-group=pair -- sh -c "
+fio=\"fio --rw=randread --bs=4k --ioengine=libaio --direct=1 --iodepth=8 --time_based --runtime=8 --eta=never --minimal\"
+\$fio --name=alone --filename=/dev/vda | cut -d\";\" -f3,8 | tr \";\" =
+\$fio --name=g1 --filename=/dev/vdb --name=g2 --filename=/dev/vdc | cut -d\";\" -f3,8 | tr \";\" =
+echo phase1-done; sleep 4
+\$fio --name=lowered --filename=/dev/vda | cut -d\";\" -f3,8 | tr \";\" =" > guest.out 2>&1 < /dev/null &
+pid=$!
+for i in $(seq 600); do grep -q "^phase1-done" guest.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
+"$LKVM" stat thr --json | head -n 1 | python3 -c "
+import json, sys
+d = json.loads(sys.stdin.readline())[\"disks\"]
+print(\"held-back\" if all(q[\"throttled_ns\"] > 0 for q in d if q[\"requests\"] > 0) else \"not-held\", d)"
+"$LKVM" throttle thr 0 iops=20; echo throttle=$?
+"$LKVM" throttle thr nosuch iops=20; echo throttle-nosuch=$?
+wait $pid; echo status=$?
+cat guest.out
+# Loose bands only (half to one and a half times the limit): hosts differ, and are busy.
+band() { awk -v n="$1" -v v="$2" -v lo="$3" -v hi="$4" "BEGIN { print n (v >= lo && v <= hi ? \"-in-band\" : \"-out-of-band\") \"=\" v }"; }
+iops() { sed -n "s/^$1=\([0-9]*\).*/\1/p" guest.out | head -n 1; }
+band alone "$(iops alone)" 25 75
+band g1 "$(iops g1)" 15 45
+band g2 "$(iops g2)" 15 45
+band lowered "$(iops lowered)" 10 30'
+
 mkdir -p "$work/rig"
 LKVM_RIG_TIMEOUT=${LKVM_RIG_TIMEOUT:-240} "$top/scripts/nested-run.sh" --batch "$work" 2> "$work/rig.err"
 rig_status=$?
@@ -389,6 +420,9 @@ if grep -q '^lkvm:' "$(result control-quiet out)"; then fail control-quiet-silen
 else pass control-quiet-silent; fi
 expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+ vCPUs in one guest'
 
+expect throttle 0 '^held-back ' '^group=0$' '^throttle=0$' "^lkvm: guest thr: throttle: no disk or throttle group 'nosuch'" \
+    '^throttle-nosuch=1$' '^status=0$' '^alone-in-band=' '^g1-in-band=' '^g2-in-band=' '^lowered-in-band='
+
 # ---------------------------------------------------------------- bad input, no KVM needed
 # refuse NAME REGEX LKVM-ARGS...: lkvm must exit 1 with one line matching REGEX and leave nothing behind.
 refuse() {
@@ -418,6 +452,8 @@ refuse unknown-option   "^lkvm: unknown option '--frobnicate'" run --frobnicate
 refuse missing-value    '^lkvm: option -k needs a value' run -k
 refuse unknown-command  "^lkvm: unknown command 'fly'" fly
 refuse nothing-after-dashes "^lkvm: nothing after '--'" run --
+refuse throttle-no-group '^lkvm: -d a.raw,throttle-group=g: no such group' run -d a.raw,throttle-group=g
+refuse throttle-bad-limit '^lkvm: -d a.raw,iops-max=5: iops-max needs iops=' run -d a.raw,iops-max=5
 # Bad disks are refused before KVM is touched, and the image stays as it was.
 truncate -s 1000 "$work/odd.raw"
 odd_sum=$(md5sum < "$work/odd.raw")
