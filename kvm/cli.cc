@@ -356,6 +356,20 @@ AddressSpace parse_notify(const std::string& where, const std::string& text)
     throw Error(where + ": notify=" + text + " is not mmio or pio" + kRunHint);
 }
 
+IoErrorPolicy parse_error_policy(const std::string& where, const char* option, const std::string& text, bool writes)
+{
+    if (text == "report")
+        return IoErrorPolicy::kReport;
+    if (text == "ignore")
+        return IoErrorPolicy::kIgnore;
+    if (text == "stop")
+        return IoErrorPolicy::kStop;
+    if (text == "enospc" && writes)
+        return IoErrorPolicy::kEnospc;
+    throw Error(where + ": " + option + "=" + text + " is not report, ignore" + (writes ? ", stop or enospc" : " or stop") +
+                kRunHint);
+}
+
 std::string parse_throttle_group_name(const std::string& where, const std::string& name)
 {
     if (name.empty() || !std::ranges::all_of(name, [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_'; }))
@@ -429,13 +443,17 @@ DiskSpec parse_disk_spec(const std::string& text)
             if (*v != "unmap" && *v != "ignore")
                 throw Error(where + ": discard=" + *v + " is not unmap or ignore" + kRunHint);
             disk.discard = *v == "unmap";
+        } else if (auto v = value_of(item, "werror")) {
+            disk.write_error = parse_error_policy(where, "werror", *v, true);
+        } else if (auto v = value_of(item, "rerror")) {
+            disk.read_error = parse_error_policy(where, "rerror", *v, false);
         } else if (auto v = value_of(item, "throttle-group")) {
             disk.throttle_group = parse_throttle_group_name(where, *v);
         } else if (parse_throttle_item(where, item, disk.throttle)) {
         } else {
             throw Error(where + ": unknown disk option '" + item +
                         "' (ro, direct, aio=, serial=, num-queues=, iothread=, ioprio=, notify=, bus=, controller=, "
-                        "lun=, rotation-rate=, discard=, iops=, bps=, ..., throttle-group=)" +
+                        "lun=, rotation-rate=, discard=, iops=, bps=, ..., throttle-group=, werror=, rerror=)" +
                         kRunHint);
         }
     }
@@ -723,6 +741,9 @@ std::string run_usage()
            "                         bps-wr= (per second), each with -max= (burst rate) and\n"
            "                         -max-length= (burst seconds), iops-size=BYTES;\n"
            "                         throttle-group=NAME: limits shared with other disks\n"
+           "                         werror=report|ignore|stop|enospc (default enospc: a full\n"
+           "                         host disk pauses the guest until lkvm resume),\n"
+           "                         rerror=report|ignore|stop (default report), as QEMU's\n"
            "      --throttle-group NAME[,iops=N][,bps=N]...\n"
            "                         limits the disks naming it share, taking turns\n"
            "      --scsi-controller C[,num-queues=Q][,iothread=K[+K...]][,notify=mmio|pio]\n"

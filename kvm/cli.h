@@ -9,6 +9,7 @@
 
 #include "base/error.h"
 #include "base/log.h"
+#include "disk/error_policy.h"
 #include "disk/throttle.h"
 #include "hw/bus.h"
 #include "virtio/io_thread_policy.h"
@@ -56,6 +57,8 @@ struct DiskSpec {
     bool discard = true;            // discard=unmap (true) or ignore
     ThrottleLimits throttle;        // iops=, bps-wr=, ...: limits of its own
     std::string throttle_group;     // throttle-group=NAME: limits it shares (a --throttle-group)
+    IoErrorPolicy write_error = IoErrorPolicy::kEnospc;  // werror=, QEMU's default
+    IoErrorPolicy read_error = IoErrorPolicy::kReport;   // rerror=
 };
 
 constexpr unsigned kMaxDiskQueues = 64;
@@ -63,7 +66,7 @@ constexpr unsigned kMaxScsiLun = 16383;
 
 // "PATH[,ro][,direct][,aio=ENGINE][,serial=S][,num-queues=Q][,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]]
 //  [,notify=mmio|pio][,bus=blk|scsi][,controller=C][,lun=L][,rotation-rate=N][,discard=unmap|ignore]
-//  [,THROTTLE...][,throttle-group=NAME]"
+//  [,THROTTLE...][,throttle-group=NAME][,werror=report|ignore|stop|enospc][,rerror=report|ignore|stop]"
 DiskSpec parse_disk_spec(const std::string& text);
 
 // QEMU's legacy -drive throttling names: iops=, iops-rd=, iops-wr=, bps=,

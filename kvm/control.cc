@@ -534,6 +534,8 @@ LatencyBuckets parse_latency(std::string_view text)
 std::string format_stat_payload(const StatSnapshot& snapshot)
 {
     std::vector<PayloadRecord> records{{{"time_ns", format_number(snapshot.time_ns)}}};
+    if (!snapshot.state.empty())
+        records[0].emplace_back("state", snapshot.state);
     for (const auto& t : snapshot.threads)
         records.push_back({{"thread", t.name},
                            {"tid", format_number(t.tid)},
@@ -574,6 +576,9 @@ StatSnapshot parse_stat_payload(std::string_view payload)
         throw Error("malformed reply from the guest: statistics without time_ns= first");
     StatSnapshot snapshot;
     snapshot.time_ns = RecordReader(records[0]).number<uint64_t>("time_ns");
+    for (const auto& [key, value] : records[0])
+        if (key == "state")
+            snapshot.state = value;
     for (size_t i = 1; i < records.size(); ++i) {
         const RecordReader r(records[i]);
         const std::string& kind = records[i][0].first;  // a record is named by its first key

@@ -368,7 +368,7 @@ std::string format_guest_table(const std::vector<GuestInfo>& guests)
 
 std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& after, StatTables which)
 {
-    std::string out;
+    std::string out = after.state.empty() ? "" : "guest " + after.state + "\n";
     if (show_disks(which)) {
         out += line("%-4s %5s %-12s %4s %9s %8s %9s %8s %8s %8s %8s %8s %8s %7s %6s  %s\n", "disk", "queue", "thread",
                     "cpu", "IOPS", "MiB/s", "in-flight", "p50-us", "p99-us", "kicks/s", "irqs/s", "req/kick", "req/irq",
@@ -444,6 +444,7 @@ std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& aft
     auto cpu = [](int c) { return c < 0 ? std::string("null") : std::to_string(c); };
     auto us = [](std::optional<double> value) { return optional_number(value, 3); };
     std::string out = "{\"time\":" + json_number(wall_time_s, 3) +
+                      (after.state.empty() ? "" : ",\"state\":" + json_string(after.state)) +
                       ",\"interval_s\":" + json_number(seconds_between(before, after), 6);
     if (show_disks(which)) {
         out += ",\"disks\":[";

@@ -52,6 +52,7 @@ struct StatSnapshot {
         bool operator==(const Vcpu&) const = default;
     };
     uint64_t time_ns = 0;  // monotonic_ns() when taken
+    std::string state;     // the guest's, when not plainly running ("paused (io-error: ...)"); empty: running
     std::vector<Thread> threads;
     std::vector<Queue> queues;
     std::vector<Vcpu> vcpus;  // empty where KVM has no statistics fd

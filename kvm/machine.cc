@@ -9,6 +9,7 @@
 #include <sys/sysinfo.h>
 #include <unistd.h>
 
+#include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -192,8 +193,8 @@ void Machine::add_disks()
         };
         if (plan.bus == DiskBus::kBlk) {
             const DiskSpec& spec = options_.disks[plan.disks.front()];
-            BlkOptions blk{spec.serial, engine_of(spec), spec.ioprio, 256, spec.discard,
-                           throttle_of_disk[plan.disks.front()]};
+            BlkOptions blk{spec.serial,     engine_of(spec),  spec.ioprio,       256, spec.discard,
+                           throttle_of_disk[plan.disks.front()], spec.read_error, spec.write_error, this};
             disks_.push_back(std::make_unique<VirtioBlk>(std::move(disk_images_[plan.disks.front()]), blk, *memory_,
                                                           std::move(threads)));
         } else {
@@ -205,7 +206,7 @@ void Machine::add_disks()
                 disk.rotation_rate = spec.rotation_rate;
                 disk.discard = spec.discard ? scsi::Discard::kUnmap : scsi::Discard::kIgnore;
                 luns.push_back({static_cast<uint16_t>(spec.lun), std::move(disk_images_[d]), disk, engine_of(spec),
-                                spec.ioprio, throttle_of_disk[d]});
+                                spec.ioprio, throttle_of_disk[d], spec.read_error, spec.write_error, this});
             }
             disks_.push_back(std::make_unique<VirtioScsi>(std::move(luns), 256, *memory_, std::move(threads), io_));
         }
@@ -429,7 +430,35 @@ void Machine::pause()
 
 void Machine::resume()
 {
+    if (!io_error_.empty()) {
+        // Posted to the I/O threads before the vCPUs run: the guest sees its
+        // requests answered as if the disk had never failed them.
+        io_error_.clear();
+        for (auto& disk : disks_)
+            disk->retry_failed();
+    }
     vcpu_gate_.resume();
+}
+
+std::string Machine::state() const
+{
+    if (!vcpu_gate_.paused())
+        return "running";
+    return io_error_.empty() ? "paused" : "paused (io-error: " + io_error_ + ")";
+}
+
+void Machine::stop_for_io_error(const std::string& why)
+{
+    boost::asio::post(io_, [this, why] { pause_for_io_error(why); });
+}
+
+void Machine::pause_for_io_error(const std::string& why)
+{
+    if (io_error_.empty())
+        log_warn(why + "; the guest is paused (werror/rerror): fix the disk (free space), then 'lkvm resume " +
+                 name() + "' retries it");
+    io_error_ = why;
+    pause();
 }
 
 void Machine::request_stop()
@@ -472,6 +501,8 @@ StatSnapshot Machine::sample_io_stats() const
 {
     StatSnapshot snapshot = lkvm::sample_io_stats(io_threads_, disks_);
     snapshot.vcpus = sample_vcpus();
+    if (const std::string now = state(); now != "running")
+        snapshot.state = now;
     return snapshot;
 }
 

@@ -39,7 +39,7 @@
 namespace lkvm {
 
 
-class Machine {
+class Machine : private IoErrorStop {
 public:
     // Validates everything (files, sizes, limits) and builds the VM, ready to run.
     // Throws lkvm::Error with the line to print; nothing is left behind.
@@ -60,9 +60,11 @@ public:
     // has left its loop). The I/O threads keep running and finish what is in
     // flight. Idempotent; a stop ends a paused guest as promptly as a running one.
     void pause();
-    // Lets the vCPUs run again. Idempotent.
+    // Lets the vCPUs run again. Idempotent. After a pause for an I/O error
+    // (werror=stop, ...), the failed requests are submitted again first.
     void resume();
-    const char* state() const { return vcpu_gate_.paused() ? "paused" : "running"; }
+    // "running", "paused", or "paused (io-error: WHY)".
+    std::string state() const;
     // Ends the guest with exit status 0, saying "stopped by lkvm stop" (info level).
     void request_stop();
     // The I/O threads', disk queues' and vCPUs' counters now.
@@ -72,6 +74,8 @@ public:
 private:
     std::string answer_control(const ControlRequest& request);  // the control socket's handler, on the main loop
     std::string set_throttle(const std::string& target_and_limits);
+    void stop_for_io_error(const std::string& why) override;  // from an I/O thread
+    void pause_for_io_error(const std::string& why);           // on the main loop
     struct Outcome {
         int status;
         std::string message;  // printed as "lkvm: <message>" when not empty
@@ -139,6 +143,7 @@ private:
     std::optional<Outcome> outcome_;
     std::atomic<bool> ended_{false};  // outcome_ is set: no vCPU enters the guest again
     VcpuGate vcpu_gate_{[this] { kick_vcpus(); }};
+    std::string io_error_;  // why the guest is paused for an I/O error; empty: it is not (main loop only)
     std::vector<std::thread> vcpu_threads_;
 };
 

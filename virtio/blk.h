@@ -63,12 +63,14 @@ uint8_t check_blk_range(const BlkRequest& request, uint64_t capacity_sectors, bo
 class BlkQueue;
 
 struct BlkOptions {
-    std::string serial;
+    std::string serial{};
     EngineKind engine = EngineKind::kNative;
     uint16_t ioprio = 0;  // ioprio::value() on every request; 0: the thread's own
     uint16_t queue_size = 256;
     bool discard = true;  // discard=unmap: DISCARD punches holes; false (ignore): it does nothing
     ThrottleGroup* throttle = nullptr;  // the limits the disk keeps (shared, outlives the device); null: none
+    IoErrorPolicy read_error = IoErrorPolicy::kReport, write_error = IoErrorPolicy::kReport;  // rerror=, werror=
+    IoErrorStop* error_stop = nullptr;  // pauses the guest for stop and enospc (outlives the device)
 };
 
 // The device model: configuration, features, and one BlkQueue per virtqueue
@@ -94,12 +96,15 @@ public:
     const IoThread& queue_thread(unsigned q) const override { return *queue_threads_.at(q); }
     const QueueStats& queue_stats(unsigned q) const override { return *stats_.at(q); }
     std::string describe() const override { return image_.path(); }
+    void retry_failed() override { queues_.retry_failed(); }
 
 private:
     friend class BlkQueue;
     IoTarget io_target() const
     {
-        return {options_.engine, image_.fd(), image_.alignment(), options_.ioprio, options_.throttle};
+        return {options_.engine,   image_.fd(),         image_.alignment(),   options_.ioprio,
+                options_.throttle, options_.read_error, options_.write_error, options_.error_stop,
+                image_.path().c_str()};
     }
     void report_io_error(int64_t result);
 

@@ -136,7 +136,7 @@ private:
     {
         while (!held_.empty()) {
             const Slot& slot = queue_.slots_[held_.front()];
-            const auto verdict = group_.admit(*this, slot.held.op != IoOp::kRead, slot.held_bytes, held_.size() > 1);
+            const auto verdict = group_.admit(*this, slot.request.op != IoOp::kRead, slot.bytes, held_.size() > 1);
             if (!verdict.go) {
                 if (verdict.wait_ns)
                     wait(verdict.wait_ns);
@@ -144,7 +144,7 @@ private:
             }
             held_.pop_front();
             --queue_.held_;
-            queue_.thread_.submit(slot.held_engine, slot.held);
+            queue_.thread_.submit(slot.target.engine, slot.request);
         }
     }
 
@@ -204,14 +204,14 @@ void RequestQueue::stop()
     stopping_ = true;
     notify_.close();
     count_throttled_time();
+    // Held back by a throttle group, or waiting for a retry: not at the
+    // engine, so nothing else would ever free them.
     for (auto& gate : gates_)
-        for (const uint32_t id : gate->stop()) {
-            release(slots_[id]);
-            free_slots_.push_back(id);
-            stats_.dropped();
-            thread_.mutable_stats().io.dropped();
-        }
+        for (const uint32_t id : gate->stop())
+            drop(id);
     held_ = 0;
+    for (const uint32_t id : std::exchange(failed_, {}))
+        drop(id);
     if (registered_) {
         thread_.remove_source(*this);
         // A reset must not wait for a GiB of zeroes: what the guest asked
@@ -325,12 +325,12 @@ void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t
     IoRequest request{op,          target.fd, offset, slot.iov.data(), static_cast<int>(slot.iov.size()),
                       IoThread::cookie(sink_, id), target.ioprio};
     request.length = length;
+    slot.request = request;
+    slot.target = target;
+    slot.bytes = moves_data ? iovecs_bytes(slot.iov) : length;
     if (target.throttle && (held_ || target.throttle->active()) &&
         (op == IoOp::kRead || op == IoOp::kWrite || op == IoOp::kWriteZeroes)) {
         // As QEMU: reads, writes and write-zeroes count; flushes and discards do not.
-        slot.held = request;
-        slot.held_engine = target.engine;
-        slot.held_bytes = op == IoOp::kWriteZeroes ? length : iovecs_bytes(slot.iov);
         for (auto& gate : gates_)
             if (&gate->group() == target.throttle)
                 return hold(*gate, id);
@@ -368,16 +368,53 @@ void RequestQueue::release(Slot& slot)
 void RequestQueue::complete(uint32_t tag, int64_t result)
 {
     Slot& slot = slots_.at(tag);
-    if (stopping_) {
-        release(slot);
-        free_slots_.push_back(tag);
-        stats_.dropped();
-        thread_.mutable_stats().io.dropped();
+    if (stopping_)
+        return drop(tag);
+    if (result < 0 && apply_error_policy(tag, result))
         return;
-    }
     if (result > 0 && slot.bounced && !slot.guest.empty())
         copy_to_iovecs(slot.guest, {slot.bounce.get(), static_cast<size_t>(result)});
     io_done(tag, result);
+}
+
+void RequestQueue::drop(uint32_t id)
+{
+    release(slots_[id]);
+    free_slots_.push_back(id);
+    stats_.dropped();
+    thread_.mutable_stats().io.dropped();
+}
+
+bool RequestQueue::apply_error_policy(uint32_t id, int64_t result)
+{
+    Slot& slot = slots_[id];
+    const bool read = slot.request.op == IoOp::kRead;
+    const IoErrorPolicy policy = read ? slot.target.read_error : slot.target.write_error;
+    const bool stop = slot.target.error_stop &&
+                      (policy == IoErrorPolicy::kStop || (policy == IoErrorPolicy::kEnospc && result == -ENOSPC));
+    if (stop) {
+        // Unanswered, its slot kept: the guest pauses before it could tell,
+        // and at resume the request runs again as if nothing had happened.
+        failed_.push_back(id);
+        count_error();
+        slot.target.error_stop->stop_for_io_error(std::string("disk ") + slot.target.image + " " + (read ? "read" : "write") + " error (" +
+                                                  std::strerror(static_cast<int>(-result)) + ")");
+        return true;
+    }
+    if (policy == IoErrorPolicy::kIgnore) {
+        count_error();
+        io_done(id, static_cast<int64_t>(slot.bytes));  // the guest is told it went well
+        return true;
+    }
+    return false;
+}
+
+void RequestQueue::retry_failed()
+{
+    if (stopping_)
+        return;
+    for (const uint32_t id : std::exchange(failed_, {}))
+        thread_.submit(slots_[id].target.engine, slots_[id].request);
 }
 
 void RequestQueue::finish_slot(uint32_t id, uint32_t written, uint64_t bytes)
@@ -472,6 +509,15 @@ void RequestQueues::start(std::span<const QueueSetup> setups, std::span<IoThread
         }
         queues_.push_back(std::move(queue));
     }
+}
+
+void RequestQueues::retry_failed()
+{
+    for (const auto& queue : queues_)
+        queue->thread().post([weak = std::weak_ptr(queue)] {
+            if (const auto alive = weak.lock())
+                alive->retry_failed();
+        });
 }
 
 void RequestQueues::stop()

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "disk/error_policy.h"
 #include "disk/io_engine.h"
 #include "disk/throttle.h"
 #include "virtio/device.h"
@@ -44,6 +45,14 @@ std::span<const iovec> skip_iovec_bytes(std::vector<iovec>& iovs, uint64_t skip)
 void report_io_error_once(std::atomic<bool>& reported, const std::string& path, int64_t result,
                           const char* guest_gets);
 
+// Pauses the guest for a disk's error (werror=stop, ...). Called on an I/O
+// thread; the guest must be paused before it could see the request answered.
+class IoErrorStop {
+public:
+    virtual ~IoErrorStop() = default;
+    virtual void stop_for_io_error(const std::string& why) = 0;
+};
+
 // A disk image as the queue's I/O reaches it.
 struct IoTarget {
     EngineKind engine;
@@ -51,6 +60,10 @@ struct IoTarget {
     uint32_t alignment;  // buffer and length alignment the image needs (O_DIRECT), else 1
     uint16_t ioprio;     // on every request; 0: the thread's own
     ThrottleGroup* throttle = nullptr;  // the limits its reads and writes keep; null: none ever
+    IoErrorPolicy read_error = IoErrorPolicy::kReport;
+    IoErrorPolicy write_error = IoErrorPolicy::kReport;  // writes, flushes, discards, write-zeroes
+    IoErrorStop* error_stop = nullptr;  // who pauses the guest; null: stop and enospc report
+    const char* image = "";             // its path, for the reason the guest paused (the device keeps it)
 };
 
 struct RequestQueueConfig {
@@ -79,6 +92,8 @@ public:
     void round_end() override;
     void complete(uint32_t tag, int64_t result) override;
     void completions_done() override;
+    // After a pause for an I/O error: submits the requests that failed again.
+    void retry_failed();
 
 protected:
     // A chain the driver made available. Answer it now with finish(), or take
@@ -116,15 +131,20 @@ private:
         uint64_t bounce_bytes = 0;
         uint32_t bounce_align = 0;
         std::vector<iovec> guest;  // where a bounced read is copied back to
-        // A request its throttle group holds back: what to submit when it may go.
-        IoRequest held{};
-        EngineKind held_engine{};
-        uint64_t held_bytes = 0;
+        // What went to the engine: for a throttle group that holds it back,
+        // and for a retry after an I/O error paused the guest.
+        IoRequest request{};
+        IoTarget target{};
+        uint64_t bytes = 0;        // what it moves (for the throttle; success for werror=ignore)
     };
 
     class ThrottleGate;
 
     void release(Slot& slot);
+    // A request the guest will never get an answer for (a reset): its slot is free again.
+    void drop(uint32_t id);
+    // Whether the error policy answered a failed request (ignore, stop) rather than io_done().
+    bool apply_error_policy(uint32_t id, int64_t result);
     void hold(ThrottleGate& gate, uint32_t slot);
     void count_throttled_time();
     void wait_notify();
@@ -144,6 +164,7 @@ private:
     std::vector<std::unique_ptr<ThrottleGate>> gates_;  // one per throttle group of the targets
     uint32_t held_ = 0;            // requests the gates hold back
     uint64_t held_since_ns_ = 0;   // throttled time counted up to here
+    std::vector<uint32_t> failed_; // slots whose error paused the guest, to retry at resume
     uint32_t sink_ = 0;
     bool used_dirty_ = false;     // pushed used entries not yet considered for an interrupt
     bool signal_queued_ = false;  // round_end() will consider them
@@ -162,6 +183,9 @@ public:
     virtual const IoThread& queue_thread(unsigned q) const = 0;
     virtual const QueueStats& queue_stats(unsigned q) const = 0;
     virtual std::string describe() const = 0;  // its image(s)
+    // After the guest paused for an I/O error: the queues submit again what failed.
+    // Only while the guest's vCPUs are paused (nothing resets the device meanwhile).
+    virtual void retry_failed() = 0;
 };
 
 // The queues of one device, each created, stopped and destroyed on its own thread.
@@ -174,6 +198,8 @@ public:
                const std::function<bool(const QueueSetup&)>& acceptable, const Make& make,
                const std::function<void()>& broken);
     void stop();
+    // Posts RequestQueue::retry_failed() to each queue's thread.
+    void retry_failed();
     // Each is touched only on its own thread.
     const std::vector<std::shared_ptr<RequestQueue>>& all() const { return queues_; }
 

@@ -458,8 +458,7 @@ VirtioScsi::VirtioScsi(std::vector<ScsiLunSetup> luns, uint16_t queue_size, cons
                         std::to_string(virtio_scsi::kMaxLun));
         if (find_lun(setup.lun))
             throw Error("scsi lun " + std::to_string(setup.lun) + " is given twice on one controller");
-        luns_.push_back(std::make_unique<Lun>(setup.lun, std::move(setup.image), setup.disk, setup.engine, setup.ioprio,
-                                               setup.throttle));
+        luns_.push_back(std::make_unique<Lun>(std::move(setup)));
         // Linux takes max_sectors in 512-byte sectors, whatever the units' block size.
         const uint64_t sectors = uint64_t{setup.disk.max_transfer_blocks} * luns_.back()->disk.block_size() /
                                  DiskImage::kSectorSize;
@@ -476,12 +475,12 @@ VirtioScsi::VirtioScsi(std::vector<ScsiLunSetup> luns, uint16_t queue_size, cons
                                                                            : std::span<const iovec>());
 }
 
-VirtioScsi::Lun::Lun(uint16_t id_, DiskImage image_, const scsi::ScsiDiskOptions& options, EngineKind engine,
-                     uint16_t ioprio, ThrottleGroup* throttle)
-    : id(id_),
-      image(std::move(image_)),
-      disk(image, options),
-      target{engine, image.fd(), image.alignment(), ioprio, throttle}
+VirtioScsi::Lun::Lun(ScsiLunSetup setup)
+    : id(setup.lun),
+      image(std::move(setup.image)),
+      disk(image, setup.disk),
+      target{setup.engine,   image.fd(),        image.alignment(),  setup.ioprio,
+             setup.throttle, setup.read_error, setup.write_error, setup.error_stop, image.path().c_str()}
 {
 }
 
@@ -598,6 +597,12 @@ void VirtioScsi::reset()
         control->close();
     else
         boost::asio::post(control_loop_, [control] { control->close(); });
+}
+
+void VirtioScsi::retry_failed()
+{
+    std::lock_guard lock(*control_mutex_);
+    queues_.retry_failed();
 }
 
 void VirtioScsi::task_management(uint32_t subtype, uint16_t lun, uint64_t tag, std::function<void(uint32_t)> done)

@@ -53,6 +53,8 @@ struct ScsiLunSetup {
     EngineKind engine = EngineKind::kNative;
     uint16_t ioprio = 0;
     ThrottleGroup* throttle = nullptr;  // the limits the LUN keeps (shared, outlives the device); null: none
+    IoErrorPolicy read_error = IoErrorPolicy::kReport, write_error = IoErrorPolicy::kReport;  // rerror=, werror=
+    IoErrorStop* error_stop = nullptr;  // pauses the guest for stop and enospc (outlives the device)
 };
 
 class ScsiQueue;
@@ -79,13 +81,13 @@ public:
     const IoThread& queue_thread(unsigned q) const override { return *queue_threads_.at(q); }
     const QueueStats& queue_stats(unsigned q) const override { return *stats_.at(q); }
     std::string describe() const override;  // "a.raw lun 0, b.raw lun 1"
+    void retry_failed() override;
 
 private:
     friend class ScsiQueue;
     friend class ScsiControlQueue;
     struct Lun {
-        Lun(uint16_t id, DiskImage image, const scsi::ScsiDiskOptions& options, EngineKind engine, uint16_t ioprio,
-            ThrottleGroup* throttle);
+        explicit Lun(ScsiLunSetup setup);
         uint16_t id;
         DiskImage image;
         scsi::ScsiDisk disk;  // over image

@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <string>
@@ -51,7 +52,7 @@ struct BlkRig {
     explicit BlkRig(EngineKind engine = EngineKind::kSync, bool read_only = false, uint64_t size = 8 << 20,
                     std::string serial = "lkvm-serial-0001", unsigned queues = 1, bool msix = true,
                     std::vector<IoThread*> queue_threads = {}, AddressSpace notify = AddressSpace::kMemory,
-                    bool direct = false, FaultRule fault = {}, bool discard = true, ThrottleGroup* throttle = nullptr)
+                    bool direct = false, FaultRule fault = {}, BlkOptions policy = {})
         : thread(thread_options(std::move(fault)))
     {
         char tmpl[] = "/tmp/lkvm-device.XXXXXX";
@@ -64,13 +65,20 @@ struct BlkRig {
             data[i] = static_cast<uint8_t>(i / 512 + i % 512);
         std::ofstream(path, std::ios::binary).write(reinterpret_cast<char*>(data.data()), static_cast<long>(size));
         blk = std::make_unique<VirtioBlk>(DiskImage::open({path, read_only, direct}),
-                                          BlkOptions{serial, engine, 0, 256, discard, throttle}, driver.memory(),
+                                          with_serial_engine(policy, serial, engine), driver.memory(),
                                           queue_threads.empty() ? std::vector<IoThread*>(queues, &thread)
                                                                 : queue_threads);
         transport = std::make_unique<VirtioPciDevice>(*blk, driver.host_interface(), notify);
         transport->use_intx(17);
         features = driver.probe(*transport, kAllFeatures, queues, 256, msix);
         REQUIRE(driver.notify_space() == notify);
+    }
+    // The options a test gives (discard, throttle, error policies), with the rig's serial and engine.
+    static BlkOptions with_serial_engine(BlkOptions options, std::string serial, EngineKind engine)
+    {
+        options.serial = std::move(serial);
+        options.engine = engine;
+        return options;
     }
     // The rig's own I/O thread; with a fault rule, its engines fail what the rule picks.
     static IoThreadOptions thread_options(FaultRule fault)
@@ -287,7 +295,7 @@ TEST_CASE("blk: DISCARD and WRITE_ZEROES out of the rules get UNSUPP or IOERR an
     CHECK(allocation_request(read_only, kBlkTWriteZeroes, {{0, 8, 0}}) == kBlkSIoErr);
     CHECK(allocation_request(read_only, kBlkTDiscard, {{0, 8, 0}}) == kBlkSIoErr);
 
-    BlkRig ignoring(EngineKind::kSync, false, 8 << 20, "", 1, true, {}, AddressSpace::kMemory, false, {}, false);
+    BlkRig ignoring(EngineKind::kSync, false, 8 << 20, "", 1, true, {}, AddressSpace::kMemory, false, {}, {.discard = false});
     CHECK((ignoring.driver.device_config32(56) & 0xff) == 0);  // write_zeroes_may_unmap
     const auto kept = ignoring.file_bytes(0, 1 << 20);
     CHECK(allocation_request(ignoring, kBlkTDiscard, {{0, 2048, 0}}) == kBlkSOk);  // a hint, not taken
@@ -955,7 +963,7 @@ void queue_reads(BlkRig& rig, unsigned first, unsigned count)
 TEST_CASE("blk: a throttled disk holds reads back to its rate, answers every one, and counts the time held")
 {
     ThrottleGroup group("0", iops_limit(100));  // 10 at once, then one per 10 ms
-    BlkRig rig(EngineKind::kSync, false, 8 << 20, "s", 1, true, {}, AddressSpace::kMemory, false, {}, true, &group);
+    BlkRig rig(EngineKind::kSync, false, 8 << 20, "s", 1, true, {}, AddressSpace::kMemory, false, {}, {.throttle = &group});
     const auto start = std::chrono::steady_clock::now();
     queue_reads(rig, 0, 40);
     size_t answered = 0;
@@ -977,9 +985,9 @@ TEST_CASE("blk: two disks in one throttle group take turns: the one that came la
 {
     ThrottleGroup group("shared", iops_limit(200));
     IoThread other({"disk1-io", {}, 0, -1});
-    BlkRig first(EngineKind::kSync, false, 8 << 20, "a", 1, true, {}, AddressSpace::kMemory, false, {}, true, &group);
-    BlkRig second(EngineKind::kSync, false, 8 << 20, "b", 1, true, {&other}, AddressSpace::kMemory, false, {}, true,
-                  &group);
+    BlkRig first(EngineKind::kSync, false, 8 << 20, "a", 1, true, {}, AddressSpace::kMemory, false, {}, {.throttle = &group});
+    BlkRig second(EngineKind::kSync, false, 8 << 20, "b", 1, true, {&other}, AddressSpace::kMemory, false, {},
+                  {.throttle = &group});
     queue_reads(first, 0, 60);
     // The first disk's burst is gone and its other requests wait in line when the second's come.
     for (int waited = 0; first.blk->queue_stats(0).counters().requests < 20 && waited < 10000; ++waited)
@@ -1009,7 +1017,7 @@ TEST_CASE("blk: two disks in one throttle group take turns: the one that came la
 TEST_CASE("blk: new throttle limits apply to what is held at once; a reset drops held requests without waiting for them")
 {
     ThrottleGroup group("0", iops_limit(1));  // the second read would wait a second, the twentieth 19
-    BlkRig rig(EngineKind::kNative, false, 8 << 20, "s", 1, true, {}, AddressSpace::kMemory, false, {}, true, &group);
+    BlkRig rig(EngineKind::kNative, false, 8 << 20, "s", 1, true, {}, AddressSpace::kMemory, false, {}, {.throttle = &group});
     queue_reads(rig, 0, 20);
     REQUIRE(rig.driver.wait_used(0, 1).size() == 1);
     group.set_limits({});
@@ -1028,5 +1036,116 @@ TEST_CASE("blk: new throttle limits apply to what is held at once; a reset drops
         CHECK(rig.blk->queue_stats(0).in_flight() == 0);
         CHECK(rig.driver.reprobe(kAllFeatures, 1) != 0);
         group.set_limits(iops_limit(1));  // an empty bucket again for the next round
+    }
+}
+
+namespace {
+// Records what would have paused the guest, as lkvm's machine does.
+struct RecordedStops : IoErrorStop {
+    std::mutex mutex;
+    std::vector<std::string> why;
+    void stop_for_io_error(const std::string& reason) override
+    {
+        std::lock_guard lock(mutex);
+        why.push_back(reason);
+    }
+    size_t wait_for(size_t n)
+    {
+        for (int waited = 0; waited < 10000; ++waited) {
+            {
+                std::lock_guard lock(mutex);
+                if (why.size() >= n)
+                    return why.size();
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+        std::lock_guard lock(mutex);
+        return why.size();
+    }
+};
+
+// The first `count` requests of `op` fail with `error`, the rest run.
+FaultRule first_fail(IoOp op, int count, int64_t error)
+{
+    auto left = std::make_shared<std::atomic<int>>(count);
+    return [=](const IoRequest& r) -> std::optional<int64_t> {
+        if (r.op == op && left->fetch_sub(1) > 0)
+            return error;
+        return std::nullopt;
+    };
+}
+}  // namespace
+
+TEST_CASE("blk: werror=/rerror=: stop holds a failed request for the guest's pause and retries it at resume")
+{
+    RecordedStops stops;
+    auto rig_with = [&](FaultRule fault, IoErrorPolicy read_error, IoErrorPolicy write_error, bool stopper = true) {
+        BlkOptions policy;
+        policy.read_error = read_error;
+        policy.write_error = write_error;
+        policy.error_stop = stopper ? &stops : nullptr;
+        return std::make_unique<BlkRig>(EngineKind::kSync, false, 8 << 20, "s", 1, true, std::vector<IoThread*>{},
+                                        AddressSpace::kMemory, false, std::move(fault), policy);
+    };
+    SUBCASE("enospc: ENOSPC pauses, twice, then the retry writes the data")
+    {
+        auto rig = rig_with(first_fail(IoOp::kWrite, 2, -ENOSPC), IoErrorPolicy::kReport, IoErrorPolicy::kEnospc);
+        std::memset(rig->driver.host(BlkRig::data_gpa(0)), 0x5c, 4096);
+        rig->queue_request(0, kBlkTOut, 16, 4096);
+        rig->driver.kick(0);
+        REQUIRE(stops.wait_for(1) == 1);
+        CHECK(stops.why[0].find("write error (No space left on device)") != std::string::npos);
+        CHECK(rig->driver.wait_used(0, 1, 100).empty());  // unanswered while the guest is paused
+        rig->blk->retry_failed();
+        REQUIRE(stops.wait_for(2) == 2);                  // still full: paused again
+        rig->blk->retry_failed();
+        REQUIRE(rig->driver.wait_used(0, 1).size() == 1);
+        CHECK(*rig->driver.host(BlkRig::status_gpa(0)) == kBlkSOk);
+        CHECK(rig->file_bytes(16 * 512, 4096) == std::vector<uint8_t>(4096, 0x5c));
+        CHECK(rig->blk->queue_stats(0).errors() == 2);
+    }
+    SUBCASE("enospc: any other error is reported")
+    {
+        auto rig = rig_with(first_fail(IoOp::kWrite, 1, -EIO), IoErrorPolicy::kReport, IoErrorPolicy::kEnospc);
+        CHECK(rig->request(kBlkTOut, 16, 4096) == kBlkSIoErr);
+        CHECK(stops.why.empty());
+    }
+    SUBCASE("rerror=stop: a failed read pauses, and reads the data at resume")
+    {
+        auto rig = rig_with(first_fail(IoOp::kRead, 1, -EIO), IoErrorPolicy::kStop, IoErrorPolicy::kReport);
+        rig->queue_request(0, kBlkTIn, 1, 512);
+        rig->driver.kick(0);
+        REQUIRE(stops.wait_for(1) == 1);
+        CHECK(stops.why[0].find("read error (Input/output error)") != std::string::npos);
+        rig->blk->retry_failed();
+        REQUIRE(rig->driver.wait_used(0, 1).size() == 1);
+        CHECK(*rig->driver.host(BlkRig::status_gpa(0)) == kBlkSOk);
+        CHECK(std::equal(rig->driver.host(BlkRig::data_gpa(0)), rig->driver.host(BlkRig::data_gpa(0)) + 512,
+                         rig->file_bytes(512, 512).begin()));
+    }
+    SUBCASE("ignore: the guest is told it went well; the error is still counted")
+    {
+        auto rig = rig_with(first_fail(IoOp::kWrite, 1, -ENOSPC), IoErrorPolicy::kReport, IoErrorPolicy::kIgnore);
+        const auto before = rig->file_bytes(16 * 512, 4096);
+        CHECK(rig->request(kBlkTOut, 16, 4096) == kBlkSOk);
+        CHECK(rig->file_bytes(16 * 512, 4096) == before);
+        CHECK(rig->blk->queue_stats(0).errors() == 1);
+    }
+    SUBCASE("stop with nobody to pause the guest reports the error instead")
+    {
+        auto rig = rig_with(first_fail(IoOp::kWrite, 1, -ENOSPC), IoErrorPolicy::kStop, IoErrorPolicy::kStop, false);
+        CHECK(rig->request(kBlkTOut, 16, 4096) == kBlkSIoErr);
+    }
+    SUBCASE("a reset drops a request waiting for its retry, without waiting for it")
+    {
+        auto rig = rig_with(first_fail(IoOp::kWrite, 1, -ENOSPC), IoErrorPolicy::kReport, IoErrorPolicy::kStop);
+        rig->queue_request(0, kBlkTOut, 16, 4096);
+        rig->driver.kick(0);
+        REQUIRE(stops.wait_for(1) == 1);
+        rig->driver.write_status(0);
+        CHECK(rig->blk->queue_stats(0).in_flight() == 0);
+        rig->blk->retry_failed();  // nothing left to retry: harmless
+        CHECK(rig->driver.reprobe(kAllFeatures, 1) != 0);
+        CHECK(rig->request(kBlkTIn, 0, 512) == kBlkSOk);
     }
 }

@@ -211,7 +211,7 @@ EOF
 export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-enospc.XXXXXX")
 mkfifo $XDG_RUNTIME_DIR/console
 exec 3<> $XDG_RUNTIME_DIR/console
-"$LKVM" run --name enospc -d full-blk/disk.raw -d full-scsi/disk.raw,bus=scsi -- sh -c "$(cat enospc-guest.sh)" \
+"$LKVM" run --name enospc -d full-blk/disk.raw,werror=report -d full-scsi/disk.raw,bus=scsi,werror=report -- sh -c "$(cat enospc-guest.sh)" \
     < $XDG_RUNTIME_DIR/console > enospc.out 2>&1 &
 pid=$!
 for i in $(seq 240); do grep -qs "^guest-waiting" enospc.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
@@ -236,6 +236,31 @@ for d in blk scsi; do
     for i in $(seq 20); do umount full-$d 2> /dev/null && break; sleep 0.5; done
     mountpoint -q full-$d && umount -l full-$d
 done
+true'
+
+# werror=stop: a disk whose file system fills up pauses the guest, lkvm
+# list and stat say why, and once the host has made room (the tmpfs grows)
+# lkvm resume retries what failed: fio's verify then finds every block.
+script werror-stop '
+mkdir -p full-stop && mount -t tmpfs -o size=1m lkvm-werror full-stop || exit 1
+truncate -s 8M full-stop/disk.raw
+export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-werror.XXXXXX")
+"$LKVM" run --name wstop -i '"$top"'/build/guest/initramfs-fio.cpio.gz -d full-stop/disk.raw,werror=stop -- sh -c "
+fio --name=v --filename=/dev/vda --rw=write --bs=64k --size=4M --ioengine=libaio --direct=1 --iodepth=4 \
+    --verify=crc32c --do_verify=1 > /tmp/fio.log 2>&1; echo fio=\$?; grep -E \"err=|verify\" /tmp/fio.log | head -n 3" \
+    > wstop.out 2>&1 < /dev/null &
+pid=$!
+for i in $(seq 240); do "$LKVM" list 2> /dev/null | grep -q "^wstop .*paused (io-error" && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
+"$LKVM" list | grep "^wstop" | sed "s/^/listed: /"
+"$LKVM" stat wstop --disks | head -n 1 | sed "s/^/stat: /"
+sleep 1
+"$LKVM" list | grep -q "^wstop .*paused" && echo still-paused
+mount -o remount,size=16m full-stop
+"$LKVM" resume wstop; echo resume=$?
+wait $pid; echo status=$?
+tr -d "\r" < wstop.out
+for i in $(seq 20); do umount full-stop 2> /dev/null && break; sleep 0.5; done
+mountpoint -q full-stop && umount -l full-stop
 true'
 
 # The control socket: lkvm list/stat/pause/resume/stop against a guest running fio.
@@ -421,6 +446,9 @@ if grep -q '^lkvm:' "$(result control-quiet out)"; then fail control-quiet-silen
 else pass control-quiet-silent; fi
 expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+ vCPUs in one guest'
 
+expect werror-stop 0 '^listed: wstop .*paused \(io-error: disk full-stop/disk.raw write error \(No space left on device\)\)' \
+    '^stat: guest paused \(io-error: disk full-stop/disk.raw write error' '^still-paused$' '^resume=0$' '^status=0$' '^fio=0$' \
+    '^lkvm: disk full-stop/disk.raw write error \(No space left on device\); the guest is paused'
 expect throttle 0 '^held-back ' '^group=0$' '^throttle=0$' "^lkvm: guest thr: throttle: no disk or throttle group 'nosuch'" \
     '^throttle-nosuch=1$' '^status=0$' '^alone-in-band=' '^g1-in-band=' '^g2-in-band=' '^lowered-in-band='
 

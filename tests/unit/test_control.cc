@@ -290,7 +290,12 @@ TEST_CASE("control: stat snapshots round-trip; malformed ones are refused")
     CHECK(payload.starts_with("time_ns=123456789012345;thread=iothread0 tid=4242 cpu=1 requests=1000"));
     CHECK(payload.find('\n') == std::string::npos);
     CHECK(parse_stat_payload(payload) == snapshot);
-    CHECK(parse_stat_payload("time_ns=5") == StatSnapshot{5, {}, {}, {}});
+    CHECK(parse_stat_payload("time_ns=5") == StatSnapshot{5, {}, {}, {}, {}});
+    CHECK(parse_stat_payload("time_ns=5 state=paused%20%28io-error:%20x%29").state == "paused (io-error: x)");
+    StatSnapshot paused = snapshot;
+    paused.state = "paused (io-error: disk a.raw write error (No space left on device))";
+    CHECK(parse_stat_payload(format_stat_payload(paused)) == paused);
+    CHECK(format_stat_tables(paused, paused, {}).starts_with("guest paused (io-error: disk a.raw write error (No space left on device))\n"));
     CHECK(parse_stat_payload("time_ns=5;future=1 x=2").threads.empty());  // a newer lkvm's records are skipped
 
     CHECK(contains(error_of([] { parse_stat_payload(""); }), "without time_ns= first"));

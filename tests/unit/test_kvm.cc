@@ -640,3 +640,19 @@ TEST_CASE("cli: --console-log, --timeout, --quiet, --loglevel, and --name's rule
           "--name '" + std::string(65, 'n') + "': a guest name is at most 64 characters (see 'lkvm run --help')");
     CHECK(parse_command_line({"run", "--name", std::string(64, 'n')}).run.name.size() == 64);
 }
+
+TEST_CASE("cli: werror= and rerror= take QEMU's policies, werror=enospc by default")
+{
+    const DiskSpec plain = parse_disk_spec("a.raw");
+    CHECK(plain.write_error == IoErrorPolicy::kEnospc);
+    CHECK(plain.read_error == IoErrorPolicy::kReport);
+    const DiskSpec set = parse_disk_spec("a.raw,werror=stop,rerror=ignore");
+    CHECK(set.write_error == IoErrorPolicy::kStop);
+    CHECK(set.read_error == IoErrorPolicy::kIgnore);
+    CHECK(parse_disk_spec("a.raw,werror=report").write_error == IoErrorPolicy::kReport);
+    CHECK(parse_disk_spec("a.raw,bus=scsi,werror=ignore").write_error == IoErrorPolicy::kIgnore);
+    CHECK(error_of([] { parse_disk_spec("a.raw,werror=pause"); }) ==
+          "-d a.raw,werror=pause: werror=pause is not report, ignore, stop or enospc (see 'lkvm run --help')");
+    CHECK(error_of([] { parse_disk_spec("a.raw,rerror=enospc"); }) ==
+          "-d a.raw,rerror=enospc: rerror=enospc is not report, ignore or stop (see 'lkvm run --help')");
+}
