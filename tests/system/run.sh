@@ -263,6 +263,28 @@ for i in $(seq 20); do umount full-stop 2> /dev/null && break; sleep 0.5; done
 mountpoint -q full-stop && umount -l full-stop
 true'
 
+# Crash consistency: lkvm killed with SIGKILL at a random moment while the
+# guest writes numbered blocks with O_DIRECT, saying each one it saw complete.
+# Every block it said so of must be on the image, three rounds over.
+script crash-kill '
+for round in 1 2 3; do
+    rm -f crash.raw; truncate -s 16M crash.raw
+    "$LKVM" run -d crash.raw -- sh -c "i=0; while [ \$i -lt 4096 ]; do
+        printf block-%08d- \$i | dd of=/dev/vda bs=4096 seek=\$i conv=sync oflag=direct status=none && echo written=\$i
+        i=\$((i + 1)); done" > crash.out 2>&1 < /dev/null &
+    pid=$!
+    for i in $(seq 600); do grep -q "^written=" crash.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.1; done
+    sleep 0.$((RANDOM % 10))$((RANDOM % 10))
+    kill -9 $pid; wait $pid 2> /dev/null
+    last=$(tr -d "\r" < crash.out | sed -n "s/^written=\([0-9]*\)$/\1/p" | tail -n 1)
+    python3 -c "
+import sys
+last = int(sys.argv[1] or -1)
+data = open(\"crash.raw\", \"rb\").read()
+lost = [i for i in range(last + 1) if data[i * 4096:i * 4096 + 15] != b\"block-%08d-\" % i]
+print(\"round $round: %d blocks seen complete, %s\" % (last + 1, \"all on the image\" if last >= 0 and not lost else \"lost %s\" % lost[:5]))" "$last"
+done'
+
 # The control socket: lkvm list/stat/pause/resume/stop against a guest running fio.
 truncate -s 64M "$work/ctl.raw"
 script control-socket '
@@ -449,6 +471,8 @@ expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+
 expect werror-stop 0 '^listed: wstop .*paused \(io-error: disk full-stop/disk.raw write error \(No space left on device\)\)' \
     '^stat: guest paused \(io-error: disk full-stop/disk.raw write error' '^still-paused$' '^resume=0$' '^status=0$' '^fio=0$' \
     '^lkvm: disk full-stop/disk.raw write error \(No space left on device\); the guest is paused'
+expect crash-kill 0 '^round 1: [1-9][0-9]* blocks seen complete, all on the image$' \
+    '^round 2: [1-9][0-9]* blocks seen complete, all on the image$' '^round 3: [1-9][0-9]* blocks seen complete, all on the image$'
 expect throttle 0 '^held-back ' '^group=0$' '^throttle=0$' "^lkvm: guest thr: throttle: no disk or throttle group 'nosuch'" \
     '^throttle-nosuch=1$' '^status=0$' '^alone-in-band=' '^g1-in-band=' '^g2-in-band=' '^lowered-in-band='
 
