@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -273,7 +274,8 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
     auto header = [&](unsigned q, unsigned i) { return test::GuestDriver::kDataArea + slot(q, i) * 256; };
     auto data = [&](unsigned q, unsigned i) { return test::GuestDriver::kDataArea + (1 << 20) + slot(q, i) * o.bs; };
     // Writes the request for a random block; returns the chain's buffers.
-    auto frame = [&](unsigned q, unsigned i, std::mt19937_64& rng) -> std::vector<test::Buffer> {
+    // (A fixed array: the guest side allocates nothing per request either.)
+    auto frame = [&](unsigned q, unsigned i, std::mt19937_64& rng) -> std::array<test::Buffer, 3> {
         const uint64_t block = rng() % blocks;
         if (scsi) {
             // virtio_scsi_cmd_req with READ(16)/WRITE(16), then virtio_scsi_cmd_resp.
@@ -288,8 +290,8 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
                 cdb[10 + b] = static_cast<uint8_t>(count >> (24 - 8 * b));
             std::memcpy(driver.host(header(q, i)), request, sizeof(request));
             if (reads)
-                return {{header(q, i), 51, false}, {header(q, i) + 64, 108, true}, {data(q, i), o.bs, true}};
-            return {{header(q, i), 51, false}, {data(q, i), o.bs, false}, {header(q, i) + 64, 108, true}};
+                return {{{header(q, i), 51, false}, {header(q, i) + 64, 108, true}, {data(q, i), o.bs, true}}};
+            return {{{header(q, i), 51, false}, {data(q, i), o.bs, false}, {header(q, i) + 64, 108, true}}};
         }
         uint8_t request[16] = {};
         const uint32_t type = reads ? kBlkTIn : kBlkTOut;
@@ -297,7 +299,7 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
         std::memcpy(request, &type, 4);
         std::memcpy(request + 8, &sector, 8);
         std::memcpy(driver.host(header(q, i)), request, 16);
-        return {{header(q, i), 16, false}, {data(q, i), o.bs, reads}, {header(q, i) + 16, 1, true}};
+        return {{{header(q, i), 16, false}, {data(q, i), o.bs, reads}, {header(q, i) + 16, 1, true}}};
     };
     std::vector<Stats> per(o.queues);
     std::vector<double> elapsed(o.queues);
@@ -305,12 +307,13 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
     auto drive = [&](unsigned q) {
         std::mt19937_64 rng(42 + q);
         std::vector<Clock::time_point> started(o.qd);
-        auto submit = [&](unsigned i) {
-            started[i] = Clock::now();
+        // `now`: when the request goes; a completion's is the clock read that saw it.
+        auto submit = [&](unsigned i, Clock::time_point now) {
+            started[i] = now;
             driver.add_chain_at(first_queue + q, static_cast<uint16_t>(3 * i), frame(q, i, rng));
         };
         for (unsigned i = 0; i < o.qd; ++i)
-            submit(i);
+            submit(i, Clock::now());
         driver.kick(first_queue + q);
         const auto begin = Clock::now();
         const auto end = begin + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
@@ -319,7 +322,7 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
             const auto now = Clock::now();
             for (const auto& [head, len] : used) {
                 per[q].add(started[head / 3], now);
-                submit(head / 3);
+                submit(head / 3, now);
             }
             if (!used.empty())
                 driver.kick(first_queue + q);

@@ -161,7 +161,7 @@ uint16_t GuestDriver::add_chain(unsigned q, const std::vector<Buffer>& buffers)
     return head;
 }
 
-uint16_t GuestDriver::add_chain_at(unsigned q, uint16_t first, const std::vector<Buffer>& buffers)
+uint16_t GuestDriver::add_chain_at(unsigned q, uint16_t first, std::span<const Buffer> buffers)
 {
     DriverQueue& dq = queues_[q];
     const uint16_t head = first;

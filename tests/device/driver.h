@@ -111,7 +111,7 @@ public:
     // Puts a chain of buffers on queue q; returns its head. Does not kick.
     uint16_t add_chain(unsigned q, const std::vector<Buffer>& buffers);
     // The same, in descriptors first..first+n-1 (callers that recycle fixed slots).
-    uint16_t add_chain_at(unsigned q, uint16_t first, const std::vector<Buffer>& buffers);
+    uint16_t add_chain_at(unsigned q, uint16_t first, std::span<const Buffer> buffers);
     // Keeps `depth` requests in flight on queue q until `completions` came
     // back, then waits for the rest: queue(i) puts request i on the ring (not
     // kicked), its chain starting at descriptor stride * i; kicks only when
