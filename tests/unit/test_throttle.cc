@@ -163,7 +163,7 @@ TEST_CASE("throttle options: bad values, undefined groups and conflicts get one 
                "the disk also has limits of its own");
     check_line(refused({"run", "--throttle-group", "g,iops=5", "--throttle-group", "g,bps=5"}),
                "--throttle-group g is given twice");
-    check_line(refused({"run", "--throttle-group", "g,speed=5"}), "--throttle-group g,speed=5: unknown option 'speed=5'");
+    check_line(refused({"run", "--throttle-group", "g,speed=5"}), "--throttle-group g,speed=5: 'speed=5' is not a limit");
     check_line(refused({"run", "--throttle-group", "a b,iops=5"}), "name it with letters, digits, '-' or '_'");
     check_line(refused({"run", "--throttle-group", ",iops=5"}), "name it with letters");
     check_line(refused({"run", "-d", "a.raw,throttle-group="}), "name it with letters");
