@@ -99,7 +99,8 @@ private:
     friend class BlkQueue;
     IoTarget io_target() const
     {
-        return {options_.engine, image_.fd(), image_.alignment(), options_.ioprio, options_.throttle};
+        return {options_.engine, image_.fd(), image_.alignment(), options_.ioprio, options_.throttle,
+                image_.snapshot()};
     }
     void report_io_error(int64_t result);
 

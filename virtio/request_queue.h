@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "disk/io_engine.h"
+#include "disk/snapshot.h"
 #include "disk/throttle.h"
 #include "virtio/device.h"
 #include "virtio/io_stats.h"
@@ -51,6 +52,7 @@ struct IoTarget {
     uint32_t alignment;  // buffer and length alignment the image needs (O_DIRECT), else 1
     uint16_t ioprio;     // on every request; 0: the thread's own
     ThrottleGroup* throttle = nullptr;  // the limits its reads and writes keep; null: none ever
+    SnapshotOverlay* snapshot = nullptr;  // -d ...,snapshot: requests go through disk/snapshot.h
 };
 
 struct RequestQueueConfig {
@@ -119,9 +121,15 @@ private:
         // A request its throttle group holds back: what to submit when it may go.
         IoRequest held{};
         EngineKind held_engine{};
+        SnapshotOverlay* held_snapshot = nullptr;
         uint64_t held_bytes = 0;
     };
 
+    // Tags of a snapshot disk's parts of requests (SnapshotRequests' own), beside the slots' tags.
+    static constexpr uint32_t kSnapshotPart = 1u << 31;
+    SnapshotRequests& snapshot_requests();
+    // To the engine, or through the snapshot overlay when the target has one.
+    void dispatch(EngineKind engine, SnapshotOverlay* snapshot, const IoRequest& request);
     class ThrottleGate;
 
     void release(Slot& slot);
@@ -140,6 +148,7 @@ private:
     std::function<void()> broken_;
     std::vector<Slot> slots_;
     std::vector<uint32_t> free_slots_;
+    std::unique_ptr<SnapshotRequests> snapshot_;  // made by the first request to a snapshot disk
     Chain chain_;  // the one being handled
     std::vector<std::unique_ptr<ThrottleGate>> gates_;  // one per throttle group of the targets
     uint32_t held_ = 0;            // requests the gates hold back

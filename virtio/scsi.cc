@@ -481,7 +481,7 @@ VirtioScsi::Lun::Lun(uint16_t id_, DiskImage image_, const scsi::ScsiDiskOptions
     : id(id_),
       image(std::move(image_)),
       disk(image, options),
-      target{engine, image.fd(), image.alignment(), ioprio, throttle}
+      target{engine, image.fd(), image.alignment(), ioprio, throttle, image.snapshot()}
 {
 }
 
