@@ -139,19 +139,32 @@ SnapshotOverlay::SnapshotOverlay(int base_fd, uint64_t size, uint32_t alignment,
 {
     const std::string what = "snapshot: cannot create the overlay in " + dir;
     const std::string hint = "; set TMPDIR to a writable directory";
+    // Sparse: it takes room only where the guest writes.
+    const auto sized = [&](int fd) {
+        if (::ftruncate(fd, static_cast<off_t>(size)) < 0)
+            throw Error(what + ": cannot make it " + std::to_string(size) + " bytes (" + std::strerror(errno) + ")" +
+                        hint);
+    };
     Fd fd(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
-    if (!fd.valid() && (errno == EOPNOTSUPP || errno == EISDIR)) {
-        // A file system without O_TMPFILE: a named file, its name gone at once.
+    if (fd.valid()) {
+        sized(fd.get());
+    } else if (errno == EOPNOTSUPP || errno == EISDIR) {
+        // A file system without O_TMPFILE (9p, say): a named file, its name
+        // gone as soon as it is sized (9p sizes by name).
         std::string name = dir + "/lkvm-snapshot.XXXXXX";
         fd.reset(::mkostemp(name.data(), O_CLOEXEC));
-        if (fd.valid())
+        if (fd.valid()) {
+            try {
+                sized(fd.get());
+            } catch (...) {
+                ::unlink(name.c_str());
+                throw;
+            }
             ::unlink(name.c_str());
+        }
     }
     if (!fd.valid())
         throw Error(what + " (" + std::strerror(errno) + ")" + hint);
-    // Sparse: it takes room only where the guest writes.
-    if (::ftruncate(fd.get(), static_cast<off_t>(size)) < 0)
-        throw Error(what + " of " + std::to_string(size) + " bytes (" + std::strerror(errno) + ")" + hint);
     overlay_ = std::move(fd);
 }
 

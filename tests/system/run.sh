@@ -201,7 +201,7 @@ echo partial-sector-data | dd of=/dev/vda bs=512 seek=9001 conv=fsync status=non
 dd if=/dev/vda bs=512 skip=9001 count=1 iflag=direct status=none | head -c 19; echo
 dd if=/dev/vda bs=512 count=1 iflag=direct status=none | head -c 18; echo
 [ "$(dd if=/dev/vda bs=65536 skip=32 count=16 iflag=direct status=none | md5sum)" = "$(yes SNAPSHOT-BASE-FILL | head -c 1048576 | md5sum)" ] && echo base-fill-ok
-blkdiscard -z -o 8388608 -l 65536 /dev/vda && [ "$(dd if=/dev/vda bs=65536 skip=128 count=1 iflag=direct status=none | md5sum)" = "$(head -c 65536 /dev/zero | md5sum)" ] && echo zeroes-ok'
+/usr/sbin/blkdiscard -z -o 8388608 -l 65536 /dev/vda && [ "$(dd if=/dev/vda bs=65536 skip=128 count=1 iflag=direct status=none | md5sum)" = "$(head -c 65536 /dev/zero | md5sum)" ] && echo zeroes-ok'
 job snapshot-write run -d "$work/snap.raw,snapshot" -- sh -c "$snap_guest" _ A
 printf '%s\n' "$snap_guest" > "$work/snap-guest.sh"
 printf '%s\n' "$snap_guest" | sed 's/vda/sda/g' > "$work/snap-guest-scsi.sh"
