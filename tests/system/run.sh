@@ -189,12 +189,12 @@ true'
 # guests snapshot one image at once.
 truncate -s 64M "$work/snap.raw"
 printf 'SNAPSHOT-BASE-9d3e' | dd of="$work/snap.raw" conv=notrunc status=none
-yes SNAPSHOT-BASE-FILL | head -c 1048576 | dd of="$work/snap.raw" bs=65536 seek=32 iflag=fullblock conv=notrunc status=none
+yes SNAPSHOT-BASE-FILL | head -c 1048576 | dd of="$work/snap.raw" bs=65536 seek=96 iflag=fullblock conv=notrunc status=none
 snap_sum=$(md5sum < "$work/snap.raw")
 # p X: 4 MiB of a pattern; written at 1 MiB + 512 (the clusters at either
 # end only partly), read back; then a few bytes into one sector (the guest's
 # page cache writes the 4 KiB around them), the image's own data at 0 and
-# 2 MiB, and WRITE_ZEROES.
+# 6 MiB, and WRITE_ZEROES at 8 MiB.
 snap_guest='p() { yes LKVM-SNAPSHOT-$1 | head -c 4194304; }
 echo ro=$(cat /sys/block/vda/ro)
 p $1 | dd of=/dev/vda bs=512 seek=2049 iflag=fullblock oflag=direct 2>&1 | tail -n 1
@@ -202,7 +202,7 @@ p $1 | dd of=/dev/vda bs=512 seek=2049 iflag=fullblock oflag=direct 2>&1 | tail 
 echo partial-sector-data | dd of=/dev/vda bs=512 seek=12001 conv=fsync status=none
 dd if=/dev/vda bs=512 skip=12001 count=1 iflag=direct status=none | head -c 19; echo
 dd if=/dev/vda bs=512 count=1 iflag=direct status=none | head -c 18; echo
-[ "$(dd if=/dev/vda bs=65536 skip=32 count=16 iflag=direct status=none | md5sum)" = "$(yes SNAPSHOT-BASE-FILL | head -c 1048576 | md5sum)" ] && echo base-fill-ok
+[ "$(dd if=/dev/vda bs=65536 skip=96 count=16 iflag=direct status=none | md5sum)" = "$(yes SNAPSHOT-BASE-FILL | head -c 1048576 | md5sum)" ] && echo base-fill-ok
 /usr/sbin/blkdiscard -z -o 8388608 -l 65536 /dev/vda && [ "$(dd if=/dev/vda bs=65536 skip=128 count=1 iflag=direct status=none | md5sum)" = "$(head -c 65536 /dev/zero | md5sum)" ] && echo zeroes-ok'
 job snapshot-write run -d "$work/snap.raw,snapshot" -- sh -c "$snap_guest" _ A
 printf '%s\n' "$snap_guest" > "$work/snap-guest.sh"
