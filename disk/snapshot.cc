@@ -269,20 +269,30 @@ struct SnapshotRequests::Part final : BlockingJob {
     }
 };
 
-SnapshotRequests::SnapshotRequests(SubmitPart submit_part, Finished finished)
-    : submit_part_(std::move(submit_part)), finished_(std::move(finished))
+SnapshotRequests::SnapshotRequests(SubmitPart submit_part, Finished finished, size_t requests)
+    : submit_part_(std::move(submit_part)), finished_(std::move(finished)), requests_(requests)
 {
+    free_requests_.reserve(requests);
+    for (size_t i = requests; i-- > 0;)
+        free_requests_.push_back(static_cast<uint32_t>(i));
+    for (size_t i = 0; i < 2 * requests; ++i)
+        add_part();
+}
+
+void SnapshotRequests::add_part()
+{
+    parts_.push_back(std::make_unique<Part>());
+    parts_.back()->iov.reserve(kPartIovecs);
+    free_parts_.reserve(parts_.size());  // complete() never allocates
+    free_parts_.push_back(static_cast<uint32_t>(parts_.size() - 1));
 }
 
 SnapshotRequests::~SnapshotRequests() = default;
 
 uint32_t SnapshotRequests::new_part(uint32_t request)
 {
-    if (free_parts_.empty()) {
-        parts_.push_back(std::make_unique<Part>());
-        free_parts_.reserve(parts_.size());  // complete() never allocates
-        free_parts_.push_back(static_cast<uint32_t>(parts_.size() - 1));
-    }
+    if (free_parts_.empty())
+        add_part();
     const uint32_t id = free_parts_.back();
     free_parts_.pop_back();
     parts_[id]->request = request;

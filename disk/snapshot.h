@@ -136,8 +136,10 @@ private:
 
 // Turns the requests of one queue for snapshot disks into requests on the
 // image and the overlay, and answers each once all its parts are done. Lives
-// on the queue's thread, like the queue; allocates only while it grows to the
-// most requests and parts the queue has had in flight at once.
+// on the queue's thread, like the queue. Storage for `requests` requests in
+// flight, two parts each (a read across one edge between the image and the
+// overlay) of up to kPartIovecs buffers, is made up front: the request path
+// allocates only beyond that.
 class SnapshotRequests {
 public:
     // submit_part: hand a part to the engine of that kind; its cookie is the
@@ -145,7 +147,8 @@ public:
     // (its cookie) is done, with the bytes it moved or -errno.
     using SubmitPart = std::function<void(EngineKind, const IoRequest&)>;
     using Finished = std::function<void(uint64_t cookie, int64_t result)>;
-    SnapshotRequests(SubmitPart submit_part, Finished finished);
+    static constexpr size_t kPartIovecs = 8;
+    SnapshotRequests(SubmitPart submit_part, Finished finished, size_t requests);
     ~SnapshotRequests();
     SnapshotRequests(const SnapshotRequests&) = delete;
     SnapshotRequests& operator=(const SnapshotRequests&) = delete;
@@ -165,6 +168,7 @@ private:
     };
     struct Part;
 
+    void add_part();
     uint32_t new_part(uint32_t request);
     void send(EngineKind engine, uint32_t part, IoRequest io);
     void part_done(uint32_t request, int64_t result);

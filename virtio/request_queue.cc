@@ -354,7 +354,8 @@ SnapshotRequests& RequestQueue::snapshot_requests()
                 part.cookie = IoThread::cookie(sink_, kSnapshotPart | static_cast<uint32_t>(part.cookie));
                 thread_.submit(engine, part);
             },
-            [this](uint64_t slot, int64_t result) { complete(static_cast<uint32_t>(slot), result); });
+            [this](uint64_t slot, int64_t result) { complete(static_cast<uint32_t>(slot), result); },
+            slots_.size());
     return *snapshot_;
 }
 

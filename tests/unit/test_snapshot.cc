@@ -72,7 +72,8 @@ struct Executor {
     std::vector<Sent> sent;
     std::vector<std::pair<uint64_t, int64_t>> finished;
     SnapshotRequests requests{[this](EngineKind engine, const IoRequest& io) { sent.push_back({engine, io}); },
-                              [this](uint64_t cookie, int64_t result) { finished.emplace_back(cookie, result); }};
+                              [this](uint64_t cookie, int64_t result) { finished.emplace_back(cookie, result); },
+                              1};  // storage for one request: more make it grow
 
     // Performs every part sent so far (the last first: completions come in any order).
     void run_all()
