@@ -14,7 +14,12 @@ DiskImage DiskImage::open(const DiskImageOptions& options)
 {
     const std::string& path = options.path;
     const std::string what = "disk " + path;
-    int flags = (options.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+    if (options.snapshot && options.read_only)
+        throw Error(what + ": snapshot and ro together: a snapshot disk is writable (its writes are dropped at exit); "
+                           "give one of them");
+    // A snapshot never writes the image: it is shared like a read-only one.
+    const bool image_read_only = options.read_only || options.snapshot;
+    int flags = (image_read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
     if (options.direct)
         flags |= O_DIRECT;
     Fd fd(::open(path.c_str(), flags));
@@ -24,7 +29,7 @@ DiskImage DiskImage::open(const DiskImageOptions& options)
             throw Error(what + ": is a directory; give a raw image file or a block device");
         if (err == EINVAL && options.direct)
             throw Error(what + ": this filesystem does not support O_DIRECT; drop 'direct'");
-        if ((err == EACCES || err == EROFS) && !options.read_only)
+        if ((err == EACCES || err == EROFS) && !image_read_only)
             throw sys_error(what + " (add ',ro' to use it read-only)", err);
         throw sys_error(what, err);
     }
@@ -51,12 +56,12 @@ DiskImage DiskImage::open(const DiskImageOptions& options)
     // An OFD lock belongs to this open file and goes when it is closed:
     // shared for read-only users, exclusive for a writer.
     struct flock lock {};
-    lock.l_type = options.read_only ? F_RDLCK : F_WRLCK;
+    lock.l_type = image_read_only ? F_RDLCK : F_WRLCK;
     lock.l_whence = SEEK_SET;
     if (::fcntl(fd.get(), F_OFD_SETLK, &lock) < 0) {
         if (errno == EAGAIN || errno == EACCES)
             throw Error(what + ": in use by another lkvm (or another program holding a lock on it); stop that one" +
-                        std::string(options.read_only ? "" : " or add ',ro' to share it read-only"));
+                        std::string(image_read_only ? "" : " or add ',ro' to share it read-only"));
         throw sys_error(what + ": cannot lock it");
     }
 
@@ -70,6 +75,15 @@ DiskImage DiskImage::open(const DiskImageOptions& options)
         int logical = 0;
         if (::ioctl(image.fd_.get(), BLKSSZGET, &logical) == 0 && logical > 0)
             image.alignment_ = static_cast<uint32_t>(logical);
+    }
+    if (options.snapshot) {
+        try {
+            image.snapshot_ = std::make_unique<SnapshotOverlay>(
+                image.fd_.get(), size, image.alignment(),
+                options.snapshot_dir.empty() ? SnapshotOverlay::default_dir() : options.snapshot_dir);
+        } catch (const Error& e) {
+            throw Error(what + ": " + e.what());
+        }
     }
     return image;
 }

@@ -4,9 +4,11 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "base/fd.h"
+#include "disk/snapshot.h"
 
 namespace lkvm {
 
@@ -14,6 +16,10 @@ struct DiskImageOptions {
     std::string path;
     bool read_only = false;
     bool direct = false;  // O_DIRECT: bypass the host page cache
+    // Opened read-only and shared; the guest's writes go to a temporary
+    // overlay (disk/snapshot.h) in snapshot_dir (empty: $TMPDIR or /var/tmp).
+    bool snapshot = false;
+    std::string snapshot_dir{};
 };
 
 class DiskImage {
@@ -31,6 +37,8 @@ public:
     bool direct() const { return direct_; }
     // Buffer and offset alignment O_DIRECT needs (1 without it).
     uint32_t alignment() const { return direct_ ? alignment_ : 1; }
+    // Where the guest's writes go on a snapshot disk; nullptr otherwise.
+    SnapshotOverlay* snapshot() const { return snapshot_.get(); }
 
 private:
     DiskImage() = default;
@@ -40,6 +48,7 @@ private:
     bool read_only_ = false;
     bool direct_ = false;
     uint32_t alignment_ = kSectorSize;
+    std::unique_ptr<SnapshotOverlay> snapshot_;  // after fd_, whose fd it reads
 };
 
 }  // namespace lkvm

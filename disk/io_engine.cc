@@ -81,7 +81,8 @@ bool IoEngine::wait_for_completions(int timeout_ms)
 
 namespace {
 
-bool is_allocation(IoOp op) { return op == IoOp::kDiscard || op == IoOp::kWriteZeroes; }
+// What goes to the engine's worker thread.
+bool is_allocation(IoOp op) { return op == IoOp::kDiscard || op == IoOp::kWriteZeroes || op == IoOp::kBlocking; }
 
 // Base for the engines that finish requests inside submit(): completions wait
 // in a list until reaped (has_completions() tells; the eventfd stays quiet).

@@ -6,6 +6,7 @@
 
 #include <sys/uio.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -18,8 +19,21 @@
 namespace lkvm {
 
 // kDiscard deallocates the range (it reads back as zeroes); kWriteZeroes
-// zeroes it and keeps it allocated. Neither uses iov.
-enum class IoOp : uint8_t { kRead, kWrite, kFlush, kDiscard, kWriteZeroes };
+// zeroes it and keeps it allocated. Neither uses iov. kBlocking runs a job
+// that may block (a snapshot's copy-up) on the engine's worker thread, as
+// discard and write-zeroes do; its result is the job's.
+enum class IoOp : uint8_t { kRead, kWrite, kFlush, kDiscard, kWriteZeroes, kBlocking };
+
+// What a kBlocking request runs, on a thread of the engine's own.
+class BlockingJob {
+public:
+    // Returns what the request completes with: bytes, or -errno. May stop
+    // early, with -ECANCELED, once cancel is set.
+    virtual int64_t run(const std::atomic<bool>& cancel) = 0;
+
+protected:
+    ~BlockingJob() = default;
+};
 
 struct IoRequest {
     IoOp op = IoOp::kRead;
@@ -30,6 +44,7 @@ struct IoRequest {
     uint64_t cookie = 0;
     uint16_t ioprio = 0;  // ioprio::value(class, level); 0: the thread's own
     uint64_t length = 0;  // kDiscard and kWriteZeroes: bytes from offset
+    BlockingJob* job = nullptr;  // kBlocking: must stay valid until the request completes
 };
 
 struct IoCompletion {

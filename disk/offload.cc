@@ -46,6 +46,8 @@ int64_t write_zeroes_by_hand(int fd, uint64_t offset, uint64_t length, const std
 
 int64_t perform_allocation(const IoRequest& r, const std::atomic<bool>& cancel)
 {
+    if (r.op == IoOp::kBlocking)
+        return r.job ? r.job->run(cancel) : -EINVAL;
     const int mode = r.op == IoOp::kDiscard ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
                                             : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
     const int64_t result = fallocate_range(r.fd, mode, r.offset, r.length);

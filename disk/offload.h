@@ -26,7 +26,7 @@ namespace lkvm {
 // discarded range must read back as zeroes (the SCSI disk advertises LBPRZ),
 // so where the file cannot punch holes, zeroes are written instead. The
 // hand-written zeroes stop, with -ECANCELED, between two 1 MiB writes once
-// `cancel` is set.
+// `cancel` is set. A kBlocking request runs its job.
 int64_t perform_allocation(const IoRequest& r, const std::atomic<bool>& cancel);
 
 class AllocationWorker {

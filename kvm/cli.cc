@@ -403,6 +403,8 @@ DiskSpec parse_disk_spec(const std::string& text)
             disk.read_only = true;
         } else if (item == "direct") {
             disk.direct = true;
+        } else if (item == "snapshot") {
+            disk.snapshot = true;
         } else if (auto v = value_of(item, "aio")) {
             disk.engine = *v;
             if (disk.engine != "sync" && disk.engine != "native" && disk.engine != "io_uring" && disk.engine != "null")
@@ -452,11 +454,14 @@ DiskSpec parse_disk_spec(const std::string& text)
         } else if (parse_throttle_item(where, item, disk.throttle)) {
         } else {
             throw Error(where + ": unknown disk option '" + item +
-                        "' (ro, direct, aio=, serial=, num-queues=, iothread=, ioprio=, notify=, bus=, controller=, "
+                        "' (ro, snapshot, direct, aio=, serial=, num-queues=, iothread=, ioprio=, notify=, bus=, controller=, "
                         "lun=, rotation-rate=, discard=, iops=, bps=, ..., throttle-group=, werror=, rerror=)" +
                         kRunHint);
         }
     }
+    if (disk.snapshot && disk.read_only)
+        throw Error(where + ": snapshot and ro together: a snapshot disk is writable and drops its writes at exit; "
+                            "give one of them" + kRunHint);
     if (disk.bus == DiskBus::kBlk) {
         if (!scsi_only.empty())
             throw Error(where + ": " + scsi_only.front() + " is for SCSI disks; add bus=scsi" + kRunHint);
@@ -739,6 +744,9 @@ std::string run_usage()
            "                         rotation-rate=N (1: SSD)\n"
            "                         discard=unmap|ignore (default unmap): whether the guest's\n"
            "                         discards punch holes in the image\n"
+           "                         snapshot: the image is opened read-only and stays as it is;\n"
+           "                         the guest writes to a temporary overlay in $TMPDIR (default\n"
+           "                         /var/tmp), gone when lkvm exits\n"
            "                         limits, as QEMU's: iops=, iops-rd=, iops-wr=, bps=, bps-rd=,\n"
            "                         bps-wr= (per second), each with -max= (burst rate) and\n"
            "                         -max-length= (burst seconds), iops-size=BYTES;\n"

@@ -44,6 +44,7 @@ struct DiskSpec {
     DiskBus bus = DiskBus::kBlk;
     bool read_only = false;
     bool direct = false;
+    bool snapshot = false;  // the image stays as it is; writes go to a temporary overlay
     std::string engine;  // empty: io_uring where the kernel has it, else native
     std::string serial;
     unsigned num_queues = 0;        // 0: one per vCPU
@@ -64,7 +65,7 @@ struct DiskSpec {
 constexpr unsigned kMaxDiskQueues = 64;
 constexpr unsigned kMaxScsiLun = 16383;
 
-// "PATH[,ro][,direct][,aio=ENGINE][,serial=S][,num-queues=Q][,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]]
+// "PATH[,ro|snapshot][,direct][,aio=ENGINE][,serial=S][,num-queues=Q][,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]]
 //  [,notify=mmio|pio][,bus=blk|scsi][,controller=C][,lun=L][,rotation-rate=N][,discard=unmap|ignore]
 //  [,THROTTLE...][,throttle-group=NAME][,werror=report|ignore|stop|enospc][,rerror=report|ignore|stop]"
 DiskSpec parse_disk_spec(const std::string& text);

@@ -139,8 +139,12 @@ std::vector<DiskImage> Machine::open_disks(const RunOptions& options)
         if (const auto warning = check_iothreads_on_host(options.iothreads, online_cpus()); !warning.empty())
             log_warn(warning);
     std::vector<DiskImage> images;
-    for (const auto& disk : options.disks)
-        images.push_back(DiskImage::open({disk.path, disk.read_only, disk.direct}));
+    for (const auto& disk : options.disks) {
+        images.push_back(DiskImage::open({disk.path, disk.read_only, disk.direct, disk.snapshot}));
+        if (const SnapshotOverlay* snapshot = images.back().snapshot())
+            log_info("disk " + disk.path + ": snapshot, the guest's writes go to a temporary overlay in " +
+                     snapshot->dir());
+    }
     return images;
 }
 

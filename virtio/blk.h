@@ -104,7 +104,7 @@ private:
     {
         return {options_.engine,   image_.fd(),         image_.alignment(),   options_.ioprio,
                 options_.throttle, options_.read_error, options_.write_error, options_.error_stop,
-                image_.path().c_str()};
+                image_.path().c_str(), image_.snapshot()};
     }
     void report_io_error(int64_t result);
 

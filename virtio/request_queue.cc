@@ -144,7 +144,7 @@ private:
             }
             held_.pop_front();
             --queue_.held_;
-            queue_.thread_.submit(slot.target.engine, slot.request);
+            queue_.dispatch(slot.target.engine, slot.target.snapshot, slot.request);
         }
     }
 
@@ -335,7 +335,27 @@ void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t
             if (&gate->group() == target.throttle)
                 return hold(*gate, id);
     }
-    thread_.submit(target.engine, request);
+    dispatch(target.engine, target.snapshot, request);
+}
+
+void RequestQueue::dispatch(EngineKind engine, SnapshotOverlay* snapshot, const IoRequest& request)
+{
+    if (snapshot)
+        return snapshot_requests().submit(*snapshot, engine, request);
+    thread_.submit(engine, request);
+}
+
+SnapshotRequests& RequestQueue::snapshot_requests()
+{
+    if (!snapshot_)
+        snapshot_ = std::make_unique<SnapshotRequests>(
+            [this](EngineKind engine, IoRequest part) {
+                part.cookie = IoThread::cookie(sink_, kSnapshotPart | static_cast<uint32_t>(part.cookie));
+                thread_.submit(engine, part);
+            },
+            [this](uint64_t slot, int64_t result) { complete(static_cast<uint32_t>(slot), result); },
+            slots_.size());
+    return *snapshot_;
 }
 
 void RequestQueue::hold(ThrottleGate& gate, uint32_t slot)
@@ -367,6 +387,8 @@ void RequestQueue::release(Slot& slot)
 
 void RequestQueue::complete(uint32_t tag, int64_t result)
 {
+    if (tag & kSnapshotPart)
+        return snapshot_->complete(tag & ~kSnapshotPart, result);  // answers the slot when it is done
     Slot& slot = slots_.at(tag);
     if (stopping_)
         return drop(tag);
@@ -414,7 +436,7 @@ void RequestQueue::retry_failed()
     if (stopping_)
         return;
     for (const uint32_t id : std::exchange(failed_, {}))
-        thread_.submit(slots_[id].target.engine, slots_[id].request);
+        dispatch(slots_[id].target.engine, slots_[id].target.snapshot, slots_[id].request);
 }
 
 void RequestQueue::finish_slot(uint32_t id, uint32_t written, uint64_t bytes)

@@ -21,6 +21,7 @@
 
 #include "disk/error_policy.h"
 #include "disk/io_engine.h"
+#include "disk/snapshot.h"
 #include "disk/throttle.h"
 #include "virtio/device.h"
 #include "virtio/io_stats.h"
@@ -64,6 +65,7 @@ struct IoTarget {
     IoErrorPolicy write_error = IoErrorPolicy::kReport;  // writes, flushes, discards, write-zeroes
     IoErrorStop* error_stop = nullptr;  // who pauses the guest; null: stop and enospc report
     const char* image = "";             // its path, for the reason the guest paused (the device keeps it)
+    SnapshotOverlay* snapshot = nullptr;  // -d ...,snapshot: requests go through disk/snapshot.h
 };
 
 struct RequestQueueConfig {
@@ -138,6 +140,11 @@ private:
         uint64_t bytes = 0;        // what it moves (for the throttle; success for werror=ignore)
     };
 
+    // Tags of a snapshot disk's parts of requests (SnapshotRequests' own), beside the slots' tags.
+    static constexpr uint32_t kSnapshotPart = 1u << 31;
+    SnapshotRequests& snapshot_requests();
+    // To the engine, or through the snapshot overlay when the target has one.
+    void dispatch(EngineKind engine, SnapshotOverlay* snapshot, const IoRequest& request);
     class ThrottleGate;
 
     void release(Slot& slot);
@@ -160,6 +167,7 @@ private:
     std::function<void()> broken_;
     std::vector<Slot> slots_;
     std::vector<uint32_t> free_slots_;
+    std::unique_ptr<SnapshotRequests> snapshot_;  // made by the first request to a snapshot disk
     Chain chain_;  // the one being handled
     std::vector<std::unique_ptr<ThrottleGate>> gates_;  // one per throttle group of the targets
     uint32_t held_ = 0;            // requests the gates hold back

@@ -480,7 +480,8 @@ VirtioScsi::Lun::Lun(ScsiLunSetup setup)
       image(std::move(setup.image)),
       disk(image, setup.disk),
       target{setup.engine,   image.fd(),        image.alignment(),  setup.ioprio,
-             setup.throttle, setup.read_error, setup.write_error, setup.error_stop, image.path().c_str()}
+             setup.throttle, setup.read_error, setup.write_error, setup.error_stop, image.path().c_str(),
+             image.snapshot()}
 {
 }
 

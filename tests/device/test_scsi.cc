@@ -73,6 +73,7 @@ struct ScsiRigLayout {
     const char* dir = "/tmp";
     bool one_thread = false;  // both request queues on iothread0
     ThrottleGroup* throttle = nullptr;  // LUN 0's limits
+    bool snapshot = false;    // LUN 0 is a snapshot of its image (overlay in the rig's directory)
 };
 
 struct ScsiRig {
@@ -102,8 +103,11 @@ struct ScsiRig {
         std::filesystem::resize_file(disk_path, layout.disk_bytes);
         std::ofstream(ro_path, std::ios::binary) << std::string(kReadOnlyBytes, 'r');
         std::vector<ScsiLunSetup> luns;
-        luns.push_back({0, DiskImage::open({disk_path, false, direct}), {"disk-serial-0", 1, scsi::Discard::kUnmap},
-                        engine, 0, layout.throttle});
+        DiskImageOptions disk{disk_path, false, direct};
+        disk.snapshot = layout.snapshot;
+        disk.snapshot_dir = dir.string();
+        luns.push_back({0, DiskImage::open(disk), {"disk-serial-0", 1, scsi::Discard::kUnmap}, engine, 0,
+                        layout.throttle});
         luns.push_back({3, DiskImage::open({ro_path, true, false}), {"ro-serial-3", 7200, scsi::Discard::kUnmap},
                         engine, 0});
         scsi = std::make_unique<VirtioScsi>(std::move(luns), 256, driver.memory(), std::vector<IoThread*>{&io0, layout.one_thread ? &io0 : &io1},
@@ -368,6 +372,83 @@ TEST_CASE("scsi device: UNMAP and WRITE SAME leave zeroes in the image, other da
         for (size_t i = 0; i < 512; ++i)
             CHECK(after[i] == static_cast<uint8_t>(610 + i));
     }
+}
+
+TEST_CASE("scsi device: a snapshot LUN reads back its writes, WRITE SAME and UNMAP on both queues; the image stays")
+{
+    for (const EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring}) {
+        CAPTURE(std::string(engine_kind_name(engine)));
+        ScsiRigLayout layout;
+        layout.snapshot = true;
+        ScsiRig rig(engine, false, AddressSpace::kMemory, {}, {}, layout);
+        const auto image = rig.file_bytes(rig.disk_path, 0, kDiskBytes);
+        std::vector<uint8_t> model = image;
+        // WRITE(10) of 40 blocks from block 100 (part of clusters 0 and 1) on queue 0.
+        std::memset(rig.driver.host(ScsiRig::data_gpa(0)), 0x31, 40 * 512);
+        CHECK(rig.command(0, 0, cdb10(0x2a, 100, 40), 40 * 512, false).status == scsi::kStatusGood);
+        std::fill_n(model.begin() + 100 * 512, 40 * 512, 0x31);
+        // WRITE SAME(10) of a pattern block over 600..609 on queue 1.
+        std::memset(rig.driver.host(ScsiRig::data_gpa(0)), 0x5a, 512);
+        CHECK(rig.command(1, 0, cdb10(0x41, 600, 10), 512, false).status == scsi::kStatusGood);
+        std::fill_n(model.begin() + 600 * 512, 10 * 512, 0x5a);
+        // UNMAP 64..127 and WRITE SAME(16) of zeroes with UNMAP over 256..511.
+        uint8_t list[24] = {0, 22, 0, 16};
+        list[8 + 7] = 64;
+        list[8 + 11] = 64;
+        std::memcpy(rig.driver.host(ScsiRig::data_gpa(0)), list, sizeof(list));
+        CHECK(rig.command(0, 0, {0x42, 0, 0, 0, 0, 0, 0, 0, sizeof(list), 0}, sizeof(list), false).status ==
+              scsi::kStatusGood);
+        std::fill_n(model.begin() + 64 * 512, 64 * 512, 0);
+        std::memset(rig.driver.host(ScsiRig::data_gpa(0)), 0, 512);
+        auto same = cdb16(0x93, 256, 256);
+        same[1] = 0x08;
+        CHECK(rig.command(1, 0, same, 512, false).status == scsi::kStatusGood);
+        std::fill_n(model.begin() + 256 * 512, 256 * 512, 0);
+        CHECK(rig.command(0, 0, {0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0}).status == scsi::kStatusGood);  // SYNCHRONIZE CACHE
+        // READ(10) the first 1 MiB back, 256 KiB at a time, from either queue.
+        for (uint32_t block = 0; block < 2048; block += 512) {
+            std::memset(rig.driver.host(ScsiRig::data_gpa(0)), 0xee, 512 * 512);
+            CHECK(rig.command(block / 512 % 2, 0, cdb10(0x28, block, 512), 512 * 512).status == scsi::kStatusGood);
+            CHECK(rig.data(0, 512 * 512) == std::vector<uint8_t>(model.begin() + block * 512l,
+                                                                  model.begin() + (block + 512) * 512l));
+        }
+        CHECK(rig.file_bytes(rig.disk_path, 0, kDiskBytes) == image);
+    }
+}
+
+TEST_CASE("scsi device: a throttled snapshot LUN: requests the group held back go through the overlay too")
+{
+    ThrottleLimits limits;
+    limits[ThrottleBucket::kIopsTotal].avg = 100;  // 10 at once, then one per 10 ms
+    ThrottleGroup group("0", limits);
+    ScsiRigLayout layout;
+    layout.snapshot = true;
+    layout.throttle = &group;
+    ScsiRig rig(EngineKind::kIoUring, false, AddressSpace::kMemory, {}, {}, layout);
+    const auto image = rig.file_bytes(rig.disk_path, 0, kDiskBytes);
+    constexpr unsigned kWrites = 24;
+    for (unsigned i = 0; i < kWrites; ++i) {
+        std::memset(rig.driver.host(ScsiRig::data_gpa(i)), static_cast<int>(0x80 + i), 512);
+        rig.queue_command(i, 0, 0, cdb10(0x2a, 300 * i + 7, 1), 512, false);
+    }
+    rig.driver.kick(2);
+    size_t answered = 0;
+    while (answered < kWrites) {
+        const auto used = rig.driver.wait_used(2, 1);
+        REQUIRE_FALSE(used.empty());
+        answered += used.size();
+    }
+    for (unsigned i = 0; i < kWrites; ++i) {
+        CAPTURE(i);
+        CHECK(rig.reply(i).status == scsi::kStatusGood);
+    }
+    CHECK(rig.scsi->queue_stats(0).throttled_ns() > 0);  // some were held
+    for (unsigned i = 0; i < kWrites; ++i) {
+        CAPTURE(i);
+        REQUIRE(rig.command(0, 0, cdb10(0x28, 300 * i + 7, 1), 512).status == scsi::kStatusGood);
+        CHECK(rig.data(0, 512) == std::vector<uint8_t>(512, static_cast<uint8_t>(0x80 + i)));
+    }
+    CHECK(rig.file_bytes(rig.disk_path, 0, kDiskBytes) == image);
 }
 
 namespace {

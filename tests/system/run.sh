@@ -183,6 +183,40 @@ for i in $(seq 20); do umount tmpfs-blk 2> /dev/null && break; sleep 0.5; done
 mountpoint -q tmpfs-blk && umount -l tmpfs-blk
 true'
 
+# Snapshot disks: the guest writes and reads back its data, the image stays
+# byte for byte as it was. The overlay goes to $TMPDIR (here the default,
+# /var/tmp, over the rig's 9p share; below, a tmpfs of L1's own), and two
+# guests snapshot one image at once.
+truncate -s 64M "$work/snap.raw"
+printf 'SNAPSHOT-BASE-9d3e' | dd of="$work/snap.raw" conv=notrunc status=none
+yes SNAPSHOT-BASE-FILL | head -c 1048576 | dd of="$work/snap.raw" bs=65536 seek=96 iflag=fullblock conv=notrunc status=none
+snap_sum=$(md5sum < "$work/snap.raw")
+# p X: 4 MiB of a pattern; written at 1 MiB + 512 (the clusters at either
+# end only partly), read back; then a few bytes into one sector (the guest's
+# page cache writes the 4 KiB around them), the image's own data at 0 and
+# 6 MiB, and WRITE_ZEROES at 8 MiB.
+snap_guest='p() { yes LKVM-SNAPSHOT-$1 | head -c 4194304; }
+echo ro=$(cat /sys/block/vda/ro)
+p $1 | dd of=/dev/vda bs=512 seek=2049 iflag=fullblock oflag=direct 2>&1 | tail -n 1
+[ "$(dd if=/dev/vda bs=512 skip=2049 count=8192 iflag=direct status=none | md5sum)" = "$(p $1 | md5sum)" ] && echo readback-ok
+echo partial-sector-data | dd of=/dev/vda bs=512 seek=12001 conv=fsync status=none
+dd if=/dev/vda bs=512 skip=12001 count=1 iflag=direct status=none | head -c 19; echo
+dd if=/dev/vda bs=512 count=1 iflag=direct status=none | head -c 18; echo
+[ "$(dd if=/dev/vda bs=65536 skip=96 count=16 iflag=direct status=none | md5sum)" = "$(yes SNAPSHOT-BASE-FILL | head -c 1048576 | md5sum)" ] && echo base-fill-ok
+/usr/sbin/blkdiscard -z -o 8388608 -l 65536 /dev/vda && [ "$(dd if=/dev/vda bs=65536 skip=128 count=1 iflag=direct status=none | md5sum)" = "$(head -c 65536 /dev/zero | md5sum)" ] && echo zeroes-ok'
+job snapshot-write run -d "$work/snap.raw,snapshot" -- sh -c "$snap_guest" _ A
+printf '%s\n' "$snap_guest" > "$work/snap-guest.sh"
+printf '%s\n' "$snap_guest" | sed 's/vda/sda/g' > "$work/snap-guest-scsi.sh"
+script snapshot-scsi-tmpfs-dir 'TMPDIR=/run "$LKVM" run -d snap.raw,snapshot,bus=scsi,aio=sync -- sh -c "$(cat snap-guest-scsi.sh)" _ S'
+script snapshot-two-guests 'g=$(cat snap-guest.sh)
+"$LKVM" run -d snap.raw,snapshot -- sh -c "$g; echo first-up; sleep 15
+[ \"\$(dd if=/dev/vda bs=512 skip=2049 count=8192 iflag=direct status=none | md5sum)\" = \"\$(p F | md5sum)\" ] && echo first-still-own" _ F > first-snap.out 2>&1 < /dev/null &
+first=$!
+for i in $(seq 120); do grep -q "^first-up" first-snap.out 2> /dev/null && break; kill -0 $first 2> /dev/null || break; sleep 0.5; done
+"$LKVM" run -d snap.raw,snapshot -- sh -c "$g" _ G; echo second=$?
+wait $first; echo first=$?
+tr -d "\r" < first-snap.out | sed "s/^/first: /"'
+
 # A disk that fills up under the guest: each image is sparse, 8 MiB on a
 # 2 MiB tmpfs of L1's own. The guest writes past what fits with O_DIRECT
 # (its page cache cannot hide the error), sees it, reads back what was
@@ -456,6 +490,12 @@ expect disk-enospc 0 '^vda dd=1 dd: .*/dev/vda.*: (Input/output|I/O) error$' '^v
     '^lkvm: disk full-blk/disk.raw: I/O error \(No space left on device\); the guest gets IOERR' \
     '^lkvm: disk full-scsi/disk.raw: I/O error \(No space left on device\); the guest gets a CHECK CONDITION' \
     '^lkvm-reports blk=1$' '^lkvm-reports scsi=1$'
+snap_expect=('^ro=0$' '^8192\+0 records out' '^readback-ok$' '^partial-sector-data$' '^SNAPSHOT-BASE-9d3e$' '^base-fill-ok$' '^zeroes-ok$')
+expect snapshot-write 0 "${snap_expect[@]}" 'snapshot, the guest.s writes go to a temporary overlay in /var/tmp'
+expect snapshot-scsi-tmpfs-dir 0 "${snap_expect[@]}" 'temporary overlay in /run'
+expect snapshot-two-guests 0 "${snap_expect[@]}" '^second=0$' '^first=0$' '^first: readback-ok$' '^first: first-up$' '^first: first-still-own$'
+if [ "$(md5sum < "$work/snap.raw")" = "$snap_sum" ]; then pass snapshot-image-unchanged
+else fail snapshot-image-unchanged "a snapshot guest changed its image" "$(result snapshot-write out)"; fi
 expect control-socket 0 'fioguest +[0-9]+ +running +2 ' '^pause=0$' '^listed-paused$' '^paused-moved=0$' '^resume=0$' \
     '^counted-from-idle$' '^resumed-moves$' '^two-clients$' '^interval-latency ' '^json-kicks-exits ' '^bogus-reply: LKVM/1 error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
     '^socket-gone$' '^pause-gone=1$'
@@ -537,6 +577,10 @@ refuse scsi-bad-discard 'discard=trim is not unmap or ignore' run -d "$work/odd.
 refuse scsi-bad-bus     'bus=ide is not blk or scsi' run -d "$work/odd.raw,bus=ide"
 refuse scsi-lun-range   'lun=20000 is not 0-16383' run -d "$work/odd.raw,bus=scsi,lun=20000"
 refuse scsi-disk-missing 'disk /nonexistent.raw: No such file' run -d /nonexistent.raw,bus=scsi
+refuse disk-snapshot-ro 'snapshot and ro together' run -d "$work/odd.raw,ro,snapshot"
+truncate -s 1M "$work/snap-refused.raw"
+TMPDIR=/nonexistent refuse disk-snapshot-tmpdir 'snapshot: cannot create the overlay in /nonexistent .*set TMPDIR to a writable directory' \
+    run -d "$work/snap-refused.raw,snapshot"
 if [ "$(md5sum < "$work/odd.raw")" = "$odd_sum" ]; then pass "bad-input disk-untouched"
 else fail "bad-input disk-untouched" "a refused image was modified" ""; fi
 
