@@ -48,6 +48,11 @@ int64_t perform_allocation(const IoRequest& r, const std::atomic<bool>& cancel)
 {
     if (r.op == IoOp::kBlocking)
         return r.job ? r.job->run(cancel) : -EINVAL;
+    // Files: punch a hole, or zero the range. Block devices take the same
+    // calls (blkdev_fallocate): a punch there is BLKZEROOUT allowed to unmap,
+    // not BLKDISCARD, whose blocks may read back as anything, while both our
+    // devices promise zeroes after a discard (SCSI's LBPRZ, virtio-blk's
+    // write_zeroes_may_unmap). Without either mode the zeroes are written.
     const int mode = r.op == IoOp::kDiscard ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
                                             : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
     const int64_t result = fallocate_range(r.fd, mode, r.offset, r.length);
