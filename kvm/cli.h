@@ -9,6 +9,7 @@
 
 #include "base/error.h"
 #include "base/log.h"
+#include "disk/disk_image.h"
 #include "hw/bus.h"
 #include "virtio/io_thread_policy.h"
 
@@ -41,7 +42,8 @@ struct DiskSpec {
     std::string path;
     DiskBus bus = DiskBus::kBlk;
     bool read_only = false;
-    bool direct = false;
+    CacheMode cache = CacheMode::kWriteback;  // cache=MODE; `direct` says none
+    DetectZeroes detect_zeroes = DetectZeroes::kOff;
     std::string engine;  // empty: io_uring where the kernel has it, else native
     std::string serial;
     unsigned num_queues = 0;        // 0: one per vCPU
@@ -58,7 +60,7 @@ struct DiskSpec {
 constexpr unsigned kMaxDiskQueues = 64;
 constexpr unsigned kMaxScsiLun = 16383;
 
-// "PATH[,ro][,direct][,aio=ENGINE][,serial=S][,num-queues=Q][,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]]
+// "PATH[,ro][,direct][,cache=MODE][,detect-zeroes=off|on|unmap][,aio=ENGINE][,serial=S][,num-queues=Q][,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]]
 //  [,notify=mmio|pio][,bus=blk|scsi][,controller=C][,lun=L][,rotation-rate=N][,discard=unmap|ignore]"
 DiskSpec parse_disk_spec(const std::string& text);
 

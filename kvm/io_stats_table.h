@@ -43,6 +43,7 @@ struct StatSnapshot {
         LatencyBuckets latency;  // of the requests completed so far
         uint64_t kicks = 0, interrupts = 0;
         uint64_t errors = 0;  // requests the disk failed
+        uint64_t flushes = 0;  // flushes that reached the disk
         bool operator==(const Queue&) const = default;
     };
     struct Vcpu {

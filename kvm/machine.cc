@@ -139,7 +139,7 @@ std::vector<DiskImage> Machine::open_disks(const RunOptions& options)
             log_warn(warning);
     std::vector<DiskImage> images;
     for (const auto& disk : options.disks)
-        images.push_back(DiskImage::open({disk.path, disk.read_only, disk.direct}));
+        images.push_back(DiskImage::open({disk.path, disk.read_only, disk.cache}));
     return images;
 }
 
@@ -179,7 +179,7 @@ void Machine::add_disks()
         };
         if (plan.bus == DiskBus::kBlk) {
             const DiskSpec& spec = options_.disks[plan.disks.front()];
-            BlkOptions blk{spec.serial, engine_of(spec), spec.ioprio, 256, spec.discard};
+            BlkOptions blk{spec.serial, engine_of(spec), spec.ioprio, 256, spec.discard, spec.detect_zeroes};
             disks_.push_back(std::make_unique<VirtioBlk>(std::move(disk_images_[plan.disks.front()]), blk, *memory_,
                                                           std::move(threads)));
         } else {
@@ -190,6 +190,7 @@ void Machine::add_disks()
                 disk.serial = spec.serial.empty() ? "lkvm-disk" + std::to_string(d) : spec.serial;
                 disk.rotation_rate = spec.rotation_rate;
                 disk.discard = spec.discard ? scsi::Discard::kUnmap : scsi::Discard::kIgnore;
+                disk.detect_zeroes = spec.detect_zeroes;
                 luns.push_back({static_cast<uint16_t>(spec.lun), std::move(disk_images_[d]), disk, engine_of(spec),
                                 spec.ioprio});
             }

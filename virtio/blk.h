@@ -68,6 +68,7 @@ struct BlkOptions {
     uint16_t ioprio = 0;  // ioprio::value() on every request; 0: the thread's own
     uint16_t queue_size = 256;
     bool discard = true;  // discard=unmap: DISCARD punches holes; false (ignore): it does nothing
+    DetectZeroes detect_zeroes = DetectZeroes::kOff;
 };
 
 // The device model: configuration, features, and one BlkQueue per virtqueue
@@ -84,11 +85,16 @@ public:
     unsigned num_queues() const override { return static_cast<unsigned>(queue_threads_.size()); }
     uint16_t max_queue_size() const override { return options_.queue_size; }
     void read_config(uint64_t offset, std::span<uint8_t> data) override;
+    // The driver's one writable field: writeback (VIRTIO_BLK_F_CONFIG_WCE).
+    void write_config(uint64_t offset, std::span<const uint8_t> data) override;
     void activate(uint64_t features, std::vector<QueueSetup> queues, std::function<void()> broken) override;
     void reset() override;
 
     const DiskImage& image() const { return image_; }
     const BlkOptions& options() const { return options_; }
+    // Whether the guest is told of a write-back cache: the cache mode's
+    // default until the driver switches it (or negotiates no FLUSH).
+    bool write_cache() const { return write_cache_.load(std::memory_order_relaxed); }
     unsigned request_queues() const override { return num_queues(); }
     const IoThread& queue_thread(unsigned q) const override { return *queue_threads_.at(q); }
     const QueueStats& queue_stats(unsigned q) const override { return *stats_.at(q); }
@@ -97,6 +103,13 @@ public:
 private:
     friend class BlkQueue;
     IoTarget io_target() const { return {options_.engine, image_.fd(), image_.alignment(), options_.ioprio}; }
+    // With the write cache off, a write completes durable: O_DSYNC makes a
+    // plain write so by itself; anything else that writes needs a flush
+    // after it. unsafe flushes nothing.
+    bool flush_after_write(bool plain_write) const
+    {
+        return !write_cache() && !image_.flushes_ignored() && !(plain_write && image_.writes_durable());
+    }
     void report_io_error(int64_t result);
 
     DiskImage image_;
@@ -105,6 +118,7 @@ private:
     std::vector<IoThread*> queue_threads_;
     std::vector<std::unique_ptr<QueueStats>> stats_;  // per queue, kept across resets
     RequestQueues queues_;  // while DRIVER_OK
+    std::atomic<bool> write_cache_;  // set by vCPU threads (config writes), read by the I/O threads
     std::atomic<bool> reported_error_{false};
 };
 

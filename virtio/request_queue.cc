@@ -237,6 +237,8 @@ void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t
     IoRequest request{op,          target.fd, offset, slot.iov.data(), static_cast<int>(slot.iov.size()),
                       IoThread::cookie(sink_, id), target.ioprio};
     request.length = length;
+    if (op == IoOp::kFlush)
+        stats_.flushed();
     thread_.submit(target.engine, request);
 }
 

@@ -63,7 +63,7 @@ struct BlkRig {
         for (uint64_t i = 0; i < size; ++i)
             data[i] = static_cast<uint8_t>(i / 512 + i % 512);
         std::ofstream(path, std::ios::binary).write(reinterpret_cast<char*>(data.data()), static_cast<long>(size));
-        blk = std::make_unique<VirtioBlk>(DiskImage::open({path, read_only, direct}),
+        blk = std::make_unique<VirtioBlk>(DiskImage::open({path, read_only, direct ? CacheMode::kNone : CacheMode::kWriteback}),
                                           BlkOptions{serial, engine, 0, 256, discard}, driver.memory(),
                                           queue_threads.empty() ? std::vector<IoThread*>(queues, &thread)
                                                                 : queue_threads);
@@ -735,7 +735,7 @@ TEST_CASE("statistics sample: a row per disk queue, with its thread, image and t
         t->run_and_wait([] {});
     {
         std::vector<std::unique_ptr<DiskDevice>> disks;
-        disks.push_back(std::make_unique<VirtioBlk>(DiskImage::open({path, true, false}),
+        disks.push_back(std::make_unique<VirtioBlk>(DiskImage::open({path, true}),
                                                     BlkOptions{"", EngineKind::kSync, 0, 256}, driver.memory(),
                                                     std::vector<IoThread*>{threads[1].get(), threads[0].get()}));
         const StatSnapshot sample = sample_io_stats(threads, disks);
@@ -826,7 +826,7 @@ TEST_CASE("blk: an engine that cannot be set up fails making the device (lkvm's 
     };
     IoThread thread(std::move(options));
     GuestDriver driver;
-    CHECK_THROWS_WITH_AS(VirtioBlk(DiskImage::open({path, false, false}), BlkOptions{"s", EngineKind::kNative, 0, 256},
+    CHECK_THROWS_WITH_AS(VirtioBlk(DiskImage::open({path, false}), BlkOptions{"s", EngineKind::kNative, 0, 256},
                                    driver.memory(), {&thread}),
                          "io_setup for the native (libaio) engine: Resource temporarily unavailable", Error);
     std::filesystem::remove_all(dir);

@@ -101,9 +101,9 @@ struct ScsiRig {
         std::filesystem::resize_file(disk_path, layout.disk_bytes);
         std::ofstream(ro_path, std::ios::binary) << std::string(kReadOnlyBytes, 'r');
         std::vector<ScsiLunSetup> luns;
-        luns.push_back({0, DiskImage::open({disk_path, false, direct}), {"disk-serial-0", 1, scsi::Discard::kUnmap},
+        luns.push_back({0, DiskImage::open({disk_path, false, direct ? CacheMode::kNone : CacheMode::kWriteback}), {"disk-serial-0", 1, scsi::Discard::kUnmap},
                         engine, 0});
-        luns.push_back({3, DiskImage::open({ro_path, true, false}), {"ro-serial-3", 7200, scsi::Discard::kUnmap},
+        luns.push_back({3, DiskImage::open({ro_path, true}), {"ro-serial-3", 7200, scsi::Discard::kUnmap},
                         engine, 0});
         scsi = std::make_unique<VirtioScsi>(std::move(luns), 256, driver.memory(), std::vector<IoThread*>{&io0, layout.one_thread ? &io0 : &io1},
                                             control.context());

@@ -63,7 +63,7 @@ struct TestDisk {
     ScsiDisk scsi;
     explicit TestDisk(ScsiDiskOptions options = test_options(), bool read_only = false,
                       uint64_t bytes = kDiskBlocks * kBlock)
-        : image(DiskImage::open({dir.sparse_file("disk.img", bytes), read_only, false})), scsi(image, std::move(options))
+        : image(DiskImage::open({dir.sparse_file("disk.img", bytes), read_only})), scsi(image, std::move(options))
     {
     }
     // A command with data-in buffers of `data_in` bytes.
@@ -1241,11 +1241,11 @@ TEST_CASE("scsi logical block size: from the image, or a valid one from the opti
     const auto path = dir.sparse_file("disk.img", 1 << 20);
     // Buffered, or O_DIRECT with 512-byte alignment (a regular file): 512, as always.
     for (const bool direct : {false, true}) {
-        const DiskImage image = DiskImage::open({path, false, direct});
+        const DiskImage image = DiskImage::open({path, false, direct ? CacheMode::kNone : CacheMode::kWriteback});
         CHECK(ScsiDisk::block_size_for(image) == 512);
         CHECK(ScsiDisk(image, test_options()).block_size() == 512);
     }
-    const DiskImage image = DiskImage::open({path, false, false});
+    const DiskImage image = DiskImage::open({path, false});
     for (const uint32_t size : {512u, 1024u, 4096u, 65536u}) {
         ScsiDiskOptions o = test_options();
         o.block_size = size;
@@ -1267,7 +1267,7 @@ TEST_CASE("scsi logical block size: from the image, or a valid one from the opti
 TEST_CASE("scsi a disk smaller than one logical block is refused")
 {
     TempDir dir;
-    const DiskImage image = DiskImage::open({dir.sparse_file("tiny.img", 1024), false, false});
+    const DiskImage image = DiskImage::open({dir.sparse_file("tiny.img", 1024), false});
     ScsiDiskOptions o = test_options();
     o.block_size = 4096;
     CHECK(lkvm::test::error_of([&] { [[maybe_unused]] ScsiDisk disk(image, o); }).find("less than one logical block") !=
