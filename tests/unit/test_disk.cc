@@ -112,6 +112,64 @@ TEST_CASE("disk image: size, read-only and what cannot be a disk")
     CHECK(open_error({dir.file("empty.raw", 0), false}).find("is empty") != std::string::npos);
 }
 
+TEST_CASE("disk image: each cache mode opens the image as QEMU's does and says what the guest is told")
+{
+    TempDir dir;
+    const auto path = dir.file("cache.raw", 1 << 20);
+    struct Case {
+        CacheMode cache;
+        int flags;  // of O_DIRECT | O_DSYNC
+        bool write_cache, durable, ignored;
+    };
+    for (const Case c : {Case{CacheMode::kWriteback, 0, true, false, false}, Case{CacheMode::kNone, O_DIRECT, true, false, false},
+                         Case{CacheMode::kWritethrough, O_DSYNC, false, true, false},
+                         Case{CacheMode::kDirectsync, O_DIRECT | O_DSYNC, false, true, false},
+                         Case{CacheMode::kUnsafe, 0, true, false, true}}) {
+        CAPTURE(cache_mode_name(c.cache));
+        const auto image = DiskImage::open({path, false, c.cache});
+        CHECK((::fcntl(image.fd(), F_GETFL) & (O_DIRECT | O_DSYNC)) == c.flags);
+        CHECK(image.cache() == c.cache);
+        CHECK(image.direct() == ((c.flags & O_DIRECT) != 0));
+        CHECK(image.alignment() == (image.direct() ? 512u : 1u));
+        CHECK(image.write_cache_default() == c.write_cache);
+        CHECK(image.writes_durable() == c.durable);
+        CHECK(image.flushes_ignored() == c.ignored);
+    }
+}
+
+TEST_CASE("iovecs_are_zero: any alignment and split, stops at a non-zero byte anywhere")
+{
+    std::vector<uint8_t> buffer(4096 + 64, 0);
+    for (const size_t start : {0, 1, 3, 7, 8, 13}) {
+        for (const size_t length : {0, 1, 7, 8, 9, 15, 16, 17, 511, 512, 4096}) {
+            CAPTURE(start);
+            CAPTURE(length);
+            iovec one{buffer.data() + start, length};
+            CHECK(iovecs_are_zero({&one, 1}, length));
+            for (size_t at = 0; at < length; at += std::max<size_t>(1, length / 7)) {
+                buffer[start + at] = 0x80;
+                CHECK_FALSE(iovecs_are_zero({&one, 1}, length));
+                buffer[start + at] = 0;
+            }
+            if (length != 0) {
+                buffer[start + length - 1] = 1;  // the last byte
+                CHECK_FALSE(iovecs_are_zero({&one, 1}, length));
+                CHECK(iovecs_are_zero({&one, 1}, length - 1));  // only `bytes` of them count
+                buffer[start + length - 1] = 0;
+            }
+            buffer[start + length] = 1;  // just past: not looked at
+            CHECK(iovecs_are_zero({&one, 1}, length));
+            buffer[start + length] = 0;
+        }
+    }
+    // Split over several buffers, a non-zero byte in the last one.
+    iovec three[] = {{buffer.data() + 1, 5}, {buffer.data() + 100, 0}, {buffer.data() + 200, 1000}};
+    CHECK(iovecs_are_zero(three, 1005));
+    buffer[200 + 999] = 2;
+    CHECK_FALSE(iovecs_are_zero(three, 1005));
+    CHECK(iovecs_are_zero(three, 1004));
+}
+
 TEST_CASE("disk image: a second writer is refused, readers share")
 {
     TempDir dir;
