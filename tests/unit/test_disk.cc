@@ -134,6 +134,19 @@ TEST_CASE("disk image: each cache mode opens the image as QEMU's does and says w
         CHECK(image.write_cache_default() == c.write_cache);
         CHECK(image.writes_durable() == c.durable);
         CHECK(image.flushes_ignored() == c.ignored);
+        // io_uring opens a description of its own for a registered file: with the same flags.
+        auto engine = make_uring_engine(8, default_uring_setup_flags(), true);
+        engine->register_file(image.fd());
+        unsigned descriptions = 0;
+        for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+            std::error_code error;
+            if (std::filesystem::read_symlink(entry.path(), error) != std::filesystem::path(path))
+                continue;
+            const int fd = std::stoi(entry.path().filename().string());
+            CHECK((::fcntl(fd, F_GETFL) & (O_DIRECT | O_DSYNC)) == c.flags);
+            ++descriptions;
+        }
+        CHECK(descriptions == 2);
     }
 }
 
