@@ -40,7 +40,7 @@ IoEngine::~IoEngine() = default;
 void IoEngine::start_allocation(const IoRequest& request)
 {
     if (!allocations_)
-        allocations_ = std::make_unique<AllocationWorker>(event_.get());
+        allocations_ = std::make_unique<AllocationWorker>(event_.get(), capacity_);
     allocations_->start(request);
     ++allocations_in_flight_;
     ++in_flight_;

@@ -53,11 +53,12 @@ struct BlkRig {
                     std::string serial = "lkvm-serial-0001", unsigned queues = 1, bool msix = true,
                     std::vector<IoThread*> queue_threads = {}, AddressSpace notify = AddressSpace::kMemory,
                     bool direct = false, FaultRule fault = {}, bool discard = true,
-                    CacheMode cache = CacheMode::kWriteback, DetectZeroes detect_zeroes = DetectZeroes::kOff)
+                    CacheMode cache = CacheMode::kWriteback, DetectZeroes detect_zeroes = DetectZeroes::kOff,
+                    const std::string& parent = "/tmp")
         : thread(thread_options(std::move(fault)))
     {
-        char tmpl[] = "/tmp/lkvm-device.XXXXXX";
-        dir = ::mkdtemp(tmpl);
+        std::string tmpl = parent + "/lkvm-device.XXXXXX";
+        dir = ::mkdtemp(tmpl.data());
         path = (dir / "disk.raw").string();
         std::ofstream(path, std::ios::binary) << std::string(size, '\0');
         // A recognizable pattern: byte i of sector s is (s + i) & 0xff.
@@ -1132,5 +1133,31 @@ TEST_CASE("blk: detect-zeroes turns a write of zeroes into a write-zeroes (unmap
             CHECK(rig.request(kBlkTOut, (8 << 20) / 512 - 1, 4096) == kBlkSIoErr);
             CHECK(log.take().empty());
         }
+    }
+}
+
+TEST_CASE("blk: write-then-flush (write cache off) and detect-zeroes allocate nothing on the request path either")
+{
+    for (const EngineKind engine : {EngineKind::kSync, EngineKind::kIoUring}) {
+        CAPTURE(std::string(engine_kind_name(engine)));
+        IoThread thread(IoThreadOptions{"disk0-io", {0, 0, 0}, 0, -1});
+        // On tmpfs, where a flush costs nothing: thousands of them take no time.
+        BlkRig rig(engine, false, 8 << 20, "lkvm-serial-0001", 1, true, {&thread}, AddressSpace::kMemory, false, {},
+                   true, CacheMode::kWriteback, DetectZeroes::kOn, "/dev/shm");
+        rig.driver.write_device_config(kWritebackOffset, 1, 0);  // every write is followed by a flush
+        // 4 KiB writes, 16 in flight: every other one all zeroes (a write-zeroes, on the engine's worker).
+        for (unsigned i = 0; i < 16; ++i)
+            std::memset(rig.driver.host(BlkRig::data_gpa(i)), i % 2 ? 0 : 0x33, 4096);
+        uint64_t round = 0;
+        auto queue = [&](unsigned i) { rig.queue_request(i, kBlkTOut, 8ull * ((i * 37 + round++) % 2000), 4096); };
+        constexpr uint64_t kWarmUp = 20000, kCounted = 8000;
+        REQUIRE(rig.driver.keep_in_flight(0, 16, 3, kWarmUp, queue) == kWarmUp);
+        uint64_t counted = 0;
+        {
+            PostsMeanwhile posts(thread);
+            CHECK(allocations_on(thread, [&] { counted = rig.driver.keep_in_flight(0, 16, 3, kCounted, queue); }) == 0);
+        }
+        CHECK(counted == kCounted);
+        CHECK(rig.blk->queue_stats(0).flushes() == kWarmUp + kCounted);
     }
 }
