@@ -6,9 +6,64 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstring>
+
 #include "base/error.h"
 
 namespace lkvm {
+
+const char* cache_mode_name(CacheMode mode)
+{
+    switch (mode) {
+    case CacheMode::kWriteback: return "writeback";
+    case CacheMode::kNone: return "none";
+    case CacheMode::kWritethrough: return "writethrough";
+    case CacheMode::kDirectsync: return "directsync";
+    case CacheMode::kUnsafe: return "unsafe";
+    }
+    return "?";
+}
+
+const char* detect_zeroes_name(DetectZeroes mode)
+{
+    switch (mode) {
+    case DetectZeroes::kOff: return "off";
+    case DetectZeroes::kOn: return "on";
+    case DetectZeroes::kUnmap: return "unmap";
+    }
+    return "?";
+}
+
+bool iovecs_are_zero(std::span<const iovec> iovs, uint64_t bytes)
+{
+    for (const iovec& iov : iovs) {
+        if (bytes == 0)
+            break;
+        const auto* p = static_cast<const uint8_t*>(iov.iov_base);
+        const size_t n = std::min<uint64_t>(iov.iov_len, bytes);
+        bytes -= n;
+        // Byte by byte up to a word boundary, then words (memcmp of the
+        // buffer against itself shifted by a word: the C library's
+        // vectorised compare, which stops at the first difference).
+        size_t i = 0;
+        for (; i < n && reinterpret_cast<uintptr_t>(p + i) % sizeof(uint64_t) != 0; ++i)
+            if (p[i] != 0)
+                return false;
+        const size_t words = (n - i) / sizeof(uint64_t);
+        if (words != 0) {
+            uint64_t first;
+            std::memcpy(&first, p + i, sizeof(first));
+            if (first != 0 || std::memcmp(p + i, p + i + sizeof(uint64_t), (words - 1) * sizeof(uint64_t)) != 0)
+                return false;
+            i += words * sizeof(uint64_t);
+        }
+        for (; i < n; ++i)
+            if (p[i] != 0)
+                return false;
+    }
+    return true;
+}
 
 DiskImage DiskImage::open(const DiskImageOptions& options)
 {
@@ -20,15 +75,20 @@ DiskImage DiskImage::open(const DiskImageOptions& options)
     // A snapshot never writes the image: it is shared like a read-only one.
     const bool image_read_only = options.read_only || options.snapshot;
     int flags = (image_read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
-    if (options.direct)
+    if (options.cache == CacheMode::kNone || options.cache == CacheMode::kDirectsync)
         flags |= O_DIRECT;
+    if (options.cache == CacheMode::kWritethrough || options.cache == CacheMode::kDirectsync)
+        flags |= O_DSYNC;
     Fd fd(::open(path.c_str(), flags));
     if (!fd.valid()) {
         const int err = errno;
         if (err == EISDIR)
             throw Error(what + ": is a directory; give a raw image file or a block device");
-        if (err == EINVAL && options.direct)
-            throw Error(what + ": this filesystem does not support O_DIRECT; drop 'direct'");
+        if (err == EINVAL && (flags & O_DIRECT))
+            throw Error(what + ": this filesystem does not support O_DIRECT, which cache=" +
+                        cache_mode_name(options.cache) + (options.cache == CacheMode::kNone ? " ('direct')" : "") +
+                        " needs; use cache=" + (options.cache == CacheMode::kNone ? "writeback" : "writethrough") +
+                        " or put the image on a file system that has it");
         if ((err == EACCES || err == EROFS) && !image_read_only)
             throw sys_error(what + " (add ',ro' to use it read-only)", err);
         throw sys_error(what, err);
@@ -70,7 +130,7 @@ DiskImage DiskImage::open(const DiskImageOptions& options)
     image.path_ = path;
     image.size_ = size;
     image.read_only_ = options.read_only;
-    image.direct_ = options.direct;
+    image.cache_ = options.cache;
     if (S_ISBLK(st.st_mode)) {
         int logical = 0;
         if (::ioctl(image.fd_.get(), BLKSSZGET, &logical) == 0 && logical > 0)

@@ -40,7 +40,7 @@ IoEngine::~IoEngine() = default;
 void IoEngine::start_allocation(const IoRequest& request)
 {
     if (!allocations_)
-        allocations_ = std::make_unique<AllocationWorker>(event_.get());
+        allocations_ = std::make_unique<AllocationWorker>(event_.get(), capacity_);
     allocations_->start(request);
     ++allocations_in_flight_;
     ++in_flight_;
@@ -544,7 +544,8 @@ public:
                taskrun_pending() || allocations_ready();
     }
 
-    // The ring gets an open file description of its own for the file: the
+    // The ring gets an open file description of its own for the file (with
+    // the caller's O_DIRECT and O_DSYNC: the cache mode's guarantees): the
     // kernel drops a ring's files only some time after the ring is gone, and
     // the image's lock (held by the caller's description) must go the moment
     // the caller closes it, or the next lkvm finds the image "in use".
@@ -559,7 +560,7 @@ public:
         const int flags = ::fcntl(fd, F_GETFL);
         Fd own(flags < 0 ? -1
                          : ::open(("/proc/self/fd/" + std::to_string(fd)).c_str(),
-                                  (flags & (O_ACCMODE | O_DIRECT)) | O_CLOEXEC));
+                                  (flags & (O_ACCMODE | O_DIRECT | O_DSYNC)) | O_CLOEXEC));
         int registered = own.get();
         if (!own.valid() || io_uring_register_files_update(ring_.get(), slot, &registered, 1) != 1)
             return;

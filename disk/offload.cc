@@ -61,9 +61,12 @@ int64_t perform_allocation(const IoRequest& r, const std::atomic<bool>& cancel)
     return write_zeroes_by_hand(r.fd, r.offset, r.length, cancel);
 }
 
-AllocationWorker::AllocationWorker(int event_fd)
+AllocationWorker::AllocationWorker(int event_fd, size_t capacity)
     : event_fd_(event_fd), thread_([this](std::stop_token stop) { run(stop); })
 {
+    std::lock_guard lock(mutex_);
+    queued_.reserve(capacity);
+    done_.reserve(capacity);
 }
 
 AllocationWorker::~AllocationWorker()

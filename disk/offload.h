@@ -32,7 +32,9 @@ int64_t perform_allocation(const IoRequest& r, const std::atomic<bool>& cancel);
 class AllocationWorker {
 public:
     // Completions are announced by a write to event_fd (the engine's eventfd).
-    explicit AllocationWorker(int event_fd);
+    // At most `capacity` requests at a time (the engine's): room for them is
+    // taken here, so that start() and reap() allocate nothing.
+    AllocationWorker(int event_fd, size_t capacity);
     // Cancels the running request, drops those not started, and joins.
     ~AllocationWorker();
     AllocationWorker(const AllocationWorker&) = delete;

@@ -377,6 +377,23 @@ std::string parse_throttle_group_name(const std::string& where, const std::strin
     return name;
 }
 
+CacheMode parse_cache_mode(const std::string& where, const std::string& text)
+{
+    for (const CacheMode mode : {CacheMode::kNone, CacheMode::kWriteback, CacheMode::kWritethrough,
+                                 CacheMode::kDirectsync, CacheMode::kUnsafe})
+        if (text == cache_mode_name(mode))
+            return mode;
+    throw Error(where + ": cache=" + text + " is not none, writeback, writethrough, directsync or unsafe" + kRunHint);
+}
+
+DetectZeroes parse_detect_zeroes(const std::string& where, const std::string& text)
+{
+    for (const DetectZeroes mode : {DetectZeroes::kOff, DetectZeroes::kOn, DetectZeroes::kUnmap})
+        if (text == detect_zeroes_name(mode))
+            return mode;
+    throw Error(where + ": detect-zeroes=" + text + " is not off, on or unmap" + kRunHint);
+}
+
 std::vector<unsigned> parse_iothread_list(const std::string& where, const std::string& text)
 {
     std::vector<unsigned> threads;
@@ -397,12 +414,18 @@ DiskSpec parse_disk_spec(const std::string& text)
     if (items[0].empty())
         throw Error(where + ": no image path before the options" + kRunHint);
     disk.path = items[0];
+    bool direct = false;
+    std::optional<CacheMode> cache;
     for (size_t i = 1; i < items.size(); ++i) {
         const std::string& item = items[i];
         if (item == "ro") {
             disk.read_only = true;
         } else if (item == "direct") {
-            disk.direct = true;
+            direct = true;
+        } else if (auto v = value_of(item, "cache")) {
+            cache = parse_cache_mode(where, *v);
+        } else if (auto v = value_of(item, "detect-zeroes")) {
+            disk.detect_zeroes = parse_detect_zeroes(where, *v);
         } else if (item == "snapshot") {
             disk.snapshot = true;
         } else if (auto v = value_of(item, "aio")) {
@@ -454,11 +477,20 @@ DiskSpec parse_disk_spec(const std::string& text)
         } else if (parse_throttle_item(where, item, disk.throttle)) {
         } else {
             throw Error(where + ": unknown disk option '" + item +
-                        "' (ro, snapshot, direct, aio=, serial=, num-queues=, iothread=, ioprio=, notify=, bus=, controller=, "
-                        "lun=, rotation-rate=, discard=, iops=, bps=, ..., throttle-group=, werror=, rerror=)" +
+                        "' (ro, snapshot, direct, cache=, detect-zeroes=, aio=, serial=, num-queues=, iothread=, ioprio=, notify=, "
+                        "bus=, controller=, lun=, rotation-rate=, discard=, iops=, bps=, ..., throttle-group=, werror=, rerror=)" +
                         kRunHint);
         }
     }
+    // `direct` is O_DIRECT: cache=none's old spelling, and part of directsync.
+    if (direct && cache && *cache != CacheMode::kNone && *cache != CacheMode::kDirectsync)
+        throw Error(where + ": 'direct' (cache=none) conflicts with cache=" + cache_mode_name(*cache) +
+                    "; give only one of them" + kRunHint);
+    disk.cache = cache.value_or(direct ? CacheMode::kNone : CacheMode::kWriteback);
+    // As QEMU: unmap means deallocating, which discard=ignore forbids.
+    if (disk.detect_zeroes == DetectZeroes::kUnmap && !disk.discard)
+        throw Error(where + ": detect-zeroes=unmap needs discard=unmap; use detect-zeroes=on with discard=ignore" +
+                    kRunHint);
     if (disk.snapshot && disk.read_only)
         throw Error(where + ": snapshot and ro together: a snapshot disk is writable and drops its writes at exit; "
                             "give one of them" + kRunHint);
@@ -743,7 +775,11 @@ std::string run_usage()
            "                         controller C shared with other disks; SCSI disks also take\n"
            "                         rotation-rate=N (1: SSD)\n"
            "                         discard=unmap|ignore (default unmap): whether the guest's\n"
-           "                         discards punch holes in the image\n"
+           "                         discards punch holes in the image.\n"
+           "                         cache=writeback|none|writethrough|directsync|unsafe (default\n"
+           "                         writeback; 'direct' is cache=none), as QEMU's: see README.\n"
+           "                         detect-zeroes=off|on|unmap (default off): writes of zeroes\n"
+           "                         become write-zeroes (unmap: holes, with discard=unmap)\n"
            "                         snapshot: the image is opened read-only and stays as it is;\n"
            "                         the guest writes to a temporary overlay in $TMPDIR (default\n"
            "                         /var/tmp), gone when lkvm exits\n"

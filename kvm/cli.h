@@ -9,6 +9,7 @@
 
 #include "base/error.h"
 #include "base/log.h"
+#include "disk/disk_image.h"
 #include "disk/error_policy.h"
 #include "disk/throttle.h"
 #include "hw/bus.h"
@@ -43,7 +44,8 @@ struct DiskSpec {
     std::string path;
     DiskBus bus = DiskBus::kBlk;
     bool read_only = false;
-    bool direct = false;
+    CacheMode cache = CacheMode::kWriteback;  // cache=MODE; `direct` says none
+    DetectZeroes detect_zeroes = DetectZeroes::kOff;
     bool snapshot = false;  // the image stays as it is; writes go to a temporary overlay
     std::string engine;  // empty: io_uring where the kernel has it, else native
     std::string serial;
@@ -65,9 +67,10 @@ struct DiskSpec {
 constexpr unsigned kMaxDiskQueues = 64;
 constexpr unsigned kMaxScsiLun = 16383;
 
-// "PATH[,ro|snapshot][,direct][,aio=ENGINE][,serial=S][,num-queues=Q][,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]]
-//  [,notify=mmio|pio][,bus=blk|scsi][,controller=C][,lun=L][,rotation-rate=N][,discard=unmap|ignore]
-//  [,THROTTLE...][,throttle-group=NAME][,werror=report|ignore|stop|enospc][,rerror=report|ignore|stop]"
+// "PATH[,ro|snapshot][,direct][,cache=MODE][,detect-zeroes=off|on|unmap][,aio=ENGINE][,serial=S][,num-queues=Q]
+//  [,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]][,notify=mmio|pio][,bus=blk|scsi][,controller=C][,lun=L]
+//  [,rotation-rate=N][,discard=unmap|ignore][,THROTTLE...][,throttle-group=NAME]
+//  [,werror=report|ignore|stop|enospc][,rerror=report|ignore|stop]"
 DiskSpec parse_disk_spec(const std::string& text);
 
 // QEMU's legacy -drive throttling names: iops=, iops-rd=, iops-wr=, bps=,

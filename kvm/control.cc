@@ -559,7 +559,8 @@ std::string format_stat_payload(const StatSnapshot& snapshot)
                            {"kicks", format_number(q.kicks)},
                            {"interrupts", format_number(q.interrupts)},
                            {"errors", format_number(q.errors)},
-                           {"throttled_ns", format_number(q.throttled_ns)}});
+                           {"throttled_ns", format_number(q.throttled_ns)},
+                           {"flushes", format_number(q.flushes)}});
     for (const auto& v : snapshot.vcpus) {
         PayloadRecord& record = records.emplace_back(PayloadRecord{{"vcpu", format_number(v.index)}});
         for (size_t i = 0; i < kVcpuCounterNames.size(); ++i)
@@ -595,7 +596,8 @@ StatSnapshot parse_stat_payload(std::string_view payload)
                                        r.number_if_present<uint64_t>("kicks").value_or(0),
                                        r.number_if_present<uint64_t>("interrupts").value_or(0),
                                        r.number_if_present<uint64_t>("errors").value_or(0),
-                                       r.number_if_present<uint64_t>("throttled_ns").value_or(0)});
+                                       r.number_if_present<uint64_t>("throttled_ns").value_or(0),
+                                       r.number_if_present<uint64_t>("flushes").value_or(0)});
         else if (kind == "vcpu") {
             StatSnapshot::Vcpu& vcpu = snapshot.vcpus.emplace_back();
             vcpu.index = r.number<unsigned>("vcpu");

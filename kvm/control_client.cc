@@ -370,15 +370,16 @@ std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& a
 {
     std::string out = after.state.empty() ? "" : "guest " + after.state + "\n";
     if (show_disks(which)) {
-        out += line("%-4s %5s %-12s %4s %9s %8s %9s %8s %8s %8s %8s %8s %8s %7s %6s  %s\n", "disk", "queue", "thread",
+        out += line("%-4s %5s %-12s %4s %9s %8s %9s %8s %8s %8s %8s %8s %8s %7s %8s %6s  %s\n", "disk", "queue", "thread",
                     "cpu", "IOPS", "MiB/s", "in-flight", "p50-us", "p99-us", "kicks/s", "irqs/s", "req/kick", "req/irq",
-                    "errors", "thr%", "image");
+                    "errors", "flushes", "thr%", "image");
         for (const auto& s : queue_samples(before, after))
-            out += line("%-4u %5u %-12s %4s %9.0f %8.1f %9llu %8s %8s %8.0f %8.0f %8s %8s %7llu %6.1f  ", s.now.disk, s.now.queue,
+            out += line("%-4u %5u %-12s %4s %9.0f %8.1f %9llu %8s %8s %8.0f %8.0f %8s %8s %7llu %8llu %6.1f  ", s.now.disk, s.now.queue,
                         s.now.thread.c_str(), cpu_text(s.now.cpu).c_str(), s.iops, s.mib_s,
                         static_cast<unsigned long long>(s.now.in_flight), decimal(s.p50_us, 1).c_str(),
                         decimal(s.p99_us, 1).c_str(), s.kicks_s, s.interrupts_s, decimal(s.per_kick, 2).c_str(),
                         decimal(s.per_interrupt, 2).c_str(), static_cast<unsigned long long>(s.now.errors),
+                        static_cast<unsigned long long>(s.now.flushes),
                         100 * s.throttled) +
                    s.now.image + "\n";
     }
@@ -459,6 +460,7 @@ std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& aft
                    ",\"p99_us\":" + us(s.p99_us) + ",\"kicks\":" + std::to_string(s.now.kicks) +
                    ",\"interrupts\":" + std::to_string(s.now.interrupts) + ",\"errors\":" + std::to_string(s.now.errors) +
                    ",\"throttled_ns\":" + std::to_string(s.now.throttled_ns) +
+                   ",\"flushes\":" + std::to_string(s.now.flushes) +
                    ",\"requests_per_kick\":" + optional_number(s.per_kick, 3) +
                    ",\"requests_per_interrupt\":" + optional_number(s.per_interrupt, 3) + "}";
             comma = ",";

@@ -55,8 +55,8 @@ std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& thread
                     (unsigned long long)s.poll_hits.load(), us(s.poll_ns.load()), us(s.io.latency().percentile(0.5)),
                     us(s.io.latency().percentile(0.99)));
     }
-    out += line("%-5s %5s %-12s %10s %10s %8s %8s %10s %10s %8s %8s %8s %11s  %s\n", "disk", "queue", "thread", "requests",
-                "MiB", "p50-us", "p99-us", "kicks", "interrupts", "req/kick", "req/irq", "errors", "throttled-s", "image");
+    out += line("%-5s %5s %-12s %10s %10s %8s %8s %10s %10s %8s %8s %8s %8s %11s  %s\n", "disk", "queue", "thread", "requests",
+                "MiB", "p50-us", "p99-us", "kicks", "interrupts", "req/kick", "req/irq", "errors", "flushes", "throttled-s", "image");
     uint64_t requests = 0;
     for (size_t d = 0; d < disks.size(); ++d) {
         const DiskDevice& disk = *disks[d];
@@ -64,12 +64,13 @@ std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& thread
             const QueueStats& s = disk.queue_stats(q);
             const IoCounters io = s.counters();
             requests += io.requests;
-            out += line("%-5zu %5u %-12s %10llu %10.1f %8.1f %8.1f %10llu %10llu %8s %8s %8llu %11.2f  ", d, q,
+            out += line("%-5zu %5u %-12s %10llu %10.1f %8.1f %8.1f %10llu %10llu %8s %8s %8llu %8llu %11.2f  ", d, q,
                         disk.queue_thread(q).name().c_str(), (unsigned long long)io.requests, mib(io.bytes),
                         us(s.latency().percentile(0.5)), us(s.latency().percentile(0.99)),
                         (unsigned long long)s.kicks(), (unsigned long long)s.interrupts(),
                         ratio_text(ratio(io.requests, s.kicks())).c_str(),
                         ratio_text(ratio(io.requests, s.interrupts())).c_str(), (unsigned long long)s.errors(),
+                        (unsigned long long)s.flushes(),
                         static_cast<double>(s.throttled_ns()) / 1e9) +
                    disk.describe() + "\n";
         }
@@ -131,7 +132,9 @@ StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threa
                                      .kicks = s.kicks(),
                                      .interrupts = s.interrupts(),
                                      .errors = s.errors(),
-                                     .throttled_ns = s.throttled_ns()});
+                                     .throttled_ns = s.throttled_ns()),
+
+                                     .flushes = s.flushes()});
         }
     }
     return sample;

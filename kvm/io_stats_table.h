@@ -44,6 +44,7 @@ struct StatSnapshot {
         uint64_t kicks = 0, interrupts = 0;
         uint64_t errors = 0;  // requests the disk failed
         uint64_t throttled_ns = 0;  // time its throttle group held requests back
+        uint64_t flushes = 0;  // flushes that reached the disk
         bool operator==(const Queue&) const = default;
     };
     struct Vcpu {

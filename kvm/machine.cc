@@ -140,7 +140,7 @@ std::vector<DiskImage> Machine::open_disks(const RunOptions& options)
             log_warn(warning);
     std::vector<DiskImage> images;
     for (const auto& disk : options.disks) {
-        images.push_back(DiskImage::open({disk.path, disk.read_only, disk.direct, disk.snapshot}));
+        images.push_back(DiskImage::open({disk.path, disk.read_only, disk.cache, disk.snapshot}));
         if (const SnapshotOverlay* snapshot = images.back().snapshot())
             log_info("disk " + disk.path + ": snapshot, the guest's writes go to a temporary overlay in " +
                      snapshot->dir());
@@ -198,7 +198,8 @@ void Machine::add_disks()
         if (plan.bus == DiskBus::kBlk) {
             const DiskSpec& spec = options_.disks[plan.disks.front()];
             BlkOptions blk{spec.serial,     engine_of(spec),  spec.ioprio,       256, spec.discard,
-                           throttle_of_disk[plan.disks.front()], spec.read_error, spec.write_error, this};
+                           throttle_of_disk[plan.disks.front()], spec.read_error, spec.write_error, this,
+                           spec.detect_zeroes};
             disks_.push_back(std::make_unique<VirtioBlk>(std::move(disk_images_[plan.disks.front()]), blk, *memory_,
                                                           std::move(threads)));
         } else {
@@ -209,6 +210,7 @@ void Machine::add_disks()
                 disk.serial = spec.serial.empty() ? "lkvm-disk" + std::to_string(d) : spec.serial;
                 disk.rotation_rate = spec.rotation_rate;
                 disk.discard = spec.discard ? scsi::Discard::kUnmap : scsi::Discard::kIgnore;
+                disk.detect_zeroes = spec.detect_zeroes;
                 luns.push_back({static_cast<uint16_t>(spec.lun), std::move(disk_images_[d]), disk, engine_of(spec),
                                 spec.ioprio, throttle_of_disk[d], spec.read_error, spec.write_error, this});
             }

@@ -12,9 +12,10 @@ namespace lkvm {
 
 namespace {
 constexpr uint64_t kBlkFSegMax = 1ull << 2, kBlkFRo = 1ull << 5, kBlkFBlkSize = 1ull << 6;
-constexpr uint64_t kBlkFFlush = 1ull << 9, kBlkFMq = 1ull << 12, kBlkFDiscard = 1ull << 13;
+constexpr uint64_t kBlkFFlush = 1ull << 9, kBlkFConfigWce = 1ull << 11, kBlkFMq = 1ull << 12, kBlkFDiscard = 1ull << 13;
 constexpr uint64_t kBlkFWriteZeroes = 1ull << 14;
 constexpr uint64_t kMaxRequestBytes = 64ull << 20;
+constexpr uint64_t kConfigWriteback = 32;  // virtio_blk_config.writeback: one byte
 }  // namespace
 
 Result<BlkRequest, BlkFrameError> frame_blk_request(Chain& chain)
@@ -94,10 +95,13 @@ private:
         uint8_t* status = nullptr;
         uint32_t written_on_success = 0;
         uint64_t expected = 0;  // bytes the engine must move
+        uint64_t bytes = 0;     // of data, for the statistics
+        bool flush_after = false;  // the write cache is off: a flush before the answer
     };
 
     void handle(Chain& chain) override;
     void allocate(uint16_t head, const BlkRequest& request);
+    void write_zeroes(uint16_t head, const BlkRequest& request);
     void io_done(uint32_t slot, int64_t result) override;
     void answer(uint16_t head, uint8_t* status, uint8_t value, uint32_t written)
     {
@@ -120,19 +124,27 @@ void BlkQueue::handle(Chain& chain)
     const DiskImage& image = device_.image_;
     switch (request.type) {
     case kBlkTIn:
-    case kBlkTOut:
-    case kBlkTFlush: {
-        if (request.type != kBlkTFlush) {
-            const uint8_t status = check_blk_request(request, image.size() / DiskImage::kSectorSize, image.read_only());
-            if (status != kBlkSOk)
-                return answer(chain.head, request.status, status, 1);
-        }
+    case kBlkTOut: {
+        const uint8_t status = check_blk_request(request, image.size() / DiskImage::kSectorSize, image.read_only());
+        if (status != kBlkSOk)
+            return answer(chain.head, request.status, status, 1);
+        const bool in = request.type == kBlkTIn;
+        if (!in && device_.options_.detect_zeroes != DetectZeroes::kOff && request.data_bytes != 0 &&
+            iovecs_are_zero(request.data, request.data_bytes))
+            return write_zeroes(chain.head, request);
         const uint32_t slot = take_slot(chain.head);
-        requests_[slot] = {request.status,
-                           request.type == kBlkTIn ? static_cast<uint32_t>(request.data_bytes + 1) : 1u,
-                           request.data_bytes};
-        const IoOp op = request.type == kBlkTIn ? IoOp::kRead : request.type == kBlkTOut ? IoOp::kWrite : IoOp::kFlush;
-        return submit(slot, device_.io_target(), op, request.sector * DiskImage::kSectorSize, request.data);
+        requests_[slot] = {request.status, in ? static_cast<uint32_t>(request.data_bytes + 1) : 1u, request.data_bytes,
+                           request.data_bytes, !in && device_.flush_after_write(true)};
+        return submit(slot, device_.io_target(), in ? IoOp::kRead : IoOp::kWrite,
+                      request.sector * DiskImage::kSectorSize, request.data);
+    }
+    case kBlkTFlush: {
+        // unsafe: the flush completes without reaching the image.
+        if (image.flushes_ignored())
+            return answer(chain.head, request.status, request.data_bytes == 0 ? kBlkSOk : kBlkSIoErr, 1);
+        const uint32_t slot = take_slot(chain.head);
+        requests_[slot] = {request.status, 1u, request.data_bytes};
+        return submit(slot, device_.io_target(), IoOp::kFlush, request.sector * DiskImage::kSectorSize, request.data);
     }
     case kBlkTGetId: {
         uint8_t id[kBlkIdBytes] = {};
@@ -166,25 +178,48 @@ void BlkQueue::allocate(uint16_t head, const BlkRequest& request)
     // driver lets unmap may punch one.
     const bool deallocate = request.type == kBlkTDiscard || (range.flags & kBlkDwzUnmap && unmap);
     const uint32_t slot = take_slot(head);
-    requests_[slot] = {request.status, 1u, 0};
+    requests_[slot] = {request.status, 1u, 0, 0, request.type == kBlkTWriteZeroes && device_.flush_after_write(false)};
     submit(slot, device_.io_target(), deallocate ? IoOp::kDiscard : IoOp::kWriteZeroes,
            range.sector * DiskImage::kSectorSize, {}, uint64_t{range.sectors} * DiskImage::kSectorSize);
 }
 
+// detect-zeroes: an OUT request of zeroes only (checked, in range) becomes a
+// write-zeroes, or with unmap (and discard=unmap) a hole, off the I/O thread
+// like WRITE_ZEROES; it still counts as the bytes the guest wrote.
+void BlkQueue::write_zeroes(uint16_t head, const BlkRequest& request)
+{
+    const bool deallocate = device_.options_.detect_zeroes == DetectZeroes::kUnmap && device_.options_.discard;
+    const uint32_t slot = take_slot(head);
+    requests_[slot] = {request.status, 1u, 0, request.data_bytes, device_.flush_after_write(false)};
+    submit(slot, device_.io_target(), deallocate ? IoOp::kDiscard : IoOp::kWriteZeroes,
+           request.sector * DiskImage::kSectorSize, {}, request.data_bytes);
+}
+
 void BlkQueue::io_done(uint32_t slot, int64_t result)
 {
-    const Request& request = requests_[slot];
+    Request& request = requests_[slot];
     const bool ok = result >= 0 && static_cast<uint64_t>(result) == request.expected;
+    if (ok && request.flush_after) {
+        // The write cache is off: the write is answered once it is durable
+        // (QEMU's write then flush), the flush as asynchronous as the write.
+        request.flush_after = false;
+        request.expected = 0;
+        return submit(slot, device_.io_target(), IoOp::kFlush, 0, {});
+    }
     if (!ok) {
         device_.report_io_error(result);
         count_error();
     }
     *request.status = ok ? kBlkSOk : kBlkSIoErr;
-    finish_slot(slot, ok ? request.written_on_success : 1, request.expected);
+    finish_slot(slot, ok ? request.written_on_success : 1, request.bytes);
 }
 
 VirtioBlk::VirtioBlk(DiskImage image, BlkOptions options, const GuestMemory& memory, std::vector<IoThread*> queue_threads)
-    : image_(std::move(image)), options_(std::move(options)), memory_(memory), queue_threads_(std::move(queue_threads))
+    : image_(std::move(image)),
+      options_(std::move(options)),
+      memory_(memory),
+      queue_threads_(std::move(queue_threads)),
+      write_cache_(image_.write_cache_default())
 {
     if (queue_threads_.empty())
         throw Error("a virtio-blk device needs at least one queue");
@@ -198,15 +233,16 @@ VirtioBlk::VirtioBlk(DiskImage image, BlkOptions options, const GuestMemory& mem
 VirtioBlk::~VirtioBlk()
 {
     reset();
-    // What the guest wrote reaches the image before lkvm exits.
-    if (!image_.read_only())
+    // What the guest wrote reaches the image before lkvm exits (unsafe: as QEMU, not even then).
+    if (!image_.read_only() && !image_.flushes_ignored())
         ::fdatasync(image_.fd());
 }
 
 uint64_t VirtioBlk::features() const
 {
+    // CONFIG_WCE only with FLUSH (virtio 1.x 5.2.5.1): the guest sees the cache mode and may switch it.
     uint64_t f = kVirtioFVersion1 | kVirtioFRingIndirectDesc | kVirtioFRingEventIdx | kBlkFSegMax | kBlkFBlkSize |
-                 kBlkFFlush;
+                 kBlkFFlush | kBlkFConfigWce;
     if (image_.read_only())
         f |= kBlkFRo;
     else
@@ -226,6 +262,7 @@ void VirtioBlk::read_config(uint64_t offset, std::span<uint8_t> data)
     std::memcpy(&config[0], &capacity, 8);
     std::memcpy(&config[12], &seg_max, 4);
     std::memcpy(&config[20], &blk_size, 4);
+    config[kConfigWriteback] = write_cache() ? 1 : 0;
     std::memcpy(&config[34], &queues, 2);
     // DISCARD and WRITE_ZEROES: one range, aligned to what the host frees (4 KiB blocks).
     const uint32_t one_range = 1, alignment = std::max<uint32_t>(blk_size, 4096) / DiskImage::kSectorSize;
@@ -239,9 +276,20 @@ void VirtioBlk::read_config(uint64_t offset, std::span<uint8_t> data)
         data[i] = offset + i < sizeof(config) ? config[offset + i] : 0;
 }
 
+void VirtioBlk::write_config(uint64_t offset, std::span<const uint8_t> data)
+{
+    // One whole byte at writeback's offset, 0 (write through) or 1 (write
+    // back); any other write to the configuration space changes nothing.
+    if (offset == kConfigWriteback && data.size() == 1 && data[0] <= 1)
+        write_cache_.store(data[0] == 1, std::memory_order_relaxed);
+}
+
 void VirtioBlk::activate(uint64_t features, std::vector<QueueSetup> setups, std::function<void()> broken)
 {
     const bool event_idx = features & kVirtioFRingEventIdx;
+    // A driver that cannot flush gets a write-through cache (virtio 1.x 5.2.6.2).
+    if (!(features & kBlkFFlush))
+        write_cache_.store(false, std::memory_order_relaxed);
     queues_.start(
         setups, queue_threads_,
         [&](const QueueSetup& setup) {
@@ -256,6 +304,7 @@ void VirtioBlk::activate(uint64_t features, std::vector<QueueSetup> setups, std:
 void VirtioBlk::reset()
 {
     queues_.stop();
+    write_cache_.store(image_.write_cache_default(), std::memory_order_relaxed);
 }
 
 void VirtioBlk::report_io_error(int64_t result)

@@ -71,6 +71,7 @@ struct BlkOptions {
     ThrottleGroup* throttle = nullptr;  // the limits the disk keeps (shared, outlives the device); null: none
     IoErrorPolicy read_error = IoErrorPolicy::kReport, write_error = IoErrorPolicy::kReport;  // rerror=, werror=
     IoErrorStop* error_stop = nullptr;  // pauses the guest for stop and enospc (outlives the device)
+    DetectZeroes detect_zeroes = DetectZeroes::kOff;
 };
 
 // The device model: configuration, features, and one BlkQueue per virtqueue
@@ -87,11 +88,16 @@ public:
     unsigned num_queues() const override { return static_cast<unsigned>(queue_threads_.size()); }
     uint16_t max_queue_size() const override { return options_.queue_size; }
     void read_config(uint64_t offset, std::span<uint8_t> data) override;
+    // The driver's one writable field: writeback (VIRTIO_BLK_F_CONFIG_WCE).
+    void write_config(uint64_t offset, std::span<const uint8_t> data) override;
     void activate(uint64_t features, std::vector<QueueSetup> queues, std::function<void()> broken) override;
     void reset() override;
 
     const DiskImage& image() const { return image_; }
     const BlkOptions& options() const { return options_; }
+    // Whether the guest is told of a write-back cache: the cache mode's
+    // default until the driver switches it (or negotiates no FLUSH).
+    bool write_cache() const { return write_cache_.load(std::memory_order_relaxed); }
     unsigned request_queues() const override { return num_queues(); }
     const IoThread& queue_thread(unsigned q) const override { return *queue_threads_.at(q); }
     const QueueStats& queue_stats(unsigned q) const override { return *stats_.at(q); }
@@ -106,6 +112,13 @@ private:
                 options_.throttle, options_.read_error, options_.write_error, options_.error_stop,
                 image_.path().c_str(), image_.snapshot()};
     }
+    // With the write cache off, a write completes durable: O_DSYNC makes a
+    // plain write so by itself; anything else that writes needs a flush
+    // after it. unsafe flushes nothing.
+    bool flush_after_write(bool plain_write) const
+    {
+        return !write_cache() && !image_.flushes_ignored() && !(plain_write && image_.writes_durable());
+    }
     void report_io_error(int64_t result);
 
     DiskImage image_;
@@ -114,6 +127,7 @@ private:
     std::vector<IoThread*> queue_threads_;
     std::vector<std::unique_ptr<QueueStats>> stats_;  // per queue, kept across resets
     RequestQueues queues_;  // while DRIVER_OK
+    std::atomic<bool> write_cache_;  // set by vCPU threads (config writes), read by the I/O threads
     std::atomic<bool> reported_error_{false};
 };
 

@@ -79,6 +79,9 @@ public:
     // A request the disk failed (an I/O error, a short transfer): the guest got an error status.
     void failed() { single_writer_add(errors_); }
     uint64_t errors() const { return errors_.load(std::memory_order_relaxed); }
+    // A flush that reached the disk (cache=unsafe's never do).
+    void flushed() { single_writer_add(flushes_); }
+    uint64_t flushes() const { return flushes_.load(std::memory_order_relaxed); }
     void interrupted() { single_writer_add(interrupts_); }
     uint64_t kicks() const { return kicks_.load(std::memory_order_relaxed); }
     uint64_t interrupts() const { return interrupts_.load(std::memory_order_relaxed); }
@@ -102,7 +105,7 @@ public:
 
 private:
     std::atomic<uint64_t> requests_{0}, bytes_{0}, in_flight_{0};
-    std::atomic<uint64_t> kicks_{0}, interrupts_{0}, errors_{0}, throttled_ns_{0};
+    std::atomic<uint64_t> kicks_{0}, interrupts_{0}, errors_{0}, throttled_ns_{0}, flushes_{0};
     std::atomic<int> served_by_{0};
     std::atomic<bool> moved_{false};
     LatencyHistogram latency_;

@@ -328,6 +328,8 @@ void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t
     slot.request = request;
     slot.target = target;
     slot.bytes = moves_data ? iovecs_bytes(slot.iov) : length;
+    if (op == IoOp::kFlush)
+        stats_.flushed();
     if (target.throttle && (held_ || target.throttle->active()) &&
         (op == IoOp::kRead || op == IoOp::kWrite || op == IoOp::kWriteZeroes)) {
         // As QEMU: reads, writes and write-zeroes count; flushes and discards do not.

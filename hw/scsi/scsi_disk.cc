@@ -41,7 +41,6 @@ constexpr uint8_t kModePageCaching = 0x08, kModePageControl = 0x0a, kModePageAll
 constexpr uint8_t kAllSubpages = 0xff;
 constexpr uint8_t kWce = 0x04;          // caching page, byte 2
 constexpr uint8_t kWriteProtect = 0x80, kDpoFua = 0x10;  // mode parameter header, device-specific byte
-constexpr bool kWriteCacheDefault = true;                // as a ScsiDisk starts
 
 constexpr uint32_t kMinBlockSize = DiskImage::kSectorSize, kMaxBlockSize = 64 << 10;
 
@@ -294,11 +293,15 @@ struct ScsiDisk::Command {
         return lba <= disk.blocks() && blocks <= disk.blocks() - lba;
     }
     // A write is on stable storage before GOOD when the command asks (FUA)
-    // or the write cache is off.
+    // or the write cache is off: O_DSYNC makes plain writes so by
+    // themselves, anything else takes a flush after it. unsafe flushes nothing.
     void make_durable(Execution& e, bool fua) const
     {
-        if (fua || !disk.write_cache())
-            e.io.push_back({.op = IoOp::kFlush});
+        if ((!fua && disk.write_cache()) || disk.image_.flushes_ignored())
+            return;
+        if (disk.image_.writes_durable() && std::ranges::all_of(e.io, [](const IoStep& s) { return s.op == IoOp::kWrite; }))
+            return;
+        e.io.push_back({.op = IoOp::kFlush});
     }
 
     std::optional<std::vector<uint8_t>> vpd(uint8_t code) const;
@@ -353,7 +356,8 @@ uint32_t ScsiDisk::block_size_for(const DiskImage& image)
 ScsiDisk::ScsiDisk(const DiskImage& image, ScsiDiskOptions options)
     : image_(image),
       options_(std::move(options)),
-      block_size_(options_.block_size ? options_.block_size : block_size_for(image))
+      block_size_(options_.block_size ? options_.block_size : block_size_for(image)),
+      write_cache_(image.write_cache_default())
 {
     // Smaller than the alignment, every I/O of a block would fail with EINVAL.
     if (!std::has_single_bit(block_size_) || block_size_ < kMinBlockSize || block_size_ > kMaxBlockSize ||
@@ -370,7 +374,7 @@ ScsiDisk::ScsiDisk(const DiskImage& image, ScsiDiskOptions options)
 
 void ScsiDisk::reset()
 {
-    write_cache_.store(kWriteCacheDefault, std::memory_order_relaxed);
+    write_cache_.store(image_.write_cache_default(), std::memory_order_relaxed);
     raise_unit_attention(sense::kLogicalUnitResetOccurred);
 }
 
@@ -552,7 +556,7 @@ std::vector<uint8_t> ScsiDisk::Command::caching_page(PageControl pc) const
     page[1] = 0x12;
     const bool wce = pc == PageControl::kCurrent      ? disk.write_cache()
                      : pc == PageControl::kChangeable ? true
-                                                      : kWriteCacheDefault;
+                                                      : disk.image_.write_cache_default();
     page[2] = wce ? kWce : 0;
     return page;
 }
@@ -728,7 +732,14 @@ Execution ScsiDisk::Command::read_write()
     Execution e = done(bytes);
     if (blocks == 0)
         return e;
-    e.io.push_back({.op = write ? IoOp::kWrite : IoOp::kRead, .offset = lba * block_size(), .bytes = bytes});
+    IoOp io = write ? IoOp::kWrite : IoOp::kRead;
+    // detect-zeroes: a write of zeroes only becomes a write-zeroes, or with
+    // unmap (and discard=unmap) a hole, off the I/O thread.
+    const DetectZeroes detect = disk.options_.detect_zeroes;
+    if (write && detect != DetectZeroes::kOff && iovecs_are_zero(data_out, bytes))
+        io = detect == DetectZeroes::kUnmap && disk.options_.discard == Discard::kUnmap ? IoOp::kDiscard
+                                                                                      : IoOp::kWriteZeroes;
+    e.io.push_back({.op = io, .offset = lba * block_size(), .bytes = bytes});
     if (write)
         make_durable(e, fua);
     return e;
@@ -741,7 +752,8 @@ Execution ScsiDisk::Command::synchronize_cache()
     if (!in_range(lba, blocks))
         return fail(sense::kLbaOutOfRange);
     Execution e = done(0);
-    e.io.push_back({.op = IoOp::kFlush});
+    if (!disk.image_.flushes_ignored())  // unsafe: GOOD at once, nothing reaches the image
+        e.io.push_back({.op = IoOp::kFlush});
     return e;
 }
 

@@ -65,6 +65,7 @@ struct ScsiDiskOptions {
     // The logical block size; 0: ScsiDisk::block_size_for(image). Else a power
     // of two from 512 to 64 KiB that the image's O_DIRECT alignment divides.
     uint32_t block_size = 0;
+    DetectZeroes detect_zeroes = DetectZeroes::kOff;  // for WRITE(6/10/12/16)
 };
 
 // One I/O the command needs. Steps run in order, each once the previous one
@@ -115,7 +116,8 @@ public:
     Execution execute(std::span<const uint8_t> cdb, std::span<const iovec> data_out, uint64_t data_in_bytes);
 
     // LOGICAL UNIT RESET (SAM-5 6.3.4): mode parameters go back to their
-    // defaults (none are saved), so the write cache is on again, and the next
+    // defaults (none are saved), so the write cache is as the cache mode
+    // says again (DiskImage::write_cache_default()), and the next
     // command learns of the reset through a unit attention.
     void reset();
     // I_T NEXUS RESET (SAM-5 6.3.5): only the unit attention.
@@ -134,7 +136,9 @@ private:
     const DiskImage& image_;
     ScsiDiskOptions options_;
     uint32_t block_size_;
-    std::atomic<bool> write_cache_{true};  // WCE; MODE SELECT may clear it: then every write is followed by a flush
+    // WCE: the cache mode's default; MODE SELECT may switch it. Off, a write
+    // is durable before GOOD (O_DSYNC, or a flush after it).
+    std::atomic<bool> write_cache_;
     // The pending unit attention (SAM-5 5.14) as key << 16 | asc << 8 | ascq; 0: none.
     // One initiator (the driver), so one condition; a newer one replaces it.
     std::atomic<uint32_t> unit_attention_{0};

@@ -387,7 +387,7 @@ int main(int argc, char** argv)
                     throw sys_error("writing " + o.file);
             ::close(fd);
         }
-        DiskImage image = DiskImage::open({o.file, false, o.direct});
+        DiskImage image = DiskImage::open({o.file, false, o.direct ? CacheMode::kNone : CacheMode::kWriteback});
         if (o.engine == "io_uring")
             std::printf("io_uring: setup flags 0x%x (asked 0x%x, kernel takes 0x%x), fixed buffers %s\n",
                         o.uring_setup & uring_setup_flags_supported(), o.uring_setup, uring_setup_flags_supported(),

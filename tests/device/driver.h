@@ -143,6 +143,9 @@ public:
     int config_irq_fd() const { return config_irq_fd_; }
     uint32_t device_config32(unsigned offset);
     uint64_t device_config64(unsigned offset);
+    uint8_t device_config8(unsigned offset) { return static_cast<uint8_t>(bar_read(device_cfg_ + offset, 1)); }
+    // A driver's write of `size` bytes into the device-specific configuration (any offset: hostile tests too).
+    void write_device_config(unsigned offset, unsigned size, uint64_t value) { bar_write(device_cfg_ + offset, size, value); }
 
 private:
     uint32_t bar_read(uint64_t offset, unsigned size);

@@ -52,11 +52,12 @@ struct BlkRig {
     explicit BlkRig(EngineKind engine = EngineKind::kSync, bool read_only = false, uint64_t size = 8 << 20,
                     std::string serial = "lkvm-serial-0001", unsigned queues = 1, bool msix = true,
                     std::vector<IoThread*> queue_threads = {}, AddressSpace notify = AddressSpace::kMemory,
-                    bool direct = false, FaultRule fault = {}, BlkOptions policy = {})
+                    bool direct = false, FaultRule fault = {}, BlkOptions policy = {},
+                    CacheMode cache = CacheMode::kWriteback, const std::string& parent = "/tmp")
         : thread(thread_options(std::move(fault)))
     {
-        char tmpl[] = "/tmp/lkvm-device.XXXXXX";
-        dir = ::mkdtemp(tmpl);
+        std::string tmpl = parent + "/lkvm-device.XXXXXX";
+        dir = ::mkdtemp(tmpl.data());
         path = (dir / "disk.raw").string();
         std::ofstream(path, std::ios::binary) << std::string(size, '\0');
         // A recognizable pattern: byte i of sector s is (s + i) & 0xff.
@@ -64,7 +65,7 @@ struct BlkRig {
         for (uint64_t i = 0; i < size; ++i)
             data[i] = static_cast<uint8_t>(i / 512 + i % 512);
         std::ofstream(path, std::ios::binary).write(reinterpret_cast<char*>(data.data()), static_cast<long>(size));
-        blk = std::make_unique<VirtioBlk>(DiskImage::open({path, read_only, direct}),
+        blk = std::make_unique<VirtioBlk>(DiskImage::open({path, read_only, direct ? CacheMode::kNone : cache}),
                                           with_serial_engine(policy, serial, engine), driver.memory(),
                                           queue_threads.empty() ? std::vector<IoThread*>(queues, &thread)
                                                                 : queue_threads);
@@ -743,7 +744,7 @@ TEST_CASE("statistics sample: a row per disk queue, with its thread, image and t
         t->run_and_wait([] {});
     {
         std::vector<std::unique_ptr<DiskDevice>> disks;
-        disks.push_back(std::make_unique<VirtioBlk>(DiskImage::open({path, true, false}),
+        disks.push_back(std::make_unique<VirtioBlk>(DiskImage::open({path, true}),
                                                     BlkOptions{"", EngineKind::kSync, 0, 256}, driver.memory(),
                                                     std::vector<IoThread*>{threads[1].get(), threads[0].get()}));
         const StatSnapshot sample = sample_io_stats(threads, disks);
@@ -834,7 +835,7 @@ TEST_CASE("blk: an engine that cannot be set up fails making the device (lkvm's 
     };
     IoThread thread(std::move(options));
     GuestDriver driver;
-    CHECK_THROWS_WITH_AS(VirtioBlk(DiskImage::open({path, false, false}), BlkOptions{"s", EngineKind::kNative, 0, 256},
+    CHECK_THROWS_WITH_AS(VirtioBlk(DiskImage::open({path, false}), BlkOptions{"s", EngineKind::kNative, 0, 256},
                                    driver.memory(), {&thread}),
                          "io_setup for the native (libaio) engine: Resource temporarily unavailable", Error);
     std::filesystem::remove_all(dir);
@@ -1147,5 +1148,229 @@ TEST_CASE("blk: werror=/rerror=: stop holds a failed request for the guest's pau
         rig->blk->retry_failed();  // nothing left to retry: harmless
         CHECK(rig->driver.reprobe(kAllFeatures, 1) != 0);
         CHECK(rig->request(kBlkTIn, 0, 512) == kBlkSOk);
+    }
+}
+
+namespace {
+constexpr uint64_t kConfigWce = 1ull << 11;
+constexpr unsigned kWritebackOffset = 32;
+
+// What reached the engine, in order: each request's op and offset. The rule
+// runs on the I/O thread; the test reads it after the answers came.
+struct EngineLog {
+    std::mutex mutex;
+    std::vector<std::pair<IoOp, uint64_t>> ops;
+    std::optional<int64_t> fail_flushes;  // flushes complete with this instead
+
+    FaultRule rule()
+    {
+        return [this](const IoRequest& r) -> std::optional<int64_t> {
+            std::lock_guard lock(mutex);
+            ops.emplace_back(r.op, r.offset);
+            return r.op == IoOp::kFlush ? fail_flushes : std::nullopt;
+        };
+    }
+    std::vector<IoOp> take()
+    {
+        std::lock_guard lock(mutex);
+        std::vector<IoOp> out;
+        for (const auto& op : ops)
+            out.push_back(op.first);
+        ops.clear();
+        return out;
+    }
+};
+
+BlkRig cache_rig(CacheMode cache, EngineLog& log, EngineKind engine = EngineKind::kSync,
+                 DetectZeroes detect = DetectZeroes::kOff, bool discard = true)
+{
+    return BlkRig(engine, false, 8 << 20, "lkvm-serial-0001", 1, true, {}, AddressSpace::kMemory, false, log.rule(),
+                  {.discard = discard, .detect_zeroes = detect}, cache);
+}
+}  // namespace
+
+TEST_CASE("blk: CONFIG_WCE: writeback shows the cache mode, a driver's write switches it, malformed writes change nothing")
+{
+    for (const CacheMode cache : {CacheMode::kWriteback, CacheMode::kNone, CacheMode::kWritethrough,
+                                  CacheMode::kDirectsync, CacheMode::kUnsafe}) {
+        CAPTURE(cache_mode_name(cache));
+        EngineLog log;
+        BlkRig rig = cache_rig(cache, log);
+        const uint8_t initial = cache == CacheMode::kWritethrough || cache == CacheMode::kDirectsync ? 0 : 1;
+        CHECK((rig.features & kConfigWce) != 0);
+        CHECK((rig.features & (1ull << 9)) != 0);  // offered with FLUSH, as virtio 1.x 5.2.5.1 wants
+        CHECK(rig.driver.device_config8(kWritebackOffset) == initial);
+        CHECK(rig.blk->write_cache() == (initial == 1));
+        // Linux's cache_type "write through", then "write back": a one-byte write, read back.
+        rig.driver.write_device_config(kWritebackOffset, 1, 0);
+        CHECK(rig.driver.device_config8(kWritebackOffset) == 0);
+        CHECK_FALSE(rig.blk->write_cache());
+        rig.driver.write_device_config(kWritebackOffset, 1, 1);
+        CHECK(rig.driver.device_config8(kWritebackOffset) == 1);
+        CHECK(rig.blk->write_cache());
+
+        // Malformed: other sizes, offsets, values, fields that are not the driver's, past the end.
+        const uint64_t capacity = rig.driver.device_config64(0);
+        const std::array<std::array<uint64_t, 3>, 10> bad = {{{kWritebackOffset, 2, 0}, {kWritebackOffset, 4, 0},
+                                                              {kWritebackOffset, 8, 0}, {kWritebackOffset, 1, 2},
+                                                              {kWritebackOffset, 1, 0xff}, {kWritebackOffset - 1, 2, 0},
+                                                              {kWritebackOffset + 1, 1, 0}, {0, 8, 0}, {12, 4, 0},
+                                                              {0xfff, 1, 0}}};
+        for (const auto& [offset, size, value] : bad) {
+            CAPTURE(offset);
+            CAPTURE(size);
+            rig.driver.write_device_config(static_cast<unsigned>(offset), static_cast<unsigned>(size), value);
+            CHECK(rig.driver.device_config8(kWritebackOffset) == 1);
+            CHECK(rig.driver.device_config64(0) == capacity);
+            CHECK(rig.driver.device_config32(12) == 254);
+        }
+        CHECK((rig.driver.status() & 0x04) != 0);  // still DRIVER_OK: nothing a config write does breaks the device
+        CHECK(rig.request(kBlkTOut, 0, 4096) == kBlkSOk);
+
+        // A reset brings the cache mode's default back; a driver without FLUSH gets write through.
+        rig.driver.write_device_config(kWritebackOffset, 1, initial ? 0 : 1);
+        rig.driver.reprobe(kAllFeatures, 1);
+        CHECK(rig.driver.device_config8(kWritebackOffset) == initial);
+        rig.driver.reprobe(kAllFeatures & ~(1ull << 9) & ~kConfigWce, 1);
+        CHECK_FALSE(rig.blk->write_cache());
+    }
+}
+
+TEST_CASE("blk: with the write cache off a write is answered after a flush; unsafe's FLUSH reaches nothing")
+{
+    using enum IoOp;
+    for (const EngineKind engine : {EngineKind::kSync, EngineKind::kIoUring}) {
+        CAPTURE(std::string(engine_kind_name(engine)));
+        EngineLog log;
+        BlkRig rig = cache_rig(CacheMode::kWriteback, log, engine);
+        std::memset(rig.driver.host(BlkRig::data_gpa(0)), 'w', 4096);
+        CHECK(rig.request(kBlkTOut, 8, 4096) == kBlkSOk);
+        CHECK(log.take() == std::vector<IoOp>{kWrite});  // write back: the guest flushes when it wants
+        CHECK(rig.request(kBlkTFlush, 0, 0) == kBlkSOk);
+        CHECK(log.take() == std::vector<IoOp>{kFlush});
+        CHECK(rig.blk->queue_stats(0).flushes() == 1);
+
+        rig.driver.write_device_config(kWritebackOffset, 1, 0);  // the guest turns the cache off
+        CHECK(rig.request(kBlkTOut, 16, 4096) == kBlkSOk);
+        CHECK(log.take() == std::vector<IoOp>{kWrite, kFlush});  // the flush after the write, before the answer
+        CHECK(rig.blk->queue_stats(0).flushes() == 2);
+        CHECK(rig.file_bytes(16 * 512, 4096) == std::vector<uint8_t>(4096, 'w'));
+        CHECK(rig.request(kBlkTIn, 16, 4096) == kBlkSOk);
+        CHECK(log.take() == std::vector<IoOp>{kRead});  // reads are not flushed
+        CHECK(allocation_request(rig, kBlkTWriteZeroes, {{64, 8, 0}}) == kBlkSOk);
+        CHECK(log.take() == std::vector<IoOp>{kWriteZeroes, kFlush});
+        CHECK(allocation_request(rig, kBlkTDiscard, {{64, 8, 0}}) == kBlkSOk);
+        CHECK(log.take() == std::vector<IoOp>{kDiscard});  // a discard is a hint: nothing to make durable
+        // A write whose flush fails was not made durable: the guest gets IOERR.
+        log.fail_flushes = -EIO;
+        CHECK(rig.request(kBlkTOut, 24, 4096) == kBlkSIoErr);
+        CHECK(log.take() == std::vector<IoOp>{kWrite, kFlush});
+        CHECK(rig.blk->queue_stats(0).errors() == 1);
+        log.fail_flushes.reset();
+        rig.driver.write_device_config(kWritebackOffset, 1, 1);  // back on: writes alone again
+        CHECK(rig.request(kBlkTOut, 32, 4096) == kBlkSOk);
+        CHECK(log.take() == std::vector<IoOp>{kWrite});
+    }
+    {
+        // writethrough: the cache is off from the start, and O_DSYNC writes need no flush of their own.
+        EngineLog log;
+        BlkRig rig = cache_rig(CacheMode::kWritethrough, log);
+        CHECK(rig.request(kBlkTOut, 8, 4096) == kBlkSOk);
+        CHECK(log.take() == std::vector<IoOp>{kWrite});
+        CHECK(allocation_request(rig, kBlkTWriteZeroes, {{64, 8, 0}}) == kBlkSOk);
+        CHECK(log.take() == std::vector<IoOp>{kWriteZeroes, kFlush});  // fallocate is no O_DSYNC write
+        CHECK(rig.request(kBlkTFlush, 0, 0) == kBlkSOk);
+        CHECK(log.take() == std::vector<IoOp>{kFlush});
+    }
+    {
+        // unsafe: FLUSH completes OK and nothing reaches the engine, write cache on or off.
+        EngineLog log;
+        BlkRig rig = cache_rig(CacheMode::kUnsafe, log);
+        CHECK(rig.request(kBlkTFlush, 0, 0) == kBlkSOk);
+        CHECK(log.take().empty());
+        rig.driver.write_device_config(kWritebackOffset, 1, 0);
+        CHECK(rig.request(kBlkTOut, 8, 4096) == kBlkSOk);
+        CHECK(allocation_request(rig, kBlkTWriteZeroes, {{64, 8, 0}}) == kBlkSOk);
+        CHECK(rig.request(kBlkTFlush, 0, 0) == kBlkSOk);
+        CHECK(log.take() == std::vector<IoOp>{kWrite, kWriteZeroes});
+        CHECK(rig.blk->queue_stats(0).flushes() == 0);
+    }
+}
+
+TEST_CASE("blk: detect-zeroes turns a write of zeroes into a write-zeroes (unmap: a hole); other writes stay writes")
+{
+    using enum IoOp;
+    constexpr uint64_t kMiB = 1 << 20, kSlack = 64 << 10;  // a file system's own metadata
+    struct Case {
+        DetectZeroes detect;
+        bool discard;
+        IoOp zero_op;
+        bool frees;
+    };
+    for (const Case c : {Case{DetectZeroes::kOff, true, kWrite, false}, Case{DetectZeroes::kOn, true, kWriteZeroes, false},
+                         Case{DetectZeroes::kUnmap, true, kDiscard, true},
+                         Case{DetectZeroes::kUnmap, false, kWriteZeroes, false}}) {
+        for (const EngineKind engine : {EngineKind::kSync, EngineKind::kIoUring}) {
+            CAPTURE(detect_zeroes_name(c.detect));
+            CAPTURE(c.discard);
+            CAPTURE(std::string(engine_kind_name(engine)));
+            EngineLog log;
+            BlkRig rig = cache_rig(CacheMode::kWriteback, log, engine, c.detect, c.discard);
+            uint8_t* data = rig.driver.host(BlkRig::data_gpa(0));
+            const uint64_t before = allocated_bytes(rig.path);
+            std::memset(data, 0, kMiB);
+            CHECK(rig.request(kBlkTOut, 2048, kMiB) == kBlkSOk);  // 1 MiB of zeroes at 1 MiB
+            CHECK(log.take() == std::vector<IoOp>{c.zero_op});
+            CHECK(all_zero(rig.file_bytes(kMiB, kMiB)));
+            if (c.frees)
+                CHECK(allocated_bytes(rig.path) <= before - kMiB + kSlack);
+            else
+                CHECK(allocated_bytes(rig.path) + kSlack >= before);
+            CHECK(rig.blk->queue_stats(0).counters().bytes == kMiB);  // what the guest wrote
+            // One non-zero byte, first or last, and it is a write like any other.
+            for (const size_t at : {size_t{0}, size_t{kMiB - 1}}) {
+                data[at] = 0x5a;
+                CHECK(rig.request(kBlkTOut, 2048, kMiB) == kBlkSOk);
+                CHECK(log.take() == std::vector<IoOp>{kWrite});
+                CHECK(rig.file_bytes(kMiB + at, 1)[0] == 0x5a);
+                data[at] = 0;
+            }
+            // The sectors around the range keep the pattern: byte i of sector s is (s + i) & 0xff.
+            CHECK(rig.file_bytes(2047 * 512 + 1, 1)[0] == static_cast<uint8_t>(2047 + 1));
+            CHECK(rig.file_bytes(4096 * 512 + 1, 1)[0] == static_cast<uint8_t>(4096 + 1));
+            // With the write cache off the write-zeroes is made durable too.
+            rig.driver.write_device_config(kWritebackOffset, 1, 0);
+            CHECK(rig.request(kBlkTOut, 2048, kMiB) == kBlkSOk);
+            CHECK(log.take() == std::vector<IoOp>{c.zero_op, kFlush});
+            // A read-only check or an out-of-range zero write fails as any write would.
+            CHECK(rig.request(kBlkTOut, (8 << 20) / 512 - 1, 4096) == kBlkSIoErr);
+            CHECK(log.take().empty());
+        }
+    }
+}
+
+TEST_CASE("blk: write-then-flush (write cache off) and detect-zeroes allocate nothing on the request path either")
+{
+    for (const EngineKind engine : {EngineKind::kSync, EngineKind::kIoUring}) {
+        CAPTURE(std::string(engine_kind_name(engine)));
+        IoThread thread(IoThreadOptions{"disk0-io", {0, 0, 0}, 0, -1});
+        // On tmpfs, where a flush costs nothing: thousands of them take no time.
+        BlkRig rig(engine, false, 8 << 20, "lkvm-serial-0001", 1, true, {&thread}, AddressSpace::kMemory, false, {},
+                   {.detect_zeroes = DetectZeroes::kOn}, CacheMode::kWriteback, "/dev/shm");
+        rig.driver.write_device_config(kWritebackOffset, 1, 0);  // every write is followed by a flush
+        // 4 KiB writes, 16 in flight: every other one all zeroes (a write-zeroes, on the engine's worker).
+        for (unsigned i = 0; i < 16; ++i)
+            std::memset(rig.driver.host(BlkRig::data_gpa(i)), i % 2 ? 0 : 0x33, 4096);
+        uint64_t round = 0;
+        auto queue = [&](unsigned i) { rig.queue_request(i, kBlkTOut, 8ull * ((i * 37 + round++) % 2000), 4096); };
+        constexpr uint64_t kWarmUp = 20000, kCounted = 8000;
+        REQUIRE(rig.driver.keep_in_flight(0, 16, 3, kWarmUp, queue) == kWarmUp);
+        uint64_t counted = 0;
+        {
+            PostsMeanwhile posts(thread);
+            CHECK(allocations_on(thread, [&] { counted = rig.driver.keep_in_flight(0, 16, 3, kCounted, queue); }) == 0);
+        }
+        CHECK(counted == kCounted);
+        CHECK(rig.blk->queue_stats(0).flushes() == kWarmUp + kCounted);
     }
 }

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -74,6 +75,8 @@ struct ScsiRigLayout {
     bool one_thread = false;  // both request queues on iothread0
     ThrottleGroup* throttle = nullptr;  // LUN 0's limits
     bool snapshot = false;    // LUN 0 is a snapshot of its image (overlay in the rig's directory)
+    CacheMode cache = CacheMode::kWriteback;           // LUN 0's
+    DetectZeroes detect_zeroes = DetectZeroes::kOff;  // LUN 0's
 };
 
 struct ScsiRig {
@@ -103,12 +106,13 @@ struct ScsiRig {
         std::filesystem::resize_file(disk_path, layout.disk_bytes);
         std::ofstream(ro_path, std::ios::binary) << std::string(kReadOnlyBytes, 'r');
         std::vector<ScsiLunSetup> luns;
-        DiskImageOptions disk{disk_path, false, direct};
+        DiskImageOptions disk{disk_path, false, direct ? CacheMode::kNone : layout.cache};
         disk.snapshot = layout.snapshot;
         disk.snapshot_dir = dir.string();
-        luns.push_back({0, DiskImage::open(disk), {"disk-serial-0", 1, scsi::Discard::kUnmap}, engine, 0,
-                        layout.throttle});
-        luns.push_back({3, DiskImage::open({ro_path, true, false}), {"ro-serial-3", 7200, scsi::Discard::kUnmap},
+        scsi::ScsiDiskOptions lun0{"disk-serial-0", 1, scsi::Discard::kUnmap};
+        lun0.detect_zeroes = layout.detect_zeroes;
+        luns.push_back({0, DiskImage::open(disk), lun0, engine, 0, layout.throttle});
+        luns.push_back({3, DiskImage::open({ro_path, true}), {"ro-serial-3", 7200, scsi::Discard::kUnmap},
                         engine, 0});
         scsi = std::make_unique<VirtioScsi>(std::move(luns), 256, driver.memory(), std::vector<IoThread*>{&io0, layout.one_thread ? &io0 : &io1},
                                             control.context());
@@ -786,4 +790,97 @@ TEST_CASE("scsi: a throttled LUN holds back its own requests only: another LUN o
     for (unsigned i = 24; i < 28; ++i)
         CHECK(std::ranges::find(order, i) < last_lun0);
     CHECK(rig.scsi->queue_stats(0).throttled_ns() > 0);
+}
+
+TEST_CASE("scsi device: WCE follows the cache mode and MODE SELECT; writes with it off are flushed, unsafe flushes nothing")
+{
+    // What reached the engines, by op; the rule runs on the I/O threads.
+    struct Counts {
+        std::atomic<unsigned> writes{0}, flushes{0};
+    };
+    auto counting = [](Counts& c) -> FaultRule {
+        return [&c](const IoRequest& r) -> std::optional<int64_t> {
+            if (r.op == IoOp::kWrite)
+                ++c.writes;
+            if (r.op == IoOp::kFlush)
+                ++c.flushes;
+            return std::nullopt;
+        };
+    };
+    const std::vector<uint8_t> sense_caching = {0x1a, 0x08, 0x08, 0, 64, 0};  // MODE SENSE(6), DBD, caching page
+    auto wce_of = [&](ScsiRig& rig) {
+        CHECK(rig.command(0, 0, sense_caching, 64).status == scsi::kStatusGood);
+        return (rig.data(0, 7)[4 + 2] & 0x04) != 0;
+    };
+    auto set_wce = [&](ScsiRig& rig, bool on) {
+        uint8_t list[4 + 20] = {0, 0, 0, 0, 0x08, 0x12, static_cast<uint8_t>(on ? 0x04 : 0)};
+        std::memcpy(rig.driver.host(ScsiRig::data_gpa(0)), list, sizeof(list));
+        CHECK(rig.command(0, 0, {0x15, 0x10, 0, 0, sizeof(list), 0}, sizeof(list), false).status == scsi::kStatusGood);
+    };
+    struct Case {
+        CacheMode cache;
+        bool wce, flushes;
+    };
+    for (const Case c : {Case{CacheMode::kWriteback, true, true}, Case{CacheMode::kWritethrough, false, true},
+                         Case{CacheMode::kUnsafe, true, false}}) {
+        CAPTURE(cache_mode_name(c.cache));
+        Counts counts;
+        ScsiRigLayout layout;
+        layout.cache = c.cache;
+        ScsiRig rig(EngineKind::kIoUring, false, AddressSpace::kMemory, counting(counts), {}, layout);
+        CHECK(wce_of(rig) == c.wce);
+        CHECK(rig.command(1, 0, cdb10(0x35, 0, 0)).status == scsi::kStatusGood);  // SYNCHRONIZE CACHE
+        CHECK(counts.flushes == (c.flushes ? 1u : 0u));
+        set_wce(rig, false);
+        CHECK_FALSE(wce_of(rig));
+        std::memset(rig.driver.host(ScsiRig::data_gpa(0)), 0x77, 4096);
+        CHECK(rig.command(1, 0, cdb10(0x2a, 32, 8), 4096, false).status == scsi::kStatusGood);
+        CHECK(counts.writes == 1);
+        // Off, a write is durable before GOOD: a flush after it but where O_DSYNC did it, or flushes go nowhere.
+        CHECK(counts.flushes == (c.cache == CacheMode::kWriteback ? 2u : c.flushes ? 1u : 0u));
+        CHECK(rig.file_bytes(rig.disk_path, 32 * 512, 4096) == std::vector<uint8_t>(4096, 0x77));
+        set_wce(rig, true);
+        CHECK(rig.command(0, 0, cdb16(0x8a, 64, 8), 4096, false).status == scsi::kStatusGood);
+        CHECK(counts.writes == 2);
+        CHECK(counts.flushes == (c.cache == CacheMode::kWriteback ? 2u : c.flushes ? 1u : 0u));
+        uint64_t flushes = 0;
+        for (unsigned q = 0; q < kRequestQueues; ++q)
+            flushes += rig.scsi->queue_stats(q).flushes();
+        CHECK(flushes == counts.flushes);
+        // A logical unit reset brings the cache mode's default back.
+        set_wce(rig, !c.wce);
+        CHECK(rig.task_management(virtio_scsi::kTmfLogicalUnitReset, 0) == virtio_scsi::kFunctionComplete);
+        CHECK(rig.command(0, 0, sense_caching, 64).status == scsi::kStatusCheckCondition);  // the unit attention
+        CHECK(wce_of(rig) == c.wce);
+    }
+}
+
+TEST_CASE("scsi device: detect-zeroes turns a WRITE(10/16) of zeroes into a write-zeroes, with unmap a hole")
+{
+    struct stat st {};
+    for (const DetectZeroes detect : {DetectZeroes::kOff, DetectZeroes::kOn, DetectZeroes::kUnmap}) {
+        CAPTURE(detect_zeroes_name(detect));
+        ScsiRigLayout layout;
+        layout.detect_zeroes = detect;
+        ScsiRig rig(EngineKind::kIoUring, false, AddressSpace::kMemory, {}, {}, layout);
+        REQUIRE(::stat(rig.disk_path.c_str(), &st) == 0);
+        const uint64_t before = static_cast<uint64_t>(st.st_blocks) * 512;
+        std::memset(rig.driver.host(ScsiRig::data_gpa(0)), 0, 1 << 20);
+        CHECK(rig.command(0, 0, cdb10(0x2a, 2048, 1024), 1 << 19, false).status == scsi::kStatusGood);  // 512 KiB at 1 MiB
+        CHECK(rig.command(1, 0, cdb16(0x8a, 3072, 1024), 1 << 19, false).status == scsi::kStatusGood);  // and after it
+        CHECK(rig.file_bytes(rig.disk_path, 1 << 20, 1 << 20) == std::vector<uint8_t>(1 << 20, 0));
+        REQUIRE(::stat(rig.disk_path.c_str(), &st) == 0);
+        const uint64_t after = static_cast<uint64_t>(st.st_blocks) * 512;
+        if (detect == DetectZeroes::kUnmap)
+            CHECK(after + (1 << 20) <= before + (64 << 10));  // the MiB is a hole now (less file system metadata)
+        else
+            CHECK(after + (64 << 10) >= before);  // written, or zeroed in place: still allocated
+        // The blocks around it keep the pattern: byte i of block b is (b + i) & 0xff.
+        CHECK(rig.file_bytes(rig.disk_path, 2047 * 512 + 3, 1)[0] == static_cast<uint8_t>(2047 + 3));
+        CHECK(rig.file_bytes(rig.disk_path, 4096 * 512 + 3, 1)[0] == static_cast<uint8_t>(4096 + 3));
+        // A block that is not all zeroes is written as it is.
+        rig.driver.host(ScsiRig::data_gpa(0))[511] = 0x42;
+        CHECK(rig.command(0, 0, cdb10(0x2a, 2048, 1), 512, false).status == scsi::kStatusGood);
+        CHECK(rig.file_bytes(rig.disk_path, 2048 * 512 + 511, 1)[0] == 0x42);
+    }
 }

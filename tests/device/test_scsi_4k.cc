@@ -175,7 +175,7 @@ struct Rig {
         scsi::ScsiDiskOptions options = {"4k-serial", 1, scsi::Discard::kUnmap})
     {
         std::vector<ScsiLunSetup> luns;
-        luns.push_back({0, DiskImage::open({device, false, direct}), options, engine, 0});
+        luns.push_back({0, DiskImage::open({device, false, direct ? CacheMode::kNone : CacheMode::kWriteback}), options, engine, 0});
         scsi = std::make_unique<VirtioScsi>(std::move(luns), 256, driver.memory(), std::vector<IoThread*>{&io},
                                             control.context());
         transport = std::make_unique<VirtioPciDevice>(*scsi, driver.host_interface(), AddressSpace::kMemory);
@@ -236,7 +236,7 @@ TEST_CASE("scsi device, 4 KiB logical-block host device with O_DIRECT: capacity,
         MESSAGE("skipped, cannot make a loop device with 4096-byte sectors: " << backing.loop->why());
         return;
     }
-    REQUIRE(DiskImage::open({backing.loop->path(), true, true}).alignment() == kBlock);
+    REQUIRE(DiskImage::open({backing.loop->path(), true, CacheMode::kNone}).alignment() == kBlock);
 
     for (EngineKind engine : {EngineKind::kSync, EngineKind::kNative, EngineKind::kIoUring}) {
         CAPTURE(std::string(engine_kind_name(engine)));

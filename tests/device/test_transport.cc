@@ -66,7 +66,7 @@ struct BlkRig {
 
     BlkRig()
     {
-        blk = std::make_unique<VirtioBlk>(DiskImage::open({zero_image(dir, "disk.raw"), false, false}),
+        blk = std::make_unique<VirtioBlk>(DiskImage::open({zero_image(dir, "disk.raw"), false}),
                                           BlkOptions{"transport-0", EngineKind::kSync, 0, 256}, driver.memory(),
                                           std::vector<IoThread*>{&thread});
         transport = std::make_unique<VirtioPciDevice>(*blk, driver.host_interface());
@@ -107,7 +107,7 @@ struct ScsiRig {
     ScsiRig()
     {
         std::vector<ScsiLunSetup> luns;
-        luns.push_back({0, DiskImage::open({zero_image(dir, "lun0.raw"), false, false}),
+        luns.push_back({0, DiskImage::open({zero_image(dir, "lun0.raw"), false}),
                         {"transport-lun0", 1, scsi::Discard::kUnmap}, EngineKind::kSync, 0});
         scsi = std::make_unique<VirtioScsi>(std::move(luns), 256, driver.memory(), std::vector<IoThread*>{&io},
                                             control.context());

@@ -40,7 +40,7 @@ DiskImage temp_image(bool read_only, uint64_t bytes = kImageBytes)
     const int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY, 0600);
     FUZZ_CHECK(fd >= 0 && ::ftruncate(fd, bytes) == 0);
     ::close(fd);
-    DiskImage image = DiskImage::open({path, read_only, false});
+    DiskImage image = DiskImage::open({path, read_only});
     ::unlink(path.c_str());
     ::rmdir(dir);
     return image;

@@ -319,6 +319,77 @@ lost = [i for i in range(last + 1) if data[i * 4096:i * 4096 + 15] != b\"block-%
 print(\"round $round: %d blocks seen complete, %s\" % (last + 1, \"all on the image\" if last >= 0 and not lost else \"lost %s\" % lost[:5]))" "$last"
 done'
 
+# Cache modes and detect-zeroes, in one boot: a disk per cache mode (on the
+# 9p share, which has O_DIRECT) and a detect-zeroes=unmap disk on a tmpfs of
+# L1's own (holes can be punched there). The guest says what each disk's
+# cache is; meanwhile the host reads how lkvm opened each image
+# (/proc/PID/fdinfo: O_DIRECT 040000, O_DSYNC 010000) and counts the flushes
+# (lkvm stat) that fsync on the writeback and unsafe disks, and O_DIRECT
+# writes after the guest turned the writeback disk's cache off, brought.
+# tmpfs in L1 has no O_DIRECT: cache=none and directsync are refused there.
+script cache-modes '
+mkdir -p tmpfs-cache && mount -t tmpfs -o size=64m lkvm-cache tmpfs-cache || exit 1
+modes="none writeback writethrough directsync unsafe"
+for m in $modes; do truncate -s 16M cache-$m.raw; done
+zimg=tmpfs-cache/zeroes.raw
+yes ZEROES-OVER-ME | head -c 8388608 > $zimg
+echo "zeroes-blocks-before=$(stat -c %b $zimg)"
+for m in none directsync; do
+    truncate -s 1M tmpfs-cache/refused-$m.raw
+    "$LKVM" run -d tmpfs-cache/refused-$m.raw,cache=$m -- true > refused-$m.out 2>&1 < /dev/null
+    echo "refused-$m status=$? lines=$(wc -l < refused-$m.out) $(cat refused-$m.out)"
+done
+cat > cache-guest.sh << "GUEST"
+for d in vda vdb vdc vdd vde vdf; do echo "$d cache=$(cat /sys/block/$d/queue/write_cache)"; done
+echo guest-waiting-1; read -r go
+for d in vdb vde; do yes FLUSH-ME | head -c 1048576 | dd of=/dev/$d bs=64k conv=fsync status=none; echo "$d fsync=$?"; done
+echo guest-waiting-2; read -r go
+echo "write through" > /sys/block/vdb/cache_type; echo "vdb switched=$(cat /sys/block/vdb/queue/write_cache)"
+yes WT | head -c 65536 | dd of=/dev/vdb bs=4096 seek=1024 oflag=direct status=none; echo "vdb direct-writes=$?"
+dd if=/dev/zero of=/dev/vdf bs=1M count=4 oflag=direct status=none; echo "vdf zeroes=$?"
+echo guest-waiting-3; read -r go
+GUEST
+export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-cache.XXXXXX")
+mkfifo $XDG_RUNTIME_DIR/console
+exec 3<> $XDG_RUNTIME_DIR/console
+disks=""; for m in $modes; do disks="$disks -d cache-$m.raw,cache=$m"; done
+"$LKVM" run --name caches $disks -d $zimg,detect-zeroes=unmap -- sh -c "$(cat cache-guest.sh)" \
+    < $XDG_RUNTIME_DIR/console > cache.out 2>&1 &
+pid=$!
+stage() { for i in $(seq 240); do grep -qs "^guest-waiting-$1" cache.out && return; kill -0 $pid 2> /dev/null || return; sleep 0.5; done; }
+flushes() {
+    "$LKVM" stat caches --disks --json | head -n 1 | python3 -c "
+import json, sys
+d = json.loads(sys.stdin.readline())[\"disks\"]
+print(\" \".join(\"%s=%d\" % (m, sum(q[\"flushes\"] for q in d if q[\"image\"] == \"cache-%s.raw\" % m)) for m in sys.argv[1:]))" $modes
+}
+stage 1
+# Every description lkvm holds of an image (io_uring keeps one of its own) has the flags.
+python3 -c "
+import os, sys
+fds, seen = \"/proc/%s/fd\" % sys.argv[1], {}
+for fd in os.listdir(fds):
+    name = os.path.basename(os.readlink(os.path.join(fds, fd)))
+    if name.startswith(\"cache-\") and name.endswith(\".raw\"):
+        flags = int(open(\"/proc/%s/fdinfo/%s\" % (sys.argv[1], fd)).read().split()[3], 8)
+        seen.setdefault(name[6:-4], set()).add(\"direct=%d dsync=%d\" % (flags >> 14 & 1, flags >> 12 & 1))
+for mode, kinds in sorted(seen.items()):
+    print(\"fdinfo\", mode, \" / \".join(sorted(kinds)))" $pid
+echo "flushes-1 $(flushes)"
+echo go >&3; stage 2
+echo "flushes-2 $(flushes)"
+echo go >&3; stage 3
+echo "flushes-3 $(flushes)"
+echo go >&3
+wait $pid; echo status=$?
+exec 3>&-
+tr -d "\r" < cache.out
+echo "zeroes-blocks-after=$(stat -c %b $zimg)"
+cmp -s -n 4194304 $zimg /dev/zero && echo zeroes-read-back
+for i in $(seq 20); do umount tmpfs-cache 2> /dev/null && break; sleep 0.5; done
+mountpoint -q tmpfs-cache && umount -l tmpfs-cache
+true'
+
 # The control socket: lkvm list/stat/pause/resume/stop against a guest running fio.
 truncate -s 64M "$work/ctl.raw"
 script control-socket '
@@ -499,6 +570,28 @@ else fail snapshot-image-unchanged "a snapshot guest changed its image" "$(resul
 expect control-socket 0 'fioguest +[0-9]+ +running +2 ' '^pause=0$' '^listed-paused$' '^paused-moved=0$' '^resume=0$' \
     '^counted-from-idle$' '^resumed-moves$' '^two-clients$' '^interval-latency ' '^json-kicks-exits ' '^bogus-reply: LKVM/1 error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
     '^socket-gone$' '^pause-gone=1$'
+# Each cache mode as the guest sees it and as lkvm opened the image; unsafe
+# flushes nothing; with the cache turned off each O_DIRECT write is flushed (16 of 4 KiB).
+expect cache-modes 0 '^vda cache=write back$' '^vdb cache=write back$' '^vdc cache=write through$' \
+    '^vdd cache=write through$' '^vde cache=write back$' '^vdf cache=write back$' \
+    '^fdinfo none direct=1 dsync=0$' '^fdinfo writeback direct=0 dsync=0$' '^fdinfo writethrough direct=0 dsync=1$' \
+    '^fdinfo directsync direct=1 dsync=1$' '^fdinfo unsafe direct=0 dsync=0$' \
+    '^refused-none status=1 lines=1 lkvm: disk tmpfs-cache/refused-none.raw: this filesystem does not support O_DIRECT, which cache=none' \
+    '^refused-directsync status=1 lines=1 .*cache=directsync needs; use cache=writethrough' \
+    '^vdb fsync=0$' '^vde fsync=0$' '^vdb switched=write through$' '^vdb direct-writes=0$' '^vdf zeroes=0$' '^status=0$' \
+    '^zeroes-read-back$'
+cache_out=$(result cache-modes out)
+if [ -f "$cache_out" ]; then
+    # flushes-N ... writeback=W ... unsafe=U: fsync flushed the writeback disk, not the unsafe one; 16 more after the switch.
+    counts() { sed -n "s/^flushes-$1 .*writeback=\([0-9]*\).*unsafe=\([0-9]*\).*/\1 \2/p" "$cache_out"; }
+    read -r wb1 un1 <<< "$(counts 1)"; read -r wb2 un2 <<< "$(counts 2)"; read -r wb3 un3 <<< "$(counts 3)"
+    if [ -n "$wb3" ] && [ "$un3" = 0 ] && [ "$wb2" -gt "$wb1" ] && [ $((wb3 - wb2)) -ge 16 ]; then pass cache-modes-flushes
+    else fail cache-modes-flushes "flushes writeback ${wb1:-?}/${wb2:-?}/${wb3:-?}, unsafe ${un1:-?}/${un2:-?}/${un3:-?}" "$cache_out"; fi
+    # 4 MiB of the 8 MiB overwritten with zeroes: at least 3 MiB (6144 blocks) freed.
+    before=$(sed -n 's/^zeroes-blocks-before=//p' "$cache_out"); after=$(sed -n 's/^zeroes-blocks-after=//p' "$cache_out")
+    if [ -n "$after" ] && [ $((before - after)) -ge 6144 ]; then pass cache-modes-detect-zeroes-unmap
+    else fail cache-modes-detect-zeroes-unmap "blocks before=${before:-?} after=${after:-?}" "$cache_out"; fi
+fi
 expect control-timeout 124 '--timeout'
 expect control-console-log 0 'hello-console-log'
 if grep -q hello-console-log "$work/console.log" 2> /dev/null; then pass control-console-log-file
@@ -576,6 +669,10 @@ refuse scsi-controller-unused 'scsi-controller c9: no disk uses it' run --scsi-c
 refuse scsi-bad-discard 'discard=trim is not unmap or ignore' run -d "$work/odd.raw,bus=scsi,discard=trim"
 refuse scsi-bad-bus     'bus=ide is not blk or scsi' run -d "$work/odd.raw,bus=ide"
 refuse scsi-lun-range   'lun=20000 is not 0-16383' run -d "$work/odd.raw,bus=scsi,lun=20000"
+refuse disk-bad-cache   '^lkvm: -d .*odd.raw,cache=fast: cache=fast is not none, writeback, writethrough, directsync or unsafe' run -d "$work/odd.raw,cache=fast"
+refuse disk-bad-detect-zeroes 'detect-zeroes=yes is not off, on or unmap' run -d "$work/odd.raw,detect-zeroes=yes"
+refuse disk-direct-writeback "'direct' \(cache=none\) conflicts with cache=writeback; give only one of them" run -d "$work/odd.raw,direct,cache=writeback"
+refuse disk-detect-unmap-ignore 'detect-zeroes=unmap needs discard=unmap' run -d "$work/odd.raw,bus=scsi,discard=ignore,detect-zeroes=unmap"
 refuse scsi-disk-missing 'disk /nonexistent.raw: No such file' run -d /nonexistent.raw,bus=scsi
 refuse disk-snapshot-ro 'snapshot and ro together' run -d "$work/odd.raw,ro,snapshot"
 truncate -s 1M "$work/snap-refused.raw"

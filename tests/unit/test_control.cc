@@ -62,7 +62,7 @@ StatSnapshot sample_snapshot()
     s.threads = {{"iothread0", 4242, 1, 1000, 4096000, 300, 10, 30, 32768},
                  {"disk1-io", 4243, -1, 0, 0, 0, 0, 0, 0}};
     // Bucket 90 holds 10240-11263 ns, 113 holds 73728-81919 ns, 327 is the last one.
-    s.queues = {{0, 0, "iothread0", "/tmp/my disk;1=2%.raw", 1, 600, 2457600, 3, {{90, 590}, {113, 10}}, 300, 200, 2, 750'000'000},
+    s.queues = {{0, 0, "iothread0", "/tmp/my disk;1=2%.raw", 1, 600, 2457600, 3, {{90, 590}, {113, 10}}, 300, 200, 2, 750'000'000, 5},
                 {0, 1, "iothread0", "/tmp/my disk;1=2%.raw", 1, 400, 1638400, 0, {{0, 1}, {327, 399}}, 400, 400, 0},
                 {1, 0, "disk1-io", "b.raw", -1, 0, 0, 0, {}, 0, 0, 0}};
     // vCPU 1's kernel lacks mmio_exits and insn_emulation.
@@ -303,8 +303,8 @@ TEST_CASE("control: stat snapshots round-trip; malformed ones are refused")
     CHECK(contains(error_of([] { parse_stat_payload("time_ns=abc"); }), "time_ns= is not a number"));
     CHECK(contains(error_of([] { parse_stat_payload("time_ns=1;thread=a tid=1"); }), "no cpu="));
     CHECK(contains(error_of([] { parse_stat_payload("time_ns=1;disk=0 queue=0"); }), "no thread="));
-    CHECK(contains(payload, "in_flight=3 latency=90:590,113:10 kicks=300 interrupts=200 errors=2 throttled_ns=750000000;"));
-    CHECK(contains(payload, "in_flight=0 latency= kicks=0 interrupts=0 errors=0 throttled_ns=0;"));  // an empty histogram
+    CHECK(contains(payload, "in_flight=3 latency=90:590,113:10 kicks=300 interrupts=200 errors=2 throttled_ns=750000000 flushes=5;"));
+    CHECK(contains(payload, "in_flight=0 latency= kicks=0 interrupts=0 errors=0 throttled_ns=0 flushes=0;"));  // an empty histogram
     CHECK(payload.ends_with(";vcpu=0 exits=9000 io_exits=100 mmio_exits=2000 halt_exits=500 irq_exits=300 "
                             "irq_window_exits=50 signal_exits=7 irq_injections=1200 insn_emulation=2100;"
                             "vcpu=1 exits=1000 io_exits=10 halt_exits=50 irq_exits=30 irq_window_exits=5 "
@@ -319,6 +319,9 @@ TEST_CASE("control: stat snapshots round-trip; malformed ones are refused")
     CHECK(parse_stat_payload(good).queues.at(0).kicks == 0);
     CHECK(parse_stat_payload(good).queues.at(0).errors == 0);
     CHECK(contains(error_of([&] { parse_stat_payload(good + " errors=x"); }), "errors= is not a number"));
+    CHECK(parse_stat_payload(good).queues.at(0).flushes == 0);  // nor flushes
+    CHECK(parse_stat_payload(good + " flushes=9").queues.at(0).flushes == 9);
+    CHECK(contains(error_of([&] { parse_stat_payload(good + " flushes=-1"); }), "flushes= is not a number"));
     CHECK(parse_stat_payload(good + " kicks=3 interrupts=2").queues.at(0).interrupts == 2);
     CHECK(contains(error_of([&] { parse_stat_payload(good + " kicks=x"); }), "kicks= is not a number"));
     CHECK(contains(error_of([&] { parse_stat_payload("time_ns=1;vcpu=0 exits=-1"); }), "exits= is not a number"));
@@ -582,7 +585,7 @@ TEST_CASE("control client: stat --json takes two samples a second apart")
     CHECK(contains(json, "\"interval_s\":1.000000,\"disks\":[{\"disk\":0,\"queue\":0,\"thread\":\"iothread0\",\"cpu\":0,"
                          "\"image\":\"a.raw\",\"requests\":100,\"bytes\":409600,\"iops\":100.0,\"mib_s\":0.391,"
                          "\"in_flight\":1,\"p50_us\":11.263,\"p99_us\":81.919,\"kicks\":50,\"interrupts\":25,"
-                         "\"errors\":0,\"throttled_ns\":0,\"requests_per_kick\":2.000,\"requests_per_interrupt\":4.000}]"));
+                         "\"errors\":0,\"throttled_ns\":0,\"flushes\":0,\"requests_per_kick\":2.000,\"requests_per_interrupt\":4.000}]"));
     CHECK(contains(json, "\"iothreads\":[{\"name\":\"iothread0\",\"tid\":77,\"cpu\":0,\"requests\":100,"));
     CHECK(contains(json, "\"poll_hit_rate\":0.2500}],\"vcpus\":[{\"vcpu\":0,\"exits\":150,\"io_exits\":40,"
                          "\"mmio_exits\":0,\"halt_exits\":60,\"irq_exits\":20,\"irq_window_exits\":5,"
@@ -611,14 +614,14 @@ TEST_CASE("control client: the stat tables show rates over the interval")
 
     const std::string both = format_stat_tables(before, after, {});
     CHECK(contains(both, "disk queue thread        cpu      IOPS    MiB/s in-flight   p50-us   p99-us  kicks/s   "
-                         "irqs/s req/kick  req/irq  errors   thr%  image\n"));
+                         "irqs/s req/kick  req/irq  errors  flushes   thr%  image\n"));
     CHECK(contains(both, "0        0 iothread0       1       500      2.0         3     11.3     81.9      250      "
-                         "125     2.00     4.00       2   25.0  /tmp/my disk;1=2%.raw\n"));
+                         "125     2.00     4.00       2        5   25.0  /tmp/my disk;1=2%.raw\n"));
     // No request completed in the interval: no percentiles, whatever came before; no kick: no ratio.
     CHECK(contains(both, "0        1 iothread0       1         0      0.0         0        -        -        0        "
-                         "0        -        -       0    0.0  /tmp/my disk;1=2%.raw\n"));
+                         "0        -        -       0        0    0.0  /tmp/my disk;1=2%.raw\n"));
     CHECK(contains(both, "1        0 disk1-io        -         0      0.0         0        -        -        0        "
-                         "0        -        -       0    0.0  b.raw\n"));
+                         "0        -        -       0        0    0.0  b.raw\n"));
     CHECK(contains(both, "vcpu     exits/s       io/s     mmio/s     halt/s      irq/s  irq-win/s   signal/s  "
                          "irq-inj/s     emul/s\n"));
     CHECK(contains(both, "0           1500         50        500        100        150         25          5        "
@@ -654,9 +657,9 @@ TEST_CASE("control client: the stat tables show rates over the interval")
     const std::string json = format_stat_json(before, after, {true, false}, 1700000000.5);
     CHECK(json.starts_with("{\"time\":1700000000.500,\"interval_s\":2.000000,\"disks\":["));
     CHECK(contains(json, "\"p50_us\":11.263,\"p99_us\":81.919,\"kicks\":800,\"interrupts\":450,"
-                         "\"errors\":2,\"throttled_ns\":1250000000,\"requests_per_kick\":2.000,\"requests_per_interrupt\":4.000}"));
+                         "\"errors\":2,\"throttled_ns\":1250000000,\"flushes\":5,\"requests_per_kick\":2.000,\"requests_per_interrupt\":4.000}"));
     CHECK(contains(json, "\"p50_us\":null,\"p99_us\":null,\"kicks\":400,\"interrupts\":400,"
-                         "\"errors\":0,\"throttled_ns\":0,\"requests_per_kick\":null,\"requests_per_interrupt\":null}"));
+                         "\"errors\":0,\"throttled_ns\":0,\"flushes\":0,\"requests_per_kick\":null,\"requests_per_interrupt\":null}"));
     CHECK_FALSE(contains(json, "vcpus"));
     CHECK(contains(json, "\"image\":\"/tmp/my disk;1=2%.raw\",\"requests\":1600,\"bytes\":6553600,\"iops\":500.0"));
     CHECK(contains(json, "\"cpu\":null"));

@@ -101,15 +101,86 @@ TEST_CASE("disk image: size, read-only and what cannot be a disk")
 {
     TempDir dir;
     const auto ok = dir.file("ok.raw", 1 << 20);
-    auto image = DiskImage::open({ok, false, false});
+    auto image = DiskImage::open({ok, false});
     CHECK(image.size() == 1 << 20);
     CHECK_FALSE(image.read_only());
     CHECK(image.alignment() == 1);
 
-    CHECK(open_error({dir.path / "missing.raw", false, false}).find("No such file") != std::string::npos);
-    CHECK(open_error({dir.path.string(), false, false}).find("is a directory") != std::string::npos);
-    CHECK(open_error({dir.file("odd.raw", 1000), false, false}).find("not a multiple of 512") != std::string::npos);
-    CHECK(open_error({dir.file("empty.raw", 0), false, false}).find("is empty") != std::string::npos);
+    CHECK(open_error({dir.path / "missing.raw", false}).find("No such file") != std::string::npos);
+    CHECK(open_error({dir.path.string(), false}).find("is a directory") != std::string::npos);
+    CHECK(open_error({dir.file("odd.raw", 1000), false}).find("not a multiple of 512") != std::string::npos);
+    CHECK(open_error({dir.file("empty.raw", 0), false}).find("is empty") != std::string::npos);
+}
+
+TEST_CASE("disk image: each cache mode opens the image as QEMU's does and says what the guest is told")
+{
+    TempDir dir;
+    const auto path = dir.file("cache.raw", 1 << 20);
+    struct Case {
+        CacheMode cache;
+        int flags;  // of O_DIRECT | O_DSYNC
+        bool write_cache, durable, ignored;
+    };
+    for (const Case c : {Case{CacheMode::kWriteback, 0, true, false, false}, Case{CacheMode::kNone, O_DIRECT, true, false, false},
+                         Case{CacheMode::kWritethrough, O_DSYNC, false, true, false},
+                         Case{CacheMode::kDirectsync, O_DIRECT | O_DSYNC, false, true, false},
+                         Case{CacheMode::kUnsafe, 0, true, false, true}}) {
+        CAPTURE(cache_mode_name(c.cache));
+        const auto image = DiskImage::open({path, false, c.cache});
+        CHECK((::fcntl(image.fd(), F_GETFL) & (O_DIRECT | O_DSYNC)) == c.flags);
+        CHECK(image.cache() == c.cache);
+        CHECK(image.direct() == ((c.flags & O_DIRECT) != 0));
+        CHECK(image.alignment() == (image.direct() ? 512u : 1u));
+        CHECK(image.write_cache_default() == c.write_cache);
+        CHECK(image.writes_durable() == c.durable);
+        CHECK(image.flushes_ignored() == c.ignored);
+        // io_uring opens a description of its own for a registered file: with the same flags.
+        auto engine = make_uring_engine(8, default_uring_setup_flags(), true);
+        engine->register_file(image.fd());
+        unsigned descriptions = 0;
+        for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+            std::error_code error;
+            if (std::filesystem::read_symlink(entry.path(), error) != std::filesystem::path(path))
+                continue;
+            const int fd = std::stoi(entry.path().filename().string());
+            CHECK((::fcntl(fd, F_GETFL) & (O_DIRECT | O_DSYNC)) == c.flags);
+            ++descriptions;
+        }
+        CHECK(descriptions == 2);
+    }
+}
+
+TEST_CASE("iovecs_are_zero: any alignment and split, stops at a non-zero byte anywhere")
+{
+    std::vector<uint8_t> buffer(4096 + 64, 0);
+    for (const size_t start : {0, 1, 3, 7, 8, 13}) {
+        for (const size_t length : {0, 1, 7, 8, 9, 15, 16, 17, 511, 512, 4096}) {
+            CAPTURE(start);
+            CAPTURE(length);
+            iovec one{buffer.data() + start, length};
+            CHECK(iovecs_are_zero({&one, 1}, length));
+            for (size_t at = 0; at < length; at += std::max<size_t>(1, length / 7)) {
+                buffer[start + at] = 0x80;
+                CHECK_FALSE(iovecs_are_zero({&one, 1}, length));
+                buffer[start + at] = 0;
+            }
+            if (length != 0) {
+                buffer[start + length - 1] = 1;  // the last byte
+                CHECK_FALSE(iovecs_are_zero({&one, 1}, length));
+                CHECK(iovecs_are_zero({&one, 1}, length - 1));  // only `bytes` of them count
+                buffer[start + length - 1] = 0;
+            }
+            buffer[start + length] = 1;  // just past: not looked at
+            CHECK(iovecs_are_zero({&one, 1}, length));
+            buffer[start + length] = 0;
+        }
+    }
+    // Split over several buffers, a non-zero byte in the last one.
+    iovec three[] = {{buffer.data() + 1, 5}, {buffer.data() + 100, 0}, {buffer.data() + 200, 1000}};
+    CHECK(iovecs_are_zero(three, 1005));
+    buffer[200 + 999] = 2;
+    CHECK_FALSE(iovecs_are_zero(three, 1005));
+    CHECK(iovecs_are_zero(three, 1004));
 }
 
 TEST_CASE("disk image: a second writer is refused, readers share")
@@ -117,17 +188,17 @@ TEST_CASE("disk image: a second writer is refused, readers share")
     TempDir dir;
     const auto path = dir.file("shared.raw", 4096, 'x');
     {
-        auto writer = DiskImage::open({path, false, false});
-        CHECK(open_error({path, false, false}).find("in use by another lkvm") != std::string::npos);
-        CHECK(open_error({path, true, false}).find("in use by another lkvm") != std::string::npos);
+        auto writer = DiskImage::open({path, false});
+        CHECK(open_error({path, false}).find("in use by another lkvm") != std::string::npos);
+        CHECK(open_error({path, true}).find("in use by another lkvm") != std::string::npos);
     }
     {
-        auto reader1 = DiskImage::open({path, true, false});
-        auto reader2 = DiskImage::open({path, true, false});
+        auto reader1 = DiskImage::open({path, true});
+        auto reader2 = DiskImage::open({path, true});
         CHECK(reader2.read_only());
-        CHECK(open_error({path, false, false}).find("add ',ro' to share it read-only") != std::string::npos);
+        CHECK(open_error({path, false}).find("add ',ro' to share it read-only") != std::string::npos);
     }
-    auto again = DiskImage::open({path, false, false});  // locks go with the images
+    auto again = DiskImage::open({path, false});  // locks go with the images
     std::ifstream in(path, std::ios::binary);
     CHECK(std::string(std::istreambuf_iterator<char>(in), {}) == std::string(4096, 'x'));  // untouched
 }
@@ -138,7 +209,7 @@ TEST_CASE("io engines: write, flush and read back through each engine")
     const auto path = dir.file("engine.raw", 1 << 20);
     for (EngineKind kind : kDataEngines) {
         CAPTURE(std::string(engine_kind_name(kind)));
-        auto image = DiskImage::open({path, false, false});
+        auto image = DiskImage::open({path, false});
         auto engine = make_io_engine(kind, 64);
         CHECK(std::string(engine->name()) == engine_kind_name(kind));
         write_and_read_back(*engine, image.fd());
@@ -151,7 +222,7 @@ TEST_CASE("io engines: has_completions tells whether reap would find something")
     const auto path = dir.file("poll.raw", 4096, 'p');
     for (EngineKind kind : kAllEngines) {
         CAPTURE(std::string(engine_kind_name(kind)));
-        auto image = DiskImage::open({path, false, false});
+        auto image = DiskImage::open({path, false});
         auto engine = make_io_engine(kind, 8);
         CHECK_FALSE(engine->has_completions());
         char buf[512];
@@ -184,7 +255,7 @@ TEST_CASE("io engines: errors come back as -errno, the null engine moves no data
         CHECK(done[0].cookie == 7);
         CHECK(done[0].result == -EBADF);
         // The engine goes on working after a refusal, in the same batch too.
-        auto image = DiskImage::open({path, false, false});
+        auto image = DiskImage::open({path, false});
         done = run(*engine, {bad, {IoOp::kRead, image.fd(), 0, &iov, 1, 8}});
         REQUIRE(done.size() == 2);
         for (const auto& c : done)
@@ -203,7 +274,7 @@ TEST_CASE("io engines: io_uring registered files")
 {
     TempDir dir;
     const auto path = dir.file("registered.raw", 1 << 20);
-    auto image = DiskImage::open({path, false, false});
+    auto image = DiskImage::open({path, false});
     auto engine = make_io_engine(EngineKind::kIoUring, 16);
     engine->register_file(image.fd());
     engine->register_file(image.fd());  // twice is harmless
@@ -278,7 +349,7 @@ TEST_CASE("io engines: requests with an I/O priority")
     REQUIRE(before >= 0);
     for (EngineKind kind : kAllEngines) {
         CAPTURE(std::string(engine_kind_name(kind)));
-        auto image = DiskImage::open({path, false, false});
+        auto image = DiskImage::open({path, false});
         auto engine = make_io_engine(kind, 32);
         if (kind == EngineKind::kNull) {
             char buf[512];
@@ -317,7 +388,7 @@ TEST_CASE("io_uring engine: a registered image does not keep its lock once the i
     const auto path = dir.file("locked.raw", 1 << 20, 'x');
     auto engine = make_io_engine(EngineKind::kIoUring, 8);
     {
-        DiskImage image = DiskImage::open({path, false, false});
+        DiskImage image = DiskImage::open({path, false});
         engine->register_file(image.fd());
         char buffer[512];
         iovec iov{buffer, sizeof(buffer)};
@@ -334,7 +405,7 @@ TEST_CASE("io_uring engine: a registered image does not keep its lock once the i
     // The engine, its ring and the registration live on (as the kernel may keep
     // a ring's files a while after lkvm is gone); the image is closed: a second
     // user may lock it.
-    CHECK_NOTHROW(DiskImage::open({path, false, false}));
+    CHECK_NOTHROW(DiskImage::open({path, false}));
 }
 
 TEST_CASE("io engines: discard deallocates and reads back zeroes, write-zeroes zeroes in place")
@@ -344,7 +415,7 @@ TEST_CASE("io engines: discard deallocates and reads back zeroes, write-zeroes z
     for (const EngineKind kind : kDataEngines) {
         CAPTURE(std::string(engine_kind_name(kind)));
         const auto path = dir.file(std::string("alloc-") + engine_kind_name(kind) + ".raw", kSize, 'x');
-        const auto image = DiskImage::open({path, false, false});
+        const auto image = DiskImage::open({path, false});
         ::fsync(image.fd());
         struct stat before {};
         ::fstat(image.fd(), &before);
@@ -420,7 +491,7 @@ TEST_CASE("io_uring engine: no completion is lost around turning the eventfd bac
 {
     TempDir dir;
     const auto path = dir.file("race.raw", 4096, 'r');
-    auto image = DiskImage::open({path, false, false});
+    auto image = DiskImage::open({path, false});
     auto engine = make_io_engine(EngineKind::kIoUring, 4);
     expect_no_completion_lost(*engine, image.fd(), 2000);
 }
@@ -429,7 +500,7 @@ TEST_CASE("io_uring engine: while notification is off the eventfd stays quiet")
 {
     TempDir dir;
     const auto path = dir.file("quiet.raw", 4096, 'q');
-    auto image = DiskImage::open({path, false, false});
+    auto image = DiskImage::open({path, false});
     auto engine = make_io_engine(EngineKind::kIoUring, 4);
     char buf[512];
     iovec iov{buf, sizeof(buf)};
@@ -498,7 +569,7 @@ TEST_CASE("io_uring engine: each setup flag set moves data, buffered and direct"
         CAPTURE(setup);
         auto engine = make_uring_engine(16, setup, false);
         {
-            auto image = DiskImage::open({path, false, false});
+            auto image = DiskImage::open({path, false});
             engine->register_file(image.fd());
             write_and_read_back(*engine, image.fd());
             engine->unregister_file(image.fd());
@@ -506,7 +577,7 @@ TEST_CASE("io_uring engine: each setup flag set moves data, buffered and direct"
 
         // Direct: completions come from the device's interrupt as task work
         // (which COOP_TASKRUN and DEFER_TASKRUN leave for us to ask for).
-        auto direct = DiskImage::open({path, false, true});
+        auto direct = DiskImage::open({path, false, CacheMode::kNone});
         for (size_t i = 0; i < 16; ++i)
             std::memset(memory.bytes + i * 4096, static_cast<int>('A' + i + setup % 7), 4096);
         std::vector<iovec> iov(16);
@@ -531,7 +602,7 @@ TEST_CASE("io_uring engine: no completion is lost around turning the eventfd bac
     // completion as task work, which the look must see as well.
     TempDir dir;
     const auto path = dir.file("race-setup.raw", 4096, 'r');
-    auto image = DiskImage::open({path, false, false});
+    auto image = DiskImage::open({path, false});
     for (const unsigned setup : uring_setups()) {
         CAPTURE(setup);
         auto engine = make_uring_engine(4, setup, false);
@@ -546,7 +617,7 @@ TEST_CASE("io_uring engine: made and used on one thread, destroyed on another")
     // post completions to it either.
     TempDir dir;
     const auto path = dir.file("owner.raw", 1 << 16, 'o');
-    auto image = DiskImage::open({path, false, false});
+    auto image = DiskImage::open({path, false});
     for (const unsigned setup : uring_setups()) {
         CAPTURE(setup);
         std::unique_ptr<IoEngine> engine;
@@ -578,7 +649,7 @@ TEST_CASE("io_uring engine: direct requests within registered memory use it, oth
         for (const unsigned setup : {0u, default_uring_setup_flags()}) {
             CAPTURE(direct);
             CAPTURE(setup);
-            auto image = DiskImage::open({path, false, direct});
+            auto image = DiskImage::open({path, false, direct ? CacheMode::kNone : CacheMode::kWriteback});
             auto engine = make_uring_engine(16, setup, true);
             engine->register_file(image.fd());
             engine->register_memory(std::span(&registered, 1));
@@ -648,7 +719,7 @@ TEST_CASE("io_uring engine: direct requests within registered memory use it, oth
         return back[0];
     };
     {
-        auto direct = DiskImage::open({path, false, true});
+        auto direct = DiskImage::open({path, false, CacheMode::kNone});
         auto engine = make_uring_engine(4, default_uring_setup_flags(), true);
         engine->register_memory(std::span(&registered, 1));
         CHECK(written(*engine, direct.fd()) == 0);  // a file not registered
@@ -663,7 +734,7 @@ TEST_CASE("io_uring engine: direct requests within registered memory use it, oth
     }
     {
         // Through the page cache a fixed buffer pins nothing and copies slower.
-        auto buffered = DiskImage::open({path, false, false});
+        auto buffered = DiskImage::open({path, false});
         auto engine = make_uring_engine(4, default_uring_setup_flags(), true);
         engine->register_file(buffered.fd());
         engine->register_memory(std::span(&registered, 1));
@@ -675,7 +746,7 @@ TEST_CASE("io_uring engine: direct requests within registered memory use it, oth
         // in any one of them is fixed, one across two goes as before.
         AnonMemory big(5 << 20);
         const iovec whole{big.bytes, big.size};
-        auto direct = DiskImage::open({path, false, true});
+        auto direct = DiskImage::open({path, false, CacheMode::kNone});
         auto engine = make_uring_engine(8, default_uring_setup_flags(), true);
         engine->register_file(direct.fd());
         engine->register_memory(std::span(&whole, 1));

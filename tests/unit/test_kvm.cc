@@ -367,7 +367,7 @@ TEST_CASE("cli: -d options, and what is refused")
     const auto d = parse_disk_spec("img.raw,ro,direct,aio=sync,serial=abc");
     CHECK(d.path == "img.raw");
     CHECK(d.read_only);
-    CHECK(d.direct);
+    CHECK(d.cache == CacheMode::kNone);  // `direct` is cache=none
     CHECK(d.engine == "sync");
     CHECK(d.serial == "abc");
     CHECK(parse_disk_spec("plain.raw").engine.empty());  // the host's best: io_uring or native
@@ -376,6 +376,65 @@ TEST_CASE("cli: -d options, and what is refused")
     CHECK(error_of([] { parse_disk_spec("a,fast"); }).find("unknown disk option 'fast'") != std::string::npos);
     CHECK(error_of([] { parse_disk_spec("a,aio=x"); }).find("aio=x is not an engine") != std::string::npos);
     CHECK(error_of([] { parse_disk_spec("a,serial=123456789012345678901"); }).find("20 bytes") != std::string::npos);
+}
+
+TEST_CASE("cli: cache= and detect-zeroes= on -d, QEMU's names; bad values and conflicts refused with one line")
+{
+    CHECK(parse_disk_spec("a.raw").cache == CacheMode::kWriteback);  // QEMU's default
+    CHECK(parse_disk_spec("a.raw").detect_zeroes == DetectZeroes::kOff);
+    const std::pair<const char*, CacheMode> modes[] = {{"none", CacheMode::kNone},
+                                                       {"writeback", CacheMode::kWriteback},
+                                                       {"writethrough", CacheMode::kWritethrough},
+                                                       {"directsync", CacheMode::kDirectsync},
+                                                       {"unsafe", CacheMode::kUnsafe}};
+    for (const auto& [name, mode] : modes) {
+        CAPTURE(name);
+        CHECK(parse_disk_spec(std::string("a.raw,cache=") + name).cache == mode);
+        CHECK(parse_disk_spec(std::string("a.raw,bus=scsi,cache=") + name).cache == mode);
+        CHECK(std::string(cache_mode_name(mode)) == name);
+    }
+    // `direct` is O_DIRECT: cache=none, and agrees with the two modes that have it.
+    CHECK(parse_disk_spec("a.raw,direct").cache == CacheMode::kNone);
+    CHECK(parse_disk_spec("a.raw,direct,cache=none").cache == CacheMode::kNone);
+    CHECK(parse_disk_spec("a.raw,cache=directsync,direct").cache == CacheMode::kDirectsync);
+    CHECK(parse_disk_spec("a.raw,detect-zeroes=off").detect_zeroes == DetectZeroes::kOff);
+    CHECK(parse_disk_spec("a.raw,detect-zeroes=on").detect_zeroes == DetectZeroes::kOn);
+    CHECK(parse_disk_spec("a.raw,detect-zeroes=unmap").detect_zeroes == DetectZeroes::kUnmap);
+    CHECK(parse_disk_spec("a.raw,detect-zeroes=unmap,discard=unmap").detect_zeroes == DetectZeroes::kUnmap);
+    CHECK(parse_disk_spec("a.raw,detect-zeroes=on,discard=ignore").detect_zeroes == DetectZeroes::kOn);
+    const auto run = parse_command_line({"run", "-d", "a.raw,cache=unsafe,detect-zeroes=unmap"}).run;
+    CHECK(run.disks.at(0).cache == CacheMode::kUnsafe);
+    CHECK(run.disks.at(0).detect_zeroes == DetectZeroes::kUnmap);
+
+    auto refused = [](const std::string& spec) {
+        const std::string e = error_of([&] { parse_command_line({"run", "-d", spec}); });
+        CHECK(e.find('\n') == std::string::npos);
+        return e;
+    };
+    for (const char* bad : {"a.raw,cache=", "a.raw,cache=off", "a.raw,cache=None", "a.raw,cache=direct",
+                            "a.raw,cache=write-back"}) {
+        CAPTURE(bad);
+        CHECK(refused(bad).find("is not none, writeback, writethrough, directsync or unsafe") != std::string::npos);
+    }
+    CHECK(refused("a.raw,cache=off").find("-d a.raw,cache=off: cache=off is not") != std::string::npos);
+    for (const char* bad : {"a.raw,detect-zeroes=", "a.raw,detect-zeroes=yes", "a.raw,detect-zeroes=ON",
+                            "a.raw,detect-zeroes=discard"}) {
+        CAPTURE(bad);
+        CHECK(refused(bad).find("is not off, on or unmap") != std::string::npos);
+    }
+    CHECK(refused("a.raw,detect-zeroes=yes").find("detect-zeroes=yes is not off, on or unmap") != std::string::npos);
+    for (const char* conflict : {"a.raw,direct,cache=writeback", "a.raw,cache=writethrough,direct",
+                                 "a.raw,direct,cache=unsafe", "a.raw,bus=scsi,direct,cache=writeback"}) {
+        CAPTURE(conflict);
+        CHECK(refused(conflict).find("'direct' (cache=none) conflicts with cache=") != std::string::npos);
+    }
+    // As QEMU: unmap deallocates, which discard=ignore forbids.
+    CHECK(refused("a.raw,detect-zeroes=unmap,discard=ignore")
+              .find("detect-zeroes=unmap needs discard=unmap") != std::string::npos);
+    CHECK(refused("a.raw,discard=ignore,bus=scsi,detect-zeroes=unmap")
+              .find("detect-zeroes=unmap needs discard=unmap") != std::string::npos);
+    CHECK(run_usage().find("cache=writeback|none|writethrough|directsync|unsafe") != std::string::npos);
+    CHECK(run_usage().find("detect-zeroes=off|on|unmap") != std::string::npos);
 }
 
 TEST_CASE("cli: notify=mmio|pio on disks and shared SCSI controllers; one named default")

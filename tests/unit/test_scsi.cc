@@ -62,8 +62,8 @@ struct TestDisk {
     DiskImage image;
     ScsiDisk scsi;
     explicit TestDisk(ScsiDiskOptions options = test_options(), bool read_only = false,
-                      uint64_t bytes = kDiskBlocks * kBlock)
-        : image(DiskImage::open({dir.sparse_file("disk.img", bytes), read_only, false})), scsi(image, std::move(options))
+                      uint64_t bytes = kDiskBlocks * kBlock, CacheMode cache = CacheMode::kWriteback)
+        : image(DiskImage::open({dir.sparse_file("disk.img", bytes), read_only, cache})), scsi(image, std::move(options))
     {
     }
     // A command with data-in buffers of `data_in` bytes.
@@ -808,6 +808,88 @@ TEST_CASE("scsi MODE SELECT: the write cache, and a write gaining a flush")
     CHECK_FALSE(ro.scsi.write_cache());
 }
 
+TEST_CASE("scsi cache modes: the WCE the guest sees first, the flushes writes get, unsafe's flushes go nowhere")
+{
+    const Bytes block(kBlock, 1);
+    const Bytes off = mode_list6({}, caching_page(false)), on = mode_list6({}, caching_page(true));
+    struct Case {
+        CacheMode cache;
+        bool wce;             // as QEMU: write back but for writethrough and directsync
+        bool write_flushed;   // with WCE off, a plain WRITE is followed by a flush
+        bool sync_flushes;    // SYNCHRONIZE CACHE reaches the image
+    };
+    for (const Case c : {Case{CacheMode::kWriteback, true, true, true}, Case{CacheMode::kWritethrough, false, false, true},
+                         Case{CacheMode::kUnsafe, true, false, false}}) {
+        CAPTURE(cache_mode_name(c.cache));
+        TestDisk d(test_options(), false, kDiskBlocks * kBlock, c.cache);
+        CHECK(d.scsi.write_cache() == c.wce);
+        CHECK(d.in(mode_sense6(0x08, 0, 255, 0x08)).data_in.at(4 + 2) == (c.wce ? 0x04 : 0));  // current
+        CHECK(d.in(mode_sense6(0x08, 2, 255, 0x08)).data_in.at(4 + 2) == (c.wce ? 0x04 : 0));  // default
+        CHECK(d.in(mode_sense6(0x08, 1, 255, 0x08)).data_in.at(4 + 2) == 0x04);                // changeable
+        CHECK(d.in(Cdb(0x35, 10), 0).io.size() == (c.sync_flushes ? 1u : 0u));
+        CHECK_GOOD(d.in(Cdb(0x91, 16), 0));
+        // Write cache on: a write alone; FUA adds a flush (O_DSYNC makes it durable already; unsafe flushes nothing).
+        CHECK_GOOD(d.out(mode_select6(on.size()), on));
+        CHECK(d.out(rw10(0x2a, 0, 1), block).io.size() == 1);
+        CHECK(d.out(rw10(0x2a, 0, 1, 0x08), block).io.size() == (c.write_flushed ? 2u : 1u));
+        // Write cache off: a write is durable before GOOD.
+        CHECK_GOOD(d.out(mode_select6(off.size()), off));
+        auto e = d.out(rw16(0x8a, 1, 1), block);
+        CHECK(e.io.size() == (c.write_flushed ? 2u : 1u));
+        CHECK(e.io.back().op == (c.write_flushed ? IoOp::kFlush : IoOp::kWrite));
+        // WRITE SAME of zeroes is no O_DSYNC write: it takes the flush unless flushes are ignored.
+        e = d.out(Cdb(0x41, 10).set(2, 4, 0).set(7, 2, 8), Bytes(kBlock, 0));
+        CHECK(e.io.size() == (c.sync_flushes ? 2u : 1u));
+        // A reset brings the cache mode's default back.
+        d.scsi.reset();
+        CHECK(d.scsi.write_cache() == c.wce);
+    }
+}
+
+TEST_CASE("scsi detect-zeroes: a WRITE of zeroes only becomes a write-zeroes, or a discard with unmap")
+{
+    const Bytes zeroes(2 * kBlock, 0);
+    Bytes almost = zeroes;
+    almost.back() = 1;  // the last byte of the last block
+    struct Case {
+        DetectZeroes detect;
+        Discard discard;
+        IoOp zero_op;
+    };
+    for (const Case c : {Case{DetectZeroes::kOff, Discard::kUnmap, IoOp::kWrite},
+                         Case{DetectZeroes::kOn, Discard::kUnmap, IoOp::kWriteZeroes},
+                         Case{DetectZeroes::kUnmap, Discard::kUnmap, IoOp::kDiscard},
+                         Case{DetectZeroes::kUnmap, Discard::kIgnore, IoOp::kWriteZeroes}}) {
+        CAPTURE(detect_zeroes_name(c.detect));
+        ScsiDiskOptions options = test_options();
+        options.detect_zeroes = c.detect;
+        options.discard = c.discard;
+        TestDisk d(options);
+        for (const Bytes& cdb : {rw10(0x2a, 4, 2), rw16(0x8a, 4, 2), Cdb(0x0a, 6).set(1, 3, 4).set(4, 1, 2).bytes,
+                                 Cdb(0xaa, 12).set(2, 4, 4).set(6, 4, 2).bytes}) {
+            auto e = d.out(cdb, zeroes);
+            CHECK_GOOD(e);
+            REQUIRE(e.io.size() == 1);
+            CHECK(e.io[0] == IoStep{c.zero_op, 4 * kBlock, 2 * kBlock});
+            // One non-zero byte anywhere, or zeroes split over buffers: as they are.
+            e = d.out(cdb, almost);
+            REQUIRE(e.io.size() == 1);
+            CHECK(e.io[0] == IoStep{IoOp::kWrite, 4 * kBlock, 2 * kBlock});
+            e = d.out(cdb, std::vector<Bytes>{Bytes(3, 0), Bytes(2 * kBlock - 3, 0)});
+            REQUIRE(e.io.size() == 1);
+            CHECK(e.io[0].op == c.zero_op);
+        }
+        // Reads of course stay reads; with the write cache off the zero write is flushed.
+        CHECK(d.in(rw10(0x28, 4, 2), 2 * kBlock).io.at(0).op == IoOp::kRead);
+        const Bytes off = mode_list6({}, caching_page(false));
+        CHECK_GOOD(d.out(mode_select6(off.size()), off));
+        auto e = d.out(rw10(0x2a, 4, 2), zeroes);
+        REQUIRE(e.io.size() == 2);
+        CHECK(e.io[0].op == c.zero_op);
+        CHECK(e.io[1].op == IoOp::kFlush);
+    }
+}
+
 TEST_CASE("scsi MODE SELECT refusals")
 {
     TestDisk d;
@@ -1241,11 +1323,11 @@ TEST_CASE("scsi logical block size: from the image, or a valid one from the opti
     const auto path = dir.sparse_file("disk.img", 1 << 20);
     // Buffered, or O_DIRECT with 512-byte alignment (a regular file): 512, as always.
     for (const bool direct : {false, true}) {
-        const DiskImage image = DiskImage::open({path, false, direct});
+        const DiskImage image = DiskImage::open({path, false, direct ? CacheMode::kNone : CacheMode::kWriteback});
         CHECK(ScsiDisk::block_size_for(image) == 512);
         CHECK(ScsiDisk(image, test_options()).block_size() == 512);
     }
-    const DiskImage image = DiskImage::open({path, false, false});
+    const DiskImage image = DiskImage::open({path, false});
     for (const uint32_t size : {512u, 1024u, 4096u, 65536u}) {
         ScsiDiskOptions o = test_options();
         o.block_size = size;
@@ -1267,7 +1349,7 @@ TEST_CASE("scsi logical block size: from the image, or a valid one from the opti
 TEST_CASE("scsi a disk smaller than one logical block is refused")
 {
     TempDir dir;
-    const DiskImage image = DiskImage::open({dir.sparse_file("tiny.img", 1024), false, false});
+    const DiskImage image = DiskImage::open({dir.sparse_file("tiny.img", 1024), false});
     ScsiDiskOptions o = test_options();
     o.block_size = 4096;
     CHECK(lkvm::test::error_of([&] { [[maybe_unused]] ScsiDisk disk(image, o); }).find("less than one logical block") !=
