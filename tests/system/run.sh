@@ -71,7 +71,7 @@ job basics            run -c 1 -m 512 -p foo=bar -- sh -c 'echo cpus=$(nproc); g
 # exits at once; none of it may be lost (a hangup of the console when the
 # command's session ended used to throw away what was not sent yet).
 job cpus-2-acpi       run -c 2 -- sh -c 'echo cpus=$(nproc); echo madt=$(dmesg | grep -c "Using ACPI (MADT) for SMP")
-echo 2 > /proc/irq/4/smp_affinity; taskset -p 1 $$ > /dev/null; seq 1 2000; echo console-tail'
+echo 2 > /proc/irq/$(cat /sys/class/tty/ttyS0/irq)/smp_affinity; taskset -p 1 $$ > /dev/null; seq 1 2000; echo console-tail'
 job cpus-2-mptable    run -c 2 -p acpi=off -- sh -c 'echo cpus=$(nproc); dmesg | grep -c "found SMP MP-table"'
 job exit-7            run -- sh -c 'exit 7'
 job reboot            run -- reboot -f
