@@ -132,8 +132,7 @@ StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threa
                                      .kicks = s.kicks(),
                                      .interrupts = s.interrupts(),
                                      .errors = s.errors(),
-                                     .throttled_ns = s.throttled_ns()),
-
+                                     .throttled_ns = s.throttled_ns(),
                                      .flushes = s.flushes()});
         }
     }

@@ -12,12 +12,14 @@
 # the host sees from outside), never for anything lkvm or its guest did.
 #
 # nested-run.sh --batch DIR: runs every DIR/*.sh (each a job that runs
-# build/lkvm) in one L1 boot, in name order, leaving each job's output in
-# JOB.sh.out and its status in JOB.sh.status. System tests use this to share
-# one L1 boot.
+# build/lkvm) in one L1 boot, in name order, LKVM_RIG_LANES of them at a time,
+# leaving each job's output in JOB.sh.out and its status in JOB.sh.status.
+# System tests use this to share one L1 boot.
 #
 # Environment: LKVM_RIG=auto|direct|nested (default auto),
-#              LKVM_RIG_TIMEOUT=seconds for lkvm inside L1 (default 600),
+#              LKVM_RIG_TIMEOUT=seconds for each lkvm job inside L1 (default 600),
+#              LKVM_RIG_LANES=jobs run at once in a batch (default 2: L1 has
+#                2 vCPUs, and a job spends much of its time on one),
 #              LKVM_RIG_VERBOSE=1 to show L1's own log on stderr.
 # Exit status: lkvm's, or 125 when the rig failed.
 set -uo pipefail
@@ -37,15 +39,18 @@ batch=
 if [ "${1:-}" = --batch ]; then
     batch=$(cd "${2:?--batch needs a directory}" && pwd)
     shift 2
+    lanes=${LKVM_RIG_LANES:-2}
+    [[ $lanes =~ ^[1-9][0-9]*$ ]] || { say "LKVM_RIG_LANES=$lanes: give a number of jobs, 1 or more"; exit $rig_failed; }
 fi
 
 mode=${LKVM_RIG:-auto}
 if [ "$mode" = direct ] || { [ "$mode" = auto ] && hardware_kvm; }; then
     if [ -n "$batch" ]; then
         for job in "$batch"/*.sh; do
-            bash "$job" > "$job.out" 2>&1 < /dev/null
-            echo $? > "$job.status"
+            while (( $(jobs -rp | wc -l) >= lanes )); do wait -n; done
+            { bash "$job" > "$job.out" 2>&1 < /dev/null; echo $? > "$job.status"; } &
         done
+        wait
         exit 0
     fi
     exec "$lkvm" "$@"
@@ -78,8 +83,8 @@ qemu=
 trap '[ -n "$qemu" ] && kill $qemu 2> /dev/null; rm -rf "$work"' EXIT
 trap 'exit 130' INT TERM HUP
 if [ -n "$batch" ]; then
-    job_param="rig.batch=$batch"
-    l1_mib=4096
+    job_param="rig.batch=$batch rig.lanes=$lanes"
+    l1_mib=$(( 3072 + 1024 * lanes ))
 else
     job_param="rig.job=$work/job.sh"
 fi
@@ -163,6 +168,8 @@ run_once() {
 if [ -n "$batch" ]; then
     # Each job gets one retry when the rig fails under it; after a second
     # failure it is marked failed (status 125) and the rest go on in a new L1.
+    # The jobs the rig failed under are those L1 started and did not finish
+    # (up to one per lane; the rig cannot tell which of them it broke under).
     declare -A retried
     while :; do
         run_once
@@ -171,19 +178,27 @@ if [ -n "$batch" ]; then
             2) ;;
             *) exit $rig_failed ;;
         esac
-        stuck=
+        stuck=()
+        started=$(tr -d '\r' < "$work/l1.log" | sed -n 's/^rig: start //p')
         for job in "$batch"/*.sh; do
-            [ -f "$job.status" ] || { stuck=$job; break; }
+            [ -f "$job.status" ] || ! grep -qxF -- "$job" <<< "$started" || stuck+=("$job")
         done
-        [ -n "$stuck" ] || exit 0
-        if [ -n "${retried[$stuck]:-}" ]; then
-            say "the rig failed twice under $(basename "$stuck"): marking it failed, going on with the rest"
-            echo "nested-run: the rig failed twice under this job (see nested-run's messages)" >> "$stuck.out"
-            echo $rig_failed > "$stuck.status"
-        else
-            retried[$stuck]=1
-            say "retrying $(basename "$stuck") once: the failure was the rig's own (finished jobs are kept)"
+        if [ ${#stuck[@]} = 0 ]; then
+            # L1 broke before it started a job (or after the last one): nothing to blame it on.
+            for job in "$batch"/*.sh; do [ -f "$job.status" ] || stuck+=("$job"); done
+            [ ${#stuck[@]} = 0 ] && exit 0
+            stuck=("${stuck[0]}")
         fi
+        for job in "${stuck[@]}"; do
+            if [ -n "${retried[$job]:-}" ]; then
+                say "the rig failed twice under $(basename "$job"): marking it failed, going on with the rest"
+                echo "nested-run: the rig failed twice under this job (see nested-run's messages)" >> "$job.out"
+                echo $rig_failed > "$job.status"
+            else
+                retried[$job]=1
+                say "retrying $(basename "$job") once: the failure was the rig's own (finished jobs are kept)"
+            fi
+        done
     done
 fi
 

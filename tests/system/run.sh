@@ -3,6 +3,19 @@
 # (one shared L1 boot for all of them), plus the bad-input cases that lkvm
 # must refuse before it touches KVM, run right here. One line per test, then
 # "N passed, N failed".
+#
+# Adding a guest test is one place: register a job (`job NAME LKVM-ARGS...`, or
+# `script NAME BASH-CODE` for a script of its own) among the others, and check
+# its result with `expect NAME STATUS REGEX...` (or any pass/fail code using
+# `result NAME out|status`) in the checks after the rig has run. Several checks
+# may read one job's output: `expect_in JOB NAME STATUS REGEX...` names each.
+#
+# The rig runs the jobs two at a time (LKVM_RIG_LANES), in registration order
+# except for the long ones listed in long_jobs, which start first. So a job
+# must not collide with the one beside it: the files it writes in $work are
+# named after it (or live in a mktemp directory), an image two jobs open is
+# opened ,ro by both (lkvm locks images: a collision fails loudly), and a
+# tmpfs it mounts has a directory of its own.
 set -uo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
 lkvm=$top/${LKVM_BUILD:-build}/lkvm
@@ -25,21 +38,23 @@ job() {
     local name=$1; shift
     jobs+=("$name")
     { printf 'cd %q\n' "$work"; printf 'exec %q' "$lkvm"; printf ' %q' "$@"; printf '\n'; } \
-        > "$work/$(printf '%02d' ${#jobs[@]})-$name.sh"
+        > "$work/$((100 + ${#jobs[@]}))-$name.sh"
 }
 # script NAME BASH-CODE: a job that is a script of its own (several lkvm runs, say); $LKVM is lkvm.
 script() {
     local name=$1; shift
     jobs+=("$name")
-    { printf 'cd %q\nLKVM=%q\n' "$work" "$lkvm"; printf '%s\n' "$1"; } > "$work/$(printf '%02d' ${#jobs[@]})-$name.sh"
+    { printf 'cd %q\nLKVM=%q\n' "$work" "$lkvm"; printf '%s\n' "$1"; } > "$work/$((100 + ${#jobs[@]}))-$name.sh"
 }
-result() { ls "$work"/*-"$1".sh."$2" 2>/dev/null | head -n 1; }
+result() { ls "$work"/[0-9][0-9][0-9]-"$1".sh."$2" 2>/dev/null | head -n 1; }
 
 # expect NAME STATUS [REGEX...]: status must match and every REGEX must be found in the output.
-expect() {
-    local name=$1 want=$2; shift 2
+expect() { expect_in "$1" "$@"; }
+# expect_in JOB NAME STATUS [REGEX...]: the same, for one of several checks on one job's output.
+expect_in() {
+    local job=$1 name=$2 want=$3; shift 3
     local out status
-    out=$(result "$name" out); status=$(cat "$(result "$name" status)" 2>/dev/null)
+    out=$(result "$job" out); status=$(cat "$(result "$job" status)" 2>/dev/null)
     if [ "$status" != "$want" ]; then
         fail "$name" "exit status ${status:-none}, expected $want" "$out"; return
     fi
@@ -49,11 +64,16 @@ expect() {
     pass "$name"
 }
 
-job cpus-1            run -c 1 -- nproc
-job cpus-2-acpi       run -c 2 -- sh -c 'echo cpus=$(nproc); dmesg | grep -c "Using ACPI (MADT) for SMP"'
+# One boot checks what any guest must get right: its vCPUs, memory and command line.
+job basics            run -c 1 -m 512 -p foo=bar -- sh -c 'echo cpus=$(nproc); grep MemTotal /proc/meminfo; cat /proc/cmdline'
+# The console's last lines with 2 vCPUs: once the console is idle, the command
+# prints nearly a transmit buffer's worth (4 KiB) on vCPU 0 while the UART's
+# interrupt is on vCPU 1, and exits at once; none of it may be lost (the hangup
+# of the console when the command's session ended used to throw away what the
+# UART had not sent yet).
+job cpus-2-acpi       run -c 2 -- sh -c 'echo cpus=$(nproc); echo madt=$(dmesg | grep -c "Using ACPI (MADT) for SMP")
+echo 2 > /proc/irq/$(cat /sys/class/tty/ttyS0/irq)/smp_affinity; taskset -p 1 $$ > /dev/null; sleep 1; seq 1 700; echo console-tail'
 job cpus-2-mptable    run -c 2 -p acpi=off -- sh -c 'echo cpus=$(nproc); dmesg | grep -c "found SMP MP-table"'
-job mem-512           run -m 512 -- sh -c 'grep MemTotal /proc/meminfo'
-job cmdline           run -p foo=bar -- cat /proc/cmdline
 job exit-7            run -- sh -c 'exit 7'
 job reboot            run -- reboot -f
 job reboot-i8042      run -p acpi=off -- reboot -f
@@ -67,11 +87,12 @@ job fio-image         run -i "$top/build/guest/initramfs-fio.cpio.gz" -- fio --v
 # Disks: the host's own files, seen and written by the guest.
 truncate -s 64M "$work/marker.raw" "$work/direct.raw" "$work/second.raw" "$work/inuse.raw"
 printf 'HOST-MARKER-4f2a' | dd of="$work/marker.raw" conv=notrunc status=none
+cp "$work/marker.raw" "$work/marker-rw.raw"  # disk-marker's own: the others share marker.raw read-only
 truncate -s 16M "$work/ro.raw"
 printf 'READ-ONLY-CONTENT' | dd of="$work/ro.raw" conv=notrunc status=none
 ro_sum=$(md5sum < "$work/ro.raw")
 # The default notify=pio: the guest's driver claims the port BAR its notify capability names.
-job disk-marker       run -d "$work/marker.raw,serial=marker-disk" -- sh -c 'head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size; grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"'
+job disk-marker       run -d "$work/marker-rw.raw,serial=marker-disk" -- sh -c 'head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size; grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"'
 job disk-direct-write run -d "$work/direct.raw" -- sh -c 'yes LKVM-PATTERN-0123456789 | head -c 4194304 | dd of=/dev/vda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync'
 job disk-read-only    run -d "$work/ro.raw,ro" -- sh -c 'cat /sys/block/vda/ro; echo overwrite | dd of=/dev/vda conv=fsync 2>&1; head -c 17 /dev/vda; echo'
 job disk-two          run -d "$work/marker.raw,ro" -d "$work/second.raw,aio=sync" -- sh -c 'ls /sys/block | grep vd | tr "\n" " "; echo; echo second-disk-data | dd of=/dev/vdb conv=fsync status=none; head -c 16 /dev/vdb; echo'
@@ -84,9 +105,9 @@ truncate -s 64M "$work/direct-mmio.raw"
 ioports='grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"; echo ioports=$(grep -c virtio-pci-modern /proc/ioports)'
 job disk-mmio        run -c 2 -d "$work/marker.raw,ro,serial=marker-disk,notify=mmio" -d "$work/direct-mmio.raw,notify=mmio" -- sh -c "head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size
 yes LKVM-MMIO-PATTERN-98765 | head -c 4194304 | dd of=/dev/vdb bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
-script disk-in-use    '"$LKVM" run -d inuse.raw -- sh -c "echo first-up; sleep 60" > first.out 2>&1 < /dev/null &
+script disk-in-use    '"$LKVM" run -d inuse.raw -- sh -c "echo first-up; sleep 60" > disk-in-use-first.out 2>&1 < /dev/null &
 first=$!
-for i in $(seq 1 60); do grep -q "^first-up" first.out 2>/dev/null && break; sleep 1; done
+for i in $(seq 1 120); do grep -q "^first-up" disk-in-use-first.out 2>/dev/null && break; sleep 0.5; done
 "$LKVM" run -d inuse.raw -- true; echo "second=$?"
 kill $first; wait $first 2>/dev/null; echo "first stopped"'
 
@@ -447,16 +468,15 @@ grep -v "^fio-" guest.out | tail -n 5
 [ -e "$XDG_RUNTIME_DIR/lkvm/fioguest.sock" ] || echo socket-gone
 "$LKVM" pause fioguest; echo pause-gone=$?
 }
-attempt > first.out 2>&1
-if grep -q "^status=122$" first.out && grep -q "triple fault (KVM_EXIT_SHUTDOWN)" first.out; then
-    echo "retried once: the rig reset a vCPU under the first attempt: $(grep -m 1 "triple fault" first.out)"
+attempt > control-first.out 2>&1
+if grep -q "^status=122$" control-first.out && grep -q "triple fault (KVM_EXIT_SHUTDOWN)" control-first.out; then
+    echo "retried once: the rig reset a vCPU under the first attempt: $(grep -m 1 "triple fault" control-first.out)"
     attempt
 else
-    cat first.out
+    cat control-first.out
 fi'
 job control-timeout run --timeout 5 -- sleep 1000
-job control-console-log run --console-log "$work/console.log" -- echo hello-console-log
-job control-quiet run --quiet -- sh -c 'echo quiet-guest; exit 3'
+job control-output run --quiet --console-log "$work/console.log" -- sh -c 'echo hello-console-log; echo quiet-guest; exit 3'
 
 # Throttling: a disk of its own limits, two disks sharing a --throttle-group,
 # and lkvm throttle lowering the first while the guest runs. The limits are
@@ -471,9 +491,9 @@ fio=\"fio --rw=randread --bs=4k --ioengine=libaio --direct=1 --iodepth=8 --time_
 \$fio --name=alone --filename=/dev/vda | cut -d\";\" -f3,8 | tr \";\" =
 \$fio --name=g1 --filename=/dev/vdb --name=g2 --filename=/dev/vdc | cut -d\";\" -f3,8 | tr \";\" =
 echo phase1-done; sleep 4
-\$fio --name=lowered --filename=/dev/vda | cut -d\";\" -f3,8 | tr \";\" =" > guest.out 2>&1 < /dev/null &
+\$fio --name=lowered --filename=/dev/vda | cut -d\";\" -f3,8 | tr \";\" =" > thr-guest.out 2>&1 < /dev/null &
 pid=$!
-for i in $(seq 600); do grep -q "^phase1-done" guest.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
+for i in $(seq 600); do grep -q "^phase1-done" thr-guest.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
 "$LKVM" stat thr --json | head -n 1 | python3 -c "
 import json, sys
 d = json.loads(sys.stdin.readline())[\"disks\"]
@@ -481,16 +501,24 @@ print(\"held-back\" if all(q[\"throttled_ns\"] > 0 for q in d if q[\"requests\"]
 "$LKVM" throttle thr 0 iops=6; echo throttle=$?
 "$LKVM" throttle thr nosuch iops=20; echo throttle-nosuch=$?
 wait $pid; echo status=$?
-cat guest.out
+cat thr-guest.out
 # Loose bands only (half to one and a half times the limit): hosts differ, and are busy.
 band() { awk -v n="$1" -v v="$2" -v lo="$3" -v hi="$4" "BEGIN { print n (v >= lo && v <= hi ? \"-in-band\" : \"-out-of-band\") \"=\" v }"; }
-iops() { sed -n "s/^$1=\([0-9]*\).*/\1/p" guest.out | head -n 1; }
+iops() { sed -n "s/^$1=\([0-9]*\).*/\1/p" thr-guest.out | head -n 1; }
 band alone "$(iops alone)" 8 24
 band g1 "$(iops g1)" 5 15
 band g2 "$(iops g2)" 5 15
 band lowered "$(iops lowered)" 3 9'
 
-mkdir -p "$work/rig"
+
+# The long jobs start first, longest first, so that the last jobs to finish are short ones.
+long_jobs=(control-socket crash-kill throttle iothreads-group werror-stop disk-enospc cache-modes blk-discard scsi-discard)
+for i in "${!long_jobs[@]}"; do
+    f=$(ls "$work"/[0-9][0-9][0-9]-"${long_jobs[i]}".sh 2> /dev/null)
+    [ -n "$f" ] && mv "$f" "$work/$(printf '%03d' "$i")-${long_jobs[i]}.sh"
+done
+
+rig_started=$SECONDS
 LKVM_RIG_TIMEOUT=${LKVM_RIG_TIMEOUT:-240} "$top/scripts/nested-run.sh" --batch "$work" 2> "$work/rig.err"
 rig_status=$?
 if [ $rig_status != 0 ]; then
@@ -498,20 +526,27 @@ if [ $rig_status != 0 ]; then
 elif [ -s "$work/rig.err" ]; then
     echo "the nested rig recovered:"; sed 's/^/      | /' "$work/rig.err"
 fi
+# Every retry is counted and shown: the rig's own (a job rerun in a new L1) and
+# a job's (a script that ran its guest again after the rig reset a vCPU).
+rig_retries=$(grep -c '^nested-run: retrying ' "$work/rig.err")
+job_retries=$(cat "$work"/*.sh.out 2> /dev/null | grep -c '^retried once: ')
+grep -h '^retried once: ' "$work"/*.sh.out 2> /dev/null | sed 's/^/      | /'
+echo "guests: ${#jobs[@]} jobs in $((SECONDS - rig_started)) s, ${LKVM_RIG_LANES:-2} at a time; retries: $((rig_retries + job_retries)) ($rig_retries by the rig, $job_retries inside jobs)"
 # Where the time went, to keep the suite within its budget.
 for f in "$work"/*.sh.seconds; do
     [ -f "$f" ] && printf '%s %s\n' "$(cat "$f")" "$(basename "$f" .sh.seconds | cut -d- -f2-)"
 done | sort -rn | head -n 5 | awk '{ s = s sep $2 " " $1 " s"; sep = ", " } END { if (s) print "slowest guests: " s }'
 
-expect cpus-1 0 '^1$'
-expect cpus-2-acpi 0 '^cpus=2' '^1$'
+expect_in basics cpus-1 0 '^cpus=1$'
+expect cpus-2-acpi 0 '^cpus=2' '^madt=1$'
+expect_in cpus-2-acpi console-tail-2cpus 0 '^699$' '^700$' '^console-tail$'
 expect cpus-2-mptable 0 '^cpus=2' '^1$'
 # MemTotal is what is left after the kernel's own reservations: 440-512 MiB.
-mem_out=$(result mem-512 out)
+mem_out=$(result basics out)
 mem_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB.*/\1/p' "$mem_out" 2>/dev/null)
 if [ -n "$mem_kb" ] && (( mem_kb > 440 * 1024 && mem_kb <= 512 * 1024 )); then pass mem-512
 else fail mem-512 "MemTotal ${mem_kb:-missing} kB, expected 440-512 MiB" "$mem_out"; fi
-expect cmdline 0 'foo=bar'
+expect_in basics cmdline 0 'foo=bar'
 expect exit-7 7
 expect reboot 0
 expect reboot-i8042 0
@@ -593,11 +628,11 @@ if [ -f "$cache_out" ]; then
     else fail cache-modes-detect-zeroes-unmap "blocks before=${before:-?} after=${after:-?}" "$cache_out"; fi
 fi
 expect control-timeout 124 '--timeout'
-expect control-console-log 0 'hello-console-log'
+expect_in control-output control-console-log 3 'hello-console-log'
 if grep -q hello-console-log "$work/console.log" 2> /dev/null; then pass control-console-log-file
-else fail control-console-log-file "the console log lacks the guest's output" "$(result control-console-log out)"; fi
-expect control-quiet 3 '^quiet-guest'
-if grep -q '^lkvm:' "$(result control-quiet out)"; then fail control-quiet-silent "lkvm printed its own lines with --quiet" "$(result control-quiet out)"
+else fail control-console-log-file "the console log lacks the guest's output" "$(result control-output out)"; fi
+expect_in control-output control-quiet 3 '^quiet-guest'
+if grep -q '^lkvm:' "$(result control-output out)"; then fail control-quiet-silent "lkvm printed its own lines with --quiet" "$(result control-output out)"
 else pass control-quiet-silent; fi
 expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+ vCPUs in one guest'
 

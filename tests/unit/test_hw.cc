@@ -370,6 +370,33 @@ TEST_CASE("8250: receive interrupt follows data, THRE interrupt is acknowledged 
     CHECK(h.irq());
 }
 
+// What Linux's 8250 driver relies on to keep transmitting: its startup test
+// (serial8250_do_startup) acknowledges THRE by reading IIR, turns THRI off and
+// on, and expects THRE again; were it not re-raised, the driver would treat the
+// UART as buggy and fall back to polling it from a timer. And an IIR read that
+// reports received data must leave a pending THRE for the next read.
+TEST_CASE("8250: THRE is raised again when THRI is re-enabled, and acknowledged only when IIR reports it")
+{
+    UartHarness h;
+    h.out(1, 0x02);
+    CHECK((h.in(2) & 0x0f) == 0x02);
+    CHECK((h.in(2) & 0x0f) == 0x01);  // acknowledged
+    h.out(1, 0x00);
+    h.out(1, 0x02);
+    CHECK(h.irq());
+    CHECK((h.in(2) & 0x0f) == 0x02);
+
+    h.out(1, 0x03);
+    h.out(0, 'x');                    // THRE pending again
+    const uint8_t key = 'k';
+    h.uart.receive(std::span(&key, 1));
+    CHECK((h.in(2) & 0x0f) == 0x04);  // received data first
+    CHECK(h.in(0) == 'k');
+    CHECK(h.irq());
+    CHECK((h.in(2) & 0x0f) == 0x02);  // THRE survived the read that reported data
+    CHECK_FALSE(h.irq());
+}
+
 TEST_CASE("8250: loopback returns transmitted bytes and wires modem lines")
 {
     UartHarness h;

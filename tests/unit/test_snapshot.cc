@@ -391,8 +391,8 @@ TEST_CASE("snapshot disk: opened read-only and shared, refused with ro, the over
     CHECK(::pwrite(first.fd(), &byte, 1, 0) < 0);  // the image's fd cannot write
     CHECK(errno == EBADF);
     // A writer cannot have it meanwhile; read-only users can.
-    CHECK(error_of([&] { DiskImage::open({path, false, false}); }).find("in use") != std::string::npos);
-    CHECK_NOTHROW(DiskImage::open({path, true, false}));
+    CHECK(error_of([&] { DiskImage::open({path, false}); }).find("in use") != std::string::npos);
+    CHECK_NOTHROW(DiskImage::open({path, true}));
 
     DiskImageOptions both = options;
     both.read_only = true;
