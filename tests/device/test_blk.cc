@@ -1216,7 +1216,9 @@ TEST_CASE("blk: CONFIG_WCE: writeback shows the cache mode, a driver's write swi
                                                               {kWritebackOffset, 1, 0xff}, {kWritebackOffset - 1, 2, 0},
                                                               {kWritebackOffset + 1, 1, 0}, {0, 8, 0}, {12, 4, 0},
                                                               {0xfff, 1, 0}}};
-        for (const auto& [offset, size, value] : bad) {
+        for (const auto& write : bad) {
+            // Named copies, not a structured binding: clang's CAPTURE lambda cannot take one.
+            const uint64_t offset = write[0], size = write[1], value = write[2];
             CAPTURE(offset);
             CAPTURE(size);
             rig.driver.write_device_config(static_cast<unsigned>(offset), static_cast<unsigned>(size), value);

@@ -387,7 +387,9 @@ TEST_CASE("cli: cache= and detect-zeroes= on -d, QEMU's names; bad values and co
                                                        {"writethrough", CacheMode::kWritethrough},
                                                        {"directsync", CacheMode::kDirectsync},
                                                        {"unsafe", CacheMode::kUnsafe}};
-    for (const auto& [name, mode] : modes) {
+    for (const auto& m : modes) {
+        const char* name = m.first;  // not a structured binding: clang's CAPTURE lambda cannot take one
+        const CacheMode mode = m.second;
         CAPTURE(name);
         CHECK(parse_disk_spec(std::string("a.raw,cache=") + name).cache == mode);
         CHECK(parse_disk_spec(std::string("a.raw,bus=scsi,cache=") + name).cache == mode);
