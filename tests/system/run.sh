@@ -322,7 +322,12 @@ true'
 # guest writes numbered blocks with O_DIRECT, saying each one it saw complete.
 # Every block it said so of must be on the image, two rounds over.
 script crash-kill '
-for round in 1 2; do
+# A round whose lkvm ended before the kill, with a vCPU reset to the reset
+# vector that the guest never asked for, is the rig failing (DESIGN.md):
+# that round runs once more, and says so.
+retried=0
+round=1
+while [ $round -le 2 ]; do
     rm -f crash.raw; truncate -s 16M crash.raw
     "$LKVM" run -d crash.raw -- sh -c "i=0; while [ \$i -lt 4096 ]; do
         printf block-%08d- \$i | dd of=/dev/vda bs=4096 seek=\$i conv=sync oflag=direct status=none && echo written=\$i
@@ -330,7 +335,16 @@ for round in 1 2; do
     pid=$!
     for i in $(seq 600); do grep -q "^written=" crash.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.1; done
     sleep 0.$((RANDOM % 10))$((RANDOM % 10))
-    kill -9 $pid; wait $pid 2> /dev/null
+    if ! kill -9 $pid 2> /dev/null; then
+        wait $pid; status=$?
+        if [ $retried = 0 ] && [ $status = 122 ] && grep -q "triple fault (KVM_EXIT_SHUTDOWN) at RIP 0xfff0 CS 0xf000" crash.out; then
+            echo "retried once: the rig reset a vCPU in round $round: $(grep -m 1 "triple fault" crash.out)"
+            retried=1
+            continue
+        fi
+        echo "round $round: lkvm ended by itself before the kill (status $status):"; tail -n 5 crash.out
+    fi
+    wait $pid 2> /dev/null
     last=$(tr -d "\r" < crash.out | sed -n "s/^written=\([0-9]*\)$/\1/p" | tail -n 1)
     python3 -c "
 import sys
@@ -338,6 +352,7 @@ last = int(sys.argv[1] or -1)
 data = open(\"crash.raw\", \"rb\").read()
 lost = [i for i in range(last + 1) if data[i * 4096:i * 4096 + 15] != b\"block-%08d-\" % i]
 print(\"round $round: %d blocks seen complete, %s\" % (last + 1, \"all on the image\" if last >= 0 and not lost else \"lost %s\" % lost[:5]))" "$last"
+    round=$((round + 1))
 done'
 
 # Cache modes and detect-zeroes, in one boot: a disk per cache mode (on the
