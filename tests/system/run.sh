@@ -10,7 +10,7 @@
 # `result NAME out|status`) in the checks after the rig has run. Several checks
 # may read one job's output: `expect_in JOB NAME STATUS REGEX...` names each.
 #
-# The rig runs the jobs two at a time (LKVM_RIG_LANES), in registration order
+# The rig runs the jobs one at a time (LKVM_RIG_LANES=2: two), in registration order
 # except for the long ones listed in long_jobs, which start first. So a job
 # must not collide with the one beside it: the files it writes in $work are
 # named after it (or live in a mktemp directory), an image two jobs open is
@@ -546,7 +546,7 @@ fi
 rig_retries=$(grep -c '^nested-run: retrying ' "$work/rig.err")
 job_retries=$(cat "$work"/*.sh.out 2> /dev/null | grep -c '^retried once: ')
 grep -h '^retried once: ' "$work"/*.sh.out 2> /dev/null | sed 's/^/      | /'
-echo "guests: ${#jobs[@]} jobs in $((SECONDS - rig_started)) s, ${LKVM_RIG_LANES:-2} at a time; retries: $((rig_retries + job_retries)) ($rig_retries by the rig, $job_retries inside jobs)"
+echo "guests: ${#jobs[@]} jobs in $((SECONDS - rig_started)) s, ${LKVM_RIG_LANES:-1} at a time; retries: $((rig_retries + job_retries)) ($rig_retries by the rig, $job_retries inside jobs)"
 # Where the time went, to keep the suite within its budget.
 for f in "$work"/*.sh.seconds; do
     [ -f "$f" ] && printf '%s %s\n' "$(cat "$f")" "$(basename "$f" .sh.seconds | cut -d- -f2-)"
