@@ -209,9 +209,9 @@ int64_t SnapshotOverlay::copy_up_ends(uint64_t offset, uint64_t length)
     return 0;
 }
 
-int64_t SnapshotOverlay::write(uint64_t offset, std::span<const iovec> data, const std::atomic<bool>&)
+template <class Body, class Succeeded>
+int64_t SnapshotOverlay::allocate(uint64_t offset, uint64_t length, Body body, Succeeded succeeded)
 {
-    const uint64_t length = iov_bytes(data);
     if (offset > map_.disk_bytes() || length > map_.disk_bytes() - offset)
         return -EINVAL;
     if (length == 0)
@@ -220,35 +220,33 @@ int64_t SnapshotOverlay::write(uint64_t offset, std::span<const iovec> data, con
     map_.lock(first, last);
     int64_t result = copy_up_ends(offset, length);
     if (result == 0)
-        result = write_all(overlay_.get(), data, offset);
-    if (result == static_cast<int64_t>(length))
+        result = body();
+    if (succeeded(result))
         for (uint64_t c = first; c <= last; ++c)
             map_.set_allocated(c);
     map_.unlock(first, last);
     return result;
 }
 
+int64_t SnapshotOverlay::write(uint64_t offset, std::span<const iovec> data, const std::atomic<bool>&)
+{
+    const uint64_t length = iov_bytes(data);
+    return allocate(offset, length, [&] { return write_all(overlay_.get(), data, offset); },
+                    [&](int64_t result) { return result == static_cast<int64_t>(length); });
+}
+
 int64_t SnapshotOverlay::zero(uint64_t offset, uint64_t length, bool deallocate, const std::atomic<bool>& cancel)
 {
-    if (offset > map_.disk_bytes() || length > map_.disk_bytes() - offset)
-        return -EINVAL;
-    if (length == 0)
-        return 0;
-    const uint64_t first = map_.cluster_of(offset), last = map_.cluster_of(offset + length - 1);
-    map_.lock(first, last);
-    int64_t result = copy_up_ends(offset, length);
-    if (result == 0) {
-        // A hole reads as zeroes too, and the cluster is then the overlay's:
-        // what the image has there is never read again.
-        IoRequest request{deallocate ? IoOp::kDiscard : IoOp::kWriteZeroes, overlay_.get(), offset};
-        request.length = length;
-        result = perform_allocation(request, cancel);
-    }
-    if (result == 0)
-        for (uint64_t c = first; c <= last; ++c)
-            map_.set_allocated(c);
-    map_.unlock(first, last);
-    return result;
+    // A hole reads as zeroes too, and the cluster is then the overlay's:
+    // what the image has there is never read again.
+    return allocate(
+        offset, length,
+        [&] {
+            IoRequest request{deallocate ? IoOp::kDiscard : IoOp::kWriteZeroes, overlay_.get(), offset};
+            request.length = length;
+            return perform_allocation(request, cancel);
+        },
+        [](int64_t result) { return result == 0; });
 }
 
 // A part of a request: a read or write on one of the two files through the

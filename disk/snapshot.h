@@ -125,6 +125,11 @@ private:
     // Copies the clusters at either end of [offset, offset + length) that
     // it covers only partly, and that are not allocated, from the image.
     int64_t copy_up_ends(uint64_t offset, uint64_t length);
+    // With the clusters of [offset, offset + length) locked and their partly
+    // covered ends copied up, runs body(); marks the clusters allocated when
+    // succeeded(result) says it went well.
+    template <class Body, class Succeeded>
+    int64_t allocate(uint64_t offset, uint64_t length, Body body, Succeeded succeeded);
     int64_t copy_up(uint64_t cluster);
 
     int base_fd_;
