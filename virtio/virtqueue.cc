@@ -119,6 +119,7 @@ Result<Chain, ChainError> walk_chain(const GuestMemory& memory, const RingLayout
 SplitQueue::SplitQueue(const GuestMemory& memory, const RingLayout& layout, bool event_idx, ChainLimits limits)
     : memory_(memory),
       layout_(layout),
+      index_mask_(static_cast<uint16_t>(layout.size - 1)),
       event_idx_(event_idx),
       limits_(limits),
       desc_(memory.span(layout.desc, desc_bytes(layout.size))->data()),
@@ -134,7 +135,7 @@ uint16_t SplitQueue::avail_idx() const
 
 uint16_t* SplitQueue::avail_ring_entry(uint16_t i) const
 {
-    return reinterpret_cast<uint16_t*>(avail_ + 4 + 2 * (i % layout_.size));
+    return reinterpret_cast<uint16_t*>(avail_ + 4 + 2 * (i & index_mask_));
 }
 
 bool SplitQueue::has_available() const
@@ -157,13 +158,8 @@ Result<bool, ChainError> SplitQueue::pop(Chain& chain)
         return false;
     const uint16_t head = load16(reinterpret_cast<uint8_t*>(avail_ring_entry(last_avail_)));
     ++last_avail_;
-    if (shadow_avail_ != last_avail_) {
-        // The next chain's first descriptor is another cache miss: start it now,
-        // to overlap with walking this chain. A prefetch never faults, and the
-        // index is bounded only so that it stays in the table.
-        const uint16_t next = load16(reinterpret_cast<uint8_t*>(avail_ring_entry(last_avail_)));
-        __builtin_prefetch(desc_ + 16ull * (next % layout_.size));
-    }
+    if (shadow_avail_ != last_avail_)
+        prefetch_ahead();
     if (event_idx_ && notifications_)
         store16(used_ + 4 + 8ull * layout_.size, last_avail_);  // avail_event: kick us for anything newer
     if (const auto error = walk_chain(memory_, layout_, head, limits_, chain))
@@ -171,9 +167,27 @@ Result<bool, ChainError> SplitQueue::pop(Chain& chain)
     return true;
 }
 
+// The driver wrote the next chains from another CPU: their descriptors and
+// request headers are cache misses. Start them now, to overlap with walking
+// this chain: the header of the next chain (its descriptor was started by the
+// previous pop) and the descriptor of the one after. A prefetch never faults;
+// indices and addresses are bounded only so that it stays in guest memory.
+void SplitQueue::prefetch_ahead() const
+{
+    const uint16_t next = load16(reinterpret_cast<uint8_t*>(avail_ring_entry(last_avail_))) & index_mask_;
+    uint64_t header = 0;
+    std::memcpy(&header, desc_ + 16ull * next, 8);
+    if (const auto bytes = memory_.span(header, 1))
+        __builtin_prefetch(bytes->data());
+    if (static_cast<uint16_t>(shadow_avail_ - last_avail_) > 1) {
+        const uint16_t after = load16(reinterpret_cast<uint8_t*>(avail_ring_entry(last_avail_ + 1))) & index_mask_;
+        __builtin_prefetch(desc_ + 16ull * after);
+    }
+}
+
 void SplitQueue::push_used(uint16_t head, uint32_t written)
 {
-    uint8_t* elem = used_ + 4 + 8ull * (used_idx_ % layout_.size);
+    uint8_t* elem = used_ + 4 + 8ull * (used_idx_ & index_mask_);
     const uint32_t id = head;
     std::memcpy(elem, &id, 4);
     std::memcpy(elem + 4, &written, 4);

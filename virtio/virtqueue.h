@@ -99,9 +99,11 @@ public:
 private:
     uint16_t avail_idx() const;      // acquire
     uint16_t* avail_ring_entry(uint16_t i) const;
+    void prefetch_ahead() const;
 
     const GuestMemory& memory_;
     RingLayout layout_;
+    uint16_t index_mask_;            // size - 1: the size is a power of two
     bool event_idx_;
     ChainLimits limits_;
     const uint8_t* desc_;            // host views of the rings, validated at construction

@@ -270,7 +270,8 @@ bool GuestDriver::wait_interrupt(int fd, int timeout_ms)
     return true;
 }
 
-std::vector<std::pair<uint32_t, uint32_t>> GuestDriver::wait_used(unsigned q, size_t at_least, int timeout_ms)
+std::vector<std::pair<uint32_t, uint32_t>> GuestDriver::wait_used(unsigned q, size_t at_least, int timeout_ms,
+                                                                 uint64_t halt_poll_ns)
 {
     DriverQueue& dq = queues_[q];
     std::vector<std::pair<uint32_t, uint32_t>> out;
@@ -292,11 +293,26 @@ std::vector<std::pair<uint32_t, uint32_t>> GuestDriver::wait_used(unsigned q, si
         std::atomic_ref<uint16_t>(*reinterpret_cast<uint16_t*>(host(dq.rings.avail + 4 + 2ull * dq.rings.size)))
             .store(dq.used_seen, std::memory_order_relaxed);
         std::atomic_thread_fence(std::memory_order_seq_cst);
-        if (used_idx(q) != dq.used_seen)
+        if (used_idx(q) != dq.used_seen || halt_poll(q, halt_poll_ns))
             continue;
         if (!wait_interrupt(dq.irq_fd, timeout_ms))
             return out;  // timed out: the caller checks the count
     }
+}
+
+bool GuestDriver::halt_poll(unsigned q, uint64_t ns)
+{
+    if (ns == 0)
+        return false;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(ns);
+    do {
+        for (int i = 0; i < 64; ++i) {
+            if (used_idx(q) != queues_[q].used_seen)
+                return true;
+            __builtin_ia32_pause();
+        }
+    } while (std::chrono::steady_clock::now() < deadline);
+    return false;
 }
 
 uint32_t GuestDriver::device_config32(unsigned offset) { return bar_read(device_cfg_ + offset, 4); }

@@ -136,8 +136,14 @@ public:
     // Where the notify capability pointed: a port (I/O BAR) or memory.
     AddressSpace notify_space() const { return notify_space_; }
     // Waits for queue q's interrupt (or any used entry) and returns the used entries seen since last time.
-    std::vector<std::pair<uint32_t, uint32_t>> wait_used(unsigned q, size_t at_least, int timeout_ms = 10000);
+    // halt_poll_ns: how long to watch the used ring before sleeping on the
+    // interrupt, as KVM's halt polling keeps a halted vCPU spinning (its
+    // default is 200 us) so that an interrupt soon after finds it awake.
+    std::vector<std::pair<uint32_t, uint32_t>> wait_used(unsigned q, size_t at_least, int timeout_ms = 10000,
+                                                         uint64_t halt_poll_ns = 0);
     bool wait_interrupt(int fd, int timeout_ms);
+    // Whether queue q's used ring moved within ns.
+    bool halt_poll(unsigned q, uint64_t ns);
     uint16_t used_idx(unsigned q);
     DriverQueue& queue(unsigned q) { return queues_[q]; }
     int config_irq_fd() const { return config_irq_fd_; }
