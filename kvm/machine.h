@@ -26,8 +26,10 @@
 #include "kvm/cli.h"
 #include "kvm/console.h"
 #include "kvm/control.h"
+#include "kvm/gdb_server.h"
 #include "kvm/io_stats_table.h"
 #include "kvm/kvm.h"
+#include "kvm/vcpu_debug.h"
 #include "kvm/vcpu_stats.h"
 #include "kvm/vcpu_gate.h"
 #include "kvm/virtio_host.h"
@@ -87,6 +89,7 @@ private:
     void handle_io(kvm_run* run);
     void handle_mmio(kvm_run* run);
     void kick_vcpus();
+    void start_gdb();
     void stop_vcpus();
     void start_input();
     void read_input();
@@ -117,6 +120,8 @@ private:
     Bus mmio_{"MMIO"};
     boost::asio::io_context io_{1};
     std::optional<ControlServer> control_;  // while run() runs; before io_ goes
+    std::unique_ptr<VmDebugger> debugger_;  // --gdb
+    std::optional<GdbServer> gdb_;          // --gdb, while run() runs
     Console console_;
     Serial8250 serial_;
     I8042 i8042_;
