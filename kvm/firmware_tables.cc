@@ -360,7 +360,7 @@ AcpiTables build_acpi_tables(uint64_t base, const PlatformInfo& platform)
     t.u32(0);                                     // FIRMWARE_CTRL: no FACS
     t.u32(static_cast<uint32_t>(base + dsdt));    // DSDT
     t.zeros(109 - 44);                            // legacy PM blocks: none in hardware-reduced mode
-    t.u16((1 << 2) | (1 << 6));                   // IAPC_BOOT_ARCH: no VGA, no CMOS RTC; no 8042
+    t.u16(1 << 2);                                // IAPC_BOOT_ARCH: no VGA; no 8042; a CMOS RTC (bit 5 clear)
     t.u8(0);
     t.u32((1 << 4) | (1 << 5) | (1 << 10) | (1 << 20));  // PWR_BUTTON, SLP_BUTTON, RESET_REG_SUP, HW_REDUCED_ACPI
     gas_io_byte(t, PowerControl::kReset);        // RESET_REG
