@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string_view>
 
+#include "hw/cmos_rtc.h"
 #include "hw/platform.h"
 #include "hw/pci.h"
 #include "hw/serial8250.h"
@@ -312,8 +313,19 @@ std::vector<uint8_t> dsdt_body()
                               aml::end_tag(),
                           }))),
     }));
+    // The RTC too: without a PNP0B00 device Linux registers one with IRQ 8,
+    // which hardware-reduced mode never sets up, and its probe fails. No IRQ
+    // here: lkvm does not raise IRQ 8, and without one Linux keeps the clock
+    // and offers no alarms rather than waiting for one that never comes.
+    const auto rtc = aml::device("RTC0", aml::cat({
+        aml::name("_HID", aml::eisa_id("PNP0B00")),
+        aml::name("_CRS", aml::buffer(aml::cat({
+                              aml::io_port(CmosRtc::kIndexPort, CmosRtc::kSpan),
+                              aml::end_tag(),
+                          }))),
+    }));
     return aml::cat({
-        aml::scope("\\_SB_", aml::cat({pci0, com1})),
+        aml::scope("\\_SB_", aml::cat({pci0, com1, rtc})),
         // \_S5: SLP_TYPa and SLP_TYPb for soft-off, as PowerControl decodes them.
         aml::name("_S5_", aml::package({PowerControl::kS5SleepType, PowerControl::kS5SleepType, 0, 0})),
     });
