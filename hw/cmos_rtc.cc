@@ -7,6 +7,7 @@ namespace lkvm {
 
 namespace {
 constexpr uint8_t kNmiMask = 0x80;  // bit 7 of the index port: ours has no NMI to mask
+constexpr uint64_t kDataOffset = CmosRtc::kDataPort - CmosRtc::kIndexPort;
 constexpr uint8_t kRegAReset = 0x26;  // 32.768 kHz time base, 1024 Hz periodic rate
 constexpr int64_t kSecondsPerDay = 86400;
 // The years the registers can name (century 00-99): guest_now() stays inside
@@ -118,7 +119,7 @@ void CmosRtc::read(uint64_t offset, std::span<uint8_t> data)
     std::lock_guard lock(mutex_);
     // A wider access is split into byte cycles, one port each, as the ISA bridge does.
     for (auto& byte : data)
-        byte = offset++ == kDataPort - kIndexPort ? read_register(index_) : 0xff;  // the index port is write-only
+        byte = offset++ == kDataOffset ? read_register(index_) : 0xff;  // the index port is write-only
 }
 
 void CmosRtc::write(uint64_t offset, std::span<const uint8_t> data)
@@ -127,7 +128,7 @@ void CmosRtc::write(uint64_t offset, std::span<const uint8_t> data)
     for (const uint8_t byte : data) {
         if (offset == 0)
             index_ = byte & ~kNmiMask;
-        else if (offset == kDataPort - kIndexPort)
+        else if (offset == kDataOffset)
             write_register(index_, byte);
         ++offset;
     }
