@@ -267,6 +267,7 @@ Machine::Machine(const RunOptions& options)
     pio_.add(Serial8250::kCom1Base, 8, serial_);
     pio_.add(I8042::kDataPort, I8042::kSpan, i8042_);
     pio_.add(PowerControl::kBase, PowerControl::kSpan, power_);
+    pio_.add(CmosRtc::kIndexPort, CmosRtc::kSpan, rtc_);
     pio_.add(PciHostBridge::kConfigAddressPort, PciHostBridge::kPortSpan, pci_);
     add_disks();
 

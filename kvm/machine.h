@@ -18,6 +18,7 @@
 
 #include "base/mapping.h"
 #include "hw/bus.h"
+#include "hw/cmos_rtc.h"
 #include "hw/guest_memory.h"
 #include "hw/pci.h"
 #include "hw/platform.h"
@@ -126,6 +127,7 @@ private:
     Serial8250 serial_;
     I8042 i8042_;
     PowerControl power_;
+    CmosRtc rtc_;
     PciHostBridge pci_;
     std::vector<std::unique_ptr<Vcpu>> vcpus_;
     std::vector<VcpuStats> vcpu_stats_;  // one per vCPU, or none at all
