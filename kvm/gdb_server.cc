@@ -73,7 +73,7 @@ void GdbServer::read()
     socket_->async_read_some(boost::asio::buffer(buffer_), [this](const boost::system::error_code& error, size_t n) {
         if (error) {
             if (error != boost::asio::error::operation_aborted) {
-                log_info("gdb disconnected; the guest runs on");
+                log_info("gdb disconnected (" + error.message() + "); the guest runs on");
                 detach();
                 socket_.reset();
             }
@@ -113,6 +113,7 @@ void GdbServer::on_input(GdbInput& input)
         send("E16");  // after D: gdb only closes
         return;
     }
+    log_debug("gdb: <- " + input.payload.substr(0, 80));
     const bool detaching = input.payload == "D";
     if (auto reply = stub_->handle(input.payload))
         send(std::move(*reply));
@@ -126,6 +127,7 @@ void GdbServer::on_input(GdbInput& input)
 
 void GdbServer::send(std::string payload)
 {
+    log_debug("gdb: -> " + payload.substr(0, 80));
     last_packet_ = gdb_frame(payload);
     out_.push_back(last_packet_);
     write_next();
@@ -140,8 +142,10 @@ void GdbServer::write_next()
     boost::asio::async_write(*socket_, boost::asio::buffer(out_.front()),
                              [this](const boost::system::error_code& error, size_t) {
                                  writing_ = false;
-                                 if (error)
+                                 if (error) {
+                                     log_debug("gdb: write failed: " + error.message());
                                      return;  // the read side sees the connection go
+                                 }
                                  out_.pop_front();
                                  write_next();
                              });
@@ -156,6 +160,9 @@ void GdbServer::vm_stopped()
     const auto exits = vm_.take_debug_exits();
     if (exits.empty())
         return;
+    for (const auto& exit : exits)
+        log_debug("gdb: vCPU " + std::to_string(exit.vcpu) + " stopped: exception " + std::to_string(exit.exception) +
+                  " dr6 " + std::to_string(exit.dr6));
     if (auto reply = stub_->stopped(exits)) {
         if (attached_) {
             send(std::move(*reply));

@@ -326,6 +326,8 @@ std::string GdbStub::read_memory(std::string_view args)
     if (!parse_pair(args, addr, len))
         return kErrorBadArgs;
     len = std::min<uint64_t>(len, (kGdbMaxPacket - 4) / 2);
+    if (len == 0)
+        return "";
     std::vector<uint8_t> bytes(len);
     const size_t done = read_clean(addr, bytes);
     if (done == 0 && len != 0)
@@ -347,6 +349,8 @@ std::string GdbStub::write_memory(std::string_view args, bool binary)
         return kErrorBadArgs;
     if (bytes.size() != len)
         return kErrorBadArgs;
+    if (len == 0)
+        return "OK";
     // Over one of our breakpoints: the new byte is what the int3 hides now.
     for (auto it = software_.lower_bound(addr); it != software_.end() && it->first - addr < len; ++it) {
         it->second = bytes[it->first - addr];

@@ -117,7 +117,6 @@ private:
     unsigned general_vcpu_ = 0;  // Hg: registers and memory
     unsigned step_vcpu_ = 0;     // Hc: what s steps
     std::optional<std::string> last_stop_;
-    unsigned last_stop_vcpu_ = 0;
     std::map<uint64_t, uint8_t> software_;  // address -> the byte our int3 replaced
     std::array<std::optional<HwPoint>, 4> hardware_{};
 };
