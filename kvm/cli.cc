@@ -51,7 +51,7 @@ constexpr OptionSpec kKernel{"-k", "--kernel"}, kInitrd{"-i", "--initrd"}, kPara
     kIoThreads{nullptr, "--iothreads"}, kScsiController{nullptr, "--scsi-controller"},
     kThrottleGroup{nullptr, "--throttle-group"},
     kConsoleLog{nullptr, "--console-log"}, kTimeout{nullptr, "--timeout"}, kLogLevel{nullptr, "--loglevel"},
-    kGdb{nullptr, "--gdb"};
+    kGdb{nullptr, "--gdb"}, kBootTimeout{nullptr, "--boot-timeout"};
 
 // Matches "-k X", "--kernel X" and "--kernel=X"; advances i past the value.
 std::optional<std::string> take_value(const std::vector<std::string>& args, size_t& i, const OptionSpec& spec)
@@ -168,6 +168,13 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
             if (seconds < 1 || seconds > 1000000)
                 throw Error("--timeout " + *v + ": give 1 to 1000000 seconds" + kRunHint);
             run.timeout_s = static_cast<unsigned>(seconds);
+        } else if (auto v = take_value(args, i, kBootTimeout)) {
+            const uint64_t seconds = parse_number("--boot-timeout", *v);
+            if (seconds > 1000000)
+                throw Error("--boot-timeout " + *v + ": give 0 (off) to 1000000 seconds" + kRunHint);
+            run.boot_timeout_s = static_cast<unsigned>(seconds);
+        } else if (arg == "--force-kvm") {
+            run.force_kvm = true;
         } else if (arg == "--quiet") {
             run.quiet = true;
         } else if (auto v = take_value(args, i, kGdb)) {
@@ -824,6 +831,11 @@ std::string run_usage()
            "                         (letters, digits, '.', '_', '-'; default guest-PID)\n"
            "      --console-log FILE the guest's console output is also appended to FILE\n"
            "      --timeout SECS     stop the guest after SECS seconds (1-1000000), exit 124\n"
+           "      --boot-timeout SECS  warn, with each vCPU's RIP, when the guest has printed\n"
+           "                         nothing on its console after SECS seconds (default 30,\n"
+           "                         0: never); the guest keeps running\n"
+           "      --force-kvm        boot even on a KVM that cannot run an ordinary kernel (PVM,\n"
+           "                         no VT-x/AMD-V), e.g. a PVM-enabled guest kernel\n"
            "      --gdb [HOST:]PORT  a gdb stub on HOST (default 127.0.0.1) PORT: gdb vmlinux\n"
            "                         -ex 'target remote :PORT' stops the guest and debugs it\n"
            "      --gdb-wait         with --gdb: the vCPUs wait at their first instruction\n"

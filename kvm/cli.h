@@ -130,6 +130,8 @@ struct RunOptions {
     bool stats = false;       // print per-thread and per-queue I/O statistics at exit
     std::string console_log;  // --console-log FILE: the guest's console output is also appended there
     unsigned timeout_s = 0;   // --timeout SECS: stop the guest after that long, exit kTimeout; 0: never
+    unsigned boot_timeout_s = 30;  // --boot-timeout SECS: warn when the console is still silent then; 0: never
+    bool force_kvm = false;   // --force-kvm: run on a KVM that cannot run an ordinary guest (PVM, no VT-x/AMD-V)
     bool quiet = false;       // --quiet: only the guest's output (lkvm's own messages: errors only)
     LogLevel log_level = LogLevel::kInfo;  // --loglevel error|warn|info|debug (--quiet: kError)
     std::vector<std::string> command;  // after "--": what the guest init runs

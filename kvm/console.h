@@ -6,11 +6,13 @@
 
 #include <termios.h>
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <optional>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "base/fd.h"
 
@@ -49,6 +51,10 @@ private:
     bool after_escape_ = false;
 };
 
+// The --boot-timeout warning: the console has stayed silent for `seconds`;
+// vcpu_states holds each vCPU's Vcpu::describe(), in index order.
+std::string silent_console_warning(unsigned seconds, const std::vector<std::string>& vcpu_states);
+
 class Console {
 public:
     // Puts in_fd in raw mode when it is a terminal. Output also goes to
@@ -62,6 +68,8 @@ public:
     // Returns what the panic watch saw in it.
     PanicWatch::Event output(uint8_t byte);
     std::optional<std::string> panic_message();
+    // Whether the guest has printed anything at all yet.
+    bool printed() const { return printed_.load(std::memory_order_relaxed); }
 
     // Puts the terminal back as it was; safe to call more than once.
     void restore();
@@ -72,6 +80,7 @@ private:
     int saved_flags_ = -1;
     std::mutex mutex_;
     PanicWatch panic_watch_;
+    std::atomic<bool> printed_{false};
 };
 
 }  // namespace lkvm

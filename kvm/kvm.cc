@@ -64,30 +64,61 @@ int checked_ioctl(int fd, unsigned long request, const void* arg, const char* wh
 }
 }  // namespace
 
+int KvmHostCalls::open(const std::string& path)
+{
+    const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int KvmHostCalls::ioctl(int fd, unsigned long request, unsigned long arg)
+{
+    const int r = ::ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+std::string create_vm_error(int err)
+{
+    if (err == EBUSY)
+        return "KVM_CREATE_VM: the CPU's virtualization is busy (EBUSY): another hypervisor (VirtualBox, VMware) "
+               "holds VT-x/AMD-V; stop it and run lkvm again";
+    if (err == ENOMEM)
+        return "KVM_CREATE_VM: the host kernel is out of memory (ENOMEM); free some memory and run lkvm again";
+    return "KVM_CREATE_VM failed: " + std::string(std::strerror(err)) + "; see the host's dmesg for why KVM refused";
+}
+
 Kvm Kvm::open(const std::string& path)
 {
-    Fd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
-    if (!fd.valid()) {
-        const int err = errno;
+    KvmHostCalls host;
+    return open(path, host);
+}
+
+Kvm Kvm::open(const std::string& path, KvmHostCalls& host)
+{
+    const int opened = host.open(path);
+    if (opened < 0) {
+        const int err = -opened;
         if (err == ENOENT || err == ENXIO || err == ENODEV)
             throw Error(path + " does not exist: load KVM (modprobe kvm-intel or kvm-amd) with virtualization "
                         "enabled in the firmware, or run lkvm through scripts/nested-run.sh");
         if (err == EACCES || err == EPERM)
-            throw Error(path + ": permission denied: add yourself to the 'kvm' group or run as root");
+            throw Error(path + ": permission denied: add yourself to the 'kvm' group (sudo usermod -aG kvm $USER, "
+                        "then log in again) or run as root");
         throw sys_error("cannot open " + path, err);
     }
-    const int version = ::ioctl(fd.get(), KVM_GET_API_VERSION, 0);
+    Fd fd(opened);
+    const int version = host.ioctl(fd.get(), KVM_GET_API_VERSION, 0);
+    if (version < 0)
+        throw Error(path + " is not a KVM device (KVM_GET_API_VERSION: " + std::strerror(-version) + ")");
     if (version != KVM_API_VERSION)
         throw Error(path + " speaks KVM API version " + std::to_string(version) + ", lkvm needs " +
-                    std::to_string(KVM_API_VERSION));
-    Kvm kvm(std::move(fd));
+                    std::to_string(KVM_API_VERSION) + "; run it on a Linux kernel with the standard KVM");
     std::string missing;
     for (const auto& cap : kRequired)
-        if (kvm.check_extension(cap.id) <= 0)
+        if (host.ioctl(fd.get(), KVM_CHECK_EXTENSION, static_cast<unsigned long>(cap.id)) <= 0)
             missing += missing.empty() ? cap.name : std::string(", ") + cap.name;
     if (!missing.empty())
-        throw Error("this host's KVM lacks " + missing + "; lkvm needs a newer kernel");
-    return kvm;
+        throw Error("this host's KVM lacks " + missing + ", which lkvm needs; run it on a newer host kernel");
+    return Kvm(std::move(fd));
 }
 
 int Kvm::check_extension(long capability) const
@@ -118,7 +149,10 @@ std::vector<kvm_cpuid_entry2> Kvm::supported_cpuid() const
 
 Vm::Vm(const Kvm& kvm)
 {
-    fd_.reset(checked_ioctl(kvm.fd(), KVM_CREATE_VM, 0ul, "KVM_CREATE_VM"));
+    const int vm = ::ioctl(kvm.fd(), KVM_CREATE_VM, 0ul);
+    if (vm < 0)
+        throw Error(create_vm_error(errno));
+    fd_.reset(vm);
     checked_ioctl(fd_.get(), KVM_SET_TSS_ADDR, static_cast<unsigned long>(layout::kTss), "KVM_SET_TSS_ADDR");
     const uint64_t identity = layout::kIdentityMapPage;
     checked_ioctl(fd_.get(), KVM_SET_IDENTITY_MAP_ADDR, &identity, "KVM_SET_IDENTITY_MAP_ADDR");

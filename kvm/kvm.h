@@ -12,11 +12,26 @@
 
 namespace lkvm {
 
+// The calls Kvm::open makes on the host, apart so that tests can play hosts
+// this one is not (no permission, another API version, missing capabilities).
+class KvmHostCalls {
+public:
+    virtual ~KvmHostCalls() = default;
+    // A new fd, or -errno.
+    virtual int open(const std::string& path);
+    // The ioctl's result, or -errno.
+    virtual int ioctl(int fd, unsigned long request, unsigned long arg);
+};
+
+// The line for a KVM_CREATE_VM that failed with err.
+std::string create_vm_error(int err);
+
 class Kvm {
 public:
     // Opens /dev/kvm and checks the API version and every capability lkvm relies on;
     // throws an Error whose line says what is missing and what to do.
     static Kvm open(const std::string& path = "/dev/kvm");
+    static Kvm open(const std::string& path, KvmHostCalls& host);
 
     int fd() const { return fd_.get(); }
     int check_extension(long capability) const;

@@ -24,6 +24,7 @@
 #include "base/log.h"
 #include "kvm/cpuid.h"
 #include "kvm/firmware_tables.h"
+#include "kvm/host_kvm.h"
 #include "kvm/layout.h"
 #include "virtio/queue_mapping.h"
 
@@ -105,6 +106,17 @@ const RunOptions& with_log_level(const RunOptions& options)
 {
     set_log_level(options.quiet ? LogLevel::kError : options.log_level);
     return options;
+}
+
+// /dev/kvm, refused before anything boots when it cannot run an ordinary
+// guest kernel; --force-kvm tries it anyway (a PVM-enabled guest kernel).
+Kvm open_usable_kvm(const RunOptions& options)
+{
+    Kvm kvm = Kvm::open();
+    if (!options.force_kvm)
+        if (const std::string why = unusable_kvm_reason(probe_host_virtualization()); !why.empty())
+            throw Error(why);
+    return kvm;
 }
 
 }  // namespace
@@ -228,7 +240,7 @@ Machine::Machine(const RunOptions& options)
       boot_(load_boot_files(options)),
       disk_images_(open_disks(options)),
       console_log_(options.console_log.empty() ? Fd() : open_console_log(options.console_log)),
-      kvm_(Kvm::open()),
+      kvm_(open_usable_kvm(options)),
       vm_(kvm_),
       console_(STDIN_FILENO, STDOUT_FILENO, console_log_.get()),
       serial_([this](bool high) { vm_.set_irq_line(Serial8250::kCom1Irq, high); },
@@ -430,6 +442,22 @@ void Machine::start_gdb()
     } else {
         log_info("gdb stub on " + options_.gdb_host + ":" + std::to_string(gdb_->port()));
     }
+}
+
+void Machine::warn_if_console_silent()
+{
+    // Under gdb the guest stands still whenever the debugger says so.
+    if (console_.printed() || options_.gdb_port || ended_.load(std::memory_order_acquire))
+        return;
+    // A vCPU's registers can be read only while it is out of KVM_RUN.
+    const bool was_paused = vcpu_gate_.paused();
+    vcpu_gate_.pause();
+    std::vector<std::string> states;
+    for (const auto& vcpu : vcpus_)
+        states.push_back(vcpu->describe());
+    if (!was_paused)
+        vcpu_gate_.resume();
+    log_warn(silent_console_warning(options_.boot_timeout_s, states));
 }
 
 void Machine::kick_vcpus()
@@ -653,6 +681,14 @@ int Machine::run()
                 finish({exit_status::kTimeout,
                         "guest still running after " + std::to_string(options_.timeout_s) + " s (--timeout): stopped",
                         LogLevel::kWarn});
+        });
+    }
+    boost::asio::steady_timer boot_timeout(io_);
+    if (options_.boot_timeout_s) {
+        boot_timeout.expires_after(std::chrono::seconds(options_.boot_timeout_s));
+        boot_timeout.async_wait([this](const boost::system::error_code& error) {
+            if (!error)
+                warn_if_console_silent();
         });
     }
     // A name already taken ends lkvm here, before the guest runs, with one

@@ -90,6 +90,7 @@ private:
     void handle_io(kvm_run* run);
     void handle_mmio(kvm_run* run);
     void kick_vcpus();
+    void warn_if_console_silent();  // --boot-timeout: on the main loop
     void start_gdb();
     void stop_vcpus();
     void start_input();
