@@ -1,6 +1,14 @@
 # lkvm: `make` builds build/lkvm and the guest images; `make test` runs every
 # test tier; `make demo` boots the demo guest. Both install what is missing.
 
+# Every CPU by default; a -j on the command line wins (make -j2). Only at the
+# top: the inner makes of test, demo and bench inherit the top's jobs (its
+# -j here would override a -j1 they are given).
+JOBS     ?= $(shell nproc)
+ifeq ($(MAKELEVEL),0)
+MAKEFLAGS += -j$(JOBS)
+endif
+
 CXX      ?= g++
 BUILD    ?= build
 CXXFLAGS ?= -O2 -g
@@ -47,9 +55,6 @@ LIB_SRCS  := $(wildcard base/*.cc hw/*.cc hw/scsi/*.cc disk/*.cc virtio/*.cc) $(
 UNIT_SRCS := $(wildcard tests/unit/*.cc)
 DEVICE_SRCS := $(wildcard tests/device/*.cc)
 
-# make test, demo and bench build with every CPU.
-JOBS      ?= $(shell nproc)
-
 LKVM      := $(BUILD)/lkvm
 UNIT      := $(BUILD)/unit-tests
 DEVICE    := $(BUILD)/device-tests
@@ -68,6 +73,7 @@ $(BUILD)/kernel $(BUILD)/guest:
 	ln -sfn ../build/$(notdir $@) $@
 
 deps:
+	@echo "==> dependencies: scripts/install-deps.sh installs what is missing (Debian packages, the guest kernel)"
 	@bash scripts/install-deps.sh
 
 # tree DIR: the object, library and binary rules of one build tree, with its
@@ -115,7 +121,9 @@ TEST_EXTRA_GOALS := $(SAN_TESTS) $(TSAN_TESTS) fuzz-build
 TEST_EXTRA_TIERS := --san build-fuzz --tsan build-tsan --fuzz $(CI_FUZZ_SECONDS)
 endif
 test: deps
-	@$(MAKE) --no-print-directory -j$(JOBS) all $(TEST_EXTRA_GOALS)
+	@echo "==> building lkvm, the guest images and every test tree in parallel (a few minutes the first time)"
+	@$(MAKE) --no-print-directory all $(TEST_EXTRA_GOALS)
+	@echo "==> running every test tier (system tests boot guests, through the nested rig where this host has no hardware KVM)"
 	@bash tests/run-all.sh $(BUILD) $(TEST_EXTRA_TIERS)
 
 system: all
@@ -125,12 +133,14 @@ unit: $(UNIT)
 	$(UNIT)
 
 demo: deps
-	@$(MAKE) --no-print-directory -j$(JOBS) all
+	@echo "==> building lkvm and the guest images in parallel (a few minutes the first time)"
+	@$(MAKE) --no-print-directory all
+	@echo "==> booting the demo guest"
 	@bash scripts/demo.sh
 
 # Benchmarks print tables; nothing in them is asserted.
 bench: deps
-	@$(MAKE) --no-print-directory -j$(JOBS) all
+	@$(MAKE) --no-print-directory all
 	@bash scripts/bench.sh $(BUILD)
 
 # make uapi-check UAPI=DIR UAPI_BASE=DIR2: every translation unit of every
