@@ -94,7 +94,7 @@ void Console::restore()
 
 std::string silent_console_warning(unsigned seconds, const std::vector<std::string>& vcpu_states)
 {
-    std::string line = "the guest has printed nothing in " + std::to_string(seconds) +
+    std::string line = "the guest has not touched its console in " + std::to_string(seconds) +
                        " s (--boot-timeout): it may be the wrong kernel, or a KVM that cannot run it (PVM, "
                        "nested without VT-x/AMD-V); still running;";
     for (size_t i = 0; i < vcpu_states.size(); ++i)
@@ -105,7 +105,6 @@ std::string silent_console_warning(unsigned seconds, const std::vector<std::stri
 PanicWatch::Event Console::output(uint8_t byte)
 {
     std::lock_guard lock(mutex_);
-    printed_.store(true, std::memory_order_relaxed);
     for (;;) {
         if (::write(out_fd_, &byte, 1) >= 0)
             break;

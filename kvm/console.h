@@ -6,7 +6,6 @@
 
 #include <termios.h>
 
-#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <optional>
@@ -51,7 +50,8 @@ private:
     bool after_escape_ = false;
 };
 
-// The --boot-timeout warning: the console has stayed silent for `seconds`;
+// The --boot-timeout warning: the guest has not touched its serial console
+// (printed, or set up the UART as a booting kernel does) for `seconds`;
 // vcpu_states holds each vCPU's Vcpu::describe(), in index order.
 std::string silent_console_warning(unsigned seconds, const std::vector<std::string>& vcpu_states);
 
@@ -68,8 +68,6 @@ public:
     // Returns what the panic watch saw in it.
     PanicWatch::Event output(uint8_t byte);
     std::optional<std::string> panic_message();
-    // Whether the guest has printed anything at all yet.
-    bool printed() const { return printed_.load(std::memory_order_relaxed); }
 
     // Puts the terminal back as it was; safe to call more than once.
     void restore();
@@ -80,7 +78,6 @@ private:
     int saved_flags_ = -1;
     std::mutex mutex_;
     PanicWatch panic_watch_;
-    std::atomic<bool> printed_{false};
 };
 
 }  // namespace lkvm
