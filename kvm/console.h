@@ -6,6 +6,7 @@
 
 #include <termios.h>
 
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <optional>
@@ -48,6 +49,25 @@ public:
 
 private:
     bool after_escape_ = false;
+};
+
+// Whether the guest has used its serial port: printed, or set up the UART as
+// any booting kernel does, quiet or not. What --boot-timeout counts as
+// progress; fed from every vCPU thread's port I/O.
+class ConsoleActivity {
+public:
+    explicit ConsoleActivity(uint16_t uart_base) : uart_base_(uart_base) {}
+    void port_io(uint16_t port)
+    {
+        if (port >= uart_base_ && port < uart_base_ + kUartPorts && !used())
+            used_.store(true, std::memory_order_relaxed);
+    }
+    bool used() const { return used_.load(std::memory_order_relaxed); }
+
+private:
+    static constexpr unsigned kUartPorts = 8;
+    uint16_t uart_base_;
+    std::atomic<bool> used_{false};
 };
 
 // The --boot-timeout warning: the guest has not touched its serial console

@@ -347,9 +347,7 @@ void Machine::on_guest_request(GuestRequest request)
 void Machine::handle_io(kvm_run* run)
 {
     auto* base = reinterpret_cast<uint8_t*>(run) + run->io.data_offset;
-    if (run->io.port >= Serial8250::kCom1Base && run->io.port < Serial8250::kCom1Base + 8 &&
-        !console_used_.load(std::memory_order_relaxed))
-        console_used_.store(true, std::memory_order_relaxed);
+    console_activity_.port_io(run->io.port);
     for (uint32_t i = 0; i < run->io.count; ++i) {
         std::span<uint8_t> data(base + i * run->io.size, run->io.size);
         if (run->io.direction == KVM_EXIT_IO_OUT)
@@ -450,7 +448,7 @@ void Machine::start_gdb()
 void Machine::warn_if_console_silent()
 {
     // Under gdb the guest stands still whenever the debugger says so.
-    if (console_used_.load(std::memory_order_relaxed) || options_.gdb_port || ended_.load(std::memory_order_acquire))
+    if (console_activity_.used() || options_.gdb_port || ended_.load(std::memory_order_acquire))
         return;
     // A vCPU's registers can be read only while it is out of KVM_RUN.
     const bool was_paused = vcpu_gate_.paused();

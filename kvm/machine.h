@@ -149,9 +149,7 @@ private:
 
     std::mutex outcome_mutex_;
     std::optional<Outcome> outcome_;
-    // The guest has used its serial port: printed, or set up the UART (a
-    // quiet kernel's 8250 driver does at boot), for --boot-timeout.
-    std::atomic<bool> console_used_{false};
+    ConsoleActivity console_activity_{Serial8250::kCom1Base};  // for --boot-timeout
     std::atomic<bool> ended_{false};  // outcome_ is set: no vCPU enters the guest again
     VcpuGate vcpu_gate_{[this] { kick_vcpus(); }};
     std::string io_error_;  // why the guest is paused for an I/O error; empty: it is not (main loop only)

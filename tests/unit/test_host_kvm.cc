@@ -189,6 +189,20 @@ TEST_CASE("KVM_CREATE_VM: busy VT-x, no memory, and anything else")
                                          "; see the host's dmesg for why KVM refused");
 }
 
+TEST_CASE("console: port I/O on the UART's 8 ports is progress for --boot-timeout, no other port is")
+{
+    ConsoleActivity activity(0x3f8);
+    CHECK_FALSE(activity.used());
+    for (const uint16_t port : {0x3f7, 0x400, 0x80, 0x2f8, 0x70, 0xcf8})
+        activity.port_io(port);
+    CHECK_FALSE(activity.used());
+    for (const uint16_t port : {0x3f8, 0x3f9, 0x3fb, 0x3ff}) {
+        ConsoleActivity uart(0x3f8);
+        uart.port_io(port);
+        CHECK(uart.used());
+    }
+}
+
 TEST_CASE("console: the --boot-timeout warning names every vCPU's place")
 {
     CHECK(silent_console_warning(30, {"RIP 0x1000 CS 0x10 (long mode)"}) ==
