@@ -59,7 +59,9 @@ INITRD    := build/guest/initramfs.cpio.gz
 INITRD_FIO := build/guest/initramfs-fio.cpio.gz
 
 .PHONY: all deps guest test unit system demo bench clean uapi-check
-all: $(LKVM) $(UNIT) $(DEVICE) $(BLKBENCH) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
+# What the system tier runs: lkvm, and the guest's kernel and images.
+SYSTEM_NEEDS := $(LKVM) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
+all: $(SYSTEM_NEEDS) $(UNIT) $(DEVICE) $(BLKBENCH)
 
 # lkvm finds its default kernel and initramfs next to itself; other build
 # directories (SAN=1) share the ones in build/.
@@ -114,9 +116,11 @@ ifeq ($(BUILD),build)
 TEST_EXTRA_GOALS := $(SAN_TESTS) $(TSAN_TESTS) fuzz-build
 TEST_EXTRA_TIERS := --san build-fuzz --tsan build-tsan --fuzz $(CI_FUZZ_SECONDS)
 endif
+# The system tier starts as soon as what it needs is built; the rest is
+# built beside it (tests/run-all.sh --build).
 test: deps
-	@$(MAKE) --no-print-directory -j$(JOBS) all $(TEST_EXTRA_GOALS)
-	@bash tests/run-all.sh $(BUILD) $(TEST_EXTRA_TIERS)
+	@$(MAKE) --no-print-directory -j$(JOBS) $(SYSTEM_NEEDS)
+	@bash tests/run-all.sh $(BUILD) $(TEST_EXTRA_TIERS) --build '$(MAKE) --no-print-directory -j$(JOBS) all $(TEST_EXTRA_GOALS)'
 
 system: all
 	bash tests/system/run.sh

@@ -9,6 +9,9 @@
 # its result with `expect NAME STATUS REGEX...` (or any pass/fail code using
 # `result NAME out|status`) in the checks after the rig has run. Several checks
 # may read one job's output: `expect_in JOB NAME STATUS REGEX...` names each.
+# A test whose lkvm options are those of a guest that is already there is a
+# `part GUEST NAME GUEST-CODE` of it instead (no boot of its own; see guest()),
+# checked the same way.
 #
 # The rig runs the jobs one at a time (LKVM_RIG_LANES=2: two), in registration order
 # except for the long ones listed in long_jobs, which start first. So a job
