@@ -18,7 +18,8 @@
 # must not collide with the one beside it: the files it writes in $work are
 # named after it (or live in a mktemp directory), an image two jobs open is
 # opened ,ro by both (lkvm locks images: a collision fails loudly), and a
-# tmpfs it mounts has a directory of its own.
+# tmpfs it mounts has a directory of its own. The rig runs every $work/*.sh
+# as a job: no other file there ends in .sh (a guest's script is NAME.cmd).
 set -uo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
 lkvm=$top/${LKVM_BUILD:-build}/lkvm
@@ -240,7 +241,7 @@ cmp -s -n 4194304 -i 1048576:0 $img /dev/zero && echo zeroes
 cmp -s -n 1048576 -i 8388608:0 $img /dev/zero && echo zeroed-out
 yes DISCARD-ME | head -c 1048576 > tmpfs-blk/head
 cmp -s -n 1048576 $img tmpfs-blk/head && echo head-kept
-cmp -s tmpfs-blk/copy.raw <(yes DISCARD-ME | head -c 16777216) && echo unchanged
+yes DISCARD-ME | head -c 16777216 | cmp -s tmpfs-blk/copy.raw - && echo unchanged
 for i in $(seq 20); do umount tmpfs-blk 2> /dev/null && break; sleep 0.5; done
 mountpoint -q tmpfs-blk && umount -l tmpfs-blk
 true'
@@ -267,10 +268,10 @@ dd if=/dev/vda bs=512 skip=12001 count=1 iflag=direct status=none | head -c 19; 
 dd if=/dev/vda bs=512 count=1 iflag=direct status=none | head -c 18; echo
 [ "$(dd if=/dev/vda bs=65536 skip=96 count=16 iflag=direct status=none | md5sum)" = "$(yes SNAPSHOT-BASE-FILL | head -c 1048576 | md5sum)" ] && echo base-fill-ok
 /usr/sbin/blkdiscard -z -o 8388608 -l 65536 /dev/vda && [ "$(dd if=/dev/vda bs=65536 skip=128 count=1 iflag=direct status=none | md5sum)" = "$(head -c 65536 /dev/zero | md5sum)" ] && echo zeroes-ok'
-printf '%s\n' "$snap_guest" > "$work/snap-guest.sh"
-printf '%s\n' "$snap_guest" | sed 's/vda/sda/g' > "$work/snap-guest-scsi.sh"
-script snapshot-scsi-tmpfs-dir 'TMPDIR=/run "$LKVM" run -d snap.raw,snapshot,bus=scsi,aio=sync -- sh -c "$(cat snap-guest-scsi.sh)" _ S'
-script snapshot-two-guests 'g=$(cat snap-guest.sh)
+printf '%s\n' "$snap_guest" > "$work/snap-guest.cmd"
+printf '%s\n' "$snap_guest" | sed 's/vda/sda/g' > "$work/snap-guest-scsi.cmd"
+script snapshot-scsi-tmpfs-dir 'TMPDIR=/run "$LKVM" run -d snap.raw,snapshot,bus=scsi,aio=sync -- sh -c "$(cat snap-guest-scsi.cmd)" _ S'
+script snapshot-two-guests 'g=$(cat snap-guest.cmd)
 "$LKVM" run -d snap.raw,snapshot -- sh -c "$g; echo first-up; sleep 15
 [ \"\$(dd if=/dev/vda bs=512 skip=2049 count=8192 iflag=direct status=none | md5sum)\" = \"\$(p F | md5sum)\" ] && echo first-still-own" _ F > first-snap.out 2>&1 < /dev/null &
 first=$!
@@ -290,7 +291,7 @@ for d in blk scsi; do
     mkdir -p full-$d && mount -t tmpfs -o size=2m lkvm-enospc-$d full-$d || exit 1
     truncate -s 8M full-$d/disk.raw
 done
-cat > enospc-guest.sh << "EOF"
+cat > enospc-guest.cmd << "EOF"
 p() { yes LKVM-ENOSPC | head -c $1; }
 for d in vda sda; do
 p 4194304 | dd of=/dev/$d bs=256k iflag=fullblock oflag=direct 2> /tmp/e; echo "$d dd=$? $(grep -v records /tmp/e)"
@@ -307,7 +308,7 @@ EOF
 export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-enospc.XXXXXX")
 mkfifo $XDG_RUNTIME_DIR/console
 exec 3<> $XDG_RUNTIME_DIR/console
-"$LKVM" run --name enospc -d full-blk/disk.raw,werror=report -d full-scsi/disk.raw,bus=scsi,werror=report -- sh -c "$(cat enospc-guest.sh)" \
+"$LKVM" run --name enospc -d full-blk/disk.raw,werror=report -d full-scsi/disk.raw,bus=scsi,werror=report -- sh -c "$(cat enospc-guest.cmd)" \
     < $XDG_RUNTIME_DIR/console > enospc.out 2>&1 &
 pid=$!
 for i in $(seq 240); do grep -qs "^guest-waiting" enospc.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
@@ -416,7 +417,7 @@ for m in none directsync; do
     "$LKVM" run -d tmpfs-cache/refused-$m.raw,cache=$m -- true > refused-$m.out 2>&1 < /dev/null
     echo "refused-$m status=$? lines=$(wc -l < refused-$m.out) $(cat refused-$m.out)"
 done
-cat > cache-guest.sh << "GUEST"
+cat > cache-guest.cmd << "GUEST"
 for d in vda vdb vdc vdd vde vdf; do echo "$d cache=$(cat /sys/block/$d/queue/write_cache)"; done
 echo guest-waiting-1; read -r go
 for d in vdb vde; do yes FLUSH-ME | head -c 1048576 | dd of=/dev/$d bs=64k conv=fsync status=none; echo "$d fsync=$?"; done
@@ -430,7 +431,7 @@ export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-cache.XXXXXX")
 mkfifo $XDG_RUNTIME_DIR/console
 exec 3<> $XDG_RUNTIME_DIR/console
 disks=""; for m in $modes; do disks="$disks -d cache-$m.raw,cache=$m"; done
-"$LKVM" run --name caches $disks -d $zimg,detect-zeroes=unmap -- sh -c "$(cat cache-guest.sh)" \
+"$LKVM" run --name caches $disks -d $zimg,detect-zeroes=unmap -- sh -c "$(cat cache-guest.cmd)" \
     < $XDG_RUNTIME_DIR/console > cache.out 2>&1 &
 pid=$!
 stage() { for i in $(seq 240); do grep -qs "^guest-waiting-$1" cache.out && return; kill -0 $pid 2> /dev/null || return; sleep 0.5; done; }
