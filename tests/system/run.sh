@@ -88,6 +88,7 @@ job fio-image         run -i "$top/build/guest/initramfs-fio.cpio.gz" -- fio --v
 # rides on the command line, taken as lkvm starts; the guest's boot in the
 # nested rig (seconds, much longer on a loaded host) stands between the two,
 # hence 120 s of slack: a wrong format, century or time zone is off by far more.
+script gdb "LKVM=\"\$LKVM\" bash $(printf %q "$top/tests/system/gdb.sh")"
 script rtc '"$LKVM" run -p host_time=$(date +%s) -- sh -c "for a in \$(cat /proc/cmdline); do case \$a in host_time=*) h=\${a#host_time=};; esac; done
 echo broken=\$(dmesg | grep -c \"broken or not accessible\"); dmesg | grep -E \"rtc0|system clock\"
 hwclock -u -r; echo hwclock-r=\$?
@@ -581,6 +582,9 @@ expect panic 121 '^lkvm: guest kernel panic: Kernel panic - not syncing: sysrq t
 expect triple-fault 122 '^lkvm: vCPU 0: triple fault \(KVM_EXIT_SHUTDOWN\) at RIP 0x[0-9a-f]+'
 expect too-many-cpus 1 '^lkvm: -c 254000: more vCPUs than KVM allows'
 expect fio-image 0 '^fio-[0-9]'
+expect gdb 3 '^thread=vCPU 0$' '^thread=vCPU 1$' '^banner=Linux version ' '^cr3_nonzero=1$' '^stepi=thread [0-9]+ moved yes$' \
+    '^stepi_stayed_on_thread=1$' '^marker_after=gdb-wrote-this$' '^detached=1$' '^guest-hostname=gdb-wrote-this$' \
+    'gdb disconnected.*the guest runs on'
 expect rtc 0 '^broken=0$' 'registered as rtc0' 'setting system clock to 20[0-9]{2}-' '^hwclock-r=0$' '^rtc-near-host$' \
     '^hwclock-w=0$' ' 2001( |$)' '^rtc-set-advances$'
 expect disk-marker 0 '^HOST-MARKER-4f2a$' '^marker-disk$' '^131072$' '^ioport [0-9a-f]+-[0-9a-f]+ : virtio-pci-modern$'
