@@ -50,7 +50,8 @@ constexpr OptionSpec kKernel{"-k", "--kernel"}, kInitrd{"-i", "--initrd"}, kPara
     kCpus{"-c", "--cpus"}, kMem{"-m", "--mem"}, kName{nullptr, "--name"}, kDisk{"-d", "--disk"},
     kIoThreads{nullptr, "--iothreads"}, kScsiController{nullptr, "--scsi-controller"},
     kThrottleGroup{nullptr, "--throttle-group"},
-    kConsoleLog{nullptr, "--console-log"}, kTimeout{nullptr, "--timeout"}, kLogLevel{nullptr, "--loglevel"};
+    kConsoleLog{nullptr, "--console-log"}, kTimeout{nullptr, "--timeout"}, kLogLevel{nullptr, "--loglevel"},
+    kGdb{nullptr, "--gdb"};
 
 // Matches "-k X", "--kernel X" and "--kernel=X"; advances i past the value.
 std::optional<std::string> take_value(const std::vector<std::string>& args, size_t& i, const OptionSpec& spec)
@@ -169,6 +170,20 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
             run.timeout_s = static_cast<unsigned>(seconds);
         } else if (arg == "--quiet") {
             run.quiet = true;
+        } else if (auto v = take_value(args, i, kGdb)) {
+            // [HOST:]PORT; an IPv6 host is [ADDR]:PORT.
+            const size_t colon = v->rfind(':');
+            std::string host = colon == std::string::npos ? "127.0.0.1" : v->substr(0, colon);
+            if (host.size() > 2 && host.front() == '[' && host.back() == ']')
+                host = host.substr(1, host.size() - 2);
+            const std::string port = colon == std::string::npos ? *v : v->substr(colon + 1);
+            const uint64_t n = parse_number("--gdb", port);
+            if (host.empty() || n < 1 || n > 65535)
+                throw Error("--gdb " + *v + ": give [HOST:]PORT with a port from 1 to 65535, e.g. --gdb 1234" + kRunHint);
+            run.gdb_host = host;
+            run.gdb_port = static_cast<uint16_t>(n);
+        } else if (arg == "--gdb-wait") {
+            run.gdb_wait = true;
         } else if (auto v = take_value(args, i, kLogLevel)) {
             constexpr std::pair<const char*, LogLevel> kLevels[] = {
                 {"error", LogLevel::kError}, {"warn", LogLevel::kWarn}, {"info", LogLevel::kInfo}, {"debug", LogLevel::kDebug}};
@@ -211,6 +226,8 @@ RunOptions parse_run(const std::vector<std::string>& args, size_t i, bool& help)
     check_throttle_groups(run);
     for (const auto& controller : run.scsi_controllers)
         check_iothreads("--scsi-controller " + controller.name, controller.iothreads);
+    if (run.gdb_wait && run.gdb_port == 0)
+        throw Error("--gdb-wait waits for gdb: add --gdb [HOST:]PORT" + kRunHint);
     return run;
 }
 
@@ -807,6 +824,10 @@ std::string run_usage()
            "                         (letters, digits, '.', '_', '-'; default guest-PID)\n"
            "      --console-log FILE the guest's console output is also appended to FILE\n"
            "      --timeout SECS     stop the guest after SECS seconds (1-1000000), exit 124\n"
+           "      --gdb [HOST:]PORT  a gdb stub on HOST (default 127.0.0.1) PORT: gdb vmlinux\n"
+           "                         -ex 'target remote :PORT' stops the guest and debugs it\n"
+           "      --gdb-wait         with --gdb: the vCPUs wait at their first instruction\n"
+           "                         until gdb continues them\n"
            "      --quiet            only the guest's output; of lkvm's own messages, errors\n"
            "      --loglevel LEVEL   lkvm's messages: error, warn, info (default) or debug\n"
            "  -h, --help             this text\n"

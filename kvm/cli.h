@@ -133,6 +133,11 @@ struct RunOptions {
     bool quiet = false;       // --quiet: only the guest's output (lkvm's own messages: errors only)
     LogLevel log_level = LogLevel::kInfo;  // --loglevel error|warn|info|debug (--quiet: kError)
     std::vector<std::string> command;  // after "--": what the guest init runs
+    // --gdb [HOST:]PORT: a gdb stub there (port 0: none); --gdb-wait: the
+    // vCPUs wait at their first instruction for gdb to continue them.
+    std::string gdb_host = "127.0.0.1";
+    uint16_t gdb_port = 0;
+    bool gdb_wait = false;
 };
 
 // lkvm list | stop NAME|--all | pause NAME | resume NAME | stat NAME [--disks] [--iothreads] [--vcpus] [--json] [--watch SECS]

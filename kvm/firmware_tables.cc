@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string_view>
 
+#include "hw/cmos_rtc.h"
 #include "hw/platform.h"
 #include "hw/pci.h"
 #include "hw/serial8250.h"
@@ -312,8 +313,19 @@ std::vector<uint8_t> dsdt_body()
                               aml::end_tag(),
                           }))),
     }));
+    // The RTC too: without a PNP0B00 device Linux registers one with IRQ 8,
+    // which hardware-reduced mode never sets up, and its probe fails. No IRQ
+    // here: lkvm does not raise IRQ 8, and without one Linux keeps the clock
+    // and offers no alarms rather than waiting for one that never comes.
+    const auto rtc = aml::device("RTC0", aml::cat({
+        aml::name("_HID", aml::eisa_id("PNP0B00")),
+        aml::name("_CRS", aml::buffer(aml::cat({
+                              aml::io_port(CmosRtc::kIndexPort, CmosRtc::kSpan),
+                              aml::end_tag(),
+                          }))),
+    }));
     return aml::cat({
-        aml::scope("\\_SB_", aml::cat({pci0, com1})),
+        aml::scope("\\_SB_", aml::cat({pci0, com1, rtc})),
         // \_S5: SLP_TYPa and SLP_TYPb for soft-off, as PowerControl decodes them.
         aml::name("_S5_", aml::package({PowerControl::kS5SleepType, PowerControl::kS5SleepType, 0, 0})),
     });
@@ -360,7 +372,7 @@ AcpiTables build_acpi_tables(uint64_t base, const PlatformInfo& platform)
     t.u32(0);                                     // FIRMWARE_CTRL: no FACS
     t.u32(static_cast<uint32_t>(base + dsdt));    // DSDT
     t.zeros(109 - 44);                            // legacy PM blocks: none in hardware-reduced mode
-    t.u16((1 << 2) | (1 << 6));                   // IAPC_BOOT_ARCH: no VGA, no CMOS RTC; no 8042
+    t.u16(1 << 2);                                // IAPC_BOOT_ARCH: no VGA; no 8042; a CMOS RTC (bit 5 clear)
     t.u8(0);
     t.u32((1 << 4) | (1 << 5) | (1 << 10) | (1 << 20));  // PWR_BUTTON, SLP_BUTTON, RESET_REG_SUP, HW_REDUCED_ACPI
     gas_io_byte(t, PowerControl::kReset);        // RESET_REG

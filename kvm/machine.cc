@@ -267,6 +267,7 @@ Machine::Machine(const RunOptions& options)
     pio_.add(Serial8250::kCom1Base, 8, serial_);
     pio_.add(I8042::kDataPort, I8042::kSpan, i8042_);
     pio_.add(PowerControl::kBase, PowerControl::kSpan, power_);
+    pio_.add(CmosRtc::kIndexPort, CmosRtc::kSpan, rtc_);
     pio_.add(PciHostBridge::kConfigAddressPort, PciHostBridge::kPortSpan, pci_);
     add_disks();
 
@@ -364,9 +365,9 @@ void Machine::vcpu_loop(Vcpu& vcpu)
         finish({exit_status::kVcpuFault, who + ": " + what + " at " + vcpu.describe()});
     };
     while (!vcpu_gate_.stopping() && !ended_.load(std::memory_order_acquire)) {
-        if (vcpu_gate_.paused()) {
+        if (vcpu_gate_.held(vcpu.index())) {
             // The kick that paused us left immediate_exit set: cleared when we may run again.
-            vcpu_gate_.park([run] { run->immediate_exit = 0; });
+            vcpu_gate_.park(vcpu.index(), [run] { run->immediate_exit = 0; });
             continue;
         }
         if (::ioctl(vcpu.fd(), KVM_RUN, 0) < 0) {
@@ -384,6 +385,13 @@ void Machine::vcpu_loop(Vcpu& vcpu)
             break;
         case KVM_EXIT_INTR:
         case KVM_EXIT_HLT:
+            break;
+        case KVM_EXIT_DEBUG:
+            if (!debugger_) {
+                fault("debug exit without a debugger");
+                return;
+            }
+            debugger_->on_debug_exit(vcpu.index(), run->debug.arch);
             break;
         case KVM_EXIT_SHUTDOWN:
             fault("triple fault (KVM_EXIT_SHUTDOWN)");
@@ -406,6 +414,21 @@ void Machine::vcpu_loop(Vcpu& vcpu)
             fault("unexpected exit reason " + std::to_string(run->exit_reason));
             return;
         }
+    }
+}
+
+void Machine::start_gdb()
+{
+    debugger_ = std::make_unique<VmDebugger>(
+        kvm_, vcpus_, vcpu_gate_, *memory_, [this] { boost::asio::post(io_, [this] { gdb_->vm_stopped(); }); },
+        [this] { finish({exit_status::kOk, "ended by gdb (kill)", LogLevel::kInfo}); });
+    gdb_.emplace(io_, options_.gdb_host, options_.gdb_port, *debugger_);
+    if (options_.gdb_wait) {
+        vcpu_gate_.debug_stop();  // before the vCPU threads start: they park at their first instruction
+        log_info("waiting for gdb on " + options_.gdb_host + ":" + std::to_string(gdb_->port()) +
+                 " (gdb -ex 'target remote " + options_.gdb_host + ":" + std::to_string(gdb_->port()) + "')");
+    } else {
+        log_info("gdb stub on " + options_.gdb_host + ":" + std::to_string(gdb_->port()));
     }
 }
 
@@ -448,6 +471,8 @@ void Machine::resume()
 
 std::string Machine::state() const
 {
+    if (vcpu_gate_.debug_stopped())
+        return "stopped by gdb";
     if (!vcpu_gate_.paused())
         return "running";
     return io_error_.empty() ? "paused" : "paused (io-error: " + io_error_ + ")";
@@ -641,6 +666,8 @@ int Machine::run()
         log_warn(std::string(e.what()) + "; running without a control socket (lkvm list, stat and stop will not see it)");
     }
     start_input();
+    if (options_.gdb_port)
+        start_gdb();
 
     vcpu_gate_.set_threads(static_cast<unsigned>(vcpus_.size()));
     for (auto& vcpu : vcpus_)
@@ -651,6 +678,7 @@ int Machine::run()
 
     io_.run();
     control_.reset();  // the guest is over: its socket goes at once
+    gdb_.reset();
     stop_vcpus();
     console_.restore();
     if (options_.stats) {

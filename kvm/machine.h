@@ -18,6 +18,7 @@
 
 #include "base/mapping.h"
 #include "hw/bus.h"
+#include "hw/cmos_rtc.h"
 #include "hw/guest_memory.h"
 #include "hw/pci.h"
 #include "hw/platform.h"
@@ -26,8 +27,10 @@
 #include "kvm/cli.h"
 #include "kvm/console.h"
 #include "kvm/control.h"
+#include "kvm/gdb_server.h"
 #include "kvm/io_stats_table.h"
 #include "kvm/kvm.h"
+#include "kvm/vcpu_debug.h"
 #include "kvm/vcpu_stats.h"
 #include "kvm/vcpu_gate.h"
 #include "kvm/virtio_host.h"
@@ -87,6 +90,7 @@ private:
     void handle_io(kvm_run* run);
     void handle_mmio(kvm_run* run);
     void kick_vcpus();
+    void start_gdb();
     void stop_vcpus();
     void start_input();
     void read_input();
@@ -117,10 +121,13 @@ private:
     Bus mmio_{"MMIO"};
     boost::asio::io_context io_{1};
     std::optional<ControlServer> control_;  // while run() runs; before io_ goes
+    std::unique_ptr<VmDebugger> debugger_;  // --gdb
+    std::optional<GdbServer> gdb_;          // --gdb, while run() runs
     Console console_;
     Serial8250 serial_;
     I8042 i8042_;
     PowerControl power_;
+    CmosRtc rtc_;
     PciHostBridge pci_;
     std::vector<std::unique_ptr<Vcpu>> vcpus_;
     std::vector<VcpuStats> vcpu_stats_;  // one per vCPU, or none at all

@@ -8,12 +8,12 @@ void VcpuGate::set_threads(unsigned count)
     in_loop_ = count;
 }
 
-void VcpuGate::park(const std::function<void()>& on_release)
+void VcpuGate::park(unsigned index, const std::function<void()>& on_release)
 {
     std::unique_lock lock(mutex_);
     ++parked_;
     changed_.notify_all();
-    changed_.wait(lock, [this] { return !paused_ || stopping_; });
+    changed_.wait(lock, [this, index] { return !held(index) || stopping_; });
     --parked_;
     if (!stopping_)
         on_release();
@@ -40,6 +40,29 @@ void VcpuGate::resume()
 {
     std::lock_guard lock(mutex_);
     paused_.store(false, std::memory_order_release);
+    changed_.notify_all();
+}
+
+void VcpuGate::debug_stop()
+{
+    std::lock_guard lock(mutex_);
+    only_.store(-1, std::memory_order_release);
+    if (debug_stopped_.exchange(true, std::memory_order_acq_rel) || stopping_)
+        return;
+    kick_();
+}
+
+void VcpuGate::wait_parked()
+{
+    std::unique_lock lock(mutex_);
+    changed_.wait(lock, [this] { return parked_ == in_loop_ || stopping_; });
+}
+
+void VcpuGate::debug_resume(int only)
+{
+    std::lock_guard lock(mutex_);
+    only_.store(only, std::memory_order_release);
+    debug_stopped_.store(false, std::memory_order_release);
     changed_.notify_all();
 }
 

@@ -148,6 +148,19 @@ seed("cli", "run", "run\n-c\n2\n--iothreads\n2\n-d\na.raw,bus=scsi,controller=c0
      "-d\nc.raw,num-queues=4,notify=pio\n--\nsh\n-c\ntrue")
 seed("cli", "stat", "stat\nguest-1\n--disks\n--json\n--watch\n0.5")
 
+# ---- gdb: the bytes gdb sends over the connection.
+
+
+def rsp(payload):
+    return "$%s#%02x" % (payload, sum(payload.encode("latin1")) & 255)
+
+
+seed("gdb", "session", "+" + "".join(rsp(p) for p in (
+    "qSupported:multiprocess+;swbreak+;hwbreak+", "?", "qfThreadInfo", "Hg2", "g", "m100,8", "Z0,100,1", "vCont;c")))
+seed("gdb", "registers", rsp("p10") + rsp("P10=1000000000000000") + rsp("qXfer:features:read:target.xml:0,ffb"))
+seed("gdb", "watch", rsp("Z2,200,8") + rsp("Z4,210,4") + rsp("s") + rsp("z2,200,8") + "\x03" + rsp("D"))
+seed("gdb", "binary", (rsp("X100,4:ab}\x03cd") + rsp("M100,2:9090")).encode("latin1"))
+
 # ---- bzimage: a kernel image; the setup header at 0x1f1.
 
 

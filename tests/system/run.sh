@@ -107,6 +107,18 @@ job panic             run -- sh -c 'echo c > /proc/sysrq-trigger'
 job triple-fault      run -p reboot=t -- reboot -f
 job too-many-cpus     run -c 254000
 job kvm-max-cpus      run -c 255
+# The CMOS RTC: the guest's kernel finds it and sets its clock from it, busybox
+# hwclock reads it, and a time the guest writes keeps running. The host's time
+# rides on the command line, taken as lkvm starts; the guest's boot in the
+# nested rig (seconds, much longer on a loaded host) stands between the two,
+# hence 120 s of slack: a wrong format, century or time zone is off by far more.
+script gdb "LKVM=\"\$LKVM\" bash $(printf %q "$top/tests/system/gdb.sh")"
+script rtc '"$LKVM" run -p host_time=$(date +%s) -- sh -c "for a in \$(cat /proc/cmdline); do case \$a in host_time=*) h=\${a#host_time=};; esac; done
+echo broken=\$(dmesg | grep -c \"broken or not accessible\"); dmesg | grep -E \"rtc0|system clock\"
+hwclock -u -r; echo hwclock-r=\$?
+d=\$((\$(cat /sys/class/rtc/rtc0/since_epoch) - h)); echo rtc-minus-host=\$d; [ \$d -ge -2 ] && [ \$d -le 120 ] && echo rtc-near-host
+date -u -s @1000000000 > /dev/null; hwclock -u -w; echo hwclock-w=\$?; sleep 2; hwclock -u -r
+d=\$((\$(cat /sys/class/rtc/rtc0/since_epoch) - 1000000000)); echo set-plus=\$d; [ \$d -ge 1 ] && [ \$d -le 60 ] && echo rtc-set-advances; true"'
 
 # Disks: the host's own files, seen and written by the guest.
 truncate -s 64M "$work/marker.raw" "$work/direct.raw" "$work/second.raw" "$work/inuse.raw"
@@ -631,6 +643,11 @@ expect panic 121 '^lkvm: guest kernel panic: Kernel panic - not syncing: sysrq t
 expect triple-fault 122 '^lkvm: vCPU 0: triple fault \(KVM_EXIT_SHUTDOWN\) at RIP 0x[0-9a-f]+'
 expect too-many-cpus 1 '^lkvm: -c 254000: more vCPUs than KVM allows'
 expect_in iothreads-group fio-image 0 '^fio-[0-9]'
+expect gdb 3 '^thread=vCPU 0$' '^thread=vCPU 1$' '^banner=Linux version ' '^cr3_nonzero=1$' '^stepi=thread [0-9]+ moved yes$' \
+    '^stepi_stayed_on_thread=1$' '^marker_after=gdb-wrote-this$' '^detached=1$' '^guest-hostname=gdb-wrote-this$' \
+    'gdb disconnected.*the guest runs on'
+expect rtc 0 '^broken=0$' 'registered as rtc0' 'setting system clock to 20[0-9]{2}-' '^hwclock-r=0$' '^rtc-near-host$' \
+    '^hwclock-w=0$' ' 2001( |$)' '^rtc-set-advances$'
 expect disk-marker 0 '^HOST-MARKER-4f2a$' '^marker-disk$' '^131072$' '^ioport [0-9a-f]+-[0-9a-f]+ : virtio-pci-modern$'
 expect disk-direct-write 0 '^64\+0 records out'
 if cmp -s -n 4194304 "$work/direct.raw" <(yes LKVM-PATTERN-0123456789 | head -c 4194304); then pass disk-direct-verified

@@ -541,8 +541,8 @@ struct FakeVcpus {
         for (unsigned i = 0; i < count; ++i)
             threads.emplace_back([this, i, exits_after] {
                 while (!gate.stopping()) {
-                    if (gate.paused()) {
-                        gate.park([this] { kicked = false; });
+                    if (gate.held(i)) {
+                        gate.park(i, [this] { kicked = false; });
                         continue;
                     }
                     if (runs[i] == exits_after)
@@ -625,8 +625,8 @@ TEST_CASE("vCPU gate: a stop ends paused vCPUs at once; a vCPU that left its loo
         gate.set_threads(1);
         std::thread vcpu([&] {
             while (!gate.stopping()) {
-                if (gate.paused()) {
-                    gate.park([] {});
+                if (gate.held(0)) {
+                    gate.park(0, [] {});
                     continue;
                 }
                 ran = true;

@@ -219,6 +219,9 @@ TEST_CASE("ACPI: RSDP -> XSDT -> FADT (hardware-reduced) and MADT, DSDT with the
     CHECK(aml.find("PCI0") != std::string::npos);
     CHECK(aml.find("_S5_") != std::string::npos);
     CHECK(aml.find("COM1") != std::string::npos);
+    CHECK(aml.find("RTC0") != std::string::npos);
+    CHECK(aml.find(std::string("\x0c\x41\xd0\x0b\x00", 5)) != std::string::npos);  // EisaId("PNP0B00")
+    CHECK((at<uint16_t>(t, fadt + 109) & (1u << 5)) == 0);  // IAPC_BOOT_ARCH: a CMOS RTC is present
     CHECK(aml.find("_PRT") != std::string::npos);
     CHECK(aml.find(std::string("\x0c\x41\xd0\x0a\x03", 5)) != std::string::npos);  // EisaId("PNP0A03")
     // The I/O window the host bridge gives I/O BARs from is one the _CRS forwards (WordIO descriptors).
