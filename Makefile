@@ -64,7 +64,9 @@ INITRD    := build/guest/initramfs.cpio.gz
 INITRD_FIO := build/guest/initramfs-fio.cpio.gz
 
 .PHONY: all deps guest test unit system demo bench clean uapi-check
-all: $(LKVM) $(UNIT) $(DEVICE) $(BLKBENCH) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
+# What the system tier runs: lkvm, and the guest's kernel and images.
+SYSTEM_NEEDS := $(LKVM) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
+all: $(SYSTEM_NEEDS) $(UNIT) $(DEVICE) $(BLKBENCH)
 
 # lkvm finds its default kernel and initramfs next to itself; other build
 # directories (SAN=1) share the ones in build/.
@@ -120,11 +122,13 @@ ifeq ($(BUILD),build)
 TEST_EXTRA_GOALS := $(SAN_TESTS) $(TSAN_TESTS) fuzz-build
 TEST_EXTRA_TIERS := --san build-fuzz --tsan build-tsan --fuzz $(CI_FUZZ_SECONDS)
 endif
+# The system tier starts as soon as what it needs is built; the rest is
+# built beside it (tests/run-all.sh --build).
 test: deps
-	@echo "==> building lkvm, the guest images and every test tree in parallel (a few minutes the first time)"
-	@$(MAKE) --no-print-directory all $(TEST_EXTRA_GOALS)
+	@echo "==> building lkvm and the guest images, then every test tree beside the tests (a few minutes the first time)"
+	@$(MAKE) --no-print-directory $(SYSTEM_NEEDS)
 	@echo "==> running every test tier (system tests boot guests, through the nested rig where this host has no hardware KVM)"
-	@bash tests/run-all.sh $(BUILD) $(TEST_EXTRA_TIERS)
+	@bash tests/run-all.sh $(BUILD) $(TEST_EXTRA_TIERS) --build '$(MAKE) --no-print-directory all $(TEST_EXTRA_GOALS)'
 
 system: all
 	bash tests/system/run.sh

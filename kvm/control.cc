@@ -1,5 +1,7 @@
 #include "kvm/control.h"
 
+#include "base/hex.h"
+
 #include <fcntl.h>
 #include <pwd.h>
 #include <sys/file.h>
@@ -410,15 +412,7 @@ std::string percent_encode(std::string_view text)
 
 std::string percent_decode(std::string_view text)
 {
-    auto hex = [](char c) {
-        if (c >= '0' && c <= '9')
-            return c - '0';
-        if (c >= 'a' && c <= 'f')
-            return c - 'a' + 10;
-        if (c >= 'A' && c <= 'F')
-            return c - 'A' + 10;
-        return -1;
-    };
+    auto hex = hex_digit_value;
     std::string out;
     for (size_t i = 0; i < text.size(); ++i) {
         const char c = text[i];

@@ -28,6 +28,18 @@ uint32_t full_tag(uint8_t abridged)
         tag |= (abridged & (1 << i) ? 0u : 3u) << (2 * i);
     return tag;
 }
+// What a vCPU's registers come in: KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_FPU.
+struct VcpuState {
+    kvm_regs regs{};
+    kvm_sregs sregs{};
+    kvm_fpu fpu{};
+};
+bool get_state(int fd, VcpuState& s)
+{
+    return ::ioctl(fd, KVM_GET_REGS, &s.regs) == 0 && ::ioctl(fd, KVM_GET_SREGS, &s.sregs) == 0 &&
+           ::ioctl(fd, KVM_GET_FPU, &s.fpu) == 0;
+}
+
 uint8_t abridged_tag(uint32_t full)
 {
     uint8_t tag = 0;
@@ -40,12 +52,10 @@ uint8_t abridged_tag(uint32_t full)
 
 bool read_vcpu_registers(int fd, X86Registers& out)
 {
-    kvm_regs regs{};
-    kvm_sregs sregs{};
-    kvm_fpu fpu{};
-    if (::ioctl(fd, KVM_GET_REGS, &regs) < 0 || ::ioctl(fd, KVM_GET_SREGS, &sregs) < 0 ||
-        ::ioctl(fd, KVM_GET_FPU, &fpu) < 0)
+    VcpuState state;
+    if (!get_state(fd, state))
         return false;
+    auto& [regs, sregs, fpu] = state;
     const auto gprs = general_registers(regs);
     for (size_t i = 0; i < gprs.size(); ++i)
         out.gpr[i] = *gprs[i];
@@ -79,12 +89,10 @@ bool read_vcpu_registers(int fd, X86Registers& out)
 
 bool write_vcpu_registers(int fd, const X86Registers& in)
 {
-    kvm_regs regs{};
-    kvm_sregs sregs{};
-    kvm_fpu fpu{};
-    if (::ioctl(fd, KVM_GET_REGS, &regs) < 0 || ::ioctl(fd, KVM_GET_SREGS, &sregs) < 0 ||
-        ::ioctl(fd, KVM_GET_FPU, &fpu) < 0)
+    VcpuState state;
+    if (!get_state(fd, state))
         return false;
+    auto& [regs, sregs, fpu] = state;
     const auto gprs = general_registers(regs);
     for (size_t i = 0; i < gprs.size(); ++i)
         *gprs[i] = in.gpr[i];

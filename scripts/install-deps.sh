@@ -11,6 +11,8 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 packages=(g++ make pkg-config libboost-dev libaio-dev liburing-dev doctest-dev
           qemu-system-x86 busybox-static cpio fio kmod xz-utils zstd procps
           sg3-utils util-linux python3
+          # the gdb stub's system test: Debian's gdb against the guest, and ip to bring up L1's loopback
+          gdb iproute2
           # make fuzz: clang and its libFuzzer runtime (Debian 12's default clang is 14;
           # libclang-rt-dev is what -fsanitize=fuzzer links, and only a recommend of clang)
           clang libclang-rt-dev)

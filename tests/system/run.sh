@@ -9,13 +9,17 @@
 # its result with `expect NAME STATUS REGEX...` (or any pass/fail code using
 # `result NAME out|status`) in the checks after the rig has run. Several checks
 # may read one job's output: `expect_in JOB NAME STATUS REGEX...` names each.
+# A test whose lkvm options are those of a guest that is already there is a
+# `part GUEST NAME GUEST-CODE` of it instead (no boot of its own; see guest()),
+# checked the same way.
 #
 # The rig runs the jobs one at a time (LKVM_RIG_LANES=2: two), in registration order
 # except for the long ones listed in long_jobs, which start first. So a job
 # must not collide with the one beside it: the files it writes in $work are
 # named after it (or live in a mktemp directory), an image two jobs open is
 # opened ,ro by both (lkvm locks images: a collision fails loudly), and a
-# tmpfs it mounts has a directory of its own.
+# tmpfs it mounts has a directory of its own. The rig runs every $work/*.sh
+# as a job: no other file there ends in .sh (a guest's script is NAME.cmd).
 set -uo pipefail
 top=$(cd "$(dirname "$0")/../.." && pwd)
 lkvm=$top/${LKVM_BUILD:-build}/lkvm
@@ -46,7 +50,31 @@ script() {
     jobs+=("$name")
     { printf 'cd %q\nLKVM=%q\n' "$work" "$lkvm"; printf '%s\n' "$1"; } > "$work/$((100 + ${#jobs[@]}))-$name.sh"
 }
-result() { ls "$work"/[0-9][0-9][0-9]-"$1".sh."$2" 2>/dev/null | head -n 1; }
+# guest NAME LKVM-ARGS...: one lkvm run whose guest runs the parts registered
+# with `part NAME PART CODE`, one after the other in registration order, each
+# as `sh -c CODE` (as a job's own command would run). After the rig each part
+# gets an output and a status of its own, as if it were a job: the lines it
+# printed plus lkvm's own (lkvm: ...) lines, and its shell's status, or lkvm's
+# when lkvm did not end with 0. Jobs whose lkvm options are the same share one
+# guest this way: an L2 boot in the rig costs 15-30 s. What lkvm's exit path
+# or options test stays a job of its own. The whole command goes on the guest's
+# kernel command line (2 KiB at most), so a guest takes a few short parts.
+declare -A guest_file guest_args guest_cmd
+parts=()
+guest() {
+    local name=$1; shift
+    jobs+=("$name")
+    guest_file[$name]=$work/$((100 + ${#jobs[@]}))-$name.sh
+    guest_args[$name]=$(printf ' %q' "$@")
+    guest_cmd[$name]=
+}
+part() {
+    local guest=$1 name=$2 code=${3//\'/\'\\\'\'}
+    parts+=("$guest $name")
+    guest_cmd[$guest]+="echo @@part $name; sh -c '$code'; printf '\n@@end %s %s\n' $name \$?"$'\n'
+    { printf 'cd %q\n' "$work"; printf 'exec %q%s -- sh -c %q\n' "$lkvm" "${guest_args[$guest]}" "${guest_cmd[$guest]}"; } > "${guest_file[$guest]}"
+}
+result() { ls "$work"/parts/"$1".sh."$2" "$work"/[0-9][0-9][0-9]-"$1".sh."$2" 2>/dev/null | head -n 1; }
 
 # expect NAME STATUS [REGEX...]: status must match and every REGEX must be found in the output.
 expect() { expect_in "$1" "$@"; }
@@ -64,15 +92,12 @@ expect_in() {
     pass "$name"
 }
 
-# One boot checks what any guest must get right: its vCPUs, memory and command line.
-job basics            run -c 1 -m 512 -p foo=bar -- sh -c 'echo cpus=$(nproc); grep MemTotal /proc/meminfo; cat /proc/cmdline'
-# The console's last lines with 2 vCPUs: once the console is idle, the command
-# prints nearly a transmit buffer's worth (4 KiB) on vCPU 0 while the UART's
-# interrupt is on vCPU 1, and exits at once; none of it may be lost (the hangup
-# of the console when the command's session ended used to throw away what the
-# UART had not sent yet).
-job cpus-2-acpi       run -c 2 -- sh -c 'echo cpus=$(nproc); echo madt=$(dmesg | grep -c "Using ACPI (MADT) for SMP")
-echo 2 > /proc/irq/$(cat /sys/class/tty/ttyS0/irq)/smp_affinity; taskset -p 1 $$ > /dev/null; sleep 1; seq 1 700; echo console-tail'
+# One boot checks what any guest must get right: its vCPUs, memory and command
+# line; and that an I/O thread group larger than the host's CPUs is only
+# warned about (it has no disk to serve here).
+guest one-cpu run -c 1 -m 512 -p foo=bar --iothreads 3
+part one-cpu basics 'echo cpus=$(nproc); grep MemTotal /proc/meminfo; cat /proc/cmdline'
+part one-cpu iothreads-over-cpus true
 job cpus-2-mptable    run -c 2 -p acpi=off -- sh -c 'echo cpus=$(nproc); dmesg | grep -c "found SMP MP-table"'
 job exit-7            run -- sh -c 'exit 7'
 job reboot            run -- reboot -f
@@ -82,12 +107,12 @@ job panic             run -- sh -c 'echo c > /proc/sysrq-trigger'
 job triple-fault      run -p reboot=t -- reboot -f
 job too-many-cpus     run -c 254000
 job kvm-max-cpus      run -c 255
-job fio-image         run -i "$top/build/guest/initramfs-fio.cpio.gz" -- fio --version
 # The CMOS RTC: the guest's kernel finds it and sets its clock from it, busybox
 # hwclock reads it, and a time the guest writes keeps running. The host's time
 # rides on the command line, taken as lkvm starts; the guest's boot in the
 # nested rig (seconds, much longer on a loaded host) stands between the two,
 # hence 120 s of slack: a wrong format, century or time zone is off by far more.
+script gdb "LKVM=\"\$LKVM\" bash $(printf %q "$top/tests/system/gdb.sh")"
 script rtc '"$LKVM" run -p host_time=$(date +%s) -- sh -c "for a in \$(cat /proc/cmdline); do case \$a in host_time=*) h=\${a#host_time=};; esac; done
 echo broken=\$(dmesg | grep -c \"broken or not accessible\"); dmesg | grep -E \"rtc0|system clock\"
 hwclock -u -r; echo hwclock-r=\$?
@@ -98,33 +123,34 @@ d=\$((\$(cat /sys/class/rtc/rtc0/since_epoch) - 1000000000)); echo set-plus=\$d;
 # Disks: the host's own files, seen and written by the guest.
 truncate -s 64M "$work/marker.raw" "$work/direct.raw" "$work/second.raw" "$work/inuse.raw"
 printf 'HOST-MARKER-4f2a' | dd of="$work/marker.raw" conv=notrunc status=none
-cp "$work/marker.raw" "$work/marker-rw.raw"  # disk-marker's own: the others share marker.raw read-only
 truncate -s 16M "$work/ro.raw"
 printf 'READ-ONLY-CONTENT' | dd of="$work/ro.raw" conv=notrunc status=none
 ro_sum=$(md5sum < "$work/ro.raw")
-# The default notify=pio: the guest's driver claims the port BAR its notify capability names.
-job disk-marker       run -d "$work/marker-rw.raw,serial=marker-disk" -- sh -c 'head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size; grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"'
-job disk-direct-write run -d "$work/direct.raw" -- sh -c 'yes LKVM-PATTERN-0123456789 | head -c 4194304 | dd of=/dev/vda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync'
-job disk-read-only    run -d "$work/ro.raw,ro" -- sh -c 'cat /sys/block/vda/ro; echo overwrite | dd of=/dev/vda conv=fsync 2>&1; head -c 17 /dev/vda; echo'
-job disk-two          run -d "$work/marker.raw,ro" -d "$work/second.raw,aio=sync" -- sh -c 'ls /sys/block | grep vd | tr "\n" " "; echo; echo second-disk-data | dd of=/dev/vdb conv=fsync status=none; head -c 16 /dev/vdb; echo'
+# One guest, four disks (vda-vdd), each a part's own. The default
+# notify=pio: the guest's driver claims the port BAR its notify capability names.
+guest blk-disks run -d "$work/marker.raw,ro,serial=marker-disk" -d "$work/second.raw,aio=sync" -d "$work/direct.raw" -d "$work/ro.raw,ro"
+part blk-disks disk-two 'ls /sys/block | grep vd | tr "\n" " "; echo; echo second-disk-data | dd of=/dev/vdb conv=fsync status=none; head -c 16 /dev/vdb; echo'
+part blk-disks disk-marker 'head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size; grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"'
+part blk-disks disk-direct-write 'yes LKVM-PATTERN-0123456789 | head -c 4194304 | dd of=/dev/vdc bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync'
+part blk-disks disk-read-only 'cat /sys/block/vdd/ro; echo overwrite | dd of=/dev/vdd conv=fsync 2>&1; head -c 17 /dev/vdd; echo'
 job disk-intx         run -p pci=nomsi -d "$work/marker.raw,ro" -- sh -c 'head -c 16 /dev/vda; echo; grep -c "IO-APIC.*virtio" /proc/interrupts'
 # notify=mmio: the same data through queue notify registers in the memory BAR
 # (the default, pio, is what the jobs above use). The guest's /proc/ioports shows
 # whether the driver claimed an I/O BAR (it claims only the BARs its
 # capabilities name, and the notify structure is the only thing there).
+# (The guest two-cpus-mmio below, with notify=mmio SCSI beside them.)
 truncate -s 64M "$work/direct-mmio.raw"
 ioports='grep -E "^ *[0-9a-f]+-[0-9a-f]+ : virtio-pci-modern" /proc/ioports | sed "s/^ */ioport /"; echo ioports=$(grep -c virtio-pci-modern /proc/ioports)'
-job disk-mmio        run -c 2 -d "$work/marker.raw,ro,serial=marker-disk,notify=mmio" -d "$work/direct-mmio.raw,notify=mmio" -- sh -c "head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size
-yes LKVM-MMIO-PATTERN-98765 | head -c 4194304 | dd of=/dev/vdb bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
 script disk-in-use    '"$LKVM" run -d inuse.raw -- sh -c "echo first-up; sleep 60" > disk-in-use-first.out 2>&1 < /dev/null &
 first=$!
 for i in $(seq 1 120); do grep -q "^first-up" disk-in-use-first.out 2>/dev/null && break; sleep 0.5; done
 "$LKVM" run -d inuse.raw -- true; echo "second=$?"
 kill $first; wait $first 2>/dev/null; echo "first stopped"'
 
-# An I/O thread group: two queues, two threads, a fio verify job through both.
+# An I/O thread group: two queues, two threads, a fio verify job through both
+# (and fio-image: the fio image boots and has fio).
 truncate -s 64M "$work/group.raw"
-script iothreads-group '"$LKVM" run -c 2 -i '"$top"'/build/guest/initramfs-fio.cpio.gz --iothreads 2 -d group.raw --stats -- sh -c "echo mq=\$(ls /sys/block/vda/mq | wc -l); fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --size=4M --offset_increment=16M --numjobs=2 --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 --group_reporting > /tmp/fio.log 2>&1; s=\$?; grep -E \"err=|verify\" /tmp/fio.log | head -n 5; echo fio=\$s" > group.out 2>&1 < /dev/null &
+script iothreads-group '"$LKVM" run -c 2 -i '"$top"'/build/guest/initramfs-fio.cpio.gz --iothreads 2 -d group.raw --stats -- sh -c "fio --version; echo mq=\$(ls /sys/block/vda/mq | wc -l); fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --size=4M --offset_increment=16M --numjobs=2 --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 --group_reporting > /tmp/fio.log 2>&1; s=\$?; grep -E \"err=|verify\" /tmp/fio.log | head -n 5; echo fio=\$s" > group.out 2>&1 < /dev/null &
 pid=$!
 names=
 for i in $(seq 1 120); do
@@ -141,7 +167,6 @@ awk "/^disk +queue/ { q = 1; next } /^vcpu / { q = 0; v = 1; next } /^exits per/
      v && \$1 ~ /^[0-9]+\$/ { vcpus++; if (\$2 > 0) counted++ }
      END { print (rows && requests > 0 && !over ? \"kicks-irqs-within-requests\" : \"kicks-irqs-off\"), rows, requests
            print (vcpus && counted == vcpus ? \"exits-counted\" : \"no-exits\"), vcpus }" group.out'
-job iothreads-over-cpus run --iothreads 3 -- true
 
 # What a request costs, from lkvm's own --stats: each queue's kicks and
 # interrupts (at most one of each per request) and KVM's exits per vCPU.
@@ -154,15 +179,33 @@ printf 'SCSI-READ-ONLY' | dd of="$work/scsi-ro.raw" conv=notrunc status=none
 scsi_ro_sum=$(md5sum < "$work/scsi-ro.raw")
 # Every disk as "H:C:T:L rot=R ro=R size=S".
 scsi_list='for d in /sys/block/sd*; do echo "$(basename $(readlink $d/device)) rot=$(cat $d/queue/rotational) ro=$(cat $d/ro) size=$(cat $d/size)"; done'
-job scsi-marker run -d "$work/scsi-marker.raw,bus=scsi,serial=scsi-marker,rotation-rate=1" -- sh -c "head -c 16 /dev/sda; echo; $scsi_list
-sg_inq /dev/sda; sg_vpd -p sn /dev/sda; sg_vpd -p di /dev/sda; sg_vpd -p bl /dev/sda; sg_vpd -p bdc /dev/sda; sg_vpd -p lbpv /dev/sda; sg_readcap -l /dev/sda
+# Two disks, each on a controller of its own: which of sda and sdb is which
+# depends on the order the guest probed them in; the serial tells.
+guest scsi-disks run -d "$work/scsi-marker.raw,bus=scsi,serial=scsi-marker,rotation-rate=1" -d "$work/scsi-write.raw,bus=scsi"
+# marker_is 0 (or 1): sets disk to the /dev/sdX whose serial is (or is not) scsi-marker.
+marker_is() { echo "for s in /sys/block/sd*; do sg_vpd -p sn /dev/\${s##*/} | grep -q scsi-marker; [ \$? = $1 ] && disk=/dev/\${s##*/}; done"; }
+part scsi-disks scsi-marker "$(marker_is 0); head -c 16 \$disk; echo; $scsi_list
+sg_inq \$disk; sg_vpd -p sn \$disk; sg_vpd -p di \$disk; sg_vpd -p bl \$disk; sg_vpd -p bdc \$disk; sg_vpd -p lbpv \$disk; sg_readcap -l \$disk
 reported() { echo \$1=\$(dmesg | grep -c 'Power-on or device reset occurred'); }
-reported resets-before; sg_reset -d /dev/sda; echo sg_reset=\$?
-echo after-reset=\$(dd if=/dev/sda bs=512 count=1 iflag=direct status=none | head -c 16); reported resets-after"
-job scsi-write run -d "$work/scsi-write.raw,bus=scsi" -- sh -c 'yes LKVM-SCSI-PATTERN-42 | head -c 4194304 | dd of=/dev/sda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync'
-# notify=mmio set on a shared controller, as its disks cannot say it themselves.
+reported resets-before; sg_reset -d \$disk; echo sg_reset=\$?
+echo after-reset=\$(dd if=\$disk bs=512 count=1 iflag=direct status=none | head -c 16); reported resets-after"
+part scsi-disks scsi-write "$(marker_is 1); yes LKVM-SCSI-PATTERN-42 | head -c 4194304 | dd of=\$disk bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync"
+# Two vCPUs, and every device notified through its memory BAR: the two
+# disks of disk-mmio (vda, vdb) and a SCSI controller's (sda): notify=mmio set
+# on a shared controller, as its disks cannot say it themselves.
 truncate -s 64M "$work/scsi-mmio.raw"
-job scsi-write-mmio run -c 2 -d "$work/scsi-mmio.raw,bus=scsi,controller=c0,lun=0" --scsi-controller c0,notify=mmio,num-queues=2 -- sh -c "yes LKVM-SCSI-MMIO-PATTERN | head -c 4194304 | dd of=/dev/sda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
+guest two-cpus-mmio run -c 2 -d "$work/marker.raw,ro,serial=marker-disk,notify=mmio" -d "$work/direct-mmio.raw,notify=mmio" \
+    -d "$work/scsi-mmio.raw,bus=scsi,controller=c0,lun=0" --scsi-controller c0,notify=mmio,num-queues=2
+part two-cpus-mmio disk-mmio "head -c 16 /dev/vda; echo; cat /sys/block/vda/serial; echo; cat /sys/block/vda/size
+yes LKVM-MMIO-PATTERN-98765 | head -c 4194304 | dd of=/dev/vdb bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
+part two-cpus-mmio scsi-write-mmio "yes LKVM-SCSI-MMIO-PATTERN | head -c 4194304 | dd of=/dev/sda bs=65536 iflag=fullblock oflag=direct 2>&1 | tail -n 1; sync; $ioports"
+# The console's last lines with 2 vCPUs: once the console is idle, the part
+# prints nearly a transmit buffer's worth (4 KiB) on vCPU 0 while the UART's
+# interrupt is on vCPU 1, and the guest ends at once (this is its last part);
+# none of it may be lost (the hangup of the console when the command's session
+# ended used to throw away what the UART had not sent yet).
+part two-cpus-mmio cpus-2-acpi 'echo cpus=$(nproc); echo madt=$(dmesg | grep -c "Using ACPI (MADT) for SMP")
+echo 2 > /proc/irq/$(cat /sys/class/tty/ttyS0/irq)/smp_affinity; taskset -p 1 $$ > /dev/null; sleep 1; seq 1 700; echo console-tail'
 job scsi-two-luns run -c 2 --iothreads 2 --stats -d "$work/scsi-a.raw,bus=scsi,controller=c0,lun=0" \
     -d "$work/scsi-ro.raw,bus=scsi,controller=c0,lun=1,ro" --scsi-controller c0,iothread=1,num-queues=2 -- sh -c "$scsi_list
 rw=\$(ls /sys/bus/scsi/devices/*:0:0:0/block); ro=\$(ls /sys/bus/scsi/devices/*:0:0:1/block)
@@ -193,13 +236,15 @@ true'
 
 # The same on virtio-blk: DISCARD punches the hole, WRITE_ZEROES (blkdiscard
 # -z, which lets the device unmap) zeroes another range, and discard=ignore
-# leaves the image as it was.
+# (the guest's second disk, a copy of the image as it was) leaves its image as it was.
 script blk-discard '
 mkdir -p tmpfs-blk && mount -t tmpfs -o size=64m lkvm-blk-discard tmpfs-blk || exit 1
 img=tmpfs-blk/blk-discard.raw
 yes DISCARD-ME | head -c 16777216 > $img
+cp $img tmpfs-blk/copy.raw
 before=$(stat -c %b $img)
-"$LKVM" run -d $img -- sh -c "cat /sys/block/vda/queue/discard_max_bytes /sys/block/vda/queue/write_zeroes_max_bytes; /usr/sbin/blkdiscard -o 1048576 -l 4194304 /dev/vda; echo blkdiscard=\$?; /usr/sbin/blkdiscard -z -o 8388608 -l 1048576 /dev/vda; echo zeroout=\$?" < /dev/null
+"$LKVM" run -d $img -d tmpfs-blk/copy.raw,discard=ignore -- sh -c "cat /sys/block/vda/queue/discard_max_bytes /sys/block/vda/queue/write_zeroes_max_bytes; /usr/sbin/blkdiscard -o 1048576 -l 4194304 /dev/vda; echo blkdiscard=\$?; /usr/sbin/blkdiscard -z -o 8388608 -l 1048576 /dev/vda; echo zeroout=\$?
+blkdiscard /dev/vdb; echo ignored=\$?" < /dev/null
 echo status=$?
 after=$(stat -c %b $img)
 echo "blocks before=$before after=$after"
@@ -208,17 +253,16 @@ cmp -s -n 4194304 -i 1048576:0 $img /dev/zero && echo zeroes
 cmp -s -n 1048576 -i 8388608:0 $img /dev/zero && echo zeroed-out
 yes DISCARD-ME | head -c 1048576 > tmpfs-blk/head
 cmp -s -n 1048576 $img tmpfs-blk/head && echo head-kept
-cp $img tmpfs-blk/copy.raw
-"$LKVM" run -d tmpfs-blk/copy.raw,discard=ignore -- sh -c "blkdiscard /dev/vda; echo ignored=\$?" < /dev/null
-cmp -s $img tmpfs-blk/copy.raw && echo unchanged
+yes DISCARD-ME | head -c 16777216 | cmp -s tmpfs-blk/copy.raw - && echo unchanged
 for i in $(seq 20); do umount tmpfs-blk 2> /dev/null && break; sleep 0.5; done
 mountpoint -q tmpfs-blk && umount -l tmpfs-blk
 true'
 
 # Snapshot disks: the guest writes and reads back its data, the image stays
-# byte for byte as it was. The overlay goes to $TMPDIR (here the default,
-# /var/tmp, over the rig's 9p share; below, a tmpfs of L1's own), and two
-# guests snapshot one image at once.
+# byte for byte as it was. The overlay goes to $TMPDIR (the default, /var/tmp,
+# over the rig's 9p share; below, a tmpfs of L1's own), and two guests
+# snapshot one image at once (the second of them is snapshot-write's guest:
+# -d snap.raw,snapshot with the default TMPDIR).
 truncate -s 64M "$work/snap.raw"
 printf 'SNAPSHOT-BASE-9d3e' | dd of="$work/snap.raw" conv=notrunc status=none
 yes SNAPSHOT-BASE-FILL | head -c 1048576 | dd of="$work/snap.raw" bs=65536 seek=96 iflag=fullblock conv=notrunc status=none
@@ -236,11 +280,10 @@ dd if=/dev/vda bs=512 skip=12001 count=1 iflag=direct status=none | head -c 19; 
 dd if=/dev/vda bs=512 count=1 iflag=direct status=none | head -c 18; echo
 [ "$(dd if=/dev/vda bs=65536 skip=96 count=16 iflag=direct status=none | md5sum)" = "$(yes SNAPSHOT-BASE-FILL | head -c 1048576 | md5sum)" ] && echo base-fill-ok
 /usr/sbin/blkdiscard -z -o 8388608 -l 65536 /dev/vda && [ "$(dd if=/dev/vda bs=65536 skip=128 count=1 iflag=direct status=none | md5sum)" = "$(head -c 65536 /dev/zero | md5sum)" ] && echo zeroes-ok'
-job snapshot-write run -d "$work/snap.raw,snapshot" -- sh -c "$snap_guest" _ A
-printf '%s\n' "$snap_guest" > "$work/snap-guest.sh"
-printf '%s\n' "$snap_guest" | sed 's/vda/sda/g' > "$work/snap-guest-scsi.sh"
-script snapshot-scsi-tmpfs-dir 'TMPDIR=/run "$LKVM" run -d snap.raw,snapshot,bus=scsi,aio=sync -- sh -c "$(cat snap-guest-scsi.sh)" _ S'
-script snapshot-two-guests 'g=$(cat snap-guest.sh)
+printf '%s\n' "$snap_guest" > "$work/snap-guest.cmd"
+printf '%s\n' "$snap_guest" | sed 's/vda/sda/g' > "$work/snap-guest-scsi.cmd"
+script snapshot-scsi-tmpfs-dir 'TMPDIR=/run "$LKVM" run -d snap.raw,snapshot,bus=scsi,aio=sync -- sh -c "$(cat snap-guest-scsi.cmd)" _ S'
+script snapshot-two-guests 'g=$(cat snap-guest.cmd)
 "$LKVM" run -d snap.raw,snapshot -- sh -c "$g; echo first-up; sleep 15
 [ \"\$(dd if=/dev/vda bs=512 skip=2049 count=8192 iflag=direct status=none | md5sum)\" = \"\$(p F | md5sum)\" ] && echo first-still-own" _ F > first-snap.out 2>&1 < /dev/null &
 first=$!
@@ -260,7 +303,7 @@ for d in blk scsi; do
     mkdir -p full-$d && mount -t tmpfs -o size=2m lkvm-enospc-$d full-$d || exit 1
     truncate -s 8M full-$d/disk.raw
 done
-cat > enospc-guest.sh << "EOF"
+cat > enospc-guest.cmd << "EOF"
 p() { yes LKVM-ENOSPC | head -c $1; }
 for d in vda sda; do
 p 4194304 | dd of=/dev/$d bs=256k iflag=fullblock oflag=direct 2> /tmp/e; echo "$d dd=$? $(grep -v records /tmp/e)"
@@ -277,7 +320,7 @@ EOF
 export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-enospc.XXXXXX")
 mkfifo $XDG_RUNTIME_DIR/console
 exec 3<> $XDG_RUNTIME_DIR/console
-"$LKVM" run --name enospc -d full-blk/disk.raw,werror=report -d full-scsi/disk.raw,bus=scsi,werror=report -- sh -c "$(cat enospc-guest.sh)" \
+"$LKVM" run --name enospc -d full-blk/disk.raw,werror=report -d full-scsi/disk.raw,bus=scsi,werror=report -- sh -c "$(cat enospc-guest.cmd)" \
     < $XDG_RUNTIME_DIR/console > enospc.out 2>&1 &
 pid=$!
 for i in $(seq 240); do grep -qs "^guest-waiting" enospc.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
@@ -386,7 +429,7 @@ for m in none directsync; do
     "$LKVM" run -d tmpfs-cache/refused-$m.raw,cache=$m -- true > refused-$m.out 2>&1 < /dev/null
     echo "refused-$m status=$? lines=$(wc -l < refused-$m.out) $(cat refused-$m.out)"
 done
-cat > cache-guest.sh << "GUEST"
+cat > cache-guest.cmd << "GUEST"
 for d in vda vdb vdc vdd vde vdf; do echo "$d cache=$(cat /sys/block/$d/queue/write_cache)"; done
 echo guest-waiting-1; read -r go
 for d in vdb vde; do yes FLUSH-ME | head -c 1048576 | dd of=/dev/$d bs=64k conv=fsync status=none; echo "$d fsync=$?"; done
@@ -400,7 +443,7 @@ export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-cache.XXXXXX")
 mkfifo $XDG_RUNTIME_DIR/console
 exec 3<> $XDG_RUNTIME_DIR/console
 disks=""; for m in $modes; do disks="$disks -d cache-$m.raw,cache=$m"; done
-"$LKVM" run --name caches $disks -d $zimg,detect-zeroes=unmap -- sh -c "$(cat cache-guest.sh)" \
+"$LKVM" run --name caches $disks -d $zimg,detect-zeroes=unmap -- sh -c "$(cat cache-guest.cmd)" \
     < $XDG_RUNTIME_DIR/console > cache.out 2>&1 &
 pid=$!
 stage() { for i in $(seq 240); do grep -qs "^guest-waiting-$1" cache.out && return; kill -0 $pid 2> /dev/null || return; sleep 0.5; done; }
@@ -557,11 +600,30 @@ fi
 rig_retries=$(grep -c '^nested-run: retrying ' "$work/rig.err")
 job_retries=$(cat "$work"/*.sh.out 2> /dev/null | grep -c '^retried once: ')
 grep -h '^retried once: ' "$work"/*.sh.out 2> /dev/null | sed 's/^/      | /'
-echo "guests: ${#jobs[@]} jobs in $((SECONDS - rig_started)) s, ${LKVM_RIG_LANES:-1} at a time; retries: $((rig_retries + job_retries)) ($rig_retries by the rig, $job_retries inside jobs)"
+echo "guests: ${#jobs[@]} jobs (${#parts[@]} parts in shared guests) in $((SECONDS - rig_started)) s, ${LKVM_RIG_LANES:-1} at a time; retries: $((rig_retries + job_retries)) ($rig_retries by the rig, $job_retries inside jobs)"
 # Where the time went, to keep the suite within its budget.
 for f in "$work"/*.sh.seconds; do
     [ -f "$f" ] && printf '%s %s\n' "$(cat "$f")" "$(basename "$f" .sh.seconds | cut -d- -f2-)"
 done | sort -rn | head -n 5 | awk '{ s = s sep $2 " " $1 " s"; sep = ", " } END { if (s) print "slowest guests: " s }'
+
+# Each part of a shared guest becomes a result of its own (result PART ...).
+mkdir -p "$work/parts"
+for p in "${parts[@]}"; do
+    read -r guest name <<< "$p"
+    out=$(result "$guest" out); status=$(cat "$(result "$guest" status)" 2> /dev/null)
+    [ -f "$out" ] || continue
+    rm -f "$work/parts/$name.sh.status"
+    tr -d '\r' < "$out" | awk -v begin="@@part $name" -v end="@@end $name " -v status="$work/parts/$name.sh.status" '
+        $0 == begin { inside = 1; next }
+        inside && index($0, end) == 1 { inside = 0; print substr($0, length(end) + 1) > status; next }
+        inside || /^lkvm: / { print }' > "$work/parts/$name.sh.out"
+    # A part that did not finish shows the whole guest; lkvm's own failure is every part's.
+    [ -f "$work/parts/$name.sh.status" ] || cp "$out" "$work/parts/$name.sh.out"
+    if [ "$status" != 0 ]; then
+        rm -f "$work/parts/$name.sh.status"
+        [ -n "$status" ] && echo "$status" > "$work/parts/$name.sh.status"
+    fi
+done
 
 expect_in basics cpus-1 0 '^cpus=1$'
 expect cpus-2-acpi 0 '^cpus=2' '^madt=1$'
@@ -580,7 +642,10 @@ expect poweroff 0
 expect panic 121 '^lkvm: guest kernel panic: Kernel panic - not syncing: sysrq triggered crash'
 expect triple-fault 122 '^lkvm: vCPU 0: triple fault \(KVM_EXIT_SHUTDOWN\) at RIP 0x[0-9a-f]+'
 expect too-many-cpus 1 '^lkvm: -c 254000: more vCPUs than KVM allows'
-expect fio-image 0 '^fio-[0-9]'
+expect_in iothreads-group fio-image 0 '^fio-[0-9]'
+expect gdb 3 '^thread=vCPU 0$' '^thread=vCPU 1$' '^banner=Linux version ' '^cr3_nonzero=1$' '^stepi=thread [0-9]+ moved yes$' \
+    '^stepi_stayed_on_thread=1$' '^marker_after=gdb-wrote-this$' '^detached=1$' '^guest-hostname=gdb-wrote-this$' \
+    'gdb disconnected.*the guest runs on'
 expect rtc 0 '^broken=0$' 'registered as rtc0' 'setting system clock to 20[0-9]{2}-' '^hwclock-r=0$' '^rtc-near-host$' \
     '^hwclock-w=0$' ' 2001( |$)' '^rtc-set-advances$'
 expect disk-marker 0 '^HOST-MARKER-4f2a$' '^marker-disk$' '^131072$' '^ioport [0-9a-f]+-[0-9a-f]+ : virtio-pci-modern$'
@@ -591,7 +656,7 @@ expect disk-read-only 0 '^1$' 'READ-ONLY-CONTENT'
 if [ "$(md5sum < "$work/ro.raw")" = "$ro_sum" ]; then pass disk-read-only-unchanged
 else fail disk-read-only-unchanged "the read-only image changed" "$(result disk-read-only out)"; fi
 expect disk-intx 0 '^HOST-MARKER-4f2a$' '^[1-9]$'
-expect disk-two 0 '^vda vdb $' '^second-disk-data$'
+expect disk-two 0 '^vda vdb vdc vdd $' '^second-disk-data$'
 expect disk-mmio 0 '^HOST-MARKER-4f2a$' '^marker-disk$' '^131072$' '^64\+0 records out' '^ioports=0$'
 if cmp -s -n 4194304 "$work/direct-mmio.raw" <(yes LKVM-MMIO-PATTERN-98765 | head -c 4194304); then pass disk-direct-mmio-verified
 else fail disk-direct-mmio-verified "the host file does not hold the pattern the guest wrote with notify=mmio" "$(result disk-mmio out)"; fi
@@ -625,11 +690,11 @@ expect disk-enospc 0 '^vda dd=1 dd: .*/dev/vda.*: (Input/output|I/O) error$' '^v
     '^lkvm: disk full-scsi/disk.raw: I/O error \(No space left on device\); the guest gets a CHECK CONDITION' \
     '^lkvm-reports blk=1$' '^lkvm-reports scsi=1$'
 snap_expect=('^ro=0$' '^8192\+0 records out' '^readback-ok$' '^partial-sector-data$' '^SNAPSHOT-BASE-9d3e$' '^base-fill-ok$' '^zeroes-ok$')
-expect snapshot-write 0 "${snap_expect[@]}" 'snapshot, the guest.s writes go to a temporary overlay in /var/tmp'
+expect_in snapshot-two-guests snapshot-write 0 "${snap_expect[@]}" '^second=0$' 'snapshot, the guest.s writes go to a temporary overlay in /var/tmp'
 expect snapshot-scsi-tmpfs-dir 0 "${snap_expect[@]}" 'temporary overlay in /run'
 expect snapshot-two-guests 0 "${snap_expect[@]}" '^second=0$' '^first=0$' '^first: readback-ok$' '^first: first-up$' '^first: first-still-own$'
 if [ "$(md5sum < "$work/snap.raw")" = "$snap_sum" ]; then pass snapshot-image-unchanged
-else fail snapshot-image-unchanged "a snapshot guest changed its image" "$(result snapshot-write out)"; fi
+else fail snapshot-image-unchanged "a snapshot guest changed its image" "$(result snapshot-two-guests out)"; fi
 expect control-socket 0 'fioguest +[0-9]+ +running +2 ' '^pause=0$' '^listed-paused$' '^paused-moved=0$' '^resume=0$' \
     '^counted-from-idle$' '^resumed-moves$' '^two-clients$' '^interval-latency ' '^json-kicks-exits ' '^bogus-reply: LKVM/1 error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
     '^socket-gone$' '^pause-gone=1$'
