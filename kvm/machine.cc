@@ -436,12 +436,12 @@ void Machine::start_gdb()
         kvm_, vcpus_, vcpu_gate_, *memory_, [this] { boost::asio::post(io_, [this] { gdb_->vm_stopped(); }); },
         [this] { finish({exit_status::kOk, "ended by gdb (kill)", LogLevel::kInfo}); });
     gdb_.emplace(io_, options_.gdb_host, options_.gdb_port, *debugger_);
+    const std::string where = options_.gdb_host + ":" + std::to_string(gdb_->port());
     if (options_.gdb_wait) {
         vcpu_gate_.debug_stop();  // before the vCPU threads start: they park at their first instruction
-        log_info("waiting for gdb on " + options_.gdb_host + ":" + std::to_string(gdb_->port()) +
-                 " (gdb -ex 'target remote " + options_.gdb_host + ":" + std::to_string(gdb_->port()) + "')");
+        log_info("waiting for gdb on " + where + " (gdb -ex 'target remote " + where + "')");
     } else {
-        log_info("gdb stub on " + options_.gdb_host + ":" + std::to_string(gdb_->port()));
+        log_info("gdb stub on " + where);
     }
 }
 
