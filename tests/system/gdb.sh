@@ -7,6 +7,9 @@
 # Hardware breakpoints, watchpoints and int3 breakpoints are not exercised
 # here: the rig's QEMU TCG does not deliver them to an L2 guest (see the
 # unit tests, which cover them below KVM).
+# lkvm's own lines (stderr) go to a file apart from the guest's console
+# (stdout): "gdb disconnected" comes as the guest prints its hostname, and
+# in one file it can land in the middle of that line.
 # Usage: LKVM=build/lkvm bash gdb.sh
 here=$(cd "$(dirname "$0")" && pwd)
 ip link set lo up 2> /dev/null  # the rig's L1 starts with loopback down
@@ -17,7 +20,7 @@ grep -w -e linux_banner -e init_uts_ns /proc/kallsyms; echo kallsyms-done
 (while :; do :; done) &
 end=$(($(date +%s) + 300))
 while [ "$(hostname)" = lkvm-gdb-marker ] && [ $(date +%s) -lt $end ]; do sleep 0.2; done
-echo "guest-hostname=$(hostname)"; exit 3' > "$log" 2>&1 &
+echo "guest-hostname=$(hostname)"; exit 3' > "$log" 2> "$log.err" &
 pid=$!
 for _ in $(seq 600); do grep -q kallsyms-done "$log" && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
 symbol() { tr -d '\r' < "$log" | sed -n "s/^\([0-9a-f]*\) [dDrR] $1\$/\1/p"; }
@@ -26,6 +29,7 @@ echo "kallsyms: linux_banner=$LKVM_BANNER init_uts_ns=$LKVM_UTS"
 timeout 300 gdb -batch -nx -x "$here/gdb_session.py" 2>&1 | grep -v "No executable has been specified\|determining executable automatically"
 wait $pid
 status=$?
+cat "$log.err"
 tr -d '\r' < "$log"
-rm -f "$log"
+rm -f "$log" "$log.err"
 exit $status
