@@ -325,8 +325,10 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
         driver.kick(first_queue + q);
         const auto begin = Clock::now();
         const auto end = begin + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds));
+        test::HaltPolling halt{o.halt_poll_ns};
+        std::vector<std::pair<uint32_t, uint32_t>> used;
         while (Clock::now() < end) {
-            const auto used = driver.wait_used(first_queue + q, 1, 100, o.halt_poll_ns);
+            driver.wait_used(first_queue + q, 1, 100, halt, used);
             const auto now = Clock::now();
             for (const auto& [head, len] : used) {
                 per[q].add(started[head / 3], now);

@@ -1,5 +1,10 @@
 #include "tests/device/driver.h"
 
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+
 namespace lkvm::test {
 
 namespace {
@@ -270,11 +275,31 @@ bool GuestDriver::wait_interrupt(int fd, int timeout_ms)
     return true;
 }
 
-std::vector<std::pair<uint32_t, uint32_t>> GuestDriver::wait_used(unsigned q, size_t at_least, int timeout_ms,
-                                                                 uint64_t halt_poll_ns)
+void HaltPolling::adjust(uint64_t halted_ns)
+{
+    constexpr uint64_t kGrowStartNs = 10'000;  // KVM's halt_poll_ns_grow_start
+    if (max_ns == 0 || halted_ns <= window_ns)
+        return;
+    if (window_ns && halted_ns > max_ns)
+        window_ns = 0;  // halt_poll_ns_shrink = 0: a long halt ends polling
+    else if (window_ns < max_ns && halted_ns < max_ns)
+        window_ns = std::min(std::max(window_ns * 2, kGrowStartNs), max_ns);
+}
+
+std::vector<std::pair<uint32_t, uint32_t>> GuestDriver::wait_used(unsigned q, size_t at_least, int timeout_ms)
+{
+    HaltPolling never;
+    std::vector<std::pair<uint32_t, uint32_t>> out;
+    wait_used(q, at_least, timeout_ms, never, out);
+    return out;
+}
+
+void GuestDriver::wait_used(unsigned q, size_t at_least, int timeout_ms, HaltPolling& halt,
+                            std::vector<std::pair<uint32_t, uint32_t>>& out)
 {
     DriverQueue& dq = queues_[q];
-    std::vector<std::pair<uint32_t, uint32_t>> out;
+    out.clear();
+    std::chrono::steady_clock::time_point halted{};  // set while halted
     for (;;) {
         const uint16_t idx = used_idx(q);
         while (dq.used_seen != idx) {
@@ -285,25 +310,42 @@ std::vector<std::pair<uint32_t, uint32_t>> GuestDriver::wait_used(unsigned q, si
             out.emplace_back(id, len);
             ++dq.used_seen;
         }
-        if (out.size() >= at_least)
-            return out;
+        if (out.size() >= at_least) {
+            if (halted != std::chrono::steady_clock::time_point{})
+                halt.adjust(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - halted).count());
+            return;
+        }
         // As Linux's virtqueue_enable_cb does with EVENT_IDX: interrupt me after what I have seen,
         // then look once more before sleeping.
         // Atomic, as the device reads it (a plain copy is a data race to TSan).
         std::atomic_ref<uint16_t>(*reinterpret_cast<uint16_t*>(host(dq.rings.avail + 4 + 2ull * dq.rings.size)))
             .store(dq.used_seen, std::memory_order_relaxed);
         std::atomic_thread_fence(std::memory_order_seq_cst);
-        if (used_idx(q) != dq.used_seen || halt_poll(q, halt_poll_ns))
+        if (used_idx(q) != dq.used_seen)
+            continue;
+        if (halted == std::chrono::steady_clock::time_point{})
+            halted = std::chrono::steady_clock::now();
+        if (halt_poll(q, halt.window_ns))
             continue;
         if (!wait_interrupt(dq.irq_fd, timeout_ms))
-            return out;  // timed out: the caller checks the count
+            return;  // timed out: the caller checks the count
     }
 }
+
+namespace {
+long involuntary_switches()
+{
+    rusage usage{};
+    ::getrusage(RUSAGE_THREAD, &usage);
+    return usage.ru_nivcsw;
+}
+}  // namespace
 
 bool GuestDriver::halt_poll(unsigned q, uint64_t ns)
 {
     if (ns == 0)
         return false;
+    const long switches = involuntary_switches();
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(ns);
     do {
         for (int i = 0; i < 64; ++i) {
@@ -311,7 +353,7 @@ bool GuestDriver::halt_poll(unsigned q, uint64_t ns)
                 return true;
             __builtin_ia32_pause();
         }
-    } while (std::chrono::steady_clock::now() < deadline);
+    } while (std::chrono::steady_clock::now() < deadline && involuntary_switches() == switches);
     return false;
 }
 

@@ -76,6 +76,19 @@ struct DriverQueue {
     int irq_fd = -1;
 };
 
+// How a halted vCPU polls before it sleeps, as KVM does it (kvm_vcpu_halt
+// in virt/kvm/kvm_main.c, with its defaults): a window per vCPU that grows
+// (x2, from 10 us) after a halt shorter than the maximum and drops to 0
+// after one longer, so that a vCPU whose interrupts come late stops
+// spinning; and no polling while another task wants the CPU (KVM checks
+// single_task_running() and need_resched(); here, being preempted ends it).
+struct HaltPolling {
+    uint64_t max_ns = 0;     // KVM's halt_poll_ns; 0: never poll
+    uint64_t window_ns = 0;  // this vCPU's current poll time
+    // After a halt of halted_ns (polling and sleeping), as KVM adjusts the window.
+    void adjust(uint64_t halted_ns);
+};
+
 struct Buffer {
     uint64_t gpa;
     uint32_t len;
@@ -136,13 +149,13 @@ public:
     // Where the notify capability pointed: a port (I/O BAR) or memory.
     AddressSpace notify_space() const { return notify_space_; }
     // Waits for queue q's interrupt (or any used entry) and returns the used entries seen since last time.
-    // halt_poll_ns: how long to watch the used ring before sleeping on the
-    // interrupt, as KVM's halt polling keeps a halted vCPU spinning (its
-    // default is 200 us) so that an interrupt soon after finds it awake.
-    std::vector<std::pair<uint32_t, uint32_t>> wait_used(unsigned q, size_t at_least, int timeout_ms = 10000,
-                                                         uint64_t halt_poll_ns = 0);
+    std::vector<std::pair<uint32_t, uint32_t>> wait_used(unsigned q, size_t at_least, int timeout_ms = 10000);
+    // The same into `out` (cleared first), watching the used ring as `halt`
+    // says before sleeping on the interrupt, as a halted vCPU does.
+    void wait_used(unsigned q, size_t at_least, int timeout_ms, HaltPolling& halt,
+                   std::vector<std::pair<uint32_t, uint32_t>>& out);
     bool wait_interrupt(int fd, int timeout_ms);
-    // Whether queue q's used ring moved within ns.
+    // Whether queue q's used ring moved within ns, or false as soon as this thread is preempted.
     bool halt_poll(unsigned q, uint64_t ns);
     uint16_t used_idx(unsigned q);
     DriverQueue& queue(unsigned q) { return queues_[q]; }
