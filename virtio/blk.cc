@@ -82,7 +82,7 @@ public:
         : RequestQueue(thread, setup, event_idx, stats,
                        {device.memory_,
                         {device.options_.queue_size + 2u, kMaxRequestBytes},
-                        {device.io_target()},
+                        {device.io_target_},
                         setup.rings.size,
                         "disk " + device.image_.path()}),
           device_(device),
@@ -135,7 +135,7 @@ void BlkQueue::handle(Chain& chain)
         const uint32_t slot = take_slot(chain.head);
         requests_[slot] = {request.status, in ? static_cast<uint32_t>(request.data_bytes + 1) : 1u, request.data_bytes,
                            request.data_bytes, !in && device_.flush_after_write(true)};
-        return submit(slot, device_.io_target(), in ? IoOp::kRead : IoOp::kWrite,
+        return submit(slot, device_.io_target_, in ? IoOp::kRead : IoOp::kWrite,
                       request.sector * DiskImage::kSectorSize, request.data);
     }
     case kBlkTFlush: {
@@ -144,7 +144,7 @@ void BlkQueue::handle(Chain& chain)
             return answer(chain.head, request.status, request.data_bytes == 0 ? kBlkSOk : kBlkSIoErr, 1);
         const uint32_t slot = take_slot(chain.head);
         requests_[slot] = {request.status, 1u, request.data_bytes};
-        return submit(slot, device_.io_target(), IoOp::kFlush, request.sector * DiskImage::kSectorSize, request.data);
+        return submit(slot, device_.io_target_, IoOp::kFlush, request.sector * DiskImage::kSectorSize, request.data);
     }
     case kBlkTGetId: {
         uint8_t id[kBlkIdBytes] = {};
@@ -179,7 +179,7 @@ void BlkQueue::allocate(uint16_t head, const BlkRequest& request)
     const bool deallocate = request.type == kBlkTDiscard || (range.flags & kBlkDwzUnmap && unmap);
     const uint32_t slot = take_slot(head);
     requests_[slot] = {request.status, 1u, 0, 0, request.type == kBlkTWriteZeroes && device_.flush_after_write(false)};
-    submit(slot, device_.io_target(), deallocate ? IoOp::kDiscard : IoOp::kWriteZeroes,
+    submit(slot, device_.io_target_, deallocate ? IoOp::kDiscard : IoOp::kWriteZeroes,
            range.sector * DiskImage::kSectorSize, {}, uint64_t{range.sectors} * DiskImage::kSectorSize);
 }
 
@@ -191,7 +191,7 @@ void BlkQueue::write_zeroes(uint16_t head, const BlkRequest& request)
     const bool deallocate = device_.options_.detect_zeroes == DetectZeroes::kUnmap && device_.options_.discard;
     const uint32_t slot = take_slot(head);
     requests_[slot] = {request.status, 1u, 0, request.data_bytes, device_.flush_after_write(false)};
-    submit(slot, device_.io_target(), deallocate ? IoOp::kDiscard : IoOp::kWriteZeroes,
+    submit(slot, device_.io_target_, deallocate ? IoOp::kDiscard : IoOp::kWriteZeroes,
            request.sector * DiskImage::kSectorSize, {}, request.data_bytes);
 }
 
@@ -204,7 +204,7 @@ void BlkQueue::io_done(uint32_t slot, int64_t result)
         // (QEMU's write then flush), the flush as asynchronous as the write.
         request.flush_after = false;
         request.expected = 0;
-        return submit(slot, device_.io_target(), IoOp::kFlush, 0, {});
+        return submit(slot, device_.io_target_, IoOp::kFlush, 0, {});
     }
     if (!ok) {
         device_.report_io_error(result);
@@ -219,6 +219,9 @@ VirtioBlk::VirtioBlk(DiskImage image, BlkOptions options, const GuestMemory& mem
       options_(std::move(options)),
       memory_(memory),
       queue_threads_(std::move(queue_threads)),
+      io_target_{options_.engine,   image_.fd(),         image_.alignment(),   options_.ioprio,
+                 options_.throttle, options_.read_error, options_.write_error, options_.error_stop,
+                 image_.path().c_str(), image_.snapshot()},
       write_cache_(image_.write_cache_default())
 {
     if (queue_threads_.empty())

@@ -106,12 +106,6 @@ public:
 
 private:
     friend class BlkQueue;
-    IoTarget io_target() const
-    {
-        return {options_.engine,   image_.fd(),         image_.alignment(),   options_.ioprio,
-                options_.throttle, options_.read_error, options_.write_error, options_.error_stop,
-                image_.path().c_str(), image_.snapshot()};
-    }
     // With the write cache off, a write completes durable: O_DSYNC makes a
     // plain write so by itself; anything else that writes needs a flush
     // after it. unsafe flushes nothing.
@@ -127,6 +121,7 @@ private:
     std::vector<IoThread*> queue_threads_;
     std::vector<std::unique_ptr<QueueStats>> stats_;  // per queue, kept across resets
     RequestQueues queues_;  // while DRIVER_OK
+    IoTarget io_target_;  // how the queues reach the image: every request points at it
     std::atomic<bool> write_cache_;  // set by vCPU threads (config writes), read by the I/O threads
     std::atomic<bool> reported_error_{false};
 };

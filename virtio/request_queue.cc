@@ -144,7 +144,7 @@ private:
             }
             held_.pop_front();
             --queue_.held_;
-            queue_.dispatch(slot.target.engine, slot.target.snapshot, slot.request);
+            queue_.dispatch(slot.target->engine, slot.target->snapshot, slot.request);
         }
     }
 
@@ -326,7 +326,7 @@ void RequestQueue::submit(uint32_t id, const IoTarget& target, IoOp op, uint64_t
                       IoThread::cookie(sink_, id), target.ioprio};
     request.length = length;
     slot.request = request;
-    slot.target = target;
+    slot.target = &target;
     slot.bytes = moves_data ? iovecs_bytes(slot.iov) : length;
     if (op == IoOp::kFlush)
         stats_.flushed();
@@ -413,15 +413,16 @@ bool RequestQueue::apply_error_policy(uint32_t id, int64_t result)
 {
     Slot& slot = slots_[id];
     const bool read = slot.request.op == IoOp::kRead;
-    const IoErrorPolicy policy = read ? slot.target.read_error : slot.target.write_error;
-    const bool stop = slot.target.error_stop &&
+    const IoTarget& target = *slot.target;
+    const IoErrorPolicy policy = read ? target.read_error : target.write_error;
+    const bool stop = target.error_stop &&
                       (policy == IoErrorPolicy::kStop || (policy == IoErrorPolicy::kEnospc && result == -ENOSPC));
     if (stop) {
         // Unanswered, its slot kept: the guest pauses before it could tell,
         // and at resume the request runs again as if nothing had happened.
         failed_.push_back(id);
         count_error();
-        slot.target.error_stop->stop_for_io_error(std::string("disk ") + slot.target.image + " " + (read ? "read" : "write") + " error (" +
+        target.error_stop->stop_for_io_error(std::string("disk ") + target.image + " " + (read ? "read" : "write") + " error (" +
                                                   std::strerror(static_cast<int>(-result)) + ")");
         return true;
     }
@@ -438,7 +439,7 @@ void RequestQueue::retry_failed()
     if (stopping_)
         return;
     for (const uint32_t id : std::exchange(failed_, {}))
-        dispatch(slots_[id].target.engine, slots_[id].target.snapshot, slots_[id].request);
+        dispatch(slots_[id].target->engine, slots_[id].target->snapshot, slots_[id].request);
 }
 
 void RequestQueue::finish_slot(uint32_t id, uint32_t written, uint64_t bytes)

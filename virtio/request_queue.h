@@ -110,7 +110,8 @@ protected:
     uint32_t take_slot(uint16_t head);
     // Runs op on the image for slot; reads and writes move `data` (copied:
     // the memory it points to must stay valid until io_done()). `length` is
-    // for discard and write-zeroes.
+    // for discard and write-zeroes. `target` is the device's own, which
+    // outlives its queues: the slot keeps a pointer to it.
     void submit(uint32_t slot, const IoTarget& target, IoOp op, uint64_t offset, std::span<const iovec> data,
                 uint64_t length = 0);
     // Returns the slot's chain to the driver with `written` bytes written and
@@ -136,7 +137,7 @@ private:
         // What went to the engine: for a throttle group that holds it back,
         // and for a retry after an I/O error paused the guest.
         IoRequest request{};
-        IoTarget target{};
+        const IoTarget* target = nullptr;
         uint64_t bytes = 0;        // what it moves (for the throttle; success for werror=ignore)
     };
 
