@@ -64,7 +64,7 @@ check "without it, one line names both places and -k" \
 
 # ---- the man page
 page=$root/share/man/man1/lkvm.1
-rendered=$(MANWIDTH=80 man --warnings -l "$page" 2> "$tmp/man.err")
+rendered=$(LC_ALL=C MANWIDTH=80 man --warnings -l "$page" 2> "$tmp/man.err")
 check "man -l renders lkvm(1) without warnings" bash -c "[ ! -s '$tmp/man.err' ] || { cat '$tmp/man.err'; false; }"
 check "man -l shows NAME and EXIT STATUS" bash -c 'grep -q "^NAME" <<< "$1" && grep -q "^EXIT STATUS" <<< "$1"' _ "$rendered"
 
