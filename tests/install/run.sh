@@ -101,7 +101,7 @@ check_same() {  # NAME WHAT-A A WHAT-B B: the two lists are the same set
 check_same "the man page's commands are lkvm --help's" "lkvm --help" "$commands" "lkvm(1)'s COMMANDS" "$man_commands"
 check_same "the man page's options are --help's" "--help" "$help_options" "lkvm(1) (in bold)" "$man_options"
 # The sub-options --help names (aio=, poll-max-ns=, ...) are in the page too.
-help_keys=$(for c in $commands; do own_help "$c"; done | cat - <<< "$help" | grep -oE '(^|[^A-Za-z0-9-])[a-z][a-z0-9-]*=' | sed 's/^[^a-z]*//' | sort -u)
+help_keys=$({ printf '%s\n' "$help"; for c in $commands; do own_help "$c"; done; } | grep -oE '(^|[^A-Za-z0-9-])[a-z][a-z0-9-]*=' | sed 's/^[^a-z]*//' | sort -u)
 missing=$(while read -r key; do grep -qF -- "$key" "$page" || echo "$key"; done <<< "$help_keys" | xargs)
 if [ -z "$missing" ]; then pass "every sub-option --help names is in the man page ($(wc -l <<< "$help_keys"))"
 else fail "sub-options in --help but not in lkvm(1): $missing"; fi
