@@ -62,11 +62,12 @@ BLKBENCH  := $(BUILD)/blkbench
 KERNEL    := build/kernel/vmlinuz
 INITRD    := build/guest/initramfs.cpio.gz
 INITRD_FIO := build/guest/initramfs-fio.cpio.gz
+MAN_PAGE  := build/lkvm.1
 
-.PHONY: all deps guest test unit system demo bench clean uapi-check
+.PHONY: all deps guest test unit system demo bench clean uapi-check install uninstall
 # What the system tier runs: lkvm, and the guest's kernel and images.
 SYSTEM_NEEDS := $(LKVM) guest $(if $(filter-out build,$(BUILD)),$(BUILD)/kernel $(BUILD)/guest)
-all: $(SYSTEM_NEEDS) $(UNIT) $(DEVICE) $(BLKBENCH)
+all: $(SYSTEM_NEEDS) $(UNIT) $(DEVICE) $(BLKBENCH) $(MAN_PAGE)
 
 # lkvm finds its default kernel and initramfs next to itself; other build
 # directories (SAN=1) share the ones in build/.
@@ -111,6 +112,41 @@ $(INITRD): guest/init guest/mkinitramfs.sh $(KERNEL)
 # The same plus fio, for I/O tests and benchmarks (-i build/guest/initramfs-fio.cpio.gz).
 $(INITRD_FIO): guest/init guest/mkinitramfs.sh $(KERNEL)
 	bash guest/mkinitramfs.sh --fio
+
+# The man page's source is dist/lkvm.1.scd, in scdoc(5).
+$(MAN_PAGE): dist/lkvm.1.scd
+	@command -v scdoc > /dev/null || { echo "scdoc is missing: run scripts/install-deps.sh (Debian package scdoc)" >&2; exit 1; }
+	@mkdir -p $(dir $@)
+	scdoc < $< > $@
+
+# make install [PREFIX=/usr/local] [DESTDIR=DIR]: lkvm, its default guest
+# kernel and initramfs (PREFIX/share/lkvm/, where an installed lkvm looks for
+# them), the man page and the bash completion. It installs what `make` built
+# and builds nothing: a `sudo make install` that compiled would leave
+# root-owned files in build/. The man page goes uncompressed, as upstream
+# installs do; a Debian package's dh_compress gzips it.
+PREFIX   ?= /usr/local
+BINDIR   := $(DESTDIR)$(PREFIX)/bin
+DATADIR  := $(DESTDIR)$(PREFIX)/share/lkvm
+MAN1DIR  := $(DESTDIR)$(PREFIX)/share/man/man1
+COMPDIR  := $(DESTDIR)$(PREFIX)/share/bash-completion/completions
+COMPLETION := dist/lkvm.bash-completion
+INSTALLED  := $(BINDIR)/lkvm $(DATADIR)/vmlinuz $(DATADIR)/initramfs.cpio.gz $(DATADIR)/initramfs-fio.cpio.gz \
+              $(MAN1DIR)/lkvm.1 $(COMPDIR)/lkvm
+install:
+	@$(MAKE) --no-print-directory -q $(LKVM) $(KERNEL) $(INITRD) $(INITRD_FIO) $(MAN_PAGE) || \
+	    { echo "make install: what it installs is not built or older than its sources: run 'make' (as yourself), then 'make install'" >&2; exit 1; }
+	install -D -m 0755 $(LKVM) $(BINDIR)/lkvm
+	install -D -m 0644 $(KERNEL) $(DATADIR)/vmlinuz
+	install -D -m 0644 $(INITRD) $(DATADIR)/initramfs.cpio.gz
+	install -D -m 0644 $(INITRD_FIO) $(DATADIR)/initramfs-fio.cpio.gz
+	install -D -m 0644 $(MAN_PAGE) $(MAN1DIR)/lkvm.1
+	install -D -m 0644 $(COMPLETION) $(COMPDIR)/lkvm
+
+# Removes exactly what install put there, and share/lkvm once it is empty.
+uninstall:
+	rm -f $(INSTALLED)
+	if [ -d $(DATADIR) ]; then rmdir --ignore-fail-on-non-empty $(DATADIR); fi
 
 # Everything, from a fresh Debian 12: dependencies, build, then every tier.
 # Plain `make test` (what CI runs) also builds the sanitizer trees' unit and
@@ -225,6 +261,6 @@ $(FUZZ_BUILD)/device-tests: $(DEVICE_SRCS:%.cc=$(FUZZ_BUILD)/obj/%.o) $(FUZZ_BUI
 	$(FUZZ_CXX) $(FUZZ_SAN) -pthread -o $@ $^ $(LDLIBS)
 
 clean:
-	rm -rf build/obj build/lkvm build/unit-tests build/device-tests build/blkbench build/liblkvm.a build-san build-tsan build-fuzz build/guest build/rig
+	rm -rf build/obj build/lkvm build/lkvm.1 build/unit-tests build/device-tests build/blkbench build/liblkvm.a build-san build-tsan build-fuzz build/guest build/rig
 
 -include $(FUZZ_LIB_OBJS:.o=.d) $(FUZZ_SRCS:tests/fuzz/%.cc=$(FUZZ_BUILD)/obj/tests/fuzz/%.d) $(wildcard $(FUZZ_BUILD)/obj/tests/*/*.d)

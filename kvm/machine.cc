@@ -23,6 +23,7 @@
 #include "base/error.h"
 #include "base/log.h"
 #include "kvm/cpuid.h"
+#include "kvm/default_files.h"
 #include "kvm/firmware_tables.h"
 #include "kvm/host_kvm.h"
 #include "kvm/layout.h"
@@ -67,15 +68,6 @@ std::vector<uint8_t> read_file(const std::string& what, const std::string& path)
         done += static_cast<size_t>(n);
     }
     return data;
-}
-
-std::string default_file(const char* what, const std::filesystem::path& relative, const char* option)
-{
-    const auto path = binary_dir() / relative;
-    if (!std::filesystem::exists(path))
-        throw Error(std::string("no ") + what + " given and the default " + path.string() + " is missing: pass " +
-                    option + " or run 'make'");
-    return path.string();
 }
 
 uint64_t host_memory_bytes()
@@ -124,11 +116,10 @@ Kvm open_usable_kvm(const RunOptions& options)
 Machine::BootFiles Machine::load_boot_files(const RunOptions& options)
 {
     BootFiles boot;
-    const std::string kernel = options.kernel.empty() ? default_file("kernel", "kernel/vmlinuz", "-k BZIMAGE")
-                                                      : options.kernel;
-    const std::string initrd = options.initrd.empty()
-                                   ? default_file("initrd", "guest/initramfs.cpio.gz", "-i INITRD")
-                                   : options.initrd;
+    const std::string kernel =
+        options.kernel.empty() ? find_default_file(kDefaultKernel, binary_dir()).string() : options.kernel;
+    const std::string initrd =
+        options.initrd.empty() ? find_default_file(kDefaultInitrd, binary_dir()).string() : options.initrd;
     boot.kernel_file = read_file("kernel", kernel);
     boot.image = parse_bzimage(boot.kernel_file, kernel);
     boot.initrd = read_file("initrd", initrd);

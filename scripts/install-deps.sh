@@ -13,6 +13,9 @@ packages=(g++ make pkg-config libboost-dev libaio-dev liburing-dev doctest-dev
           sg3-utils util-linux python3
           # the gdb stub's system test: Debian's gdb against the guest, and ip to bring up L1's loopback
           gdb iproute2
+          # make install's man page (scdoc writes it), and the install test's man -l and
+          # bash completion (the completion uses bash-completion's helpers, as installed ones do)
+          scdoc man-db bash-completion
           # make fuzz: clang and its libFuzzer runtime (Debian 12's default clang is 14;
           # libclang-rt-dev is what -fsanitize=fuzzer links, and only a recommend of clang)
           clang libclang-rt-dev)

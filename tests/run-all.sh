@@ -96,6 +96,7 @@ script_tier() {
 if [ -n "$fuzz_seconds" ]; then
     script_tier "fuzz targets (libFuzzer, build-fuzz/: all at once, ${fuzz_seconds} s wall each)" fuzz bash scripts/fuzz.sh --parallel "$fuzz_seconds"
 fi
+script_tier "install (make install into a temporary DESTDIR; the man page and bash completion against --help; no KVM)" install bash tests/install/run.sh "$build"
 script_tier "uapi headers (the whole build against every Debian 12 linux-libc-dev)" uapi bash tests/uapi/run.sh "$build"
 echo "== system tests (real guests through scripts/nested-run.sh; started first, beside the tiers above)"
 wait $system_pid
