@@ -1,4 +1,4 @@
-#include "kvm/control.h"
+#include "api/control.h"
 
 #include "base/hex.h"
 
@@ -581,7 +581,7 @@ StatSnapshot parse_stat_payload(std::string_view payload)
             snapshot.threads.push_back({r.text("thread"), r.number<int>("tid"), r.number<int>("cpu"),
                                         r.number<uint64_t>("requests"), r.number<uint64_t>("bytes"),
                                         r.number<uint64_t>("batches"), r.number<uint64_t>("wakeups"),
-                                        r.number<uint64_t>("poll_hits"), r.number<uint64_t>("poll_ns")});
+                                        r.number<uint64_t>("poll_hits"), r.number<uint64_t>("poll_ns"), {}});
         else if (kind == "disk")
             snapshot.queues.push_back({r.number<unsigned>("disk"), r.number<unsigned>("queue"), r.text("thread"),
                                        r.text("image"), r.number<int>("cpu"), r.number<uint64_t>("requests"),

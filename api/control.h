@@ -28,7 +28,7 @@
 
 #include "base/error.h"
 #include "base/result.h"
-#include "kvm/io_stats_table.h"
+#include "kvm/stat_snapshot.h"
 
 namespace lkvm {
 
@@ -99,15 +99,6 @@ std::string format_records(const std::vector<PayloadRecord>& records);
 // Throws Error for an empty record, an item without '=', a bad key or a badly encoded value.
 std::vector<PayloadRecord> parse_records(std::string_view payload);
 
-// What `info` answers (the table `lkvm list` prints).
-struct GuestInfo {
-    std::string name, state;  // state: "running" or "paused"
-    int pid = 0;
-    unsigned vcpus = 0;
-    uint64_t mem_mib = 0;
-    std::vector<std::string> disks;  // image paths, in command-line order
-    bool operator==(const GuestInfo&) const = default;
-};
 std::string format_guest_info(const GuestInfo& info);
 GuestInfo parse_guest_info(std::string_view payload);  // throws Error when malformed
 

@@ -9,9 +9,9 @@
 #include <string_view>
 #include <vector>
 
+#include "api/control.h"
 #include "base/fd.h"
-#include "kvm/cli.h"
-#include "kvm/control.h"
+#include "cli/command_line.h"
 
 namespace lkvm {
 
@@ -37,21 +37,6 @@ private:
     std::string name_;
     std::string received_;  // bytes read past the last reply line
 };
-
-// NAME PID STATE VCPUS MEM DISKS, a header and one row per guest.
-std::string format_guest_table(const std::vector<GuestInfo>& guests);
-
-// Rates over the interval between two samples of the same guest. All false: every table.
-struct StatTables {
-    bool disks = false, iothreads = false, vcpus = false;
-};
-std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& after, StatTables which);
-// One JSON object on one line, '\n' included: cumulative counters and rates.
-// wall_time_s: when the sample was taken (seconds since the epoch).
-std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& after, StatTables which,
-                             double wall_time_s);
-// `text` as a JSON string, quotes included; bytes that are not UTF-8 become U+FFFD.
-std::string json_string(std::string_view text);
 
 // Runs a list, stop, pause, resume or stat command against the guests in dir,
 // printing to out; returns lkvm's exit status. Throws Error with the line to

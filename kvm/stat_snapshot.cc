@@ -1,95 +1,10 @@
-#include "kvm/io_stats_table.h"
+#include "kvm/stat_snapshot.h"
 
 #include <charconv>
-#include <cstdio>
 #include <fstream>
 #include <map>
 
 namespace lkvm {
-
-namespace {
-std::string line(const char* format, auto... values)
-{
-    char buffer[256];
-    std::snprintf(buffer, sizeof(buffer), format, values...);
-    return buffer;
-}
-
-double mib(uint64_t bytes) { return static_cast<double>(bytes) / (1 << 20); }
-double us(uint64_t ns) { return static_cast<double>(ns) / 1000; }
-std::string ratio_text(std::optional<double> value) { return value ? line("%.2f", *value) : "-"; }
-std::string count_text(std::optional<uint64_t> value) { return value ? std::to_string(*value) : "-"; }
-}  // namespace
-
-std::optional<double> ratio(uint64_t part, uint64_t whole)
-{
-    if (whole == 0)
-        return std::nullopt;
-    return static_cast<double>(part) / static_cast<double>(whole);
-}
-
-std::optional<uint64_t> total_exits(std::span<const StatSnapshot::Vcpu> vcpus)
-{
-    uint64_t sum = 0;
-    for (const auto& vcpu : vcpus) {
-        if (!vcpu.counters[kVcpuExits])
-            return std::nullopt;
-        sum += *vcpu.counters[kVcpuExits];
-    }
-    return vcpus.empty() ? std::nullopt : std::optional(sum);
-}
-
-std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
-                            const std::vector<std::unique_ptr<DiskDevice>>& disks,
-                            std::span<const StatSnapshot::Vcpu> vcpus)
-{
-    std::string out = line("%-12s %4s %10s %10s %9s %9s %9s %8s %8s %8s\n", "thread", "cpu", "requests", "MiB",
-                           "batches", "wakeups", "poll-hits", "poll-us", "p50-us", "p99-us");
-    for (const auto& t : threads) {
-        const ThreadStats& s = t->stats();
-        const IoCounters io = s.io.counters();
-        const int cpu = t->options().cpu;
-        out += line("%-12s %4s %10llu %10.1f %9llu %9llu %9llu %8.1f %8.1f %8.1f\n", t->name().c_str(),
-                    cpu < 0 ? "-" : std::to_string(cpu).c_str(), (unsigned long long)io.requests, mib(io.bytes),
-                    (unsigned long long)s.batches.load(), (unsigned long long)s.wakeups.load(),
-                    (unsigned long long)s.poll_hits.load(), us(s.poll_ns.load()), us(s.io.latency().percentile(0.5)),
-                    us(s.io.latency().percentile(0.99)));
-    }
-    out += line("%-5s %5s %-12s %10s %10s %8s %8s %10s %10s %8s %8s %8s %8s %11s  %s\n", "disk", "queue", "thread", "requests",
-                "MiB", "p50-us", "p99-us", "kicks", "interrupts", "req/kick", "req/irq", "errors", "flushes", "throttled-s", "image");
-    uint64_t requests = 0;
-    for (size_t d = 0; d < disks.size(); ++d) {
-        const DiskDevice& disk = *disks[d];
-        for (unsigned q = 0; q < disk.request_queues(); ++q) {
-            const QueueStats& s = disk.queue_stats(q);
-            const IoCounters io = s.counters();
-            requests += io.requests;
-            out += line("%-5zu %5u %-12s %10llu %10.1f %8.1f %8.1f %10llu %10llu %8s %8s %8llu %8llu %11.2f  ", d, q,
-                        disk.queue_thread(q).name().c_str(), (unsigned long long)io.requests, mib(io.bytes),
-                        us(s.latency().percentile(0.5)), us(s.latency().percentile(0.99)),
-                        (unsigned long long)s.kicks(), (unsigned long long)s.interrupts(),
-                        ratio_text(ratio(io.requests, s.kicks())).c_str(),
-                        ratio_text(ratio(io.requests, s.interrupts())).c_str(), (unsigned long long)s.errors(),
-                        (unsigned long long)s.flushes(),
-                        static_cast<double>(s.throttled_ns()) / 1e9) +
-                   disk.describe() + "\n";
-        }
-    }
-    if (vcpus.empty())
-        return out;
-    out += line("%-5s", "vcpu");
-    for (const auto column : kVcpuCounterColumns)
-        out += line(" %12s", std::string(column).c_str());
-    out += "\n";
-    for (const auto& vcpu : vcpus) {
-        out += line("%-5u", vcpu.index);
-        for (const auto& counter : vcpu.counters)
-            out += line(" %12s", count_text(counter).c_str());
-        out += "\n";
-    }
-    const auto exits = total_exits(vcpus);
-    return out + "exits per disk request: " + ratio_text(exits ? ratio(*exits, requests) : std::nullopt) + "\n";
-}
 
 StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
                               const std::vector<std::unique_ptr<DiskDevice>>& disks)
@@ -111,7 +26,8 @@ StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threa
                                   .batches = s.batches.load(std::memory_order_relaxed),
                                   .wakeups = s.wakeups.load(std::memory_order_relaxed),
                                   .poll_hits = s.poll_hits.load(std::memory_order_relaxed),
-                                  .poll_ns = s.poll_ns.load(std::memory_order_relaxed)});
+                                  .poll_ns = s.poll_ns.load(std::memory_order_relaxed),
+                                  .latency = s.io.latency().nonzero_buckets()});
     }
     for (size_t d = 0; d < disks.size(); ++d) {
         const DiskDevice& disk = *disks[d];

@@ -7,7 +7,7 @@
 // Input: the line, without its '\n'.
 #include <string_view>
 
-#include "kvm/control.h"
+#include "api/control.h"
 #include "tests/fuzz/fuzz_input.h"
 
 using namespace lkvm;

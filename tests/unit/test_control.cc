@@ -15,11 +15,12 @@
 #include <optional>
 #include <thread>
 
+#include "api/control.h"
 #include "base/error.h"
 #include "base/fd.h"
-#include "kvm/cli.h"
-#include "kvm/control.h"
-#include "kvm/control_client.h"
+#include "cli/command_line.h"
+#include "cli/control_client.h"
+#include "cli/stat_tables.h"
 #include "tests/unit/test_util.h"
 
 using namespace lkvm;
@@ -59,8 +60,8 @@ StatSnapshot sample_snapshot()
 {
     StatSnapshot s;
     s.time_ns = 123456789012345;
-    s.threads = {{"iothread0", 4242, 1, 1000, 4096000, 300, 10, 30, 32768},
-                 {"disk1-io", 4243, -1, 0, 0, 0, 0, 0, 0}};
+    s.threads = {{"iothread0", 4242, 1, 1000, 4096000, 300, 10, 30, 32768, {}},
+                 {"disk1-io", 4243, -1, 0, 0, 0, 0, 0, 0, {}}};
     // Bucket 90 holds 10240-11263 ns, 113 holds 73728-81919 ns, 327 is the last one.
     s.queues = {{0, 0, "iothread0", "/tmp/my disk;1=2%.raw", 1, 600, 2457600, 3, {{90, 590}, {113, 10}}, 300, 200, 2, 750'000'000, 5},
                 {0, 1, "iothread0", "/tmp/my disk;1=2%.raw", 1, 400, 1638400, 0, {{0, 1}, {327, 399}}, 400, 400, 0},
@@ -117,7 +118,7 @@ struct FakeGuest {
             StatSnapshot s;
             s.time_ns = (n + 1) * 1'000'000'000;
             // Of each 100, 90 took 10.24-11.26 us (bucket 90), 10 took 73.7-81.9 us (bucket 113).
-            s.threads = {{"iothread0", 77, 0, 100 * n, 409600 * n, n, 3 * n, n, 500}};
+            s.threads = {{"iothread0", 77, 0, 100 * n, 409600 * n, n, 3 * n, n, 500, {}}};
             s.queues = {{0, 0, "iothread0", "a.raw", 0, 100 * n, 409600 * n, 1,
                          n ? LatencyBuckets{{90, 90 * n}, {113, 10 * n}} : LatencyBuckets{}, 50 * n, 25 * n}};
             // 150 exits a second, of which 40 for I/O; no instruction emulation counter.
