@@ -34,7 +34,7 @@ int list_guests(const std::string& dir, std::FILE* out)
     for (const auto& name : running_guests(dir)) {
         try {
             if (auto connection = ControlConnection::open(dir, name))
-                guests.push_back(parse_guest_info(connection->ask(ControlVerb::kInfo)));
+                guests.push_back(guest_info_from_json(connection->execute("info")));
         } catch (const Error& e) {
             log_error(e.what());
             failed = true;
@@ -47,7 +47,7 @@ int list_guests(const std::string& dir, std::FILE* out)
     return failed ? exit_status::kError : exit_status::kOk;
 }
 
-int tell_every_guest(const std::string& dir, ControlVerb verb)
+int tell_every_guest(const std::string& dir, std::string_view command)
 {
     const auto names = running_guests(dir);
     if (names.empty())
@@ -56,7 +56,7 @@ int tell_every_guest(const std::string& dir, ControlVerb verb)
     for (const auto& name : names) {
         try {
             if (auto connection = ControlConnection::open(dir, name))  // none: it ended by itself meanwhile
-                connection->ask(verb);
+                connection->execute(command);
         } catch (const Error& e) {
             log_error(e.what());
             failed = true;
@@ -72,10 +72,10 @@ int show_stats(const std::string& dir, const ControlCommand& command, std::FILE*
     const bool watch = command.watch_s > 0;
     const bool redraw = watch && !command.json && ::isatty(::fileno(out));
     const std::chrono::duration<double> interval(watch ? command.watch_s : 1.0);
-    StatSnapshot before = parse_stat_payload(connection.ask(ControlVerb::kStat));
+    StatSnapshot before = stat_from_json(connection.execute("stat"));
     for (bool first = true;; first = false) {
         std::this_thread::sleep_for(interval);
-        StatSnapshot after = parse_stat_payload(connection.ask(ControlVerb::kStat));
+        StatSnapshot after = stat_from_json(connection.execute("stat"));
         std::string text;
         if (command.json) {
             const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -118,7 +118,12 @@ std::optional<ControlConnection> ControlConnection::open(const std::string& dir,
                         std::to_string(timeout.count()) + " ms)");
         throw sys_error("cannot connect to guest " + name + " at " + path);
     }
-    return ControlConnection(std::move(fd), name);
+    ControlConnection connection(std::move(fd), name);
+    ServerLine greeting = parse_server_line(connection.exchange(""));
+    if (greeting.kind != ServerLine::Kind::kGreeting)
+        throw Error("guest " + name + " did not greet as lkvm does: is " + path + " an lkvm control socket?");
+    connection.greeting_ = std::move(greeting.body);
+    return connection;
 }
 
 std::string ControlConnection::exchange(std::string_view request)
@@ -155,12 +160,32 @@ std::string ControlConnection::exchange(std::string_view request)
     }
 }
 
-std::string ControlConnection::ask(ControlVerb verb, const std::string& argument)
+Json ControlConnection::execute(std::string_view command, const Json& arguments)
 {
-    ControlReply reply = parse_reply(exchange(format_request({verb, argument})));
-    if (!reply.ok)
-        throw Error("guest " + name_ + ": " + reply.text);
-    return std::move(reply.text);
+    const std::string request = request_line(command, arguments);
+    for (std::string_view unsent = request;; unsent = {}) {
+        ServerLine line = parse_server_line(exchange(unsent));
+        if (line.kind == ServerLine::Kind::kReturn)
+            return std::move(line.body);
+        if (line.kind == ServerLine::Kind::kError)
+            throw Error("guest " + name_ + ": " + line.error);
+        // An event: the reply is still to come.
+    }
+}
+
+Json throttle_limits_json(const std::string& limits)
+{
+    Json object = Json::object();
+    for (size_t start = 0; start < limits.size();) {
+        const size_t end = std::min(limits.find(',', start), limits.size());
+        const std::string item = limits.substr(start, end - start);
+        const size_t equals = item.find('=');
+        if (equals == std::string::npos)
+            throw Error("throttle: '" + item + "' is not NAME=VALUE");
+        object[item.substr(0, equals)] = parse_number("throttle " + item, item.substr(equals + 1));
+        start = end + 1;
+    }
+    return object;
 }
 
 int run_control_command(const Command& command, const std::string& dir, std::FILE* out)
@@ -171,20 +196,22 @@ int run_control_command(const Command& command, const std::string& dir, std::FIL
         return list_guests(dir, out);
     case Command::Kind::kStop:
         if (control.all)
-            return tell_every_guest(dir, ControlVerb::kStop);
-        connect_to(dir, control.name).ask(ControlVerb::kStop);
+            return tell_every_guest(dir, "stop");
+        connect_to(dir, control.name).execute("stop");
         return exit_status::kOk;
     case Command::Kind::kPause:
-        connect_to(dir, control.name).ask(ControlVerb::kPause);
+        connect_to(dir, control.name).execute("pause");
         return exit_status::kOk;
     case Command::Kind::kResume:
-        connect_to(dir, control.name).ask(ControlVerb::kResume);
+        connect_to(dir, control.name).execute("resume");
         return exit_status::kOk;
     case Command::Kind::kStat:
         return show_stats(dir, control, out);
     case Command::Kind::kThrottle: {
-        const std::string group = connect_to(dir, control.name).ask(ControlVerb::kThrottle, control.target + " " + control.limits);
-        std::fprintf(out, "%s\n", group.c_str());
+        const Json reply = connect_to(dir, control.name)
+                               .execute("throttle", {{"target", control.target}, {"limits", throttle_limits_json(control.limits)}});
+        const auto group = reply.find("group");
+        std::fprintf(out, "group=%s\n", group != reply.end() && group->is_string() ? group->get<std::string>().c_str() : "?");
         return exit_status::kOk;
     }
     default:

@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdio>
+
+#include "api/protocol.h"
 
 namespace lkvm {
 
@@ -155,43 +158,17 @@ bool show_disks(StatTables which) { return which.disks || show_all(which); }
 bool show_iothreads(StatTables which) { return which.iothreads || show_all(which); }
 bool show_vcpus(StatTables which) { return which.vcpus || show_all(which); }
 
-// ---- JSON, by hand: numbers and strings are all it needs.
+// ---- JSON.
 
-std::string json_number(double value, int decimals) { return line("%.*f", decimals, value); }
-std::string optional_number(std::optional<double> value, int decimals)
+// A rate rounded to `decimals` places, or null for none: the digits a reader needs.
+Json rounded(std::optional<double> value, int decimals)
 {
-    return value ? json_number(*value, decimals) : "null";
+    if (!value)
+        return nullptr;
+    const double scale = std::pow(10.0, decimals);
+    return std::round(*value * scale) / scale;
 }
-
-// The length of the valid UTF-8 sequence at text[i], or 0 when there is none.
-size_t utf8_length(std::string_view text, size_t i)
-{
-    const auto lead = static_cast<unsigned char>(text[i]);
-    size_t length;
-    uint32_t code, least;
-    if (lead < 0x80)
-        return 1;
-    if ((lead & 0xe0) == 0xc0)
-        length = 2, code = lead & 0x1f, least = 0x80;
-    else if ((lead & 0xf0) == 0xe0)
-        length = 3, code = lead & 0x0f, least = 0x800;
-    else if ((lead & 0xf8) == 0xf0)
-        length = 4, code = lead & 0x07, least = 0x10000;
-    else
-        return 0;
-    if (i + length > text.size())
-        return 0;
-    for (size_t k = 1; k < length; ++k) {
-        const auto next = static_cast<unsigned char>(text[i + k]);
-        if ((next & 0xc0) != 0x80)
-            return 0;
-        code = code << 6 | (next & 0x3f);
-    }
-    // Overlong forms, surrogates and beyond U+10FFFF are not UTF-8 either.
-    if (code < least || code > 0x10ffff || (code >= 0xd800 && code <= 0xdfff))
-        return 0;
-    return length;
-}
+Json cpu_json(int cpu) { return cpu < 0 ? Json(nullptr) : Json(cpu); }
 
 double mib(uint64_t bytes) { return static_cast<double>(bytes) / (1 << 20); }
 double us(uint64_t ns) { return static_cast<double>(ns) / 1000; }
@@ -326,90 +303,64 @@ std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& a
     return out;
 }
 
-std::string json_string(std::string_view text)
-{
-    std::string out = "\"";
-    for (size_t i = 0; i < text.size();) {
-        const char c = text[i];
-        const size_t length = utf8_length(text, i);
-        if (length == 0) {
-            out += "\\ufffd";
-            ++i;
-            continue;
-        }
-        if (c == '"' || c == '\\')
-            out += std::string("\\") + c;
-        else if (c == '\n')
-            out += "\\n";
-        else if (c == '\t')
-            out += "\\t";
-        else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
-            out += line("\\u%04x", static_cast<unsigned>(static_cast<unsigned char>(c)));
-        else
-            out.append(text.substr(i, length));
-        i += length;
-    }
-    return out + "\"";
-}
-
 std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& after, StatTables which,
                              double wall_time_s)
 {
-    auto cpu = [](int c) { return c < 0 ? std::string("null") : std::to_string(c); };
-    auto us = [](std::optional<double> value) { return optional_number(value, 3); };
-    std::string out = "{\"time\":" + json_number(wall_time_s, 3) +
-                      (after.state.empty() ? "" : ",\"state\":" + json_string(after.state)) +
-                      ",\"interval_s\":" + json_number(seconds_between(before, after), 6);
+    Json out{{"time", rounded(wall_time_s, 3)}};
+    if (!after.state.empty())
+        out["state"] = after.state;
+    out["interval_s"] = rounded(seconds_between(before, after), 6);
+    const auto queues = queue_samples(before, after);
     if (show_disks(which)) {
-        out += ",\"disks\":[";
-        const char* comma = "";
-        for (const auto& s : queue_samples(before, after)) {
-            out += std::string(comma) + "{\"disk\":" + std::to_string(s.now.disk) +
-                   ",\"queue\":" + std::to_string(s.now.queue) + ",\"thread\":" + json_string(s.now.thread) +
-                   ",\"cpu\":" + cpu(s.now.cpu) + ",\"image\":" + json_string(s.now.image) +
-                   ",\"requests\":" + std::to_string(s.now.requests) + ",\"bytes\":" + std::to_string(s.now.bytes) +
-                   ",\"iops\":" + json_number(s.iops, 1) + ",\"mib_s\":" + json_number(s.mib_s, 3) +
-                   ",\"in_flight\":" + std::to_string(s.now.in_flight) + ",\"p50_us\":" + us(s.p50_us) +
-                   ",\"p99_us\":" + us(s.p99_us) + ",\"kicks\":" + std::to_string(s.now.kicks) +
-                   ",\"interrupts\":" + std::to_string(s.now.interrupts) + ",\"errors\":" + std::to_string(s.now.errors) +
-                   ",\"throttled_ns\":" + std::to_string(s.now.throttled_ns) +
-                   ",\"flushes\":" + std::to_string(s.now.flushes) +
-                   ",\"requests_per_kick\":" + optional_number(s.per_kick, 3) +
-                   ",\"requests_per_interrupt\":" + optional_number(s.per_interrupt, 3) + "}";
-            comma = ",";
-        }
-        out += "]";
+        Json& disks = out["disks"] = Json::array();
+        for (const auto& s : queues)
+            disks.push_back({{"disk", s.now.disk},
+                             {"queue", s.now.queue},
+                             {"thread", s.now.thread},
+                             {"cpu", cpu_json(s.now.cpu)},
+                             {"image", s.now.image},
+                             {"requests", s.now.requests},
+                             {"bytes", s.now.bytes},
+                             {"iops", rounded(s.iops, 1)},
+                             {"mib_s", rounded(s.mib_s, 3)},
+                             {"in_flight", s.now.in_flight},
+                             {"p50_us", rounded(s.p50_us, 3)},
+                             {"p99_us", rounded(s.p99_us, 3)},
+                             {"kicks", s.now.kicks},
+                             {"interrupts", s.now.interrupts},
+                             {"errors", s.now.errors},
+                             {"throttled_ns", s.now.throttled_ns},
+                             {"flushes", s.now.flushes},
+                             {"requests_per_kick", rounded(s.per_kick, 3)},
+                             {"requests_per_interrupt", rounded(s.per_interrupt, 3)}});
     }
     if (show_iothreads(which)) {
-        out += ",\"iothreads\":[";
-        const char* comma = "";
-        for (const auto& s : thread_samples(before, after)) {
-            out += std::string(comma) + "{\"name\":" + json_string(s.now.name) + ",\"tid\":" + std::to_string(s.now.tid) +
-                   ",\"cpu\":" + cpu(s.now.cpu) + ",\"requests\":" + std::to_string(s.now.requests) +
-                   ",\"bytes\":" + std::to_string(s.now.bytes) + ",\"iops\":" + json_number(s.iops, 1) +
-                   ",\"poll_ns\":" + std::to_string(s.now.poll_ns) + ",\"poll_hits\":" + std::to_string(s.now.poll_hits) +
-                   ",\"wakeups\":" + std::to_string(s.now.wakeups) + ",\"poll_hit_rate\":" +
-                   (s.poll_hit_rate ? json_number(*s.poll_hit_rate, 4) : "null") + "}";
-            comma = ",";
-        }
-        out += "]";
+        Json& threads = out["iothreads"] = Json::array();
+        for (const auto& s : thread_samples(before, after))
+            threads.push_back({{"name", s.now.name},
+                               {"tid", s.now.tid},
+                               {"cpu", cpu_json(s.now.cpu)},
+                               {"requests", s.now.requests},
+                               {"bytes", s.now.bytes},
+                               {"iops", rounded(s.iops, 1)},
+                               {"poll_ns", s.now.poll_ns},
+                               {"poll_hits", s.now.poll_hits},
+                               {"wakeups", s.now.wakeups},
+                               {"poll_hit_rate", rounded(s.poll_hit_rate, 4)}});
     }
     if (show_vcpus(which)) {
         // Cumulative counters under KVM's own names, null where this kernel lacks one.
-        out += ",\"vcpus\":[";
-        const char* comma = "";
+        Json& vcpus = out["vcpus"] = Json::array();
         for (const auto& s : vcpu_samples(before, after)) {
-            out += std::string(comma) + "{\"vcpu\":" + std::to_string(s.now.index);
+            Json vcpu{{"vcpu", s.now.index}};
             for (size_t c = 0; c < kVcpuCounterNames.size(); ++c)
-                out += ",\"" + std::string(kVcpuCounterNames[c]) + "\":" +
-                       (s.now.counters[c] ? std::to_string(*s.now.counters[c]) : "null");
-            out += ",\"exits_s\":" + optional_number(s.per_s[kVcpuExits], 1) + "}";
-            comma = ",";
+                vcpu[std::string(kVcpuCounterNames[c])] = s.now.counters[c] ? Json(*s.now.counters[c]) : Json(nullptr);
+            vcpu["exits_s"] = rounded(s.per_s[kVcpuExits], 1);
+            vcpus.push_back(std::move(vcpu));
         }
-        out += "],\"exits_per_request\":" +
-               optional_number(exits_per_request(before, after, queue_samples(before, after)), 4);
+        out["exits_per_request"] = rounded(exits_per_request(before, after, queues), 4);
     }
-    return out + "}\n";
+    return json_line(out);
 }
 
 }  // namespace lkvm

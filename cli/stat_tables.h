@@ -35,10 +35,9 @@ struct StatTables {
 };
 std::string format_stat_tables(const StatSnapshot& before, const StatSnapshot& after, StatTables which);
 // One JSON object on one line, '\n' included: cumulative counters and rates.
+// Text that is not UTF-8 (an image's path) shows U+FFFD for each bad byte.
 // wall_time_s: when the sample was taken (seconds since the epoch).
 std::string format_stat_json(const StatSnapshot& before, const StatSnapshot& after, StatTables which,
                              double wall_time_s);
-// `text` as a JSON string, quotes included; bytes that are not UTF-8 become U+FFFD.
-std::string json_string(std::string_view text);
 
 }  // namespace lkvm
