@@ -5,6 +5,8 @@ second client pauses, resumes and stops the guest; bad requests get error
 replies and the guest goes on. One line per fact, for run.sh to check.
 
 usage: control_json.py SOCKET
+       control_json.py --events SOCKET: subscribes, then prints "event NAME REASON"
+       for each event until lkvm closes the socket
 """
 import json
 import socket
@@ -14,7 +16,7 @@ import sys
 class Client:
     def __init__(self, path):
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(30)
+        self.sock.settimeout(600)
         self.sock.connect(path)
         self.buffer = b""
         self.greeting = self.line()
@@ -45,7 +47,16 @@ class Client:
                 return message
 
 
+def print_events(path):
+    watcher = Client(path)
+    watcher.execute("subscribe")
+    while (event := watcher.line()) is not None:
+        print("event", event["event"], event["data"].get("reason", ""), flush=True)
+
+
 def main():
+    if sys.argv[1] == "--events":
+        return print_events(sys.argv[2])
     path = sys.argv[1]
     watcher, client = Client(path), Client(path)
     lkvm = watcher.greeting.get("lkvm", {})

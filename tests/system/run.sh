@@ -361,6 +361,10 @@ fio --name=v --filename=/dev/vda --rw=write --bs=64k --size=2M --ioengine=libaio
     --verify=crc32c --do_verify=1 > /tmp/fio.log 2>&1; echo fio=\$?; grep -E \"err=|verify\" /tmp/fio.log | head -n 3" \
     > wstop.out 2>&1 < /dev/null &
 pid=$!
+# A client subscribed to the events sees the stop, the pause and the rest.
+for i in $(seq 240); do [ -S "$XDG_RUNTIME_DIR/lkvm/wstop.sock" ] && break; kill -0 $pid 2> /dev/null || break; sleep 0.25; done
+python3 '"$top"'/tests/system/control_json.py --events "$XDG_RUNTIME_DIR/lkvm/wstop.sock" > wstop-events.out 2>&1 &
+events=$!
 for i in $(seq 240); do "$LKVM" list 2> /dev/null | grep -q "^wstop .*paused (io-error" && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
 "$LKVM" list | grep "^wstop" | sed "s/^/listed: /"
 "$LKVM" stat wstop --disks | head -n 1 | sed "s/^/stat: /"
@@ -369,6 +373,7 @@ sleep 1
 mount -o remount,size=16m full-stop
 "$LKVM" resume wstop; echo resume=$?
 wait $pid; echo status=$?
+wait $events; cat wstop-events.out
 tr -d "\r" < wstop.out
 for i in $(seq 20); do umount full-stop 2> /dev/null && break; sleep 0.5; done
 mountpoint -q full-stop && umount -l full-stop
@@ -759,6 +764,8 @@ else pass control-quiet-silent; fi
 expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+ vCPUs in one guest'
 
 expect werror-stop 0 '^listed: wstop .*paused \(io-error: disk full-stop/disk.raw write error \(No space left on device\)\)' \
+    '^event io-error disk full-stop/disk.raw write error \(No space left on device\)$' '^event paused io-error$' \
+    '^event resumed $' '^event shutdown $' \
     '^stat: guest paused \(io-error: disk full-stop/disk.raw write error' '^still-paused$' '^resume=0$' '^status=0$' '^fio=0$' \
     '^lkvm: disk full-stop/disk.raw write error \(No space left on device\); the guest is paused'
 expect crash-kill 0 '^round 1: [1-9][0-9]* blocks seen complete, all on the image$' \
