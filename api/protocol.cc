@@ -251,9 +251,16 @@ void to_json(Json& json, const StatSnapshot& snapshot)
     if (!snapshot.state.empty())
         json["state"] = snapshot.state;
     for (const auto& t : snapshot.threads)
-        json["threads"].push_back({{"name", t.name},         {"tid", t.tid},         {"cpu", t.cpu},
-                                   {"requests", t.requests}, {"bytes", t.bytes},     {"batches", t.batches},
-                                   {"wakeups", t.wakeups},   {"poll_hits", t.poll_hits}, {"poll_ns", t.poll_ns},
+        json["threads"].push_back({{"name", t.name},
+                                   {"tid", t.tid},
+                                   {"cpu", t.cpu},
+                                   {"pinned_cpu", t.pinned_cpu},
+                                   {"requests", t.requests},
+                                   {"bytes", t.bytes},
+                                   {"batches", t.batches},
+                                   {"wakeups", t.wakeups},
+                                   {"poll_hits", t.poll_hits},
+                                   {"poll_ns", t.poll_ns},
                                    {"latency", t.latency}});
     for (const auto& q : snapshot.queues)
         json["queues"].push_back({{"disk", q.disk},
@@ -288,7 +295,7 @@ void from_json(const Json& json, StatSnapshot& snapshot)
     for (const Json& t : array_member(json, "threads")) {
         object_of(t, "a thread");
         snapshot.threads.push_back({member<std::string>(t, "name"), member<int>(t, "tid"), member<int>(t, "cpu"),
-                                    member<uint64_t>(t, "requests"), member<uint64_t>(t, "bytes"),
+                                    optional_member<int>(t, "pinned_cpu").value_or(-1), member<uint64_t>(t, "requests"), member<uint64_t>(t, "bytes"),
                                     member<uint64_t>(t, "batches"), member<uint64_t>(t, "wakeups"),
                                     member<uint64_t>(t, "poll_hits"), member<uint64_t>(t, "poll_ns"),
                                     t.contains("latency") ? latency_from_json(t["latency"]) : LatencyBuckets{}});

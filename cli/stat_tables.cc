@@ -204,7 +204,7 @@ std::string format_io_stats(const StatSnapshot& snapshot)
     };
     for (const auto& t : snapshot.threads)
         out += line("%-12s %4s %10llu %10.1f %9llu %9llu %9llu %8.1f %8.1f %8.1f\n", t.name.c_str(),
-                    cpu_text(t.cpu).c_str(), (unsigned long long)t.requests, mib(t.bytes),
+                    cpu_text(t.pinned_cpu).c_str(), (unsigned long long)t.requests, mib(t.bytes),
                     (unsigned long long)t.batches, (unsigned long long)t.wakeups, (unsigned long long)t.poll_hits,
                     us(t.poll_ns), percentile_us(t.latency, 0.5), percentile_us(t.latency, 0.99));
     out += line("%-5s %5s %-12s %10s %10s %8s %8s %10s %10s %8s %8s %8s %8s %11s  %s\n", "disk", "queue", "thread", "requests",

@@ -21,6 +21,7 @@ StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threa
         sample.threads.push_back({.name = t->name(),
                                   .tid = tid,
                                   .cpu = cpu,
+                                  .pinned_cpu = t->options().cpu,
                                   .requests = io.requests,
                                   .bytes = io.bytes,
                                   .batches = s.batches.load(std::memory_order_relaxed),

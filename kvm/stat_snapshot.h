@@ -37,6 +37,7 @@ struct StatSnapshot {
         std::string name;
         int tid = 0;        // 0: not running yet
         int cpu = -1;       // the host CPU it last ran on; -1: unknown
+        int pinned_cpu = -1;  // the CPU --iothreads affinity= gave it; -1: not pinned
         uint64_t requests = 0, bytes = 0;
         uint64_t batches = 0, wakeups = 0, poll_hits = 0;
         uint64_t poll_ns = 0;  // its current poll time

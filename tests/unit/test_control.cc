@@ -79,8 +79,8 @@ StatSnapshot sample_snapshot()
 {
     StatSnapshot s;
     s.time_ns = 123456789012345;
-    s.threads = {{"iothread0", 4242, 1, 1000, 4096000, 300, 10, 30, 32768, {}},
-                 {"disk1-io", 4243, -1, 0, 0, 0, 0, 0, 0, {}}};
+    s.threads = {{"iothread0", 4242, 1, 2, 1000, 4096000, 300, 10, 30, 32768, {}},
+                 {"disk1-io", 4243, -1, -1, 0, 0, 0, 0, 0, 0, {}}};
     // Bucket 90 holds 10240-11263 ns, 113 holds 73728-81919 ns, 327 is the last one.
     s.queues = {{0, 0, "iothread0", "/tmp/my disk;1=2%.raw", 1, 600, 2457600, 3, {{90, 590}, {113, 10}}, 300, 200, 2, 750'000'000, 5},
                 {0, 1, "iothread0", "/tmp/my disk;1=2%.raw", 1, 400, 1638400, 0, {{0, 1}, {327, 399}}, 400, 400, 0},
@@ -155,7 +155,7 @@ struct FakeGuest {
             StatSnapshot s;
             s.time_ns = (n + 1) * 1'000'000'000;
             // Of each 100, 90 took 10.24-11.26 us (bucket 90), 10 took 73.7-81.9 us (bucket 113).
-            s.threads = {{"iothread0", 77, 0, 100 * n, 409600 * n, n, 3 * n, n, 500, {}}};
+            s.threads = {{"iothread0", 77, 0, -1, 100 * n, 409600 * n, n, 3 * n, n, 500, {}}};
             s.queues = {{0, 0, "iothread0", "a.raw", 0, 100 * n, 409600 * n, 1,
                          n ? LatencyBuckets{{90, 90 * n}, {113, 10 * n}} : LatencyBuckets{}, 50 * n, 25 * n}};
             // 150 exits a second, of which 40 for I/O; no instruction emulation counter.
@@ -913,6 +913,19 @@ TEST_CASE("control client: the stat tables show rates over the interval")
     after.queues[0].image = "/tmp/\xff\xfe.raw";
     const Json odd = Json::parse(format_stat_json(before, after, {true, false}, 0));
     CHECK(odd["disks"][0]["image"] == "/tmp/\xef\xbf\xbd\xef\xbf\xbd.raw");
+}
+
+TEST_CASE("control client: the --stats table at exit")
+{
+    StatSnapshot snapshot = sample_snapshot();
+    snapshot.threads[0].latency = {{90, 10}};
+    const std::string table = format_io_stats(snapshot);
+    CHECK(table.starts_with("thread        cpu   requests        MiB   batches   wakeups poll-hits  poll-us   p50-us   p99-us\n"));
+    // The CPU --iothreads affinity= pinned it to ("-": none), not the one it last ran on.
+    CHECK(contains(table, "\niothread0       2       1000        3.9       300        10        30     32.8     11.3     11.3\n"));
+    CHECK(contains(table, "\ndisk1-io        -          0        0.0         0         0         0      0.0      0.0      0.0\n"));
+    CHECK(contains(table, "\n0         0 iothread0           600        2.3     11.3     81.9        300        200     2.00     3.00        2        5        0.75  /tmp/my disk;1=2%.raw\n"));
+    CHECK(contains(table, "\nexits per disk request: 10.00\n"));  // 10000 exits, 1000 requests
 }
 
 TEST_CASE("control client: the list table")
