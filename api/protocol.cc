@@ -123,7 +123,8 @@ Result<Json, std::string> parse_json(std::string_view text, int max_depth)
         if (too_deep)
             return fail("JSON nested deeper than " + std::to_string(max_depth) + " levels");
         return value;
-    } catch (const Json::parse_error& e) {
+    } catch (const Json::exception& e) {
+        // Not only parse_error: a number too large for a double (1e400) is out_of_range.
         return fail("JSON parse error: " + message_of(e));
     }
 }

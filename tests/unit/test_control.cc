@@ -251,6 +251,9 @@ TEST_CASE("control protocol: hostile and malformed requests each get an error of
     CHECK(contains(request_error("{\"execute\": \"st"), "GenericError: JSON parse error"));      // truncated
     CHECK(contains(request_error("{\"execute\": \"stat\"} {}"), "GenericError: JSON parse error"));  // two texts
     CHECK(contains(request_error("HELLO there"), "GenericError: JSON parse error"));
+    // A number no double holds: the fuzzer found it threw out_of_range, past the parse_error catch.
+    CHECK(request_error("3e233332-2-332e") == "GenericError: JSON parse error: number overflow parsing '3e233332'");
+    CHECK(contains(request_error("{\"execute\": \"stat\", \"id\": 1e400}"), "GenericError: JSON parse error: number overflow"));
     CHECK(contains(request_error("{\"execute\": \"\xff\xfe\"}"), "GenericError: JSON parse error"));  // not UTF-8
     CHECK(contains(request_error("{\"execute\": \"\xc0\xaf\"}"), "GenericError: JSON parse error"));  // overlong '/'
     CHECK(request_error("[\"execute\", \"stat\"]") == "GenericError: a request is a JSON object: {\"execute\": \"COMMAND\"}");
@@ -546,6 +549,7 @@ TEST_CASE("control server: hostile and bogus requests get error replies; the con
     CHECK(error_class("{\"execute\": \"\xff\"}\n") == "GenericError");          // not UTF-8
     CHECK(error_class(std::string(5000, '[') + "\n") == "GenericError");       // nested too deep
     CHECK(error_class("{\"execute\": [\"stat\"]}\n") == "GenericError");        // a wrong type
+    CHECK(error_class("{\"execute\": \"info\", \"id\": -1e999}\n") == "GenericError");  // no double holds it
     CHECK(error_class("{\"execute\": \"throttle\", \"arguments\": {\"target\": 0, \"limits\": {\"iops\": \"x\"}}}\n") ==
           "GenericError");
     CHECK(error_class("\n") == "GenericError");
