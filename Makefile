@@ -51,7 +51,7 @@ endif
 SAN_TESTS  := build-fuzz/unit-tests build-fuzz/device-tests
 TSAN_TESTS := build-tsan/unit-tests build-tsan/device-tests
 
-LIB_SRCS  := $(wildcard base/*.cc hw/*.cc hw/scsi/*.cc disk/*.cc virtio/*.cc) $(filter-out kvm/main.cc,$(wildcard kvm/*.cc))
+LIB_SRCS  := $(wildcard base/*.cc hw/*.cc hw/scsi/*.cc disk/*.cc virtio/*.cc kvm/*.cc api/*.cc) $(filter-out cli/main.cc,$(wildcard cli/*.cc))
 UNIT_SRCS := $(wildcard tests/unit/*.cc)
 DEVICE_SRCS := $(wildcard tests/device/*.cc)
 
@@ -88,9 +88,10 @@ $(1)/obj/%.o: %.cc
 $(1)/obj/tests/%.o: tests/%.cc
 	@mkdir -p $$(dir $$@)
 	$$(CXX) $$(CXXFLAGS) $$(TREE_CXXFLAGS_$(1)) $$(TREE_TESTFLAGS_$(1)) -c $$< -o $$@
+# Made afresh: `ar r` would keep the members of sources that moved or went.
 $(1)/liblkvm.a: $$(LIB_SRCS:%.cc=$(1)/obj/%.o)
-	ar rcs $$@ $$^
-$(1)/lkvm: $(1)/obj/kvm/main.o $(1)/liblkvm.a
+	rm -f $$@ && ar rcs $$@ $$^
+$(1)/lkvm: $(1)/obj/cli/main.o $(1)/liblkvm.a
 	$$(CXX) $$(LDFLAGS) $$(TREE_LDFLAGS_$(1)) -o $$@ $$^ $$(LDLIBS)
 $(1)/unit-tests: $$(UNIT_SRCS:%.cc=$(1)/obj/%.o) $(1)/liblkvm.a
 	$$(CXX) $$(LDFLAGS) $$(TREE_LDFLAGS_$(1)) -o $$@ $$^ $$(LDLIBS)
@@ -191,7 +192,7 @@ bench: deps
 # DIR2, kept across versions) is the same input to the compiler, which the
 # build itself just compiled, so only the others go through the front end
 # (-fsyntax-only, -Werror). A DIR/checked/*.ok file says which of the two it was.
-ALL_SRCS := $(LIB_SRCS) kvm/main.cc $(UNIT_SRCS) $(DEVICE_SRCS) tests/bench/blkbench.cc
+ALL_SRCS := $(LIB_SRCS) cli/main.cc $(UNIT_SRCS) $(DEVICE_SRCS) tests/bench/blkbench.cc
 ifdef UAPI
 UAPI_BASE    ?= $(BUILD)/uapi/installed
 UAPI_CHECKED := $(ALL_SRCS:%.cc=$(UAPI)/checked/%.ok)
@@ -239,7 +240,7 @@ $(FUZZ_BUILD)/obj/%.o: %.cc
 	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
 
 $(FUZZ_BUILD)/liblkvm.a: $(FUZZ_LIB_OBJS)
-	ar rcs $@ $^
+	rm -f $@ && ar rcs $@ $^
 
 $(FUZZ_BUILD)/fuzz_%: $(FUZZ_BUILD)/obj/tests/fuzz/fuzz_%.o $(FUZZ_BUILD)/liblkvm.a
 	$(FUZZ_CXX) -fsanitize=fuzzer $(FUZZ_SAN) -pthread -o $@ $^ $(LDLIBS)

@@ -472,9 +472,20 @@ void Machine::stop_vcpus()
     vcpu_threads_.clear();
 }
 
+void Machine::watch(std::function<void(const MachineEvent&)> watcher) { watcher_ = std::move(watcher); }
+
+void Machine::report(MachineEvent event)
+{
+    if (watcher_)
+        watcher_(event);
+}
+
 void Machine::pause()
 {
+    const bool was_paused = vcpu_gate_.paused();
     vcpu_gate_.pause();
+    if (!was_paused)
+        report({MachineEvent::Kind::kPaused, io_error_.empty() ? "" : "io-error"});
 }
 
 void Machine::resume()
@@ -486,7 +497,10 @@ void Machine::resume()
         for (auto& disk : disks_)
             disk->retry_failed();
     }
+    const bool was_paused = vcpu_gate_.paused();
     vcpu_gate_.resume();
+    if (was_paused)
+        report({MachineEvent::Kind::kResumed, ""});
 }
 
 std::string Machine::state() const
@@ -505,10 +519,13 @@ void Machine::stop_for_io_error(const std::string& why)
 
 void Machine::pause_for_io_error(const std::string& why)
 {
-    if (io_error_.empty())
+    const bool first = io_error_.empty();
+    if (first)
         log_warn(why + "; the guest is paused (werror/rerror): fix the disk (free space), then 'lkvm resume " +
                  name() + "' retries it");
     io_error_ = why;
+    if (first)
+        report({MachineEvent::Kind::kIoError, why});
     pause();
 }
 
@@ -557,36 +574,8 @@ StatSnapshot Machine::sample_io_stats() const
     return snapshot;
 }
 
-std::string Machine::answer_control(const ControlRequest& request)
+std::string Machine::set_throttle(const std::string& target, const ThrottleLimits& limits)
 {
-    switch (request.verb) {
-    case ControlVerb::kInfo:
-        return format_guest_info(info());
-    case ControlVerb::kStop:
-        request_stop();
-        return "";
-    case ControlVerb::kPause:
-        pause();
-        return "";
-    case ControlVerb::kResume:
-        resume();
-        return "";
-    case ControlVerb::kStat:
-        return format_stat_payload(sample_io_stats());
-    case ControlVerb::kThrottle:
-        return set_throttle(request.argument);
-    }
-    throw Error("unknown control request");
-}
-
-std::string Machine::set_throttle(const std::string& target_and_limits)
-{
-    // The limits never hold a space; an image path may.
-    const auto space = target_and_limits.rfind(' ');
-    if (space == std::string::npos)
-        throw Error("throttle: give a disk or group, then the limits");
-    const std::string target = target_and_limits.substr(0, space);
-    const ThrottleLimits limits = parse_throttle_limits("throttle " + target_and_limits, target_and_limits.substr(space + 1));
     // A group's name first; then a disk, by its index or image, which names the
     // group it is in (its own, or a --throttle-group: as QEMU, that one changes).
     std::string group_name = target;
@@ -610,7 +599,7 @@ std::string Machine::set_throttle(const std::string& target_and_limits)
         throw Error("throttle: no disk or throttle group '" + target + "' (disks: their number in lkvm stat, or image)");
     (*group)->set_limits(limits);
     log_info("throttle group " + (*group)->name() + ": new limits from the control socket");
-    return "group=" + (*group)->name();
+    return (*group)->name();
 }
 
 GuestInfo Machine::info() const
@@ -683,16 +672,6 @@ int Machine::run()
                 warn_if_console_silent();
         });
     }
-    // A name already taken ends lkvm here, before the guest runs, with one
-    // line. A place where no socket can be made (a home on 9p or NFS) does
-    // not: the guest runs, only unseen by lkvm list.
-    try {
-        control_.emplace(io_, control_dir(), name(), [this](const ControlRequest& request) { return answer_control(request); });
-    } catch (const GuestNameTaken&) {
-        throw;
-    } catch (const Error& e) {
-        log_warn(std::string(e.what()) + "; running without a control socket (lkvm list, stat and stop will not see it)");
-    }
     start_input();
     if (options_.gdb_port)
         start_gdb();
@@ -705,18 +684,17 @@ int Machine::run()
         });
 
     io_.run();
-    control_.reset();  // the guest is over: its socket goes at once
+    {
+        std::lock_guard lock(outcome_mutex_);
+        if (!outcome_)
+            outcome_ = Outcome{exit_status::kOk, ""};
+    }
+    report({MachineEvent::Kind::kShutdown, outcome_->message, outcome_->status});
     gdb_.reset();
     stop_vcpus();
     console_.restore();
-    if (options_.stats) {
-        log_info("I/O statistics");
-        std::fputs(format_io_stats(io_threads_, disks_, sample_vcpus()).c_str(), stderr);  // asked for: shown at any log level
-    }
 
     std::lock_guard lock(outcome_mutex_);
-    if (!outcome_)
-        return exit_status::kOk;
     if (!outcome_->message.empty())
         log_at(outcome_->level, outcome_->message);
     if (outcome_->status > 128 || outcome_->status == exit_status::kTimeout) {

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -24,15 +25,14 @@
 #include "hw/platform.h"
 #include "hw/serial8250.h"
 #include "kvm/boot.h"
-#include "kvm/cli.h"
 #include "kvm/console.h"
-#include "kvm/control.h"
 #include "kvm/gdb_server.h"
-#include "kvm/io_stats_table.h"
 #include "kvm/kvm.h"
+#include "kvm/machine_config.h"
+#include "kvm/stat_snapshot.h"
 #include "kvm/vcpu_debug.h"
-#include "kvm/vcpu_stats.h"
 #include "kvm/vcpu_gate.h"
+#include "kvm/vcpu_stats.h"
 #include "kvm/virtio_host.h"
 #include "virtio/blk.h"
 #include "virtio/io_thread.h"
@@ -41,6 +41,18 @@
 
 namespace lkvm {
 
+// A change in the guest's state, as whoever watches the machine sees it.
+struct MachineEvent {
+    enum class Kind {
+        kPaused,    // the vCPUs are held (pause(), or an I/O error below)
+        kResumed,   // they run again
+        kIoError,   // a disk's werror/rerror=stop policy paused the guest; `reason` says what failed
+        kShutdown,  // the guest is over: lkvm exits with `exit_status`; `reason` says why ("" when the guest ended itself)
+    };
+    Kind kind;
+    std::string reason;
+    int exit_status = 0;
+};
 
 class Machine : private IoErrorStop {
 public:
@@ -54,8 +66,14 @@ public:
 
     // ---- What the control socket (lkvm list/stop/pause/resume/stat) asks for.
     // Call these on the main loop thread, from a handler of the loop run()
-    // runs: that is where the control server lives.
-    //
+    // runs (main_loop()): that is where a control server lives.
+
+    // The loop run() runs: the place for whatever serves the machine from outside.
+    boost::asio::io_context& main_loop() { return io_; }
+    // Called on the main loop thread for every state change, from the first
+    // one on; the shutdown event comes last, as run() ends (the loop has
+    // stopped by then: what the watcher sends must go out at once).
+    void watch(std::function<void(const MachineEvent&)> watcher);
 
     // Its --name, or "guest-<pid>".
     std::string name() const;
@@ -73,10 +91,13 @@ public:
     // The I/O threads', disk queues' and vCPUs' counters now.
     StatSnapshot sample_io_stats() const;
     GuestInfo info() const;
+    // New limits for a --throttle-group (by name) or a disk (its index, as
+    // lkvm stat shows it, or its image), which changes the group it is in.
+    // Returns that group's name; throws Error when there is no such target.
+    std::string set_throttle(const std::string& target, const ThrottleLimits& limits);
 
 private:
-    std::string answer_control(const ControlRequest& request);  // the control socket's handler, on the main loop
-    std::string set_throttle(const std::string& target_and_limits);
+    void report(MachineEvent event);
     void stop_for_io_error(const std::string& why) override;  // from an I/O thread
     void pause_for_io_error(const std::string& why);           // on the main loop
     struct Outcome {
@@ -121,7 +142,7 @@ private:
     Bus pio_{"port I/O"};
     Bus mmio_{"MMIO"};
     boost::asio::io_context io_{1};
-    std::optional<ControlServer> control_;  // while run() runs; before io_ goes
+    std::function<void(const MachineEvent&)> watcher_;
     std::unique_ptr<VmDebugger> debugger_;  // --gdb
     std::optional<GdbServer> gdb_;          // --gdb, while run() runs
     Console console_;

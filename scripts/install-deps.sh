@@ -11,6 +11,8 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 packages=(g++ make pkg-config libboost-dev libaio-dev liburing-dev doctest-dev
           qemu-system-x86 busybox-static cpio fio kmod xz-utils zstd procps
           sg3-utils util-linux python3
+          # the control socket's JSON (nlohmann's header-only library), and socat for its system test
+          nlohmann-json3-dev socat
           # the gdb stub's system test: Debian's gdb against the guest, and ip to bring up L1's loopback
           gdb iproute2
           # make install's man page (scdoc writes it), and the install test's man -l and

@@ -21,7 +21,7 @@
 #include "base/error.h"
 #include "disk/disk_image.h"
 #include "disk/io_engine.h"
-#include "kvm/cli.h"
+#include "kvm/machine_config.h"
 #include "tests/device/driver.h"
 #include "virtio/blk.h"
 #include "virtio/io_thread.h"

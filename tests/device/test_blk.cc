@@ -25,7 +25,7 @@
 
 #include "base/error.h"
 #include "disk/disk_image.h"
-#include "kvm/io_stats_table.h"
+#include "kvm/stat_snapshot.h"
 #include "tests/device/alloc_counter.h"
 #include "tests/device/driver.h"
 #include "tests/device/faulty_engine.h"

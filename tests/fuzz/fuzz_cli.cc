@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "kvm/cli.h"
+#include "cli/command_line.h"
 #include "tests/fuzz/fuzz_input.h"
 
 using namespace lkvm;

@@ -130,15 +130,22 @@ seed("virtio_pci", "bar-moves", bytes([2, 1]) + op(4, 0, 4, 0x80000810) + op(4, 
      op(4, 0, 4, 0x80000804) + op(4, 4, 2, 7) + op(4, 0, 4, 0x80000818) + op(4, 4, 4, 0x7000) +
      op(9, 0, 1, 1) + config(0x10, 4, 0xd0000000) + op(9, 0, 1, 0) + config(4, 2, 0))
 
-# ---- control: one line.
-seed("control", "info", "LKVM/1 info")
-seed("control", "stat", "LKVM/1 stat")
-seed("control", "reply-info", "LKVM/1 ok name=g state=running pid=42 vcpus=2 mem_mib=512 disk=a.raw disk=b%20c.raw")
+# ---- control: one line, a request or a reply.
+seed("control", "info", '{"execute": "info"}')
+seed("control", "stat-id", '{"execute": "stat", "id": [1, "a"]}')
+seed("control", "throttle", '{"execute": "throttle", "arguments": {"target": "0", "limits": {"iops": 500, "bps-wr": 1048576}}}')
+seed("control", "subscribe", '{"execute": "subscribe"}')
+seed("control", "reply-info",
+     '{"return": {"name": "g", "state": "running", "pid": 42, "vcpus": 2, "mem_mib": 512, "disks": ["a.raw", "b c.raw"]}}')
 seed("control", "reply-stat",
-     "LKVM/1 ok time_ns=5;thread=iothread0 tid=7 cpu=0 requests=1 bytes=2 batches=1 wakeups=1 poll_hits=0 poll_ns=0;"
-     "disk=0 queue=0 thread=iothread0 image=a.raw cpu=1 requests=3 bytes=4 in_flight=0 latency=3:1,5:2 kicks=1 "
-     "interrupts=1;vcpu=0 exits=9 io_exits=1 insn_emulation=2")
-seed("control", "reply-error", "LKVM/1 error no such guest")
+     '{"return": {"time_ns": 5, "threads": [{"name": "iothread0", "tid": 7, "cpu": 0, "requests": 1, "bytes": 2, '
+     '"batches": 1, "wakeups": 1, "poll_hits": 0, "poll_ns": 0, "latency": [[3, 1]]}], "queues": [{"disk": 0, "queue": 0, '
+     '"thread": "iothread0", "image": "a.raw", "cpu": 1, "requests": 3, "bytes": 4, "in_flight": 0, '
+     '"latency": [[3, 1], [5, 2]], "kicks": 1, "interrupts": 1, "errors": 0, "throttled_ns": 0, "flushes": 0}], '
+     '"vcpus": [{"vcpu": 0, "exits": 9, "io_exits": 1, "insn_emulation": 2}]}}')
+seed("control", "reply-error", '{"error": {"class": "GenericError", "desc": "no such guest"}}')
+seed("control", "event", '{"event": "paused", "timestamp": {"seconds": 1, "microseconds": 2}, "data": {}}')
+seed("control", "greeting", '{"lkvm": {"version": "0.1.0", "capabilities": ["events"]}}')
 
 # ---- cli: a -d or --iothreads value, or lkvm's arguments one per line.
 seed("cli", "disk", "disk.raw,ro,direct,aio=io_uring,serial=S1,num-queues=2,iothread=0+1,ioprio=be/3,notify=mmio")

@@ -361,6 +361,10 @@ fio --name=v --filename=/dev/vda --rw=write --bs=64k --size=2M --ioengine=libaio
     --verify=crc32c --do_verify=1 > /tmp/fio.log 2>&1; echo fio=\$?; grep -E \"err=|verify\" /tmp/fio.log | head -n 3" \
     > wstop.out 2>&1 < /dev/null &
 pid=$!
+# A client subscribed to the events sees the stop, the pause and the rest.
+for i in $(seq 240); do [ -S "$XDG_RUNTIME_DIR/lkvm/wstop.sock" ] && break; kill -0 $pid 2> /dev/null || break; sleep 0.25; done
+python3 '"$top"'/tests/system/control_json.py --events "$XDG_RUNTIME_DIR/lkvm/wstop.sock" > wstop-events.out 2>&1 &
+events=$!
 for i in $(seq 240); do "$LKVM" list 2> /dev/null | grep -q "^wstop .*paused (io-error" && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
 "$LKVM" list | grep "^wstop" | sed "s/^/listed: /"
 "$LKVM" stat wstop --disks | head -n 1 | sed "s/^/stat: /"
@@ -369,6 +373,7 @@ sleep 1
 mount -o remount,size=16m full-stop
 "$LKVM" resume wstop; echo resume=$?
 wait $pid; echo status=$?
+wait $events; cat wstop-events.out
 tr -d "\r" < wstop.out
 for i in $(seq 20); do umount full-stop 2> /dev/null && break; sleep 0.5; done
 mountpoint -q full-stop && umount -l full-stop
@@ -483,7 +488,7 @@ mountpoint -q tmpfs-cache && umount -l tmpfs-cache
 true'
 
 # The control socket: lkvm list/stat/pause/resume/stop against a guest running fio.
-truncate -s 64M "$work/ctl.raw"
+truncate -s 64M "$work/ctl.raw" "$work/ctl-json.raw"
 script control-socket '
 # One attempt, as a function: the nested rig now and then resets an L2 vCPU
 # (a spurious triple fault, DESIGN.md) under this long run; then it runs again.
@@ -526,7 +531,8 @@ print(\"json-kicks-exits\" if queues and vcpus and \"exits_per_request\" in j el
 python3 -c "
 import socket, sys
 s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b\"HELLO there\n\")
-print(\"bogus-reply:\", s.recv(4096).decode().strip())" "$XDG_RUNTIME_DIR/lkvm/fioguest.sock"
+f = s.makefile(\"rb\"); f.readline()  # the greeting
+print(\"bogus-reply:\", f.readline().decode().strip())" "$XDG_RUNTIME_DIR/lkvm/fioguest.sock"
 "$LKVM" list | grep -q "fioguest.*running" && echo still-running
 for i in $(seq 240); do grep -q "^fio-done" guest.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
 after=$(requests)
@@ -546,6 +552,27 @@ if grep -q "^status=122$" control-first.out && grep -q "triple fault (KVM_EXIT_S
 else
     cat control-first.out
 fi'
+# The JSON protocol itself, as scripts speak it: socat for a request by hand,
+# then tests/system/control_json.py (a subscriber sees pause, resume and
+# shutdown events; bad requests get error replies while the guest goes on).
+script control-json '
+export XDG_RUNTIME_DIR=$(mktemp -d "${XDG_RUNTIME_DIR:-/tmp}/lkvm-control.XXXXXX")
+sock=$XDG_RUNTIME_DIR/lkvm/jguest.sock
+"$LKVM" run --name jguest -d '"$work"'/ctl-json.raw -- sh -c "echo guest-up; sleep 1000" > json-guest.out 2>&1 < /dev/null &
+pid=$!
+for i in $(seq 240); do grep -q "^guest-up" json-guest.out && break; kill -0 $pid 2> /dev/null || break; sleep 0.5; done
+printf "%s\n" "{\"execute\": \"info\", \"id\": \"by-hand\"}" | socat -t 5 - "UNIX-CONNECT:$sock" > socat.out
+python3 -c "
+import json, sys
+lines = [json.loads(l) for l in open(\"socat.out\")]
+print(\"socat\", \"greeted\" if \"lkvm\" in lines[0] else lines[0], lines[1][\"return\"][\"name\"], lines[1][\"id\"])"
+"$LKVM" stat jguest --json --watch 1 | head -n 2 | python3 -c "
+import json, sys
+samples = [json.loads(l) for l in sys.stdin]
+print(\"stat-json\", len(samples), \"ok\" if all(\"disks\" in s and \"interval_s\" in s for s in samples) else samples)"
+python3 '"$top"'/tests/system/control_json.py "$sock"
+wait $pid; echo status=$?
+[ -e "$sock" ] || echo socket-gone'
 job control-timeout run --timeout 5 -- sleep 1000
 job control-output run --quiet --console-log "$work/console.log" -- sh -c 'echo hello-console-log; echo quiet-guest; exit 3'
 
@@ -698,7 +725,7 @@ expect snapshot-two-guests 0 "${snap_expect[@]}" '^second=0$' '^first=0$' '^firs
 if [ "$(md5sum < "$work/snap.raw")" = "$snap_sum" ]; then pass snapshot-image-unchanged
 else fail snapshot-image-unchanged "a snapshot guest changed its image" "$(result snapshot-two-guests out)"; fi
 expect control-socket 0 'fioguest +[0-9]+ +running +2 ' '^pause=0$' '^listed-paused$' '^paused-moved=0$' '^resume=0$' \
-    '^counted-from-idle$' '^resumed-moves$' '^two-clients$' '^interval-latency ' '^json-kicks-exits ' '^bogus-reply: LKVM/1 error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
+    '^counted-from-idle$' '^resumed-moves$' '^two-clients$' '^interval-latency ' '^json-kicks-exits ' '^bogus-reply: \{"error":\{"class":"GenericError","desc":"JSON parse error' '^still-running$' '^adds-up$' '^stop=0$' '^status=0$' \
     '^socket-gone$' '^pause-gone=1$'
 # Each cache mode as the guest sees it and as lkvm opened the image; unsafe
 # flushes nothing; with the cache turned off each O_DIRECT write is flushed (16 of 4 KiB).
@@ -722,6 +749,11 @@ if [ -f "$cache_out" ]; then
     if [ -n "$after" ] && [ $((before - after)) -ge 6144 ]; then pass cache-modes-detect-zeroes-unmap
     else fail cache-modes-detect-zeroes-unmap "blocks before=${before:-?} after=${after:-?}" "$cache_out"; fi
 fi
+expect control-json 0 '^socat greeted jguest by-hand$' '^stat-json 2 ok$' '^greeting ok$' "^subscribe \\{'return': \\{\\}, 'id': 'w1'\\}$" \
+    '^stat ok$' '^bad unknown CommandNotFound$' '^bad not-json GenericError$' '^bad truncated GenericError$' \
+    '^bad not-utf8 GenericError$' '^bad deep GenericError$' '^bad wrong-type GenericError$' '^bad no-execute GenericError$' \
+    '^after-bad running jguest$' "^pause \\{'return': \\{\\}\\}$" '^event paused$' '^info-paused paused$' \
+    '^event resumed$' '^event shutdown exit_status=0 timestamp-ok$' '^after-shutdown None$' '^status=0$' '^socket-gone$'
 expect control-timeout 124 '--timeout'
 expect_in control-output control-console-log 3 'hello-console-log'
 if grep -q hello-console-log "$work/console.log" 2> /dev/null; then pass control-console-log-file
@@ -732,6 +764,8 @@ else pass control-quiet-silent; fi
 expect kvm-max-cpus 1 '^lkvm: -c 255: (this host.s KVM|lkvm) runs at most [0-9]+ vCPUs in one guest'
 
 expect werror-stop 0 '^listed: wstop .*paused \(io-error: disk full-stop/disk.raw write error \(No space left on device\)\)' \
+    '^event io-error disk full-stop/disk.raw write error \(No space left on device\)$' '^event paused io-error$' \
+    '^event resumed $' '^event shutdown $' \
     '^stat: guest paused \(io-error: disk full-stop/disk.raw write error' '^still-paused$' '^resume=0$' '^status=0$' '^fio=0$' \
     '^lkvm: disk full-stop/disk.raw write error \(No space left on device\); the guest is paused'
 expect crash-kill 0 '^round 1: [1-9][0-9]* blocks seen complete, all on the image$' \

@@ -1,4 +1,4 @@
-// The control socket: protocol, payloads, socket paths, a real server on a
+// The control socket: the JSON protocol, socket paths, a real server on a
 // temporary directory, and the client commands against it.
 #include <doctest/doctest.h>
 
@@ -8,18 +8,27 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/write.hpp>
+
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <optional>
 #include <thread>
 
+#include "api/control.h"
+#include "api/machine_control.h"
+#include "api/protocol.h"
 #include "base/error.h"
 #include "base/fd.h"
-#include "kvm/cli.h"
-#include "kvm/control.h"
-#include "kvm/control_client.h"
+#include "cli/command_line.h"
+#include "cli/control_client.h"
+#include "cli/stat_tables.h"
 #include "tests/unit/test_util.h"
 
 using namespace lkvm;
@@ -29,13 +38,23 @@ using lkvm::test::error_of;
 
 namespace {
 
-
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
+// The error a line gets as a request: "CLASS: desc".
 std::string request_error(std::string_view line)
 {
-    const auto verb = parse_request(line);
-    return verb ? std::string("(no error)") : verb.error();
+    const auto request = parse_request(line);
+    if (request)
+        return "(no error)";
+    return std::string(error_class_name(request.error().error_class)) + ": " + request.error().desc;
+}
+
+// A line of the protocol, parsed back (it must be one JSON object and end in '\n').
+Json parsed_line(const std::string& line)
+{
+    REQUIRE(line.ends_with('\n'));
+    REQUIRE(std::count(line.begin(), line.end(), '\n') == 1);
+    return Json::parse(line);
 }
 
 mode_t mode_of(const std::string& path)
@@ -55,12 +74,13 @@ void make_stale_socket(const std::string& path)
     REQUIRE(::bind(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0);
 }
 
+
 StatSnapshot sample_snapshot()
 {
     StatSnapshot s;
     s.time_ns = 123456789012345;
-    s.threads = {{"iothread0", 4242, 1, 1000, 4096000, 300, 10, 30, 32768},
-                 {"disk1-io", 4243, -1, 0, 0, 0, 0, 0, 0}};
+    s.threads = {{"iothread0", 4242, 1, 2, 1000, 4096000, 300, 10, 30, 32768, {}},
+                 {"disk1-io", 4243, -1, -1, 0, 0, 0, 0, 0, 0, {}}};
     // Bucket 90 holds 10240-11263 ns, 113 holds 73728-81919 ns, 327 is the last one.
     s.queues = {{0, 0, "iothread0", "/tmp/my disk;1=2%.raw", 1, 600, 2457600, 3, {{90, 590}, {113, 10}}, 300, 200, 2, 750'000'000, 5},
                 {0, 1, "iothread0", "/tmp/my disk;1=2%.raw", 1, 400, 1638400, 0, {{0, 1}, {327, 399}}, 400, 400, 0},
@@ -84,6 +104,16 @@ struct ServedGuest {
         loop = std::thread([this] { io.run(); });
     }
     ~ServedGuest() { stop(); }
+    // Runs fn on the loop thread and waits for it: the server is the loop's.
+    void on_loop(std::function<void()> fn)
+    {
+        std::promise<void> done;
+        boost::asio::post(io, [&] {
+            fn();
+            done.set_value();
+        });
+        done.get_future().wait();
+    }
     void stop()
     {
         if (loop.joinable()) {
@@ -94,48 +124,53 @@ struct ServedGuest {
     }
 };
 
-// What a test guest answers; remembers the last verb and the thread it ran on.
+// What a test guest answers; remembers the last command and the thread it ran on.
 struct FakeGuest {
     std::string name;
-    std::atomic<int> last_verb{-1};
+    std::atomic<MachineCommand::Kind> last{};
+    std::atomic<int> commands{0};
     std::atomic<std::thread::id> thread{};
     std::atomic<uint64_t> stat_calls{0};
-    std::string last_argument{};
+    std::string last_target{};
+    ThrottleLimits last_limits{};
 
-    std::string operator()(ControlVerb verb)
+    Json operator()(const ControlRequest& request)
     {
-        last_verb = static_cast<int>(verb);
+        ++commands;
+        const MachineCommand command = parse_machine_command(request);
+        last = command.kind;
         thread = std::this_thread::get_id();
-        switch (verb) {
-        case ControlVerb::kInfo:
-            return format_guest_info({name, "running", 4242, 2, 512, {"a.raw", "b c.raw"}});
-        case ControlVerb::kPause:
+        switch (command.kind) {
+        case MachineCommand::Kind::kInfo:
+            return GuestInfo{name, "running", 4242, 2, 512, {"a.raw", "b c.raw"}};
+        case MachineCommand::Kind::kPause:
             throw Error("the guest is paused already");
-        case ControlVerb::kStat: {
+        case MachineCommand::Kind::kThrottle:
+            last_target = command.target;
+            last_limits = command.limits;
+            return {{"group", command.target}};
+        case MachineCommand::Kind::kStat: {
             // Each sample one second and 100 requests of 4 KiB after the last.
             const uint64_t n = stat_calls++;
             StatSnapshot s;
             s.time_ns = (n + 1) * 1'000'000'000;
             // Of each 100, 90 took 10.24-11.26 us (bucket 90), 10 took 73.7-81.9 us (bucket 113).
-            s.threads = {{"iothread0", 77, 0, 100 * n, 409600 * n, n, 3 * n, n, 500}};
+            s.threads = {{"iothread0", 77, 0, -1, 100 * n, 409600 * n, n, 3 * n, n, 500, {}}};
             s.queues = {{0, 0, "iothread0", "a.raw", 0, 100 * n, 409600 * n, 1,
                          n ? LatencyBuckets{{90, 90 * n}, {113, 10 * n}} : LatencyBuckets{}, 50 * n, 25 * n}};
             // 150 exits a second, of which 40 for I/O; no instruction emulation counter.
             s.vcpus = {{0, {150 * n, 40 * n, 0, 60 * n, 20 * n, 5 * n, 0, 30 * n, std::nullopt}}};
-            return format_stat_payload(s);
+            return s;
         }
         default:
-            return "";
+            return Json::object();
         }
     }
 };
 
 ControlServer::Handler handler_of(FakeGuest& guest)
 {
-    return [&guest](const ControlRequest& request) {
-        guest.last_argument = request.argument;
-        return guest(request.verb);
-    };
+    return [&guest](const ControlRequest& request) { return guest(request); };
 }
 
 std::string run_and_capture(const Command& command, const std::string& dir, int& status)
@@ -156,179 +191,190 @@ std::string run_and_capture(const Command& command, const std::string& dir, int&
     return text;
 }
 
+// A raw client that speaks the protocol by hand, with a receive timeout.
+struct RawClient {
+    Fd fd;
+    std::string received;
+
+    explicit RawClient(const std::string& path) : fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0))
+    {
+        const timeval limit{5, 0};
+        ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
+        sockaddr_un address{};
+        address.sun_family = AF_UNIX;
+        path.copy(address.sun_path, sizeof(address.sun_path) - 1);
+        REQUIRE(::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0);
+    }
+    void send(std::string_view bytes) { REQUIRE(::send(fd.get(), bytes.data(), bytes.size(), MSG_NOSIGNAL) == ssize_t(bytes.size())); }
+    // The next line, or "" at end of file.
+    std::string line()
+    {
+        for (;;) {
+            if (const size_t end = received.find('\n'); end != std::string::npos) {
+                std::string line = received.substr(0, end);
+                received.erase(0, end + 1);
+                return line;
+            }
+            char buffer[65536];
+            const ssize_t got = ::recv(fd.get(), buffer, sizeof(buffer), 0);
+            // A server that closes with our bytes unread resets the connection.
+            if (got == 0 || (got < 0 && errno == ECONNRESET))
+                return "";
+            REQUIRE(got > 0);
+            received.append(buffer, size_t(got));
+        }
+    }
+    Json json() { return Json::parse(line()); }
+};
+
 }  // namespace
 
-TEST_CASE("control: every verb's request parses back")
+TEST_CASE("control protocol: requests, with arguments and an id")
 {
-    for (const ControlRequest& request :
-         {ControlRequest{ControlVerb::kInfo, {}}, ControlRequest{ControlVerb::kStop, {}},
-          ControlRequest{ControlVerb::kPause, {}}, ControlRequest{ControlVerb::kResume, {}},
-          ControlRequest{ControlVerb::kStat, {}}, ControlRequest{ControlVerb::kThrottle, "/tmp/my disk.raw iops=5"}}) {
-        const std::string line = format_request(request);
-        REQUIRE(line.back() == '\n');
-        const auto parsed = parse_request(std::string_view(line).substr(0, line.size() - 1));
-        REQUIRE(parsed.ok());
-        CHECK(parsed.value() == request);
-    }
-    CHECK(format_request({ControlVerb::kStat, {}}) == "LKVM/1 stat\n");
-    CHECK(format_request({ControlVerb::kThrottle, "0 iops=500"}) == "LKVM/1 throttle 0%20iops%3D500\n");
+    const auto stat = parse_request(R"({"execute": "stat"})");
+    REQUIRE(stat.ok());
+    CHECK(stat->command == "stat");
+    CHECK(stat->arguments == Json::object());
+    CHECK_FALSE(stat->id);
+    const auto throttle = parse_request(R"({"id": {"n": [1, 2]}, "execute": "throttle", "arguments": {"target": "0"}})");
+    REQUIRE(throttle.ok());
+    CHECK(throttle->arguments == Json{{"target", "0"}});
+    CHECK(throttle->id == Json{{"n", {1, 2}}});
+    CHECK(parse_request(R"({"execute": "info", "id": null})")->id == Json(nullptr));  // given, so echoed
+    CHECK(parse_request(request_line("throttle", {{"target", 0}})).value().arguments["target"] == 0);
+    CHECK(request_line("stat") == "{\"execute\":\"stat\"}\n");
 }
 
-TEST_CASE("control: a malformed request gets the reason as its error")
+TEST_CASE("control protocol: hostile and malformed requests each get an error of their own")
 {
-    CHECK(contains(request_error(""), "empty request; send 'LKVM/1 VERB'"));
-    const std::string version = "unsupported protocol version, this lkvm speaks LKVM/1";
-    CHECK(request_error("LKVM/2 info") == version);
-    CHECK(request_error("info") == version);
-    CHECK(request_error("lkvm/1 info") == version);
-    CHECK(request_error(" LKVM/1 info") == version);
-    CHECK(request_error("LKVM/1") == "no verb after LKVM/1 (verbs: info, stop, pause, resume, stat, throttle)");
-    CHECK(request_error("LKVM/1 fly") == "unknown verb 'fly' (verbs: info, stop, pause, resume, stat, throttle)");
-    CHECK(request_error("LKVM/1 INFO") == "unknown verb 'INFO' (verbs: info, stop, pause, resume, stat, throttle)");
-    CHECK(request_error("LKVM/1 info now") == "unexpected 'now' after the verb");
-    CHECK(contains(request_error("LKVM/1 throttle"), "throttle needs what to throttle and how"));
-    CHECK(request_error("LKVM/1 throttle 0%20iops=5 more") == "unexpected 'more' after the argument");
-    CHECK(contains(request_error("LKVM/1 throttle 0%2"), "%"));
-    CHECK(contains(request_error("LKVM/1 throttle %0A"), "control characters"));
-    CHECK(contains(request_error("LKVM/1  info"), "malformed request: one space between words"));
-    CHECK(contains(request_error("LKVM/1 info "), "malformed request"));
-    CHECK(request_error("LKVM/1 info\r") == "control characters in the request");
-    CHECK(request_error("LKVM/1\tinfo") == "control characters in the request");
-    CHECK(request_error(std::string("LKVM/1 in\0fo", 12)) == "control characters in the request");
-    CHECK(request_error("LKVM/1 info\x7f") == "control characters in the request");
-    CHECK(request_error(std::string(4095, 'a')) == version);  // 4095 + '\n' still fits
-    CHECK(request_error(std::string(4096, 'a')) == "request longer than 4096 bytes");
+    CHECK(contains(request_error(""), "GenericError: JSON parse error"));
+    CHECK(contains(request_error("{\"execute\": \"st"), "GenericError: JSON parse error"));      // truncated
+    CHECK(contains(request_error("{\"execute\": \"stat\"} {}"), "GenericError: JSON parse error"));  // two texts
+    CHECK(contains(request_error("HELLO there"), "GenericError: JSON parse error"));
+    // A number no double holds: the fuzzer found it threw out_of_range, past the parse_error catch.
+    CHECK(request_error("3e233332-2-332e") == "GenericError: JSON parse error: number overflow parsing '3e233332'");
+    CHECK(contains(request_error("{\"execute\": \"stat\", \"id\": 1e400}"), "GenericError: JSON parse error: number overflow"));
+    CHECK(contains(request_error("{\"execute\": \"\xff\xfe\"}"), "GenericError: JSON parse error"));  // not UTF-8
+    CHECK(contains(request_error("{\"execute\": \"\xc0\xaf\"}"), "GenericError: JSON parse error"));  // overlong '/'
+    CHECK(request_error("[\"execute\", \"stat\"]") == "GenericError: a request is a JSON object: {\"execute\": \"COMMAND\"}");
+    CHECK(request_error("\"stat\"") == "GenericError: a request is a JSON object: {\"execute\": \"COMMAND\"}");
+    CHECK(request_error("{}") == "GenericError: the request lacks member 'execute'");
+    CHECK(request_error("{\"execute\": 5}") == "GenericError: member 'execute' must be a string");
+    CHECK(request_error("{\"execute\": \"stat\", \"arguments\": []}") == "GenericError: member 'arguments' must be an object");
+    CHECK(request_error("{\"execute\": \"stat\", \"argument\": {}}") ==
+          "GenericError: member 'argument' is unexpected in a request (execute, arguments, id)");
+
+    // Nesting: 8 levels of arrays and objects parse, 9 do not, and neither do 100000.
+    const auto nested = [](int depth) { return std::string(depth, '[') + std::string(depth, ']'); };
+    CHECK(parse_json(nested(8), kMaxJsonDepth).ok());
+    CHECK(parse_json(nested(9), kMaxJsonDepth).error() == "JSON nested deeper than 8 levels");
+    CHECK(parse_json(nested(100000), kMaxJsonDepth).error() == "JSON nested deeper than 8 levels");
+    CHECK(request_error("{\"execute\": \"stat\", \"arguments\": {\"a\": " + nested(7) + "}}") ==
+          "GenericError: JSON nested deeper than 8 levels");
+    CHECK(parse_json("{\"a\": [[1]]}", 3).ok());  // a scalar is no level
+
+    // The id of a request that failed after it was read is echoed.
+    const auto failed = parse_request("{\"id\": 42, \"execute\": 5}");
+    REQUIRE_FALSE(failed.ok());
+    CHECK(failed.error().id == Json(42));
+    CHECK(parsed_line(error_line(failed.error())) ==
+          Json{{"error", {{"class", "GenericError"}, {"desc", "member 'execute' must be a string"}}}, {"id", 42}});
 }
 
-TEST_CASE("control: replies, ok and error, and what is not one")
+TEST_CASE("control protocol: every line is one JSON object, even from text that is not UTF-8")
 {
-    CHECK(format_ok_reply("a=1") == "LKVM/1 ok a=1\n");
-    CHECK(format_ok_reply("") == "LKVM/1 ok\n");
-    CHECK(contains(error_of([] { format_ok_reply("a=1\nLKVM/1 ok b=2"); }), "control characters"));
-    CHECK(format_error_reply("bad\nthing\r") == "LKVM/1 error bad thing \n");
-    CHECK(format_error_reply("") == "LKVM/1 error error\n");
+    const Json greeting = parsed_line(greeting_line());
+    CHECK(greeting["lkvm"]["version"] == kVersion);
+    CHECK(greeting["lkvm"]["capabilities"] == Json::array({"events"}));
+    CHECK(return_line(Json::object(), std::nullopt) == "{\"return\":{}}\n");
+    CHECK(return_line({{"a", 1}}, Json("x")) == "{\"return\":{\"a\":1},\"id\":\"x\"}\n");
+    CHECK(error_line({ControlErrorClass::kCommandNotFound, "no", std::nullopt}) ==
+          "{\"error\":{\"class\":\"CommandNotFound\",\"desc\":\"no\"}}\n");
+    const Json event = parsed_line(event_line("paused", {{"reason", "x"}}, std::chrono::system_clock::time_point(
+                                                                              std::chrono::microseconds(1'700'000'000'123'456))));
+    CHECK(event == Json{{"event", "paused"},
+                        {"timestamp", {{"seconds", 1'700'000'000}, {"microseconds", 123'456}}},
+                        {"data", {{"reason", "x"}}}});
 
-    const auto ok = parse_reply("LKVM/1 ok a=1 b=2");
-    CHECK(ok.ok);
-    CHECK(ok.text == "a=1 b=2");
-    CHECK(parse_reply("LKVM/1 ok").ok);
-    CHECK(parse_reply("LKVM/1 ok").text.empty());
-    const auto error = parse_reply("LKVM/1 error no such thing");
-    CHECK_FALSE(error.ok);
-    CHECK(error.text == "no such thing");
-    CHECK(contains(error_of([] { parse_reply("LKVM/2 ok a=1"); }), "another protocol version (LKVM/2)"));
-    CHECK(error_of([] { parse_reply("hello"); }) == "garbled reply from the guest");
-    CHECK(error_of([] { parse_reply("LKVM/1 maybe"); }) == "garbled reply from the guest");
-    CHECK(error_of([] { parse_reply(""); }) == "garbled reply from the guest");
+    // A disk path may hold any bytes; the line is still UTF-8 JSON, and dump() never throws.
+    const std::string line = json_line({{"path", "/tmp/\xff" "a\xc3\xa9\n\x01"}});
+    CHECK(line == "{\"path\":\"/tmp/\xef\xbf\xbd" "a\xc3\xa9\\n\\u0001\"}\n");
+    CHECK(parsed_line(return_line(GuestInfo{"g", "running", 1, 1, 64, {"\xfe.raw"}}, std::nullopt))["return"]["disks"][0] ==
+          "\xef\xbf\xbd.raw");
 }
 
-TEST_CASE("control: percent-encoding both ways, and hostile input refused")
+TEST_CASE("control protocol: what a client reads: greeting, return, error, event, or a garbled line")
 {
-    CHECK(percent_encode("plain-name_1.raw") == "plain-name_1.raw");
-    CHECK(percent_encode("/tmp/a b;c=d%e\n") == "/tmp/a%20b%3Bc%3Dd%25e%0A");
-    CHECK(percent_encode(std::string("\0\xff", 2)) == "%00%FF");
-    CHECK(percent_encode("") == "");
-    CHECK(percent_decode("%4a%4A") == "JJ");
-    CHECK(percent_decode("") == "");
-
-    std::string every_byte;
-    for (int b = 0; b < 256; ++b)
-        every_byte += static_cast<char>(b);
-    const std::string encoded = percent_encode(every_byte);
-    CHECK(encoded.find_first_of(" ;=\n") == std::string::npos);
-    CHECK(percent_decode(encoded) == every_byte);
-
-    uint32_t seed = 12345;  // a fixed pseudo-random walk over short strings
-    for (int n = 0; n < 500; ++n) {
-        std::string text;
-        for (int i = n % 17; i > 0; --i) {
-            seed = seed * 1103515245 + 12345;
-            text += static_cast<char>(seed >> 16);
-        }
-        REQUIRE(percent_decode(percent_encode(text)) == text);
-    }
-
-    for (const std::string bad : {"%", "%4", "%G0", "%0g", "a b", "a;b", "a=b", "a%", "\n", "\xc3\xa9", "100%"})
-        CHECK_MESSAGE(contains(error_of([&] { percent_decode(bad); }), "malformed reply from the guest"), bad);
+    CHECK(parse_server_line(greeting_line().substr(0, greeting_line().size() - 1)).kind == ServerLine::Kind::kGreeting);
+    const ServerLine value = parse_server_line("{\"return\": {\"a\": 1}, \"id\": 3}");
+    CHECK(value.kind == ServerLine::Kind::kReturn);
+    CHECK(value.body == Json{{"a", 1}});
+    const ServerLine error = parse_server_line("{\"error\": {\"class\": \"GenericError\", \"desc\": \"no such thing\"}}");
+    CHECK(error.kind == ServerLine::Kind::kError);
+    CHECK(error.error == "no such thing");
+    CHECK(parse_server_line("{\"event\": \"paused\", \"data\": {}}").kind == ServerLine::Kind::kEvent);
+    for (const std::string& bad : std::vector<std::string>{"", "hello", "LKVM/1 ok", "[]", "{}", "{\"error\": 5}", "{\"error\": {\"desc\": 5}}",
+                                  "{\"lkvm\": 1}", std::string(20, '[')})
+        CHECK_MESSAGE(contains(error_of([&] { parse_server_line(bad); }), "garbled"), bad);
 }
 
-TEST_CASE("control: payload records round-trip; malformed ones are refused")
-{
-    const std::vector<PayloadRecord> records{{{"path", "/tmp/a b;c=d"}, {"empty", ""}, {"n", "1"}}, {{"x_2", "%"}}};
-    const std::string payload = format_records(records);
-    CHECK(payload == "path=/tmp/a%20b%3Bc%3Dd empty= n=1;x_2=%25");
-    CHECK(parse_records(payload) == records);
-    CHECK(parse_records("").empty());
-    for (const std::string bad : {";", "a=1;", ";a=1", "a=1  b=2", "a=1 ", "=1", "A=1", "a-b=1", "a", "a=%zz", "a=b c",
-                                  "a=b=c"})
-        CHECK_MESSAGE(contains(error_of([&] { parse_records(bad); }), "malformed reply from the guest"), bad);
-}
-
-TEST_CASE("control: guest info round-trips; missing and broken fields are refused")
+TEST_CASE("control protocol: guest info round-trips; missing and broken members are refused")
 {
     const GuestInfo info{"web-1.test", "paused", 31337, 4, 2048, {"/images/a b.raw", "c;d=e.raw"}};
-    CHECK(parse_guest_info(format_guest_info(info)) == info);
+    CHECK(guest_info_from_json(Json(info)) == info);
     const GuestInfo no_disks{"g", "running", 1, 1, 64, {}};
-    CHECK(parse_guest_info(format_guest_info(no_disks)) == no_disks);
-    // Keys a newer lkvm may add are skipped.
-    CHECK(parse_guest_info("name=g state=running pid=1 vcpus=1 mem_mib=64 future=yes;more=1") == no_disks);
+    CHECK(guest_info_from_json(Json(no_disks)) == no_disks);
+    Json newer = no_disks;
+    newer["future"] = {1, 2};  // members a newer lkvm may add are skipped
+    CHECK(guest_info_from_json(newer) == no_disks);
 
-    CHECK(contains(error_of([] { parse_guest_info(""); }), "no guest info"));
-    CHECK(contains(error_of([] { parse_guest_info("name=g state=running vcpus=1 mem_mib=64"); }), "no pid="));
-    CHECK(contains(error_of([] { parse_guest_info("name=g state=running pid=x vcpus=1 mem_mib=64"); }),
-                   "pid= is not a number"));
-    CHECK(contains(error_of([] { parse_guest_info("name=g state=running pid=1 vcpus=-1 mem_mib=64"); }),
-                   "vcpus= is not a number"));
-    CHECK(contains(error_of([] { parse_guest_info("name=g state=running pid=1 vcpus=1 mem_mib=99999999999999999999"); }),
-                   "mem_mib= is not a number"));
+    const auto problem = [&](auto change) {
+        Json json = info;
+        change(json);
+        return error_of([&] { guest_info_from_json(json); });
+    };
+    CHECK(problem([](Json& j) { j.erase("pid"); }) == "malformed reply from the guest: no \"pid\"");
+    CHECK(problem([](Json& j) { j["pid"] = "1"; }) == "malformed reply from the guest: \"pid\" is not an integer that fits");
+    CHECK(problem([](Json& j) { j["pid"] = 1ULL << 40; }) == "malformed reply from the guest: \"pid\" is not an integer that fits");
+    CHECK(problem([](Json& j) { j["vcpus"] = -1; }) == "malformed reply from the guest: \"vcpus\" is not an integer that fits");
+    CHECK(problem([](Json& j) { j["mem_mib"] = 1.5; }) == "malformed reply from the guest: \"mem_mib\" is not an integer that fits");
+    CHECK(problem([](Json& j) { j["name"] = nullptr; }) == "malformed reply from the guest: \"name\" is not a string");
+    CHECK(problem([](Json& j) { j["disks"] = "a.raw"; }) == "malformed reply from the guest: \"disks\" is not an array");
+    CHECK(problem([](Json& j) { j["disks"] = {1}; }) == "malformed reply from the guest: a disk is not a string");
+    CHECK(problem([](Json& j) { j = Json::array(); }) == "malformed reply from the guest: the guest info is not a JSON object");
 }
 
-TEST_CASE("control: stat snapshots round-trip; malformed ones are refused")
+TEST_CASE("control protocol: stat snapshots round-trip; malformed ones are refused")
 {
-    const StatSnapshot snapshot = sample_snapshot();
-    const std::string payload = format_stat_payload(snapshot);
-    CHECK(payload.starts_with("time_ns=123456789012345;thread=iothread0 tid=4242 cpu=1 requests=1000"));
-    CHECK(payload.find('\n') == std::string::npos);
-    CHECK(parse_stat_payload(payload) == snapshot);
-    CHECK(parse_stat_payload("time_ns=5") == StatSnapshot{5, {}, {}, {}, {}});
-    CHECK(parse_stat_payload("time_ns=5 state=paused%20%28io-error:%20x%29").state == "paused (io-error: x)");
+    StatSnapshot snapshot = sample_snapshot();
+    snapshot.threads[0].latency = {{90, 3}, {100, 1}};
+    CHECK(stat_from_json(Json(snapshot)) == snapshot);
     StatSnapshot paused = snapshot;
     paused.state = "paused (io-error: disk a.raw write error (No space left on device))";
-    CHECK(parse_stat_payload(format_stat_payload(paused)) == paused);
+    CHECK(stat_from_json(Json::parse(json_line(paused))) == paused);
     CHECK(format_stat_tables(paused, paused, {}).starts_with("guest paused (io-error: disk a.raw write error (No space left on device))\n"));
-    CHECK(parse_stat_payload("time_ns=5;future=1 x=2").threads.empty());  // a newer lkvm's records are skipped
+    // Counters the kernel lacks are left out, and read back as none.
+    const Json vcpu1 = Json(snapshot)["vcpus"][1];
+    CHECK_FALSE(vcpu1.contains("mmio_exits"));
+    CHECK(vcpu1["exits"] == 1000);
+    CHECK(Json(snapshot)["queues"][0]["latency"] == Json::parse("[[90, 590], [113, 10]]"));
 
-    CHECK(contains(error_of([] { parse_stat_payload(""); }), "without time_ns= first"));
-    CHECK(contains(error_of([] { parse_stat_payload("thread=a;time_ns=1"); }), "without time_ns= first"));
-    CHECK(contains(error_of([] { parse_stat_payload("time_ns=abc"); }), "time_ns= is not a number"));
-    CHECK(contains(error_of([] { parse_stat_payload("time_ns=1;thread=a tid=1"); }), "no cpu="));
-    CHECK(contains(error_of([] { parse_stat_payload("time_ns=1;disk=0 queue=0"); }), "no thread="));
-    CHECK(contains(payload, "in_flight=3 latency=90:590,113:10 kicks=300 interrupts=200 errors=2 throttled_ns=750000000 flushes=5;"));
-    CHECK(contains(payload, "in_flight=0 latency= kicks=0 interrupts=0 errors=0 throttled_ns=0 flushes=0;"));  // an empty histogram
-    CHECK(payload.ends_with(";vcpu=0 exits=9000 io_exits=100 mmio_exits=2000 halt_exits=500 irq_exits=300 "
-                            "irq_window_exits=50 signal_exits=7 irq_injections=1200 insn_emulation=2100;"
-                            "vcpu=1 exits=1000 io_exits=10 halt_exits=50 irq_exits=30 irq_window_exits=5 "
-                            "signal_exits=0 irq_injections=120"));  // counters the kernel lacks are left out
-    const std::string good = "time_ns=1;disk=0 queue=0 thread=t image=i cpu=0 requests=1 bytes=1 in_flight=0 latency=";
-    CHECK(parse_stat_payload(good + "5:1,7:2").queues.at(0).latency == LatencyBuckets{{5, 1}, {7, 2}});
-    for (const std::string bad : {"5", "5:", ":1", "5:1,", ",5:1", "5:1,5:1", "7:1,5:1", "5:0", "328:1", "5:x",
-                                  "5:1:2", "-1:1", "5:1,,7:1"})
-        CHECK_MESSAGE(contains(error_of([&] { parse_stat_payload(good + bad); }), "latency= is not a list"), bad);
-    CHECK(contains(error_of([&] { parse_stat_payload(good.substr(0, good.find(" latency="))); }), "no latency="));
-    // An older lkvm sends neither kicks nor interrupts nor errors: zero, not an error; a bad one is.
-    CHECK(parse_stat_payload(good).queues.at(0).kicks == 0);
-    CHECK(parse_stat_payload(good).queues.at(0).errors == 0);
-    CHECK(contains(error_of([&] { parse_stat_payload(good + " errors=x"); }), "errors= is not a number"));
-    CHECK(parse_stat_payload(good).queues.at(0).flushes == 0);  // nor flushes
-    CHECK(parse_stat_payload(good + " flushes=9").queues.at(0).flushes == 9);
-    CHECK(contains(error_of([&] { parse_stat_payload(good + " flushes=-1"); }), "flushes= is not a number"));
-    CHECK(parse_stat_payload(good + " kicks=3 interrupts=2").queues.at(0).interrupts == 2);
-    CHECK(contains(error_of([&] { parse_stat_payload(good + " kicks=x"); }), "kicks= is not a number"));
-    CHECK(contains(error_of([&] { parse_stat_payload("time_ns=1;vcpu=0 exits=-1"); }), "exits= is not a number"));
-    CHECK(contains(error_of([&] { parse_stat_payload("time_ns=1;vcpu=x"); }), "vcpu= is not a number"));
-    const StatSnapshot::Vcpu bare = parse_stat_payload("time_ns=1;vcpu=3 future_exits=1").vcpus.at(0);
-    CHECK(bare.index == 3);
-    CHECK(bare.counters == VcpuCounters{});
+    const auto problem = [&](auto change) {
+        Json json = snapshot;
+        change(json);
+        return error_of([&] { stat_from_json(json); });
+    };
+    CHECK(problem([](Json& j) { j.erase("time_ns"); }) == "malformed reply from the guest: no \"time_ns\"");
+    CHECK(problem([](Json& j) { j["queues"][0].erase("thread"); }) == "malformed reply from the guest: no \"thread\"");
+    CHECK(problem([](Json& j) { j["threads"][0]["cpu"] = "1"; }) == "malformed reply from the guest: \"cpu\" is not an integer that fits");
+    CHECK(problem([](Json& j) { j["queues"] = Json::object(); }) == "malformed reply from the guest: \"queues\" is not an array");
+    CHECK(problem([](Json& j) { j["vcpus"][0]["exits"] = -1; }) == "malformed reply from the guest: \"exits\" is not an integer that fits");
+    CHECK(problem([](Json& j) { j["state"] = 5; }) == "malformed reply from the guest: \"state\" is not a string");
+    for (const std::string bad : {"5", "[5]", "[[5]]", "[[5, 1, 2]]", "[[5, 1], [5, 1]]", "[[7, 1], [5, 1]]", "[[5, 0]]",
+                                  "[[328, 1]]", "[[70000, 1]]", "[[-1, 1]]", "[[5, \"x\"]]"})
+        CHECK_MESSAGE(contains(problem([&](Json& j) { j["queues"][0]["latency"] = Json::parse(bad); }),
+                               "\"latency\" is not"),
+                      bad);
 }
 
 TEST_CASE("control: guest names become file names, so only safe ones are taken")
@@ -397,7 +443,64 @@ TEST_CASE("control: the socket directory is made 0700, and an unsafe one is refu
                    "cannot create the control socket directory"));
 }
 
-TEST_CASE("control server: the socket is 0600, answers on the loop thread, and goes with the server")
+TEST_CASE("control commands: what a request asks the machine, its arguments checked")
+{
+    const auto command = [](const std::string& line) { return parse_machine_command(parse_request(line).value()); };
+    const auto refusal = [&](const std::string& line) {
+        try {
+            command(line);
+        } catch (const ControlError& e) {
+            return std::string(error_class_name(e.error_class())) + ": " + e.what();
+        } catch (const Error& e) {
+            return std::string("GenericError: ") + e.what();
+        }
+        return std::string("(no error)");
+    };
+    CHECK(command(R"({"execute": "info"})").kind == MachineCommand::Kind::kInfo);
+    CHECK(command(R"({"execute": "stop"})").kind == MachineCommand::Kind::kStop);
+    const MachineCommand throttle =
+        command(R"({"execute": "throttle", "arguments": {"target": "/tmp/a b.raw", "limits": {"iops": 500, "bps-wr": 100, "bps-wr-max": 900}}})");
+    CHECK(throttle.kind == MachineCommand::Kind::kThrottle);
+    CHECK(throttle.target == "/tmp/a b.raw");
+    CHECK(throttle.limits[ThrottleBucket::kIopsTotal].avg == 500);
+    CHECK(throttle.limits[ThrottleBucket::kBpsWrite].max == 900);
+    CHECK(command(R"({"execute": "throttle", "arguments": {"target": 1, "limits": {}}})").target == "1");
+
+    CHECK(refusal(R"({"execute": "fly"})") ==
+          "CommandNotFound: the command fly has not been found (commands: info, stat, pause, resume, stop, throttle, subscribe)");
+    CHECK(refusal(R"({"execute": "stat", "arguments": {"now": 1}})") == "GenericError: parameter 'now' is unexpected: stat takes no arguments");
+    CHECK(contains(refusal(R"({"execute": "throttle"})"), "throttle needs 'target'"));
+    CHECK(contains(refusal(R"({"execute": "throttle", "arguments": {"target": -1, "limits": {}}})"), "throttle needs 'target'"));
+    CHECK(contains(refusal(R"({"execute": "throttle", "arguments": {"target": "0"}})"), "throttle needs 'limits'"));
+    CHECK(contains(refusal(R"({"execute": "throttle", "arguments": {"target": "0", "limits": [1]}})"), "throttle needs 'limits'"));
+    CHECK(refusal(R"({"execute": "throttle", "arguments": {"target": "0", "limits": {"iops": "5"}}})") ==
+          "GenericError: throttle: limit 'iops' must be a whole number (0: none)");
+    CHECK(refusal(R"({"execute": "throttle", "arguments": {"target": "0", "limits": {"iops": 1.5}}})") ==
+          "GenericError: throttle: limit 'iops' must be a whole number (0: none)");
+    CHECK(refusal(R"({"execute": "throttle", "arguments": {"target": "0", "limits": {"iops=1,bps": 5}}})") ==
+          "GenericError: throttle: 'iops=1,bps' is not a limit");
+    CHECK(contains(refusal(R"({"execute": "throttle", "arguments": {"target": "0", "limits": {"speed": 5}}})"),
+                   "'speed=5' is not a limit"));
+    CHECK(contains(refusal(R"({"execute": "throttle", "arguments": {"target": "0", "limits": {}, "x": 1}})"),
+                   "parameter 'x' is unexpected"));
+
+    CHECK(throttle_limits_json("iops=500,bps-wr=1048576") == Json{{"iops", 500}, {"bps-wr", 1048576}});
+}
+
+TEST_CASE("control commands: the machine's events as the protocol names them")
+{
+    using Kind = MachineEvent::Kind;
+    CHECK(event_name({Kind::kPaused, ""}) == "paused");
+    CHECK(event_data({Kind::kPaused, ""}) == Json::object());
+    CHECK(event_data({Kind::kPaused, "io-error"}) == Json{{"reason", "io-error"}});
+    CHECK(event_name({Kind::kResumed, ""}) == "resumed");
+    CHECK(event_name({Kind::kIoError, "disk a.raw write error"}) == "io-error");
+    CHECK(event_data({Kind::kIoError, "disk a.raw write error"}) == Json{{"reason", "disk a.raw write error"}});
+    CHECK(event_name({Kind::kShutdown, "", 3}) == "shutdown");
+    CHECK(event_data({Kind::kShutdown, "", 3}) == Json{{"exit_status", 3}});
+}
+
+TEST_CASE("control server: the socket is 0600, greets, answers on the loop thread, and goes with the server")
 {
     TempDir tmp;
     const std::string dir = tmp.path.string() + "/lkvm/";
@@ -410,21 +513,57 @@ TEST_CASE("control server: the socket is 0600, answers on the loop thread, and g
 
     auto client = ControlConnection::open(dir, "g");
     REQUIRE(client);
-    CHECK(parse_guest_info(client->ask(ControlVerb::kInfo)).disks == std::vector<std::string>{"a.raw", "b c.raw"});
+    CHECK(client->greeting()["version"] == kVersion);
+    CHECK(guest_info_from_json(client->execute("info")).disks == std::vector<std::string>{"a.raw", "b c.raw"});
     CHECK(guest.thread.load() == served->loop.get_id());
     // Several requests on one connection, and an error reply keeps it open.
-    CHECK(error_of([&] { client->ask(ControlVerb::kPause); }) == "guest g: the guest is paused already");
-    CHECK(client->ask(ControlVerb::kResume).empty());
-    CHECK(guest.last_verb == static_cast<int>(ControlVerb::kResume));
-    CHECK(client->ask(ControlVerb::kThrottle, "/tmp/a b.raw iops=5").empty());
-    CHECK(guest.last_argument == "/tmp/a b.raw iops=5");
+    CHECK(error_of([&] { client->execute("pause"); }) == "guest g: the guest is paused already");
+    CHECK(client->execute("resume") == Json::object());
+    CHECK(guest.last == MachineCommand::Kind::kResume);
+    CHECK(client->execute("throttle", {{"target", "/tmp/a b.raw"}, {"limits", {{"iops", 5}}}}) == Json{{"group", "/tmp/a b.raw"}});
+    CHECK(guest.last_target == "/tmp/a b.raw");
+    CHECK(guest.last_limits[ThrottleBucket::kIopsTotal].avg == 5);
 
     served.reset();
     CHECK_FALSE(std::filesystem::exists(std::filesystem::symlink_status(path)));
     CHECK_FALSE(ControlConnection::open(dir, "g"));
 }
 
-TEST_CASE("control server: two clients at once, pipelined requests, bogus requests answered")
+TEST_CASE("control server: hostile and bogus requests get error replies; the connection and the guest go on")
+{
+    TempDir tmp;
+    const std::string dir = tmp.path.string();
+    FakeGuest guest{"g"};
+    ServedGuest served(dir, "g", handler_of(guest));
+    RawClient client(served.server->path());
+    CHECK(client.json().contains("lkvm"));
+
+    const auto error_class = [&](std::string_view request) {
+        client.send(request);
+        const Json reply = client.json();
+        return reply.contains("error") ? reply["error"]["class"].get<std::string>() : reply.dump();
+    };
+    CHECK(error_class("{\"execute\": \"fly\", \"id\": 1}\n") == "CommandNotFound");
+    CHECK(error_class("not json\n") == "GenericError");
+    CHECK(error_class("{\"execute\": \"sta\n") == "GenericError");              // truncated
+    CHECK(error_class("{\"execute\": \"\xff\"}\n") == "GenericError");          // not UTF-8
+    CHECK(error_class(std::string(5000, '[') + "\n") == "GenericError");       // nested too deep
+    CHECK(error_class("{\"execute\": [\"stat\"]}\n") == "GenericError");        // a wrong type
+    CHECK(error_class("{\"execute\": \"info\", \"id\": -1e999}\n") == "GenericError");  // no double holds it
+    CHECK(error_class("{\"execute\": \"throttle\", \"arguments\": {\"target\": 0, \"limits\": {\"iops\": \"x\"}}}\n") ==
+          "GenericError");
+    CHECK(error_class("\n") == "GenericError");
+    CHECK(error_class(std::string("{\"execute\": \"stat\"\0}\n", 21)) == "GenericError");
+    CHECK(guest.commands == 2);  // only the two well-formed ones reached the guest, fly and throttle
+    // The id comes back, with the error as with the reply.
+    client.send("{\"execute\": \"fly\", \"id\": [\"x\", 1]}\n{\"execute\": \"info\", \"id\": \"i\"}\n");
+    CHECK(client.json()["id"] == Json::array({"x", 1}));
+    const Json info = client.json();
+    CHECK(info["id"] == "i");
+    CHECK(info["return"]["name"] == "g");
+}
+
+TEST_CASE("control server: two clients at once, pipelined requests")
 {
     TempDir tmp;
     const std::string dir = tmp.path.string();
@@ -436,60 +575,120 @@ TEST_CASE("control server: two clients at once, pipelined requests, bogus reques
     REQUIRE(first);
     REQUIRE(second);
     // The first is half-way through a request while the second is served.
-    CHECK_THROWS_AS(first->exchange("LKVM/1 in"), Error);  // no reply yet: times out
-    CHECK(parse_reply(second->exchange("LKVM/1 info\n")).ok);
-    CHECK(parse_guest_info(parse_reply(first->exchange("fo\n")).text).name == "g");
+    CHECK_THROWS_AS(first->exchange("{\"execute\": \"in"), Error);  // no reply yet: times out
+    CHECK(second->execute("info")["name"] == "g");
+    CHECK(parse_server_line(first->exchange("fo\"}\n")).body["name"] == "g");
 
     // Two requests in one write: two replies, in order.
-    CHECK(second->exchange("LKVM/1 info\nLKVM/1 stat\n").starts_with("LKVM/1 ok name=g"));
-    CHECK(second->exchange("").starts_with("LKVM/1 ok time_ns="));
-
-    // A bogus request gets an error reply; the connection and the guest go on.
-    CHECK(second->exchange("LKVM/1 fly\n") == "LKVM/1 error unknown verb 'fly' (verbs: info, stop, pause, resume, stat, throttle)");
-    CHECK(second->exchange("LKVM/9 info\n") == "LKVM/1 error unsupported protocol version, this lkvm speaks LKVM/1");
-    CHECK(second->exchange(std::string("LKVM/1 st\x01" "at\n")) == "LKVM/1 error control characters in the request");
-    CHECK(second->exchange("\n").starts_with("LKVM/1 error empty request"));
-    CHECK(parse_reply(second->exchange("LKVM/1 stat\n")).ok);
+    CHECK(parse_server_line(second->exchange(request_line("info") + request_line("stat"))).body.contains("name"));
+    CHECK(parse_server_line(second->exchange("")).body.contains("time_ns"));
 }
 
-TEST_CASE("control server: a line over 4096 bytes closes only that connection")
+TEST_CASE("control server: a line over the limit closes only that connection")
 {
     TempDir tmp;
     const std::string dir = tmp.path.string();
     FakeGuest guest{"g"};
     ServedGuest served(dir, "g", handler_of(guest));
 
-    auto flooder = ControlConnection::open(dir, "g");
+    RawClient flooder(served.server->path());
     auto bystander = ControlConnection::open(dir, "g");
-    REQUIRE(flooder);
     REQUIRE(bystander);
-    CHECK(flooder->exchange(std::string(5000, 'x')) == "LKVM/1 error request longer than 4096 bytes");
-    CHECK(contains(error_of([&] { flooder->exchange(""); }), "hung up"));
-    CHECK(parse_reply(bystander->exchange("LKVM/1 info\n")).ok);
-    auto newcomer = ControlConnection::open(dir, "g");
-    REQUIRE(newcomer);
-    // 4095 bytes and '\n' is a line still: parsed, and answered.
-    CHECK(newcomer->exchange(std::string(4095, 'x').replace(0, 12, "LKVM/1 info ") + "\n")
-              .starts_with("LKVM/1 error unexpected 'xxxxxxxx"));
-    CHECK(parse_reply(newcomer->exchange("LKVM/1 info\n")).ok);
+    flooder.line();  // the greeting
+    flooder.send(std::string(kMaxRequestBytes + 100, ' '));
+    CHECK(flooder.json() == Json{{"error", {{"class", "GenericError"}, {"desc", "request longer than 16384 bytes"}}}});
+    CHECK(flooder.line().empty());  // closed
+    CHECK(bystander->execute("info")["name"] == "g");
+    // kMaxRequestBytes - 1 and '\n' is a line still: parsed, and answered.
+    RawClient newcomer(served.server->path());
+    newcomer.line();
+    const std::string request = request_line("info");
+    newcomer.send(std::string(kMaxRequestBytes - request.size(), ' ') + request);
+    CHECK(newcomer.json()["return"]["name"] == "g");
 }
 
 TEST_CASE("control server: handler failures and oversized replies become error replies")
 {
     TempDir tmp;
     const std::string dir = tmp.path.string();
-    ServedGuest served(dir, "g", [](const ControlRequest& request) -> std::string {
-        if (request.verb == ControlVerb::kStat)
+    ServedGuest served(dir, "g", [](const ControlRequest& request) -> Json {
+        if (request.command == "stat")
             return std::string(kMaxReplyBytes, 'a');
-        if (request.verb == ControlVerb::kInfo)
+        if (request.command == "info")
             throw std::runtime_error("a bug");
-        return "two\nlines";
+        throw ControlError(ControlErrorClass::kDeviceNotFound, "no disk 9");
     });
     auto client = ControlConnection::open(dir, "g");
     REQUIRE(client);
-    CHECK(client->exchange("LKVM/1 stat\n") == "LKVM/1 error the reply would be longer than 1048576 bytes");
-    CHECK(client->exchange("LKVM/1 info\n") == "LKVM/1 error a bug");
-    CHECK(client->exchange("LKVM/1 stop\n") == "LKVM/1 error internal error: control characters in a reply payload");
+    CHECK(parse_server_line(client->exchange(request_line("stat"))).error == "the reply would be longer than 1048576 bytes");
+    CHECK(parse_server_line(client->exchange(request_line("info"))).error == "a bug");
+    const ServerLine device = parse_server_line(client->exchange(request_line("throttle")));
+    CHECK(device.body == Json{{"class", "DeviceNotFound"}, {"desc", "no disk 9"}});
+}
+
+TEST_CASE("control server: events reach the subscribed clients only, also after the loop has stopped")
+{
+    TempDir tmp;
+    const std::string dir = tmp.path.string();
+    FakeGuest guest{"g"};
+    ServedGuest served(dir, "g", handler_of(guest));
+    RawClient subscriber(served.server->path()), bystander(served.server->path());
+    subscriber.line();
+    bystander.line();
+    subscriber.send("{\"execute\": \"subscribe\", \"id\": 1}\n");
+    CHECK(subscriber.json() == Json{{"return", Json::object()}, {"id", 1}});
+    subscriber.send("{\"execute\": \"subscribe\", \"arguments\": {\"all\": true}}\n");
+    CHECK(subscriber.json()["error"]["desc"] == "subscribe takes no arguments");
+
+    served.on_loop([&] { served.server->send_event("paused", Json::object()); });
+    const Json paused = subscriber.json();
+    CHECK(paused["event"] == "paused");
+    CHECK(paused["timestamp"]["seconds"] > 0);
+    // The bystander gets its reply, and no event before it.
+    bystander.send(request_line("info"));
+    CHECK(bystander.json().contains("return"));
+
+    // As lkvm ends: the loop has stopped, and the shutdown event still goes out.
+    served.io.stop();
+    served.loop.join();
+    served.server->send_event("shutdown", {{"exit_status", 0}});
+    CHECK(subscriber.json()["event"] == "shutdown");
+    served.server.reset();
+    CHECK(subscriber.line().empty());
+}
+
+TEST_CASE("control server: a subscriber that does not read is dropped, and the others are served")
+{
+    TempDir tmp;
+    const std::string dir = tmp.path.string();
+    FakeGuest guest{"g"};
+    ServedGuest served(dir, "g", handler_of(guest));
+    RawClient sleeper(served.server->path());
+    int small = 4096;  // the kernel's buffers stay small, so the server's own queue is what fills
+    ::setsockopt(sleeper.fd.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    sleeper.line();
+    sleeper.send("{\"execute\": \"subscribe\"}\n");
+    CHECK(sleeper.json().contains("return"));
+    auto other = ControlConnection::open(dir, "g");
+    REQUIRE(other);
+
+    // Far more events than the server keeps for one client, sent while it reads none.
+    set_log_level(LogLevel::kWarn);  // not the line that says it dropped one
+    const Json data{{"reason", std::string(1000, 'x')}};
+    const size_t events = 4 * ControlServer::kMaxPendingBytes / 1000;
+    served.on_loop([&] {
+        for (size_t i = 0; i < events; ++i)
+            served.server->send_event("paused", data);
+    });
+    CHECK(other->execute("info")["name"] == "g");
+    // What the sleeper gets is what fitted, then the end: it was dropped.
+    size_t received = 0;
+    for (std::string line; !(line = sleeper.line()).empty();)
+        ++received;
+    CHECK(received > 0);
+    CHECK(received < events);
+    set_log_level(LogLevel::kInfo);
+    CHECK(other->execute("info")["name"] == "g");
 }
 
 TEST_CASE("control server: a stale socket is replaced, a live name is refused")
@@ -504,16 +703,31 @@ TEST_CASE("control server: a stale socket is replaced, a live name is refused")
     ServedGuest served(dir, "g", handler_of(guest));
     auto client = ControlConnection::open(dir, "g");
     REQUIRE(client);
-    CHECK(parse_reply(client->exchange("LKVM/1 info\n")).ok);
+    CHECK(client->execute("info")["name"] == "g");
 
     boost::asio::io_context other;
     CHECK(error_of([&] { ControlServer(other, dir, "g", handler_of(guest)); }) ==
           "a guest named g is already running (pid " + std::to_string(::getpid()) + "); pick another --name");
-    CHECK(parse_reply(client->exchange("LKVM/1 info\n")).ok);  // the first one is untouched
+    CHECK(client->execute("info")["name"] == "g");  // the first one is untouched
 
     tmp.file("h.sock", 1);
     CHECK(contains(error_of([&] { ControlServer(other, dir, "h", handler_of(guest)); }), "is in the way and is not a socket"));
     CHECK(contains(error_of([&] { ControlServer(other, dir, "../h", handler_of(guest)); }), "is not a guest name"));
+}
+
+TEST_CASE("control client: a socket that does not greet as lkvm is refused")
+{
+    TempDir tmp;
+    const std::string dir = tmp.path.string() + "/";
+    ensure_control_dir(dir);
+    boost::asio::io_context io{1};
+    boost::asio::local::stream_protocol::acceptor impostor(io, boost::asio::local::stream_protocol::endpoint(dir + "x.sock"));
+    std::thread serve([&] {
+        auto socket = impostor.accept();
+        boost::asio::write(socket, boost::asio::buffer(std::string("LKVM/1 hello\n")));
+    });
+    CHECK(error_of([&] { ControlConnection::open(dir, "x"); }) == "garbled reply from the guest");
+    serve.join();
 }
 
 TEST_CASE("control: running_guests lists the live ones and removes the stale ones")
@@ -531,7 +745,7 @@ TEST_CASE("control: running_guests lists the live ones and removes the stale one
     CHECK(std::filesystem::exists(dir + "notes.txt"));
 }
 
-TEST_CASE("control client: list, stop, pause and resume against running guests")
+TEST_CASE("control client: list, stop, pause, resume and throttle against running guests")
 {
     TempDir tmp;
     const std::string dir = tmp.path.string() + "/lkvm/";
@@ -559,38 +773,50 @@ TEST_CASE("control client: list, stop, pause and resume against running guests")
 
     CHECK(run_and_capture(parse_command_line({"resume", "one"}), dir, status).empty());
     CHECK(status == 0);
-    CHECK(one.last_verb == static_cast<int>(ControlVerb::kResume));
+    CHECK(one.last == MachineCommand::Kind::kResume);
     CHECK(error_of([&] { run_and_capture(parse_command_line({"pause", "one"}), dir, status); }) ==
           "guest one: the guest is paused already");
+    CHECK(run_and_capture(parse_command_line({"throttle", "one", "0", "iops=7,bps-rd=4096"}), dir, status) == "group=0\n");
+    CHECK(one.last_limits[ThrottleBucket::kIopsTotal].avg == 7);
+    CHECK(one.last_limits[ThrottleBucket::kBpsRead].avg == 4096);
     CHECK(run_and_capture(parse_command_line({"stop", "two"}), dir, status).empty());
-    CHECK(two.last_verb == static_cast<int>(ControlVerb::kStop));
-    one.last_verb = two.last_verb = -1;
+    CHECK(two.last == MachineCommand::Kind::kStop);
+    one.last = two.last = MachineCommand::Kind::kInfo;
     CHECK(run_and_capture(parse_command_line({"stop", "--all"}), dir, status).empty());
     CHECK(status == 0);
-    CHECK(one.last_verb == static_cast<int>(ControlVerb::kStop));
-    CHECK(two.last_verb == static_cast<int>(ControlVerb::kStop));
+    CHECK(one.last == MachineCommand::Kind::kStop);
+    CHECK(two.last == MachineCommand::Kind::kStop);
 }
 
-TEST_CASE("control client: stat --json takes two samples a second apart")
+TEST_CASE("control client: replies come through events; stat --json takes two samples a second apart")
 {
     TempDir tmp;
     const std::string dir = tmp.path.string();
     FakeGuest guest{"g"};
     ServedGuest served(dir, "g", handler_of(guest));
+    // An event between request and reply is skipped by execute().
+    auto connection = ControlConnection::open(dir, "g");
+    REQUIRE(connection);
+    CHECK(connection->execute("subscribe") == Json::object());
+    served.on_loop([&] { served.server->send_event("paused", Json::object()); });
+    CHECK(connection->execute("info")["name"] == "g");
+
     int status = -1;
-    const std::string json = run_and_capture(parse_command_line({"stat", "g", "--json"}), dir, status);
+    const std::string text = run_and_capture(parse_command_line({"stat", "g", "--json"}), dir, status);
     CHECK(status == 0);
     CHECK(guest.stat_calls == 2);
-    CHECK(std::count(json.begin(), json.end(), '\n') == 1);
-    CHECK(contains(json, "\"interval_s\":1.000000,\"disks\":[{\"disk\":0,\"queue\":0,\"thread\":\"iothread0\",\"cpu\":0,"
-                         "\"image\":\"a.raw\",\"requests\":100,\"bytes\":409600,\"iops\":100.0,\"mib_s\":0.391,"
-                         "\"in_flight\":1,\"p50_us\":11.263,\"p99_us\":81.919,\"kicks\":50,\"interrupts\":25,"
-                         "\"errors\":0,\"throttled_ns\":0,\"flushes\":0,\"requests_per_kick\":2.000,\"requests_per_interrupt\":4.000}]"));
-    CHECK(contains(json, "\"iothreads\":[{\"name\":\"iothread0\",\"tid\":77,\"cpu\":0,\"requests\":100,"));
-    CHECK(contains(json, "\"poll_hit_rate\":0.2500}],\"vcpus\":[{\"vcpu\":0,\"exits\":150,\"io_exits\":40,"
-                         "\"mmio_exits\":0,\"halt_exits\":60,\"irq_exits\":20,\"irq_window_exits\":5,"
-                         "\"signal_exits\":0,\"irq_injections\":30,\"insn_emulation\":null,\"exits_s\":150.0}],"
-                         "\"exits_per_request\":1.5000}\n"));
+    CHECK(std::count(text.begin(), text.end(), '\n') == 1);
+    const Json json = Json::parse(text);
+    CHECK(json["interval_s"] == 1.0);
+    CHECK(json["disks"] == Json::parse(R"([{"disk":0,"queue":0,"thread":"iothread0","cpu":0,"image":"a.raw",
+        "requests":100,"bytes":409600,"iops":100.0,"mib_s":0.391,"in_flight":1,"p50_us":11.263,"p99_us":81.919,
+        "kicks":50,"interrupts":25,"errors":0,"throttled_ns":0,"flushes":0,"requests_per_kick":2.0,
+        "requests_per_interrupt":4.0}])"));
+    CHECK(json["iothreads"][0]["tid"] == 77);
+    CHECK(json["iothreads"][0]["poll_hit_rate"] == 0.25);
+    CHECK(json["vcpus"] == Json::parse(R"([{"vcpu":0,"exits":150,"io_exits":40,"mmio_exits":0,"halt_exits":60,
+        "irq_exits":20,"irq_window_exits":5,"signal_exits":0,"irq_injections":30,"insn_emulation":null,"exits_s":150.0}])"));
+    CHECK(json["exits_per_request"] == 1.5);
 }
 
 TEST_CASE("control client: the stat tables show rates over the interval")
@@ -636,7 +862,9 @@ TEST_CASE("control client: the stat tables show rates over the interval")
     CHECK(format_stat_tables(before, without_counters, {false, false, true}) ==
           "no vCPU exit counters: this guest's KVM has no binary statistics fd\n");
     CHECK_FALSE(contains(format_stat_tables(before, without_counters, {}), "vCPU"));
-    CHECK(contains(format_stat_json(before, without_counters, {}, 0), "\"vcpus\":[],\"exits_per_request\":null}"));
+    const Json bare = Json::parse(format_stat_json(before, without_counters, {}, 0));
+    CHECK(bare["vcpus"] == Json::array());
+    CHECK(bare["exits_per_request"].is_null());
     CHECK(contains(both, "thread            tid  cpu      IOPS   poll-ns poll-hit%\n"));
     CHECK(contains(both, "iothread0        4242    1       500     32768      75.0\n"));
     CHECK(contains(both, "disk1-io         4243    -         0         0         -\n"));
@@ -654,33 +882,54 @@ TEST_CASE("control client: the stat tables show rates over the interval")
     reset.queues[0].latency = {{113, 200}};  // more slow ones than before, but the fast ones are gone
     CHECK(contains(format_stat_tables(after, reset, {true, false}), "  81.9     81.9        0        0"));
 
-    const std::string json = format_stat_json(before, after, {true, false}, 1700000000.5);
-    CHECK(json.starts_with("{\"time\":1700000000.500,\"interval_s\":2.000000,\"disks\":["));
-    CHECK(contains(json, "\"p50_us\":11.263,\"p99_us\":81.919,\"kicks\":800,\"interrupts\":450,"
-                         "\"errors\":2,\"throttled_ns\":1250000000,\"flushes\":5,\"requests_per_kick\":2.000,\"requests_per_interrupt\":4.000}"));
-    CHECK(contains(json, "\"p50_us\":null,\"p99_us\":null,\"kicks\":400,\"interrupts\":400,"
-                         "\"errors\":0,\"throttled_ns\":0,\"flushes\":0,\"requests_per_kick\":null,\"requests_per_interrupt\":null}"));
-    CHECK_FALSE(contains(json, "vcpus"));
-    CHECK(contains(json, "\"image\":\"/tmp/my disk;1=2%.raw\",\"requests\":1600,\"bytes\":6553600,\"iops\":500.0"));
-    CHECK(contains(json, "\"cpu\":null"));
-    CHECK_FALSE(contains(json, "iothreads"));
-    const std::string threads = format_stat_json(before, after, {false, true}, 0);
-    CHECK_FALSE(contains(threads, "\"disks\""));
-    CHECK(contains(threads, "\"poll_hit_rate\":0.7500}"));
-    CHECK(contains(threads, "\"poll_hit_rate\":null}"));
+    const std::string text = format_stat_json(before, after, {true, false}, 1700000000.5);
+    CHECK(text.starts_with("{\"time\":1700000000.5,\"interval_s\":2.0,\"disks\":["));  // in this order, for people
+    CHECK(std::count(text.begin(), text.end(), '\n') == 1);
+    const Json json = Json::parse(text);
+    const Json& first = json["disks"][0];
+    CHECK(first["p50_us"] == 11.263);
+    CHECK(first["p99_us"] == 81.919);
+    CHECK(first["kicks"] == 800);
+    CHECK(first["interrupts"] == 450);
+    CHECK(first["errors"] == 2);
+    CHECK(first["throttled_ns"] == 1250000000);
+    CHECK(first["flushes"] == 5);
+    CHECK(first["requests_per_kick"] == 2.0);
+    CHECK(first["requests_per_interrupt"] == 4.0);
+    CHECK(first["image"] == "/tmp/my disk;1=2%.raw");
+    CHECK(first["requests"] == 1600);
+    CHECK(first["bytes"] == 6553600);
+    CHECK(first["iops"] == 500.0);
+    const Json& idle = json["disks"][1];
+    CHECK(idle["p50_us"].is_null());
+    CHECK(idle["p99_us"].is_null());
+    CHECK(idle["requests_per_kick"].is_null());
+    CHECK(idle["requests_per_interrupt"].is_null());
+    CHECK(json["disks"][2]["cpu"].is_null());
+    CHECK_FALSE(json.contains("vcpus"));
+    CHECK_FALSE(json.contains("iothreads"));
+    const Json threads = Json::parse(format_stat_json(before, after, {false, true}, 0));
+    CHECK_FALSE(threads.contains("disks"));
+    CHECK(threads["iothreads"][0]["poll_hit_rate"] == 0.75);
+    CHECK(threads["iothreads"][1]["poll_hit_rate"].is_null());
+
+    // An image path that is not UTF-8 still makes a line of valid JSON.
+    after.queues[0].image = "/tmp/\xff\xfe.raw";
+    const Json odd = Json::parse(format_stat_json(before, after, {true, false}, 0));
+    CHECK(odd["disks"][0]["image"] == "/tmp/\xef\xbf\xbd\xef\xbf\xbd.raw");
 }
 
-TEST_CASE("control client: JSON strings are escaped and always UTF-8")
+TEST_CASE("control client: the --stats table at exit")
 {
-    CHECK(json_string("plain") == "\"plain\"");
-    CHECK(json_string("a\"b\\c") == "\"a\\\"b\\\\c\"");
-    CHECK(json_string("l1\nl2\tx\x01\x7f") == "\"l1\\nl2\\tx\\u0001\\u007f\"");
-    CHECK(json_string("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80") == "\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\"");
-    CHECK(json_string("\xff") == "\"\\ufffd\"");
-    CHECK(json_string("\xc0\xaf") == "\"\\ufffd\\ufffd\"");          // overlong '/'
-    CHECK(json_string("\xed\xa0\x80") == "\"\\ufffd\\ufffd\\ufffd\"");  // a surrogate
-    CHECK(json_string("a\xe2\x82") == "\"a\\ufffd\\ufffd\"");          // cut short
-    CHECK(json_string(std::string("\0", 1)) == "\"\\u0000\"");
+    StatSnapshot snapshot = sample_snapshot();
+    snapshot.threads[0].latency = {{90, 10}};
+    const std::string table = format_io_stats(snapshot);
+    CHECK(table.starts_with("thread        cpu   requests        MiB   batches   wakeups poll-hits  poll-us   p50-us   p99-us\n"));
+    // The CPU --iothreads affinity= pinned it to ("-": none), not the one it last ran on.
+    CHECK(contains(table, "\niothread0       2       1000        3.9       300        10        30     32.8     11.3     11.3\n"));
+    CHECK(contains(table, "\ndisk1-io        -          0        0.0         0         0         0      0.0      0.0      0.0\n"));
+    CHECK(contains(table, "\n0         0 iothread0           600        2.3     11.3     81.9        300        200     2.00     3.00        2        5        0.75  /tmp/my disk;1=2%.raw\n"));
+    CHECK(contains(table, "\nexits per disk request: 10.00\n"));  // 10000 exits, 1000 requests
 }
 
 TEST_CASE("control client: the list table")

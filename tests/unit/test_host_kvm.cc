@@ -12,7 +12,7 @@
 #include <string>
 
 #include "base/error.h"
-#include "kvm/cli.h"
+#include "cli/command_line.h"
 #include "kvm/console.h"
 #include "kvm/host_kvm.h"
 #include "kvm/kvm.h"

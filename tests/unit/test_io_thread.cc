@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "base/error.h"
-#include "kvm/io_stats_table.h"
+#include "kvm/stat_snapshot.h"
 #include "virtio/io_stats.h"
 #include "virtio/io_thread.h"
 #include "virtio/queue_mapping.h"

@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "base/error.h"
+#include "cli/command_line.h"
 #include "hw/guest_memory.h"
 #include "kvm/boot.h"
-#include "kvm/cli.h"
 #include "kvm/console.h"
 #include "kvm/cpuid.h"
 #include "kvm/firmware_tables.h"

@@ -19,10 +19,10 @@
 #include <tuple>
 #include <vector>
 
+#include "cli/command_line.h"
 #include "disk/disk_image.h"
 #include "disk/offload.h"
 #include "disk/snapshot.h"
-#include "kvm/cli.h"
 #include "tests/unit/test_util.h"
 
 using namespace lkvm;

@@ -7,8 +7,8 @@
 #include <thread>
 #include <vector>
 
+#include "cli/command_line.h"
 #include "disk/throttle.h"
-#include "kvm/cli.h"
 #include "tests/unit/test_util.h"
 
 using namespace lkvm;

@@ -2,11 +2,33 @@
 #include <string>
 #include <vector>
 
+#include "api/machine_control.h"
 #include "base/error.h"
 #include "base/log.h"
-#include "kvm/cli.h"
-#include "kvm/control_client.h"
+#include "cli/command_line.h"
+#include "cli/control_client.h"
+#include "cli/stat_tables.h"
 #include "kvm/machine.h"
+
+namespace {
+
+using namespace lkvm;
+
+int run_machine(const RunOptions& options)
+{
+    Machine machine(options);
+    // Before the guest runs: a name already taken ends lkvm here, with one line.
+    auto control = MachineControl::serve(machine);
+    const int status = machine.run();
+    control.reset();  // the guest is over: its socket goes at once
+    if (options.stats) {
+        log_info("I/O statistics");
+        std::fputs(format_io_stats(machine.sample_io_stats()).c_str(), stderr);  // asked for: shown at any log level
+    }
+    return status;
+}
+
+}  // namespace
 
 int main(int argc, char** argv)
 {
@@ -23,10 +45,8 @@ int main(int argc, char** argv)
         case Command::Kind::kVersion:
             std::printf("lkvm %s\n", kVersion);
             return exit_status::kOk;
-        case Command::Kind::kRun: {
-            Machine machine(cmd.run);
-            return machine.run();
-        }
+        case Command::Kind::kRun:
+            return run_machine(cmd.run);
         case Command::Kind::kList:
         case Command::Kind::kStop:
         case Command::Kind::kPause:

@@ -1,10 +1,13 @@
-// The lkvm command line, kvmtool-compatible: parsing and validation only,
-// no side effects, so every bad input has a unit test.
+// What a machine is made of: the disks, controllers, I/O threads and limits
+// the command line describes, as plain data. The command line (cli/) parses
+// into it and the machine (kvm/machine.h) is built from it; the control
+// protocol (api/) shares its throttle limit syntax.
 #pragma once
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/error.h"
@@ -67,11 +70,8 @@ struct DiskSpec {
 constexpr unsigned kMaxDiskQueues = 64;
 constexpr unsigned kMaxScsiLun = 16383;
 
-// "PATH[,ro|snapshot][,direct][,cache=MODE][,detect-zeroes=off|on|unmap][,aio=ENGINE][,serial=S][,num-queues=Q]
-//  [,iothread=K[+K...]][,ioprio=CLASS[/LEVEL]][,notify=mmio|pio][,bus=blk|scsi][,controller=C][,lun=L]
-//  [,rotation-rate=N][,discard=unmap|ignore][,THROTTLE...][,throttle-group=NAME]
-//  [,werror=report|ignore|stop|enospc][,rerror=report|ignore|stop]"
-DiskSpec parse_disk_spec(const std::string& text);
+// A whole decimal number; throws "OPTION 'TEXT': not a number" otherwise.
+uint64_t parse_number(const std::string& option, const std::string& text);
 
 // QEMU's legacy -drive throttling names: iops=, iops-rd=, iops-wr=, bps=,
 // bps-rd=, bps-wr=, each with -max= (burst rate) and -max-length= (burst
@@ -79,26 +79,26 @@ DiskSpec parse_disk_spec(const std::string& text);
 // false when it is not a throttle option. Throws for a bad value.
 bool parse_throttle_item(const std::string& where, const std::string& item, ThrottleLimits& limits);
 
-// "--throttle-group NAME[,THROTTLE...]": limits the disks naming it share.
+// A --throttle-group: limits the disks naming it share.
 struct ThrottleGroupSpec {
     std::string name;
     ThrottleLimits limits;
 };
-ThrottleGroupSpec parse_throttle_group_spec(const std::string& text);
 // "iops=500,bps-wr=1048576": the whole set of limits (those not named are
-// none); `where` starts the one line a bad one gets.
-ThrottleLimits parse_throttle_limits(const std::string& where, const std::string& text);
+// none); `where` starts the one line a bad one gets, `hint` ends it (where
+// the options are explained).
+ThrottleLimits parse_throttle_limits(const std::string& where, const std::string& text,
+                                     const std::string& hint = " (see 'lkvm --help')");
 
-// "--scsi-controller C[,num-queues=Q][,iothread=K[+K...]][,notify=mmio|pio]": what the disks sharing controller C share.
+// A --scsi-controller: what the disks sharing controller C share.
 struct ScsiControllerSpec {
     std::string name;
     unsigned num_queues = 0;          // 0: one per vCPU
     std::vector<unsigned> iothreads;
     std::optional<AddressSpace> notify;  // unset: kDefaultNotify
 };
-ScsiControllerSpec parse_scsi_controller_spec(const std::string& text);
 
-// "--iothreads N[,affinity=CPUSET][,poll-max-ns=NS][,poll-grow=G][,poll-shrink=S][,aio-max-batch=B]"
+// --iothreads: a group of I/O threads every disk's queues share.
 struct IoThreadsSpec {
     unsigned count = 0;
     std::vector<int> affinity;  // thread k runs on affinity[k % size]; empty: not pinned
@@ -107,7 +107,6 @@ struct IoThreadsSpec {
     IoThreadPolicy policy = IoThreadPolicy::kBatch;  // also the dedicated threads'
 };
 constexpr unsigned kMaxIoThreads = 64;
-IoThreadsSpec parse_iothreads_spec(const std::string& text);
 
 // "0-3,6" -> {0,1,2,3,6}
 std::vector<int> parse_cpu_list(const std::string& option, const std::string& text);
@@ -116,6 +115,7 @@ std::vector<int> parse_cpu_list(const std::string& option, const std::string& te
 // that is not; returns a warning line when there are more threads than CPUs.
 std::string check_iothreads_on_host(const IoThreadsSpec& spec, const std::vector<int>& online);
 
+// The whole machine, as `lkvm run` describes it.
 struct RunOptions {
     std::string kernel;  // empty: the default kernel next to the binary
     std::string initrd;  // empty: the default initramfs next to the binary
@@ -142,18 +142,6 @@ struct RunOptions {
     bool gdb_wait = false;
 };
 
-// lkvm list | stop NAME|--all | pause NAME | resume NAME | stat NAME [--disks] [--iothreads] [--vcpus] [--json] [--watch SECS]
-//      | throttle NAME DISK|GROUP LIMITS
-struct ControlCommand {
-    std::string name;         // the guest (its --name, or guest-<pid>); empty for list and stop --all
-    bool all = false;         // stop --all
-    bool disks = false, iothreads = false, vcpus = false;  // stat: which tables (none: all)
-    bool json = false;        // stat: JSON lines instead of a table
-    double watch_s = 0;       // stat --watch SECS: redraw every SECS; 0: print once
-    std::string target;       // throttle: a --throttle-group's name, a disk's index (as lkvm stat shows it) or image
-    std::string limits;       // throttle: "iops=500,...", checked with parse_throttle_limits
-};
-
 // A disk device lkvm builds: a virtio-blk disk, or a virtio-scsi controller
 // with its disks (the disks naming one controller share it).
 struct DiskDevicePlan {
@@ -167,24 +155,7 @@ struct DiskDevicePlan {
 // In the order their first disk appears on the command line.
 std::vector<DiskDevicePlan> plan_disk_devices(const RunOptions& options);
 
-struct Command {
-    enum class Kind { kHelp, kRunHelp, kVersion, kRun, kList, kStop, kPause, kResume, kStat, kThrottle };
-    Kind kind = Kind::kHelp;
-    RunOptions run;
-    ControlCommand control;
-};
 
-constexpr unsigned kMinMemMib = 64;
-
-// Throws lkvm::Error with the one line to print for any bad input.
-Command parse_command_line(const std::vector<std::string>& args);
-
-std::string usage();
-std::string run_usage();
-
-}  // namespace lkvm
-
-namespace lkvm {
 // What every guest gets before the user's -p text.
 constexpr const char* kDefaultKernelParams = "console=ttyS0 panic=-1 quiet";
 

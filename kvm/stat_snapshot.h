@@ -1,7 +1,7 @@
-// The I/O statistics of a running guest: per I/O thread, then per disk
-// queue, read live from the threads' counters. As a table (the --stats table
-// at exit), or as a sample of plain numbers (what the control socket's
-// `stat` reports).
+// What a running guest is and does, as plain values: what it is made of
+// (GuestInfo), and its counters per I/O thread, per disk queue and per vCPU
+// (StatSnapshot). What `lkvm list`, `lkvm stat` and the --stats table at exit
+// show; their formatting is cli/stat_tables.
 #pragma once
 
 #include <sys/types.h>
@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
-#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -20,6 +19,16 @@
 
 namespace lkvm {
 
+// What a guest is (the table `lkvm list` prints).
+struct GuestInfo {
+    std::string name, state;  // state: "running" or "paused"
+    int pid = 0;
+    unsigned vcpus = 0;
+    uint64_t mem_mib = 0;
+    std::vector<std::string> disks;  // image paths, in command-line order
+    bool operator==(const GuestInfo&) const = default;
+};
+
 // Everything at one moment, as plain values. Counters and latency histograms
 // count from the start: rates and percentiles over an interval come from two
 // snapshots.
@@ -28,9 +37,11 @@ struct StatSnapshot {
         std::string name;
         int tid = 0;        // 0: not running yet
         int cpu = -1;       // the host CPU it last ran on; -1: unknown
+        int pinned_cpu = -1;  // the CPU --iothreads affinity= gave it; -1: not pinned
         uint64_t requests = 0, bytes = 0;
         uint64_t batches = 0, wakeups = 0, poll_hits = 0;
         uint64_t poll_ns = 0;  // its current poll time
+        LatencyBuckets latency;  // of the requests it completed so far
         bool operator==(const Thread&) const = default;
     };
     struct Queue {
@@ -59,20 +70,6 @@ struct StatSnapshot {
     std::vector<Vcpu> vcpus;  // empty where KVM has no statistics fd
     bool operator==(const StatSnapshot&) const = default;
 };
-
-// The --stats table: per I/O thread, per disk queue and, given their
-// counters, per vCPU; everything counted since the guest started.
-std::string format_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
-                            const std::vector<std::unique_ptr<DiskDevice>>& disks,
-                            std::span<const StatSnapshot::Vcpu> vcpus = {});
-
-// How the tables head the vCPU counters, one per kVcpuCounterNames entry.
-inline constexpr std::array<std::string_view, kVcpuCounterNames.size()> kVcpuCounterColumns{
-    "exits", "io", "mmio", "halt", "irq", "irq-win", "signal", "irq-inj", "emul"};
-// part / whole; none when whole is 0 (no requests, no kicks: no ratio).
-std::optional<double> ratio(uint64_t part, uint64_t whole);
-// Every vCPU's exits added up; none when there are no vCPU counters.
-std::optional<uint64_t> total_exits(std::span<const StatSnapshot::Vcpu> vcpus);
 
 StatSnapshot sample_io_stats(const std::vector<std::unique_ptr<IoThread>>& threads,
                               const std::vector<std::unique_ptr<DiskDevice>>& disks);
