@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "api/control.h"
+#include "base/text.h"
 #include "disk/ioprio.h"
 
 namespace lkvm {
@@ -303,24 +304,6 @@ Command parse_control(const std::vector<std::string>& args, Command::Kind kind)
                     "--throttle-group name, then the limits, e.g. 'lkvm throttle " + control.name + " 0 iops=500'" +
                     kHint);
     return cmd;
-}
-
-}  // namespace
-
-namespace {
-
-// Splits "A,B,C" into its items (empty ones included, to be refused by the caller).
-std::vector<std::string> split(const std::string& text, char separator)
-{
-    std::vector<std::string> items;
-    size_t start = 0;
-    for (;;) {
-        const size_t at = text.find(separator, start);
-        items.push_back(text.substr(start, at == std::string::npos ? std::string::npos : at - start));
-        if (at == std::string::npos)
-            return items;
-        start = at + 1;
-    }
 }
 
 // "key=value" items: the value when item starts with key=.

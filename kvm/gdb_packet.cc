@@ -1,10 +1,18 @@
 #include "kvm/gdb_packet.h"
 
-#include "base/hex.h"
-
 namespace lkvm {
 namespace {
-int hex_digit(uint8_t c) { return hex_digit_value(static_cast<char>(c)); }
+// The value of one hex digit (either case), or -1.
+int hex_digit(uint8_t c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
 
 // Undoes '}' escapes: the byte after '}' is XORed with 0x20. A packet that
 // ends in a lone '}' is not well formed.

@@ -3,25 +3,13 @@
 #include <algorithm>
 #include <charconv>
 
+#include "base/text.h"
+
 namespace lkvm {
 
 namespace {
 
 const std::string kRunHint = " (see 'lkvm run --help')";
-
-// Splits "A,B,C" into its items (empty ones included, to be refused by the caller).
-std::vector<std::string> split(const std::string& text, char separator)
-{
-    std::vector<std::string> items;
-    size_t start = 0;
-    for (;;) {
-        const size_t at = text.find(separator, start);
-        items.push_back(text.substr(start, at == std::string::npos ? std::string::npos : at - start));
-        if (at == std::string::npos)
-            return items;
-        start = at + 1;
-    }
-}
 
 }  // namespace
 
