@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <vector>
 
 #include "kvm/gdb_packet.h"
 
@@ -395,25 +396,39 @@ std::string GdbStub::breakpoint(std::string_view args, bool insert)
     if (type != 1 && type != 2 && type != 4)
         return "";
     const uint64_t len = type == 1 ? 1 : kind;
-    if (len != 1 && len != 2 && len != 4 && len != 8)
+    if (len == 0 || len > 4 * 8 || addr + len < addr)
         return kErrorBadArgs;
-    if (addr % len)
-        return kErrorBadArgs;  // the hardware watches aligned ranges: gdb splits others
-    auto same = [&](const std::optional<HwPoint>& p) {
-        return p && p->type == static_cast<int>(type) && p->addr == addr && p->len == len;
+    auto asked = [&](const std::optional<HwPoint>& p) {
+        return p && p->type == static_cast<int>(type) && p->asked_addr == addr && p->asked_len == len;
     };
-    auto it = std::find_if(hardware_.begin(), hardware_.end(), same);
+    const bool present = std::any_of(hardware_.begin(), hardware_.end(), asked);
     if (!insert) {
-        if (it != hardware_.end())
-            it->reset();
+        for (auto& p : hardware_)
+            if (asked(p))
+                p.reset();
         return "OK";
     }
-    if (it != hardware_.end())
+    if (present)
         return "OK";
-    auto free = std::find_if(hardware_.begin(), hardware_.end(), [](const auto& p) { return !p; });
-    if (free == hardware_.end())
-        return "E1c";  // ENOSPC: all four debug registers are taken
-    *free = HwPoint{static_cast<int>(type), addr, len};
+    // The hardware watches aligned 1, 2, 4 or 8 bytes: cut the range into the
+    // fewest such pieces, as Linux's ptrace does for gdb on a native process.
+    std::vector<HwPoint> pieces;
+    for (uint64_t at = addr, left = len; left > 0;) {
+        uint64_t size = 8;
+        while (size > left || at % size)
+            size /= 2;
+        pieces.push_back({static_cast<int>(type), at, size, addr, len});
+        at += size;
+        left -= size;
+    }
+    const auto free = static_cast<size_t>(std::count(hardware_.begin(), hardware_.end(), std::nullopt));
+    if (pieces.size() > free)
+        return "E1c";  // ENOSPC: not enough of the four debug registers are free
+    auto slot = hardware_.begin();
+    for (const HwPoint& piece : pieces) {
+        slot = std::find(slot, hardware_.end(), std::nullopt);
+        *slot = piece;
+    }
     return "OK";
 }
 

@@ -95,10 +95,14 @@ public:
     static unsigned register_count();
 
 private:
+    // One debug register's part of what gdb asked for: a watched range that
+    // is not one aligned 1/2/4/8-byte piece takes one register per piece.
     struct HwPoint {
         int type = 0;  // gdb's Z type: 1 execute, 2 write, 3 read, 4 access
-        uint64_t addr = 0;
+        uint64_t addr = 0;  // this register's piece
         uint64_t len = 0;
+        uint64_t asked_addr = 0;  // the range gdb gave, which z removes whole
+        uint64_t asked_len = 0;
     };
     std::string resume(bool step, std::string_view args);
     std::string stop_reply(const DebugExit& exit) const;

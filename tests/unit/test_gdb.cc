@@ -242,6 +242,30 @@ TEST_CASE("gdb stub: memory, and software breakpoints that reads never show")
     CHECK(stub.handle("Z0,10,1") == "E0e");  // nowhere to put it
 }
 
+TEST_CASE("gdb stub: a watched range that is not one aligned piece takes a debug register per piece")
+{
+    // gdb sends what `watch` names, aligned or not (a uts nodename at +0x41, 8 bytes).
+    FakeVm vm;
+    GdbStub stub(vm);
+    CHECK(stub.handle("Z2,ffffffff82000041,8") == "OK");
+    GuestDebugSetup setup = stub.debug_setup();
+    CHECK(setup.dr[0] == 0xffffffff82000041ull);  // 1 byte
+    CHECK(setup.dr[1] == 0xffffffff82000042ull);  // 2 bytes
+    CHECK(setup.dr[2] == 0xffffffff82000044ull);  // 4 bytes
+    CHECK(setup.dr[3] == 0xffffffff82000048ull);  // 1 byte
+    CHECK((setup.dr7 & 0xff) == 0xaa);
+    CHECK(((setup.dr7 >> 16) & 0xffff) == 0x1d51);  // LEN 1, 2, 4, 1 bytes; RW write each
+    CHECK(stub.handle("Z1,ffffffff81000100,1") == "E1c");  // all four registers taken
+    CHECK(stub.handle("Z2,ffffffff82000041,8") == "OK");   // the same range again: already there
+    CHECK(stub.handle("z2,ffffffff82000041,8") == "OK");  // removes every piece
+    CHECK((stub.debug_setup().dr7 & 0xff) == 0);
+    CHECK(stub.handle("Z2,ffffffff82000041,7") == "OK");  // 1 + 2 + 4 bytes
+    CHECK((stub.debug_setup().dr7 & 0xff) == 0x2a);
+    CHECK(stub.handle("Z4,ffffffff82000100,10") == "E1c");  // 8 + 8: one register left
+    CHECK(stub.handle("Z4,ffffffff82000100,8") == "OK");
+    CHECK(stub.handle("Z2,ffffffffffffffff,2") == "E16");  // past the top of the address space
+}
+
 TEST_CASE("gdb stub: hardware breakpoints and watchpoints in the debug registers")
 {
     FakeVm vm;
@@ -250,8 +274,10 @@ TEST_CASE("gdb stub: hardware breakpoints and watchpoints in the debug registers
     CHECK(stub.handle("Z2,ffffffff82000008,8") == "OK");
     CHECK(stub.handle("Z4,ffffffff82000010,4") == "OK");
     CHECK(stub.handle("Z3,ffffffff82000010,4") == "");    // read-only: x86 has none
-    CHECK(stub.handle("Z2,ffffffff82000009,8") == "E16");  // unaligned: gdb splits it
-    CHECK(stub.handle("Z2,ffffffff82000008,3") == "E16");
+    // Unaligned or odd ranges take a register per aligned piece: not enough left.
+    CHECK(stub.handle("Z2,ffffffff82000009,8") == "E1c");
+    CHECK(stub.handle("Z2,ffffffff82000008,3") == "E1c");
+    CHECK(stub.handle("Z2,ffffffff82000008,0") == "E16");
     GuestDebugSetup setup = stub.debug_setup();
     CHECK(setup.hardware_breakpoints);
     CHECK(setup.dr[0] == 0xffffffff81000100ull);

@@ -189,6 +189,19 @@ TEST_CASE("gdb stub with Debian's gdb: a hardware watchpoint fires on the guest'
     CHECK(has(out, "rip            0xffffffff81000800"));  // vCPU 1 did it
 }
 
+TEST_CASE("gdb stub with Debian's gdb: a watchpoint on an unaligned long takes it in aligned pieces")
+{
+    // gdb asks for the 8 bytes as they are (Z2 at ...401, 8); a stub that
+    // wants them aligned makes gdb say "Could not insert hardware watchpoint".
+    Session s;
+    const std::string out =
+        s.gdb("-ex 'watch *(long *)0xffffffff81000401' -ex continue -ex delete -ex detach");
+    CHECK(has(out, "Hardware watchpoint 1"));
+    CHECK(has(out, "Old value = -8029759185026510704"));  // 0x9090909090909090
+    CHECK(has(out, "New value = -8029759185026510703"));  // its first byte written
+    CHECK_FALSE(has(out, "Could not insert"));
+}
+
 TEST_CASE("gdb stub: Ctrl-C (0x03) stops a running guest with SIGINT; a bad checksum gets '-'")
 {
     // gdb's batch mode cannot send Ctrl-C between commands: the bytes it would send, by hand.
