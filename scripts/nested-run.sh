@@ -98,6 +98,9 @@ fi
 
 # What an L1 kernel prints when one of its CPUs is stuck: the rig itself broke.
 l1_broken='soft lockup|rcu_sched self-detected stall|rcu: INFO: rcu_.* detected stalls|Kernel panic'
+# How long a booted L1 may print nothing on its report channel (it reports
+# "alive" every 15 s) before the host takes it for frozen.
+l1_silence=90
 
 run_once() {
     : > "$work/l1.log"
@@ -126,7 +129,8 @@ run_once() {
             now_progress=$(grep -c '^rig: ' "$work/l1.log")
             if [ "$now_progress" != "$progress" ]; then
                 progress=$now_progress last=$SECONDS
-            elif (( SECONDS - last > deadline + 90 )); then
+            elif (( SECONDS - last > (progress > 0 ? l1_silence : deadline + 90) )); then
+                # Before l1-ready: its boot; after it, L1's heartbeat (every 15 s) stopped.
                 why="L1 made no progress for $((SECONDS - last))s"
             fi
         fi
