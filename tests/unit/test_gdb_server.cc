@@ -13,6 +13,7 @@
 #include <sys/time.h>
 
 #include <array>
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -36,7 +37,7 @@ struct ScriptedVm : GdbVm {
     GdbServer* server = nullptr;
     std::vector<uint8_t> memory = std::vector<uint8_t>(0x2000, 0x90);  // nops
     std::array<X86Registers, 2> regs{};
-    bool stopped = true;
+    std::atomic<bool> stopped = true;  // the test thread reads it while the server's loop runs: sockets order nothing for TSan
     std::vector<DebugExit> exits;
     std::vector<std::string> log;
 
@@ -160,7 +161,7 @@ TEST_CASE("gdb stub with Debian's gdb: threads, registers, memory")
     CHECK(s.vm.memory[0x101] == 0x48);
     CHECK(has(out, "rip            0xffffffff81000800"));
     CHECK(has(out, "detached"));
-    CHECK_FALSE(s.vm.stopped);  // gdb gone: the guest runs on
+    CHECK_FALSE(s.vm.stopped.load());  // gdb gone: the guest runs on
 }
 
 TEST_CASE("gdb stub with Debian's gdb: an int3 breakpoint, hidden from reads, then a step and a continue")
@@ -228,10 +229,10 @@ TEST_CASE("gdb stub: Ctrl-C (0x03) stops a running guest with SIGINT; a bad chec
     };
     CHECK(exchange("$g#00", "-") == "-");  // a wrong checksum: sent again, please
     CHECK(exchange(gdb_frame("vCont;c"), "+") == "+");
-    CHECK_FALSE(vm.stopped);
+    CHECK_FALSE(vm.stopped.load());
     const std::string stop = exchange("\x03", "#");
     CHECK(stop.find("$T02thread:1;#") != std::string::npos);
-    CHECK(vm.stopped);
+    CHECK(vm.stopped.load());
     client.close();
     work.reset();
     boost::asio::post(io, [&] { io.stop(); });
