@@ -401,14 +401,13 @@ std::string GdbStub::breakpoint(std::string_view args, bool insert)
     auto asked = [&](const std::optional<HwPoint>& p) {
         return p && p->type == static_cast<int>(type) && p->asked_addr == addr && p->asked_len == len;
     };
-    const bool present = std::any_of(hardware_.begin(), hardware_.end(), asked);
     if (!insert) {
         for (auto& p : hardware_)
             if (asked(p))
                 p.reset();
         return "OK";
     }
-    if (present)
+    if (std::any_of(hardware_.begin(), hardware_.end(), asked))
         return "OK";
     // The hardware watches aligned 1, 2, 4 or 8 bytes: cut the range into the
     // fewest such pieces, as Linux's ptrace does for gdb on a native process.

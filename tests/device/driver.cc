@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 
 namespace lkvm::test {
 
@@ -299,7 +300,7 @@ void GuestDriver::wait_used(unsigned q, size_t at_least, int timeout_ms, HaltPol
 {
     DriverQueue& dq = queues_[q];
     out.clear();
-    std::chrono::steady_clock::time_point halted{};  // set while halted
+    std::optional<std::chrono::steady_clock::time_point> halted;  // when this wait first found nothing
     for (;;) {
         const uint16_t idx = used_idx(q);
         while (dq.used_seen != idx) {
@@ -311,8 +312,8 @@ void GuestDriver::wait_used(unsigned q, size_t at_least, int timeout_ms, HaltPol
             ++dq.used_seen;
         }
         if (out.size() >= at_least) {
-            if (halted != std::chrono::steady_clock::time_point{})
-                halt.adjust(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - halted).count());
+            if (halted)
+                halt.adjust(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - *halted).count());
             return;
         }
         // As Linux's virtqueue_enable_cb does with EVENT_IDX: interrupt me after what I have seen,
@@ -323,7 +324,7 @@ void GuestDriver::wait_used(unsigned q, size_t at_least, int timeout_ms, HaltPol
         std::atomic_thread_fence(std::memory_order_seq_cst);
         if (used_idx(q) != dq.used_seen)
             continue;
-        if (halted == std::chrono::steady_clock::time_point{})
+        if (!halted)
             halted = std::chrono::steady_clock::now();
         if (halt_poll(q, halt.window_ns))
             continue;
