@@ -10,6 +10,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 bench=$top/${1:-build}/blkbench
 seconds=${BENCH_SECONDS:-4}
 file=${BENCH_FILE:-/var/tmp/lkvm-blkbench.raw}
+halt_poll_ns=${BENCH_HALT_POLL_NS:-200000}  # KVM's default for a vCPU
 
 run() { "$bench" "$@" --seconds "$seconds" --file "$file" --bs 4k --rw randread; }
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p" <<< "$2" | tail -n 1; }
@@ -21,7 +22,7 @@ difference() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.2f", a - b }'; }
 # first, or the first rows pay for whatever evicted it since.
 [ -f "$file" ] || "$bench" --mode engine --engine sync --seconds 0.1 --file "$file" > /dev/null
 cat "$file" > /dev/null
-echo "blkbench: 4k randread, 64 in flight per configuration, ${seconds}s per run, file $file ($(nproc) host CPUs)"
+echo "blkbench: 4k randread, 64 in flight per configuration, ${seconds}s per run, file $file ($(nproc) host CPUs), driver halt polling ${halt_poll_ns} ns"
 echo "threads: 'dedicated' is the device's own thread; N is a group of N I/O threads (queues spread round robin)"
 echo "blk and scsi: the same engine, file and threads through virtio-blk and through virtio-scsi (one LUN)"
 echo "CPU us/req: the I/O threads' CPU (device) or the engine threads' CPU (eng) per request; own = device - eng, what lkvm adds"
@@ -35,7 +36,7 @@ for spec in "null:" "sync:" "native:" "io_uring:" "native:--direct" "io_uring:--
     for config in "0 1 64" "1 2 32" "2 2 32"; do
         read -r threads queues qd <<< "$config"
         limit_threads=$((threads > 1 ? threads : 1))
-        device() { run --device "$1" --engine "$engine" --mode device --iothreads "$threads" --queues "$queues" --qd "$qd" $extra; }
+        device() { run --device "$1" --engine "$engine" --mode device --iothreads "$threads" --queues "$queues" --qd "$qd" --halt-poll-ns "$halt_poll_ns" $extra; }
         blk=$(device blk)
         scsi=$(device scsi)
         eng=$(run --engine "$engine" --mode engine --iothreads "$limit_threads" --qd $((64 / limit_threads)) $extra)

@@ -1,10 +1,14 @@
 #include "tests/device/driver.h"
 
+#include <fcntl.h>
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <optional>
+
+#include "base/fd.h"
 
 namespace lkvm::test {
 
@@ -342,9 +346,32 @@ long involuntary_switches()
 }
 }  // namespace
 
+unsigned runnable_tasks(std::string_view loadavg)
+{
+    size_t at = 0;
+    for (int field = 0; field < 3 && at != std::string_view::npos; ++field)
+        at = loadavg.find(' ', at == 0 ? 0 : at + 1);
+    if (at == std::string_view::npos)
+        return 0;
+    unsigned runnable = 0;
+    const char* first = loadavg.data() + at + 1;
+    const auto [end, error] = std::from_chars(first, loadavg.data() + loadavg.size(), runnable);
+    return error == std::errc() && end != first && *end == '/' ? runnable : 0;
+}
+
+bool others_want_a_cpu()
+{
+    // Opened once for every driver thread: pread at 0 formats it anew.
+    static const Fd loadavg(::open("/proc/loadavg", O_RDONLY | O_CLOEXEC));
+    static const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+    char text[128];
+    const ssize_t n = ::pread(loadavg.get(), text, sizeof(text), 0);
+    return n > 0 && runnable_tasks({text, static_cast<size_t>(n)}) > static_cast<unsigned long>(cpus);
+}
+
 bool GuestDriver::halt_poll(unsigned q, uint64_t ns)
 {
-    if (ns == 0)
+    if (ns == 0 || others_want_a_cpu())
         return false;
     const long switches = involuntary_switches();
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(ns);
@@ -354,7 +381,7 @@ bool GuestDriver::halt_poll(unsigned q, uint64_t ns)
                 return true;
             __builtin_ia32_pause();
         }
-    } while (std::chrono::steady_clock::now() < deadline && involuntary_switches() == switches);
+    } while (std::chrono::steady_clock::now() < deadline && involuntary_switches() == switches && !others_want_a_cpu());
     return false;
 }
 

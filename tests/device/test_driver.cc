@@ -1,5 +1,12 @@
 // The test guest driver's own logic that the benchmarks lean on.
+#include <unistd.h>
+
 #include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
 
 #include "tests/device/driver.h"
 
@@ -27,4 +34,35 @@ TEST_CASE("driver halt polling: KVM's window grows from 10 us, doubles up to the
     HaltPolling off{0};
     off.adjust(1'000);
     CHECK(off.window_ns == 0);
+}
+
+TEST_CASE("driver halt polling: the runnable tasks are the 4th field's numerator in /proc/loadavg")
+{
+    using lkvm::test::runnable_tasks;
+    CHECK(runnable_tasks("0.20 0.18 0.12 3/120 4567\n") == 3);
+    CHECK(runnable_tasks("12.00 9.50 7.25 41/2048 99") == 41);
+    CHECK(runnable_tasks("0.20 0.18 0.12 /120 4567") == 0);
+    CHECK(runnable_tasks("0.20 0.18 0.12 3") == 0);
+    CHECK(runnable_tasks("0.20 0.18") == 0);
+    CHECK(runnable_tasks("") == 0);
+}
+
+TEST_CASE("driver halt polling: with a busy thread more than the host has CPUs, polling gives way")
+{
+    // Every CPU busy and one more: some task waits for a CPU whatever the host.
+    const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+    std::atomic<bool> stop{false};
+    std::vector<std::jthread> busy;
+    for (long i = 0; i <= cpus; ++i)
+        busy.emplace_back([&] {
+            while (!stop.load(std::memory_order_relaxed))
+                __builtin_ia32_pause();
+        });
+    bool seen = false;
+    for (int i = 0; i < 2000 && !seen; ++i) {
+        seen = lkvm::test::others_want_a_cpu();
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    stop = true;
+    CHECK(seen);
 }
