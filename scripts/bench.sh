@@ -4,6 +4,8 @@
 # queue as the vCPUs, transport, device, I/O threads); the engine mode drives the same
 # engine on the same file directly with as many threads as the device has
 # I/O threads (the limit). Every configuration keeps 64 requests in flight.
+# The driver threads halt-poll as KVM's vCPUs do by default (200 us);
+# BENCH_HALT_POLL_NS=0 makes them sleep on every interrupt.
 # BENCH_NESTED=1 adds scripts/bench-nested.sh (lkvm vs QEMU in the nested rig).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,6 +17,7 @@ halt_poll_ns=${BENCH_HALT_POLL_NS:-200000}  # KVM's default for a vCPU
 run() { "$bench" "$@" --seconds "$seconds" --file "$file" --bs 4k --rw randread; }
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p" <<< "$2" | tail -n 1; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+mean() { awk -v a="$1" -v b="$2" -v format="$3" 'BEGIN { printf format, (a + b) / 2 }'; }
 us() { awk -v a="$1" 'BEGIN { printf "%.2f", a }'; }
 difference() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.2f", a - b }'; }
 
@@ -37,9 +40,15 @@ for spec in "null:" "sync:" "native:" "io_uring:" "native:--direct" "io_uring:--
         read -r threads queues qd <<< "$config"
         limit_threads=$((threads > 1 ? threads : 1))
         device() { run --device "$1" --engine "$engine" --mode device --iothreads "$threads" --queues "$queues" --qd "$qd" --halt-poll-ns "$halt_poll_ns" $extra; }
+        limit() { run --engine "$engine" --mode engine --iothreads "$limit_threads" --qd $((64 / limit_threads)) $extra; }
+        # The limit before and after the device runs, averaged: a disk whose
+        # speed drifts (a cloud volume's does) moves both sides alike.
+        eng_before=$(limit)
         blk=$(device blk)
         scsi=$(device scsi)
-        eng=$(run --engine "$engine" --mode engine --iothreads "$limit_threads" --qd $((64 / limit_threads)) $extra)
+        eng_after=$(limit)
+        eng=$(for f in IOPS:%d p50_us:%.1f p99_us:%.1f cpu_us_per_req:%.3f; do
+            printf '%s=%s ' "${f%:*}" "$(mean "$(field "${f%:*}" "$eng_before")" "$(field "${f%:*}" "$eng_after")" "${f#*:}")"; done)
         bi=$(field IOPS "$blk") si=$(field IOPS "$scsi") ei=$(field IOPS "$eng")
         bc=$(field cpu_us_per_req "$blk") sc=$(field cpu_us_per_req "$scsi") ec=$(field cpu_us_per_req "$eng")
         blk_scaling=- scsi_scaling=-
