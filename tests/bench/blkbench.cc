@@ -334,8 +334,9 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
                 per[q].add(started[head / 3], now);
                 submit(head / 3, now);
             }
+            // As Linux's virtqueue_kick_prepare(): only when the device asked for one.
             if (!used.empty())
-                driver.kick(first_queue + q);
+                driver.kick_if_needed(first_queue + q);
         }
         elapsed[q] = std::chrono::duration<double>(Clock::now() - begin).count();
         driver_cpu[q] = cpu_seconds(::gettid());
