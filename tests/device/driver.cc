@@ -348,15 +348,17 @@ long involuntary_switches()
 
 unsigned runnable_tasks(std::string_view loadavg)
 {
-    size_t at = 0;
-    for (int field = 0; field < 3 && at != std::string_view::npos; ++field)
-        at = loadavg.find(' ', at == 0 ? 0 : at + 1);
-    if (at == std::string_view::npos)
-        return 0;
+    size_t field = 0;  // where the 4th field starts
+    for (int skipped = 0; skipped < 3; ++skipped) {
+        const size_t space = loadavg.find(' ', field);
+        if (space == std::string_view::npos)
+            return 0;
+        field = space + 1;
+    }
+    const char* const end = loadavg.data() + loadavg.size();
     unsigned runnable = 0;
-    const char* first = loadavg.data() + at + 1;
-    const auto [end, error] = std::from_chars(first, loadavg.data() + loadavg.size(), runnable);
-    return error == std::errc() && end != first && *end == '/' ? runnable : 0;
+    const auto [past, error] = std::from_chars(loadavg.data() + field, end, runnable);
+    return error == std::errc() && past != end && *past == '/' ? runnable : 0;
 }
 
 bool others_want_a_cpu()

@@ -43,6 +43,7 @@ TEST_CASE("driver halt polling: the runnable tasks are the 4th field's numerator
     CHECK(runnable_tasks("12.00 9.50 7.25 41/2048 99") == 41);
     CHECK(runnable_tasks("0.20 0.18 0.12 /120 4567") == 0);
     CHECK(runnable_tasks("0.20 0.18 0.12 3") == 0);
+    CHECK(runnable_tasks(std::string_view("0.20 0.18 0.12 3/120", 16)) == 0);  // cut after the count
     CHECK(runnable_tasks("0.20 0.18") == 0);
     CHECK(runnable_tasks("") == 0);
 }
