@@ -110,11 +110,19 @@ Options parse(int argc, char** argv)
 struct Stats {
     uint64_t done = 0;
     double io_cpu_seconds = 0;  // of the threads doing the I/O (the engine's, or the device's I/O threads)
+    static constexpr size_t kMaxSamples = 4'000'000;
     std::vector<double> latencies_us;
+    // Before the clock starts: the samples' memory allocated and touched, so
+    // that a run pays no page faults or reallocations for its own records.
+    void prepare()
+    {
+        latencies_us.resize(kMaxSamples);
+        latencies_us.clear();
+    }
     void add(Clock::time_point start, Clock::time_point end)
     {
         ++done;
-        if (latencies_us.size() < 4'000'000)
+        if (latencies_us.size() < kMaxSamples)
             latencies_us.push_back(std::chrono::duration<double, std::micro>(end - start).count());
     }
     void merge(const Stats& other)
@@ -160,6 +168,7 @@ double run_engine_thread(const Options& o, DiskImage& image, Stats& stats, unsig
     auto engine = make_engine(o, parse_engine_kind(o.engine), o.qd);
     engine->register_file(image.fd());
     std::mt19937_64 rng(seed);
+    stats.prepare();
     const uint64_t blocks = image.size() / o.bs;
     void* raw = nullptr;
     if (::posix_memalign(&raw, 4096, size_t{o.qd} * o.bs) != 0)
@@ -314,6 +323,7 @@ double run_device(const Options& o, DiskImage image, Stats& stats)
     std::vector<double> driver_cpu(o.queues);
     auto drive = [&](unsigned q) {
         std::mt19937_64 rng(42 + q);
+        per[q].prepare();
         std::vector<Clock::time_point> started(o.qd);
         // `now`: when the request goes; a completion's is the clock read that saw it.
         auto submit = [&](unsigned i, Clock::time_point now) {

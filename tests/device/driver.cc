@@ -330,7 +330,7 @@ void GuestDriver::wait_used(unsigned q, size_t at_least, int timeout_ms, HaltPol
             continue;
         if (!halted)
             halted = std::chrono::steady_clock::now();
-        if (halt_poll(q, halt.window_ns))
+        if (halt_poll(q, halt))
             continue;
         if (!wait_interrupt(dq.irq_fd, timeout_ms))
             return;  // timed out: the caller checks the count
@@ -371,19 +371,32 @@ bool others_want_a_cpu()
     return n > 0 && runnable_tasks({text, static_cast<size_t>(n)}) > static_cast<unsigned long>(cpus);
 }
 
-bool GuestDriver::halt_poll(unsigned q, uint64_t ns)
+bool HaltPolling::contended(std::chrono::steady_clock::time_point now)
 {
-    if (ns == 0 || others_want_a_cpu())
+    if (now - contention_read >= kContentionRefresh) {
+        contention = others_want_a_cpu();
+        contention_read = now;
+    }
+    return contention;
+}
+
+bool GuestDriver::halt_poll(unsigned q, HaltPolling& halt)
+{
+    if (halt.window_ns == 0)
+        return false;
+    auto now = std::chrono::steady_clock::now();
+    if (halt.contended(now))
         return false;
     const long switches = involuntary_switches();
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(ns);
+    const auto deadline = now + std::chrono::nanoseconds(halt.window_ns);
     do {
         for (int i = 0; i < 64; ++i) {
             if (used_idx(q) != queues_[q].used_seen)
                 return true;
             __builtin_ia32_pause();
         }
-    } while (std::chrono::steady_clock::now() < deadline && involuntary_switches() == switches && !others_want_a_cpu());
+        now = std::chrono::steady_clock::now();
+    } while (now < deadline && involuntary_switches() == switches && !halt.contended(now));
     return false;
 }
 

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <functional>
 #include <atomic>
+#include <chrono>
 #include <map>
 #include <span>
 #include <stdexcept>
@@ -84,19 +85,27 @@ struct DriverQueue {
 // spinning; and no polling while another task wants the CPU (KVM checks
 // single_task_running() and need_resched(); here, more runnable tasks than
 // CPUs, or being preempted, ends it).
-struct HaltPolling {
-    uint64_t max_ns = 0;     // KVM's halt_poll_ns; 0: never poll
-    uint64_t window_ns = 0;  // this vCPU's current poll time
-    // After a halt of halted_ns (polling and sleeping), as KVM adjusts the window.
-    void adjust(uint64_t halted_ns);
-};
-
 // The tasks runnable now, all CPUs together: the 4th field's numerator in
 // /proc/loadavg ("0.20 0.18 0.12 3/120 4567"); 0 if it cannot tell.
 unsigned runnable_tasks(std::string_view loadavg);
 // Whether more tasks are runnable than the host has CPUs: a polling vCPU
 // would take the CPU from one of them.
 bool others_want_a_cpu();
+
+struct HaltPolling {
+    uint64_t max_ns = 0;     // KVM's halt_poll_ns; 0: never poll
+    uint64_t window_ns = 0;  // this vCPU's current poll time
+    // After a halt of halted_ns (polling and sleeping), as KVM adjusts the window.
+    void adjust(uint64_t halted_ns);
+    // others_want_a_cpu(), read at most once per kContentionRefresh. KVM's
+    // single_task_running() is one load; /proc/loadavg is formatted text,
+    // some µs to read, which a vCPU halting every few µs would pay each time.
+    bool contended(std::chrono::steady_clock::time_point now);
+
+    static constexpr auto kContentionRefresh = std::chrono::milliseconds(1);
+    std::chrono::steady_clock::time_point contention_read{};
+    bool contention = false;
+};
 
 struct Buffer {
     uint64_t gpa;
@@ -166,7 +175,7 @@ public:
     bool wait_interrupt(int fd, int timeout_ms);
     // Whether queue q's used ring moved within ns; false as soon as this
     // thread is preempted or another task waits for a CPU.
-    bool halt_poll(unsigned q, uint64_t ns);
+    bool halt_poll(unsigned q, HaltPolling& halt);
     uint16_t used_idx(unsigned q);
     DriverQueue& queue(unsigned q) { return queues_[q]; }
     int config_irq_fd() const { return config_irq_fd_; }

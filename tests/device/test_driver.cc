@@ -67,3 +67,16 @@ TEST_CASE("driver halt polling: with a busy thread more than the host has CPUs, 
     stop = true;
     CHECK(seen);
 }
+
+TEST_CASE("driver halt polling: /proc/loadavg is read once per refresh, not at every halt")
+{
+    HaltPolling halt{200'000};
+    const auto t0 = std::chrono::steady_clock::now();
+    halt.contended(t0);
+    CHECK(halt.contention_read == t0);
+    halt.contention = true;  // what a read would replace
+    CHECK(halt.contended(t0 + HaltPolling::kContentionRefresh / 2));  // within the refresh: kept, not read
+    CHECK(halt.contention_read == t0);
+    halt.contended(t0 + HaltPolling::kContentionRefresh);
+    CHECK(halt.contention_read == t0 + HaltPolling::kContentionRefresh);  // due: read again
+}
