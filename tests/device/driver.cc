@@ -373,10 +373,10 @@ bool others_want_a_cpu()
 
 bool HaltPolling::contended(std::chrono::steady_clock::time_point now)
 {
-    if (now - contention_read >= kContentionRefresh) {
-        contention = others_want_a_cpu();
-        contention_read = now;
-    }
+    if (contention && now - contention_read < kContentionRefresh)
+        return true;
+    contention = others_want_a_cpu();
+    contention_read = now;
     return contention;
 }
 

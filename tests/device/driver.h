@@ -97,9 +97,11 @@ struct HaltPolling {
     uint64_t window_ns = 0;  // this vCPU's current poll time
     // After a halt of halted_ns (polling and sleeping), as KVM adjusts the window.
     void adjust(uint64_t halted_ns);
-    // others_want_a_cpu(), read at most once per kContentionRefresh. KVM's
-    // single_task_running() is one load; /proc/loadavg is formatted text,
-    // some µs to read, which a vCPU halting every few µs would pay each time.
+    // others_want_a_cpu(), where a "yes" holds for kContentionRefresh.
+    // KVM's single_task_running() is one load; /proc/loadavg is formatted
+    // text, some µs to read, which a contended vCPU halting every few µs would
+    // pay at each halt. A "no" is read again at every call, so that polling
+    // stops as soon as another task waits, as KVM's does.
     bool contended(std::chrono::steady_clock::time_point now);
 
     static constexpr auto kContentionRefresh = std::chrono::milliseconds(1);

@@ -68,15 +68,17 @@ TEST_CASE("driver halt polling: with a busy thread more than the host has CPUs, 
     CHECK(seen);
 }
 
-TEST_CASE("driver halt polling: /proc/loadavg is read once per refresh, not at every halt")
+TEST_CASE("driver halt polling: a contended host is read again after the refresh, an idle one at every halt")
 {
     HaltPolling halt{200'000};
     const auto t0 = std::chrono::steady_clock::now();
-    halt.contended(t0);
+    halt.contention = true;  // as a read that found every CPU taken would leave it
+    halt.contention_read = t0;
+    CHECK(halt.contended(t0 + HaltPolling::kContentionRefresh / 2));  // kept, not read
     CHECK(halt.contention_read == t0);
-    halt.contention = true;  // what a read would replace
-    CHECK(halt.contended(t0 + HaltPolling::kContentionRefresh / 2));  // within the refresh: kept, not read
-    CHECK(halt.contention_read == t0);
-    halt.contended(t0 + HaltPolling::kContentionRefresh);
-    CHECK(halt.contention_read == t0 + HaltPolling::kContentionRefresh);  // due: read again
+    halt.contended(t0 + HaltPolling::kContentionRefresh);  // due: read again
+    CHECK(halt.contention_read == t0 + HaltPolling::kContentionRefresh);
+    halt.contention = false;  // no contention seen: the next halt reads at once
+    halt.contended(t0 + HaltPolling::kContentionRefresh + std::chrono::microseconds(1));
+    CHECK(halt.contention_read == t0 + HaltPolling::kContentionRefresh + std::chrono::microseconds(1));
 }
