@@ -6,6 +6,7 @@
 # I/O threads (the limit). Every configuration keeps 64 requests in flight.
 # The driver threads halt-poll as KVM's vCPUs do by default (200 us);
 # BENCH_HALT_POLL_NS=0 makes them sleep on every interrupt.
+# BENCH_DIRECT_ROUNDS (3): device runs per O_DIRECT row, medians shown.
 # BENCH_NESTED=1 adds scripts/bench-nested.sh (lkvm vs QEMU in the nested rig).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,11 +14,34 @@ bench=$top/${1:-build}/blkbench
 seconds=${BENCH_SECONDS:-4}
 file=${BENCH_FILE:-/var/tmp/lkvm-blkbench.raw}
 halt_poll_ns=${BENCH_HALT_POLL_NS:-200000}  # KVM's default for a vCPU
+direct_rounds=${BENCH_DIRECT_ROUNDS:-3}  # device runs per O_DIRECT row (the disk drifts)
 
 run() { "$bench" "$@" --seconds "$seconds" --file "$file" --bs 4k --rw randread; }
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p" <<< "$2" | tail -n 1; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
-mean() { awk -v a="$1" -v b="$2" -v format="$3" 'BEGIN { printf format, (a + b) / 2 }'; }
+# median FORMAT N...: the middle number, or the mean of the middle two.
+median() {
+    local format=$1
+    shift
+    printf '%s\n' "$@" | sort -g | awk -v format="$format" '{ v[NR] = $1 }
+        END { printf format, (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
+}
+# median_run RUN...: the run whose IOPS is the median (the lower middle of an even count).
+median_run() {
+    local runs=("$@") middle
+    middle=$(for i in "${!runs[@]}"; do echo "$(field IOPS "${runs[$i]}") $i"; done | sort -g | awk -v n=$# 'NR == int((n + 1) / 2) { print $2 }')
+    printf '%s' "${runs[$middle]}"
+}
+# round_ratios NAME: the median over rounds r of run r's IOPS against the
+# mean of limits r and r + 1 (the limit runs before and after it).
+round_ratios() {
+    local -n runs=$1
+    local r
+    median %.2f $(for r in "${!runs[@]}"; do
+        awk -v a="$(field IOPS "${runs[$r]}")" -v b="$(field IOPS "${limits[$r]}")" -v c="$(field IOPS "${limits[$((r + 1))]}")" \
+            'BEGIN { printf "%.4f\n", (b + c > 0 ? 2 * a / (b + c) : 0) }'
+    done)
+}
 us() { awk -v a="$1" 'BEGIN { printf "%.2f", a }'; }
 difference() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.2f", a - b }'; }
 
@@ -27,6 +51,7 @@ difference() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.2f", a - b }'; }
 cat "$file" > /dev/null
 echo "blkbench: 4k randread, 64 in flight per configuration, ${seconds}s per run, file $file ($(nproc) host CPUs), driver halt polling ${halt_poll_ns} ns"
 echo "threads: 'dedicated' is the device's own thread; N is a group of N I/O threads (queues spread round robin)"
+echo "rows with direct: $direct_rounds rounds of device runs between limit runs; ratios are the median of each run against the limit runs either side"
 echo "blk and scsi: the same engine, file and threads through virtio-blk and through virtio-scsi (one LUN)"
 echo "CPU us/req: the I/O threads' CPU (device) or the engine threads' CPU (eng) per request; own = device - eng, what lkvm adds"
 row='%-8s %-6s %-9s %6s %4s | %9s %7s %7s | %9s %7s %7s | %9s %7s %7s | %7s %8s %9s | %6s %6s | %6s %6s %6s %6s %6s | %s\n'
@@ -41,14 +66,23 @@ for spec in "null:" "sync:" "native:" "io_uring:" "native:--direct" "io_uring:--
         limit_threads=$((threads > 1 ? threads : 1))
         device() { run --device "$1" --engine "$engine" --mode device --iothreads "$threads" --queues "$queues" --qd "$qd" --halt-poll-ns "$halt_poll_ns" $extra; }
         limit() { run --engine "$engine" --mode engine --iothreads "$limit_threads" --qd $((64 / limit_threads)) $extra; }
-        # The limit before and after the device runs, averaged: a disk whose
-        # speed drifts (a cloud volume's does) moves both sides alike.
-        eng_before=$(limit)
-        blk=$(device blk)
-        scsi=$(device scsi)
-        eng_after=$(limit)
+        # The limit before and after each round of device runs: a disk whose
+        # speed drifts (a cloud volume's does) moves both sides alike. The
+        # O_DIRECT rows take several rounds: each device run is set against
+        # the limit runs either side of it, and the ratios are those rounds'
+        # median; the IOPS, latencies and CPU shown are the runs' medians.
+        rounds=1
+        [ -n "$extra" ] && rounds=$direct_rounds
+        limits=("$(limit)") blks=() scsis=()
+        for ((r = 0; r < rounds; r++)); do
+            blks+=("$(device blk)")
+            scsis+=("$(device scsi)")
+            limits+=("$(limit)")
+        done
+        blk=$(median_run "${blks[@]}") scsi=$(median_run "${scsis[@]}")
         eng=$(for f in IOPS:%d p50_us:%.1f p99_us:%.1f cpu_us_per_req:%.3f; do
-            printf '%s=%s ' "${f%:*}" "$(mean "$(field "${f%:*}" "$eng_before")" "$(field "${f%:*}" "$eng_after")" "${f#*:}")"; done)
+            printf '%s=%s ' "${f%:*}" "$(median "${f#*:}" $(for l in "${limits[@]}"; do field "${f%:*}" "$l"; done))"; done)
+        blk_eng=$(round_ratios blks) scsi_eng=$(round_ratios scsis)
         bi=$(field IOPS "$blk") si=$(field IOPS "$scsi") ei=$(field IOPS "$eng")
         bc=$(field cpu_us_per_req "$blk") sc=$(field cpu_us_per_req "$scsi") ec=$(field cpu_us_per_req "$eng")
         blk_scaling=- scsi_scaling=-
@@ -57,7 +91,7 @@ for spec in "null:" "sync:" "native:" "io_uring:" "native:--direct" "io_uring:--
         printf "$row" "$engine" "${extra:+yes}" "$([ "$threads" = 0 ] && echo dedicated || echo "$threads")" "$queues" "$qd" \
             "$bi" "$(field p50_us "$blk")" "$(field p99_us "$blk")" "$si" "$(field p50_us "$scsi")" "$(field p99_us "$scsi")" \
             "$ei" "$(field p50_us "$eng")" "$(field p99_us "$eng")" \
-            "$(ratio "$bi" "$ei")" "$(ratio "$si" "$ei")" "$(ratio "$si" "$bi")" "$blk_scaling" "$scsi_scaling" \
+            "$blk_eng" "$scsi_eng" "$(ratio "$si" "$bi")" "$blk_scaling" "$scsi_scaling" \
             "$(us "$bc")" "$(us "$sc")" "$(us "$ec")" "$(difference "$bc" "$ec")" "$(difference "$sc" "$ec")" \
             "$(sed -n 's/^cpu: //p' <<< "$blk")"
     done
