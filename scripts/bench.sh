@@ -6,7 +6,7 @@
 # I/O threads (the limit). Every configuration keeps 64 requests in flight.
 # The driver threads halt-poll as KVM's vCPUs do by default (200 us);
 # BENCH_HALT_POLL_NS=0 makes them sleep on every interrupt.
-# BENCH_DIRECT_ROUNDS (3): device runs per O_DIRECT row, medians shown.
+# BENCH_DIRECT_ROUNDS (5): device runs per O_DIRECT row, medians shown.
 # BENCH_NESTED=1 adds scripts/bench-nested.sh (lkvm vs QEMU in the nested rig).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,7 +14,7 @@ bench=$top/${1:-build}/blkbench
 seconds=${BENCH_SECONDS:-4}
 file=${BENCH_FILE:-/var/tmp/lkvm-blkbench.raw}
 halt_poll_ns=${BENCH_HALT_POLL_NS:-200000}  # KVM's default for a vCPU
-direct_rounds=${BENCH_DIRECT_ROUNDS:-3}  # device runs per O_DIRECT row (the disk drifts)
+direct_rounds=${BENCH_DIRECT_ROUNDS:-5}  # device runs per O_DIRECT row (the disk drifts)
 
 run() { "$bench" "$@" --seconds "$seconds" --file "$file" --bs 4k --rw randread; }
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p" <<< "$2" | tail -n 1; }
