@@ -78,13 +78,6 @@ struct DriverQueue {
     int irq_fd = -1;
 };
 
-// How a halted vCPU polls before it sleeps, as KVM does it (kvm_vcpu_halt
-// in virt/kvm/kvm_main.c, with its defaults): a window per vCPU that grows
-// (x2, from 10 us) after a halt shorter than the maximum and drops to 0
-// after one longer, so that a vCPU whose interrupts come late stops
-// spinning; and no polling while another task wants the CPU (KVM checks
-// single_task_running() and need_resched(); here, more runnable tasks than
-// CPUs, or being preempted, ends it).
 // The tasks runnable now, all CPUs together: the 4th field's numerator in
 // /proc/loadavg ("0.20 0.18 0.12 3/120 4567"); 0 if it cannot tell.
 unsigned runnable_tasks(std::string_view loadavg);
@@ -92,6 +85,13 @@ unsigned runnable_tasks(std::string_view loadavg);
 // would take the CPU from one of them.
 bool others_want_a_cpu();
 
+// How a halted vCPU polls before it sleeps, as KVM does it (kvm_vcpu_halt
+// in virt/kvm/kvm_main.c, with its defaults): a window per vCPU that grows
+// (x2, from 10 us) after a halt shorter than the maximum and drops to 0
+// after one longer, so that a vCPU whose interrupts come late stops
+// spinning; and no polling while another task wants the CPU (KVM checks
+// single_task_running() and need_resched(); here, more runnable tasks than
+// CPUs, or being preempted, ends it).
 struct HaltPolling {
     uint64_t max_ns = 0;     // KVM's halt_poll_ns; 0: never poll
     uint64_t window_ns = 0;  // this vCPU's current poll time
@@ -175,8 +175,8 @@ public:
     void wait_used(unsigned q, size_t at_least, int timeout_ms, HaltPolling& halt,
                    std::vector<std::pair<uint32_t, uint32_t>>& out);
     bool wait_interrupt(int fd, int timeout_ms);
-    // Whether queue q's used ring moved within ns; false as soon as this
-    // thread is preempted or another task waits for a CPU.
+    // Whether queue q's used ring moved within halt's window; false as soon
+    // as this thread is preempted or another task waits for a CPU.
     bool halt_poll(unsigned q, HaltPolling& halt);
     uint16_t used_idx(unsigned q);
     DriverQueue& queue(unsigned q) { return queues_[q]; }
